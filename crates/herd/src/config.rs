@@ -1,0 +1,345 @@
+//! Typed shared configuration: loaded from etcd at start, watched, validated, swapped atomically.
+//!
+//! A [`ConfigModel`] is built from every section under `<prefix>config/` at one etcd revision. A
+//! revision that does not parse or validate is rejected whole: the instance keeps its last good
+//! snapshot, logs the key and revision, and reports it in [`ConfigStore::status`]. Reading the
+//! current snapshot takes no lock. Recent snapshots are kept by revision so that a request pinned to
+//! a revision is evaluated at exactly that revision; older ones are read from etcd until compacted.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::keys::Keys;
+
+/// Recent snapshots kept in memory for requests pinned to them.
+const WINDOW: usize = 64;
+/// Pause before resyncing after a failure.
+const RESYNC_BACKOFF: Duration = Duration::from_millis(200);
+
+/// A whole configuration built from its raw sections, with every rule checked.
+pub trait ConfigModel: Sized + Send + Sync + 'static {
+    /// Builds the model from raw section values (section name → bytes); a missing section is absent
+    /// from the map. Fails with the first section that breaks a rule.
+    fn from_sections(sections: &BTreeMap<String, Vec<u8>>) -> Result<Self, ConfigError>;
+}
+
+/// Why a configuration was rejected: the section and the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{section}: {message}")]
+pub struct ConfigError {
+    /// The section at fault, for example `catalog`.
+    pub section: String,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error in `section`.
+    pub fn new(section: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            section: section.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One validated configuration and the etcd revision it was read at.
+#[derive(Debug)]
+pub struct Snapshot<M> {
+    /// The revision of the newest section in this configuration.
+    pub revision: i64,
+    /// The configuration.
+    pub model: M,
+}
+
+/// A revision that was rejected, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The etcd revision of the rejected write.
+    pub revision: i64,
+    /// The rule it broke.
+    pub error: ConfigError,
+}
+
+/// What an instance has applied and what it refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigStatus {
+    /// Revision of the configuration in use (0 before the first valid one).
+    pub applied: i64,
+    /// The latest rejected revision, if any since start.
+    pub rejected: Option<Rejection>,
+}
+
+/// The shared configuration of one instance: current snapshot, recent history, and status.
+pub struct ConfigStore<M> {
+    inner: Arc<Inner<M>>,
+}
+
+impl<M> Clone for ConfigStore<M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<M> {
+    current: ArcSwapOption<Snapshot<M>>,
+    window: Mutex<VecDeque<Arc<Snapshot<M>>>>,
+    status: Mutex<ConfigStatus>,
+    applied: watch::Sender<i64>,
+    client: Client,
+    keys: Keys,
+}
+
+impl<M: ConfigModel> ConfigStore<M> {
+    /// Starts loading and watching the configuration under `keys` in the background.
+    pub fn start(client: Client, keys: Keys) -> Self {
+        let (applied, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            current: ArcSwapOption::empty(),
+            window: Mutex::new(VecDeque::with_capacity(WINDOW)),
+            status: Mutex::new(ConfigStatus::default()),
+            applied,
+            client,
+            keys,
+        });
+        tokio::spawn(run(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// The configuration in use, or `None` before the first valid one. Lock-free.
+    pub fn current(&self) -> Option<Arc<Snapshot<M>>> {
+        self.inner.current.load_full()
+    }
+
+    /// Waits until a valid configuration is loaded.
+    pub async fn ready(&self) {
+        let mut rx = self.inner.applied.subscribe();
+        let _ = rx.wait_for(|rev| *rev > 0).await;
+    }
+
+    /// Waits until the applied revision is at least `revision`.
+    pub async fn applied_at_least(&self, revision: i64) {
+        let mut rx = self.inner.applied.subscribe();
+        let _ = rx.wait_for(|rev| *rev >= revision).await;
+    }
+
+    /// What is applied and what was last rejected.
+    pub fn status(&self) -> ConfigStatus {
+        self.inner.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The configuration to evaluate a request at. `revision` 0 means the current one; any other is
+    /// the pinned revision, served from memory when recent and from etcd otherwise. A compacted
+    /// revision is `FAILED_PRECONDITION`.
+    pub async fn at(&self, revision: i64) -> Result<Arc<Snapshot<M>>, Status> {
+        let current = self
+            .current()
+            .ok_or_else(|| Status::unavailable("configuration not loaded yet"))?;
+        if revision == 0 || revision == current.revision {
+            return Ok(current);
+        }
+        if revision < 0 {
+            return Err(Status::invalid_argument(format!(
+                "context.config_revision: must not be negative, got {revision}"
+            )));
+        }
+        if let Some(found) = self.from_window(revision) {
+            return Ok(found);
+        }
+        let snapshot = Arc::new(self.load_revision(revision).await?);
+        self.remember(snapshot.clone());
+        Ok(snapshot)
+    }
+
+    fn from_window(&self, revision: i64) -> Option<Arc<Snapshot<M>>> {
+        let window = self.inner.window.lock().ok()?;
+        window.iter().rev().find(|s| s.revision == revision).cloned()
+    }
+
+    fn remember(&self, snapshot: Arc<Snapshot<M>>) {
+        if let Ok(mut window) = self.inner.window.lock() {
+            if window.len() == WINDOW {
+                window.pop_front();
+            }
+            window.push_back(snapshot);
+        }
+    }
+
+    async fn load_revision(&self, revision: i64) -> Result<Snapshot<M>, Status> {
+        let mut client = self.inner.client.clone();
+        let prefix = self.inner.keys.config_prefix();
+        let resp = client
+            .get(prefix, Some(GetOptions::new().with_prefix().with_revision(revision)))
+            .await
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("compacted") {
+                    Status::failed_precondition(format!(
+                        "context.config_revision: revision {revision} has been compacted; retry without a pinned revision"
+                    ))
+                } else if text.contains("future revision") {
+                    Status::invalid_argument(format!(
+                        "context.config_revision: revision {revision} does not exist yet"
+                    ))
+                } else {
+                    Status::unavailable(format!("reading configuration at revision {revision}: {text}"))
+                }
+            })?;
+        let sections = self.sections_of(resp.kvs().iter().map(|kv| (kv.key(), kv.value())));
+        let model = M::from_sections(&sections).map_err(|e| {
+            Status::failed_precondition(format!(
+                "context.config_revision: configuration at revision {revision} is not valid ({e})"
+            ))
+        })?;
+        Ok(Snapshot { revision, model })
+    }
+
+    fn sections_of<'a>(&self, kvs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> BTreeMap<String, Vec<u8>> {
+        kvs.filter_map(|(k, v)| {
+            let key = std::str::from_utf8(k).ok()?;
+            let section = self.inner.keys.section_of(key)?;
+            Some((section.to_string(), v.to_vec()))
+        })
+        .collect()
+    }
+}
+
+impl<M> Inner<M> {
+    fn apply(&self, revision: i64, result: Result<M, ConfigError>) {
+        match result {
+            Ok(model) => {
+                if self.current.load().as_ref().is_some_and(|c| c.revision == revision) {
+                    return;
+                }
+                let snapshot = Arc::new(Snapshot { revision, model });
+                self.current.store(Some(snapshot.clone()));
+                if let Ok(mut window) = self.window.lock() {
+                    if window.len() == WINDOW {
+                        window.pop_front();
+                    }
+                    window.push_back(snapshot);
+                }
+                if let Ok(mut status) = self.status.lock() {
+                    status.applied = revision;
+                }
+                self.applied.send_replace(revision);
+                tracing::info!(revision, "configuration applied");
+            }
+            Err(error) => {
+                tracing::warn!(
+                    revision,
+                    key = %self.keys.config(&error.section),
+                    reason = %error.message,
+                    "configuration rejected; keeping the last good one"
+                );
+                if let Ok(mut status) = self.status.lock() {
+                    status.rejected = Some(Rejection { revision, error });
+                }
+            }
+        }
+    }
+}
+
+async fn run<M: ConfigModel>(inner: std::sync::Weak<Inner<M>>) {
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let client = strong.client.clone();
+        let keys = strong.keys.clone();
+        drop(strong);
+        if let Err(e) = sync_and_watch(client, keys, &inner).await {
+            tracing::warn!(error = %e, "configuration watch interrupted; resyncing");
+        }
+        tokio::time::sleep(RESYNC_BACKOFF).await;
+    }
+}
+
+/// Raw sections with the revision each was last modified at.
+type Raw = BTreeMap<String, (Vec<u8>, i64)>;
+
+fn evaluate<M: ConfigModel>(raw: &Raw) -> (i64, Result<M, ConfigError>) {
+    let revision = raw.values().map(|(_, rev)| *rev).max().unwrap_or(0);
+    let sections = raw.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+    (revision, M::from_sections(&sections))
+}
+
+async fn sync_and_watch<M: ConfigModel>(
+    mut client: Client,
+    keys: Keys,
+    inner: &std::sync::Weak<Inner<M>>,
+) -> anyhow::Result<()> {
+    let prefix = keys.config_prefix();
+    let resp = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let header_revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let mut raw = Raw::new();
+    for kv in resp.kvs() {
+        if let Some(section) = std::str::from_utf8(kv.key()).ok().and_then(|k| keys.section_of(k)) {
+            raw.insert(section.to_string(), (kv.value().to_vec(), kv.mod_revision()));
+        }
+    }
+    let (revision, result) = evaluate::<M>(&raw);
+    match inner.upgrade() {
+        Some(i) => i.apply(revision, result),
+        None => return Ok(()),
+    }
+    let mut applied = header_revision;
+    let mut stream = client
+        .watch(
+            prefix.as_str(),
+            Some(WatchOptions::new().with_prefix().with_start_revision(header_revision + 1)),
+        )
+        .await?;
+    while let Some(resp) = stream.message().await? {
+        if resp.canceled() || resp.compact_revision() > 0 {
+            anyhow::bail!("watch cancelled (compact revision {})", resp.compact_revision());
+        }
+        let mut changed = false;
+        let mut newest = applied;
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            // etcd 3.4 can repeat events: skip what is already applied.
+            if kv.mod_revision() <= applied {
+                continue;
+            }
+            newest = newest.max(kv.mod_revision());
+            let Some(section) = std::str::from_utf8(kv.key()).ok().and_then(|k| keys.section_of(k)) else {
+                continue;
+            };
+            changed = true;
+            match event.event_type() {
+                EventType::Put => {
+                    raw.insert(section.to_string(), (kv.value().to_vec(), kv.mod_revision()));
+                }
+                EventType::Delete => {
+                    raw.remove(section);
+                }
+            }
+        }
+        applied = newest;
+        if !changed {
+            continue;
+        }
+        let Some(i) = inner.upgrade() else { return Ok(()) };
+        let (revision, result) = evaluate::<M>(&raw);
+        // A deleted section changes no remaining mod revision: name the write by its own revision.
+        let revision = if result.is_ok() && revision < newest && raw.values().all(|(_, r)| *r < newest) {
+            newest
+        } else {
+            revision
+        };
+        match result {
+            Ok(model) => i.apply(revision, Ok(model)),
+            Err(e) => i.apply(newest, Err(e)),
+        }
+    }
+    anyhow::bail!("watch stream ended")
+}

@@ -1,0 +1,164 @@
+//! Request contexts and deadlines: what travels with every call.
+//!
+//! Every hop reads the caller's `grpc-timeout` into a [`Deadline`], refuses work whose deadline has
+//! passed, and forwards the remaining time on each outgoing call (never the incoming metadata).
+
+use std::future::Future;
+use std::time::Duration;
+
+use herd_proto::context::RequestContext;
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+
+/// Attempts of one call in all, first included, when the failure means "not processed".
+const MAX_ATTEMPTS: u32 = 3;
+/// Pause before a retry, so a restarting endpoint is not hammered.
+const RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+/// The point in time by which a call must be answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deadline(Instant);
+
+impl Deadline {
+    /// The deadline `timeout` from now.
+    pub fn after(timeout: Duration) -> Self {
+        Self(Instant::now() + timeout)
+    }
+
+    /// The caller's deadline from its `grpc-timeout` header, or `default` from now without one.
+    pub fn from_metadata(metadata: &MetadataMap, default: Duration) -> Self {
+        let timeout = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .unwrap_or(default);
+        Self::after(timeout)
+    }
+
+    /// Time left, or `DEADLINE_EXCEEDED` when none is.
+    pub fn remaining(&self) -> Result<Duration, Status> {
+        let left = self.0.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(Status::deadline_exceeded("deadline exceeded before the work started"))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The context of a request, or `INVALID_ARGUMENT` naming what is missing.
+pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, Status> {
+    let ctx = context.ok_or_else(|| Status::invalid_argument("context: required"))?;
+    if ctx.tenant_id.trim().is_empty() {
+        return Err(Status::invalid_argument("context.tenant_id: required"));
+    }
+    Ok(ctx)
+}
+
+/// Makes one unary call with the remaining time as its timeout, retrying only failures that mean
+/// the call was not processed (`UNAVAILABLE`), at most three attempts in all, within the deadline.
+/// `call` is given a fresh request each attempt.
+pub async fn call<M, R, F, Fut>(deadline: Deadline, message: &M, mut call: F) -> Result<R, Status>
+where
+    M: Clone,
+    F: FnMut(tonic::Request<M>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    let mut attempt = 1;
+    loop {
+        let left = deadline.remaining()?;
+        let mut request = tonic::Request::new(message.clone());
+        request.set_timeout(left);
+        let status = match tokio::time::timeout(left, call(request)).await {
+            Ok(Ok(response)) => return Ok(response.into_inner()),
+            Ok(Err(status)) => status,
+            Err(_) => return Err(Status::deadline_exceeded("deadline exceeded waiting for a downstream answer")),
+        };
+        if status.code() != Code::Unavailable || attempt >= MAX_ATTEMPTS {
+            return Err(normalize(status));
+        }
+        tracing::debug!(attempt, error = %status.message(), "retrying a call that was not processed");
+        attempt += 1;
+        tokio::time::sleep(RETRY_PAUSE.min(deadline.remaining()?)).await;
+    }
+}
+
+/// tonic reports an expired `grpc-timeout` as CANCELLED("Timeout expired"); callers rely on
+/// DEADLINE_EXCEEDED.
+pub fn normalize(status: Status) -> Status {
+    if status.code() == Code::Cancelled && status.message().contains("Timeout expired") {
+        Status::deadline_exceeded(status.message().to_string())
+    } else {
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    #[test]
+    fn context_needs_a_tenant() {
+        assert!(require(None).unwrap_err().message().contains("context"));
+        let ctx = RequestContext::default();
+        assert!(require(Some(&ctx)).unwrap_err().message().contains("context.tenant_id"));
+    }
+
+    #[tokio::test]
+    async fn retries_only_unavailable() {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mut tries = 0;
+        let r: Result<(), Status> = call(deadline, &(), |_| {
+            tries += 1;
+            async { Err(Status::unavailable("down")) }
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(tries, 3);
+
+        let mut tries = 0;
+        let r: Result<(), Status> = call(deadline, &(), |_| {
+            tries += 1;
+            async { Err(Status::invalid_argument("bad")) }
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(tries, 1);
+    }
+
+    #[tokio::test]
+    async fn expired_deadline_refuses_work() {
+        let deadline = Deadline::after(Duration::ZERO);
+        let r: Result<(), Status> = call(deadline, &(), |_| async { Ok(tonic::Response::new(())) }).await;
+        assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
+    }
+}

@@ -1,0 +1,86 @@
+//! Where herd keeps things in etcd, under a configurable prefix (default `/herd/`):
+//! `<prefix>config/<section>` for shared configuration and
+//! `<prefix>services/<service>/<instance-id>` for registrations.
+
+use serde::{Deserialize, Serialize};
+
+/// Key layout under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// A layout under `prefix`, which must end with `/`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        let mut prefix = prefix.into();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Self { prefix }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The prefix of every configuration section.
+    pub fn config_prefix(&self) -> String {
+        format!("{}config/", self.prefix)
+    }
+
+    /// The key of one configuration section.
+    pub fn config(&self, section: &str) -> String {
+        format!("{}config/{section}", self.prefix)
+    }
+
+    /// The section name of a configuration key, if it is one.
+    pub fn section_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(self.prefix.as_str())?.strip_prefix("config/")
+    }
+
+    /// The prefix of every registration.
+    pub fn services_prefix(&self) -> String {
+        format!("{}services/", self.prefix)
+    }
+
+    /// The prefix of one service's registrations.
+    pub fn service_prefix(&self, service: &str) -> String {
+        format!("{}services/{service}/", self.prefix)
+    }
+
+    /// The registration key of one instance.
+    pub fn instance(&self, service: &str, instance_id: &str) -> String {
+        format!("{}services/{service}/{instance_id}", self.prefix)
+    }
+}
+
+/// What an instance writes under its registration key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// Service name, for example `pricing`.
+    pub service: String,
+    /// Unique id of this instance.
+    pub instance_id: String,
+    /// The address the instance actually bound, `host:port`.
+    pub address: String,
+    /// Process id, to help operators.
+    pub pid: u32,
+    /// Version of the binary.
+    pub version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let k = Keys::new("/herd");
+        assert_eq!(k.config("catalog"), "/herd/config/catalog");
+        assert_eq!(k.instance("tax", "i1"), "/herd/services/tax/i1");
+        assert_eq!(k.section_of("/herd/config/fx"), Some("fx"));
+        assert_eq!(k.section_of("/other/config/fx"), None);
+    }
+}

@@ -1,0 +1,29 @@
+//! herd's runtime: everything that turns a tonic service into a stateless mesh worker.
+//!
+//! - [`settings`]: the process interface every herd binary shares (`--listen`, `--etcd`, `--prefix`).
+//! - [`logging`]: structured logs with `tracing`.
+//! - [`keys`]: the layout of herd's keys in etcd.
+//! - [`etcd`]: connecting to etcd with the keepalive settings etcd tolerates.
+//! - [`registry`]: registration of an instance under a lease that is kept alive and renewed.
+//! - [`discovery`]: a snapshot-then-watch view of a service's live instances.
+//! - [`balance`]: a client-side power-of-two-choices balancer over peak-EWMA latency.
+//! - [`config`]: typed shared configuration, loaded, watched, validated, and pinned by revision.
+//! - [`context`]: request contexts and deadlines that travel with every call.
+//! - [`server`]: serving with health, reflection, registration and graceful drain.
+
+pub mod balance;
+pub mod config;
+pub mod context;
+pub mod discovery;
+pub mod etcd;
+pub mod keys;
+pub mod logging;
+pub mod registry;
+pub mod server;
+pub mod settings;
+
+pub use balance::MeshChannel;
+pub use config::{ConfigError, ConfigModel, ConfigStore, Snapshot};
+pub use context::Deadline;
+pub use server::{Mesh, Services};
+pub use settings::Settings;

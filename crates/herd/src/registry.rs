@@ -1,0 +1,210 @@
+//! Registration of an instance in etcd under a lease that is kept alive in the background.
+//!
+//! The lease is renewed every TTL/3. When it is lost — a keepalive answer with TTL 0, the keepalive
+//! stream breaking, or no good answer within one TTL — a new lease is granted and the key put again,
+//! with jittered backoff, for as long as the instance lives. A key deleted by someone else is put
+//! back. Deregistering revokes the lease, which deletes the key at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, PutOptions, WatchOptions};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::keys::InstanceInfo;
+
+/// Bound on one etcd call made while registering or deregistering.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Backoff between attempts to register again: starts here, doubles, capped below.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A live registration. Dropping it stops renewal without revoking (the key then expires with its
+/// lease); call [`Registration::deregister`] to leave at once.
+pub struct Registration {
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    client: Client,
+}
+
+struct State {
+    key: String,
+    value: String,
+    lease: AtomicI64,
+    registered: AtomicBool,
+}
+
+impl Registration {
+    /// Registers `info` under `key` with a lease of `ttl` seconds, then keeps it registered in the
+    /// background. Fails if the first registration fails.
+    pub async fn start(
+        client: Client,
+        key: String,
+        info: &InstanceInfo,
+        ttl: i64,
+    ) -> anyhow::Result<Self> {
+        let value = serde_json::to_string(info)?;
+        let state = Arc::new(State {
+            key,
+            value,
+            lease: AtomicI64::new(0),
+            registered: AtomicBool::new(false),
+        });
+        let granted = register_once(&client, &state, ttl).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(maintain(client.clone(), state.clone(), ttl, granted, stop_rx));
+        Ok(Self {
+            state,
+            stop,
+            task,
+            client,
+        })
+    }
+
+    /// Whether the key is in etcd under a live lease, as far as this instance knows.
+    pub fn is_registered(&self) -> bool {
+        self.state.registered.load(Ordering::Acquire)
+    }
+
+    /// The current lease id (0 while none is held).
+    pub fn lease_id(&self) -> i64 {
+        self.state.lease.load(Ordering::Acquire)
+    }
+
+    /// Stops renewal and revokes the lease, which removes the key. Bounded in time.
+    pub async fn deregister(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        let lease = self.state.lease.swap(0, Ordering::AcqRel);
+        self.state.registered.store(false, Ordering::Release);
+        if lease == 0 {
+            return;
+        }
+        let mut client = self.client.clone();
+        match tokio::time::timeout(CALL_TIMEOUT, client.lease_revoke(lease)).await {
+            Ok(Ok(_)) => tracing::info!(key = %self.state.key, "deregistered"),
+            Ok(Err(e)) => {
+                tracing::warn!(key = %self.state.key, error = %e, "revoking lease failed; deleting key");
+                let _ = tokio::time::timeout(CALL_TIMEOUT, client.delete(self.state.key.as_str(), None)).await;
+            }
+            Err(_) => tracing::warn!(key = %self.state.key, "revoking lease timed out; key expires with its lease"),
+        }
+    }
+}
+
+/// Grants a lease and puts the key under it. Returns the granted TTL.
+async fn register_once(client: &Client, state: &State, ttl: i64) -> anyhow::Result<i64> {
+    let mut client = client.clone();
+    let grant = tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(ttl, None)).await??;
+    let lease = grant.id();
+    tokio::time::timeout(
+        CALL_TIMEOUT,
+        client.put(state.key.as_str(), state.value.as_str(), Some(PutOptions::new().with_lease(lease))),
+    )
+    .await??;
+    state.lease.store(lease, Ordering::Release);
+    state.registered.store(true, Ordering::Release);
+    tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl = grant.ttl(), "registered");
+    Ok(grant.ttl().max(1))
+}
+
+async fn maintain(client: Client, state: Arc<State>, ttl: i64, mut granted: i64, mut stop: watch::Receiver<bool>) {
+    loop {
+        let lost = tokio::select! {
+            _ = stop.changed() => return,
+            reason = keep_alive(&client, &state, granted) => reason,
+        };
+        if *stop.borrow() {
+            return;
+        }
+        state.registered.store(false, Ordering::Release);
+        tracing::warn!(key = %state.key, reason = %lost, "registration lost; registering again");
+        let mut backoff = BACKOFF_START;
+        loop {
+            let jitter = rand::rng().random_range(0.5..1.5);
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            }
+            match register_once(&client, &state, ttl).await {
+                Ok(t) => {
+                    granted = t;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %state.key, error = %e, "registering again failed");
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the current lease alive and the key present; returns why the registration was lost.
+async fn keep_alive(client: &Client, state: &State, ttl: i64) -> String {
+    let mut client = client.clone();
+    let lease = state.lease.load(Ordering::Acquire);
+    let ttl = Duration::from_secs(ttl as u64);
+    let (mut keeper, mut responses) = match client.lease_keep_alive(lease).await {
+        Ok(pair) => pair,
+        Err(e) => return format!("keepalive stream could not start: {e}"),
+    };
+    // Someone deleting the key (by hand or by tooling) must not leave the instance unlisted.
+    let mut key_watch = client
+        .watch(state.key.as_str(), Some(WatchOptions::new()))
+        .await
+        .ok();
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_good = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if last_good.elapsed() >= ttl {
+                    return "no keepalive answer within one TTL".into();
+                }
+                if let Err(e) = keeper.keep_alive().await {
+                    return format!("keepalive send failed: {e}");
+                }
+            }
+            msg = responses.message() => match msg {
+                Ok(Some(r)) if r.ttl() > 0 => last_good = Instant::now(),
+                Ok(Some(_)) => return "lease expired or was revoked (TTL 0)".into(),
+                Ok(None) => return "keepalive stream ended".into(),
+                Err(e) => return format!("keepalive stream broke: {e}"),
+            },
+            msg = next_watch(&mut key_watch) => match msg {
+                Some(deleted) if deleted => {
+                    tracing::warn!(key = %state.key, "registration key deleted by someone else; putting it back");
+                    let put = client.put(state.key.as_str(), state.value.as_str(), Some(PutOptions::new().with_lease(lease)));
+                    if let Err(e) = tokio::time::timeout(CALL_TIMEOUT, put).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                        return format!("putting the key back failed: {e}");
+                    }
+                }
+                Some(_) => {}
+                None => key_watch = None,
+            },
+        }
+    }
+}
+
+/// The next key-watch answer: `Some(true)` when it deleted the key, `Some(false)` otherwise, `None`
+/// when the watch broke. Pending forever without a watch.
+async fn next_watch(watch: &mut Option<etcd_client::WatchStream>) -> Option<bool> {
+    let Some(w) = watch.as_mut() else {
+        return std::future::pending().await;
+    };
+    match w.message().await {
+        Ok(Some(resp)) => Some(
+            resp.events()
+                .iter()
+                .any(|e| e.event_type() == EventType::Delete),
+        ),
+        _ => None,
+    }
+}

@@ -1,0 +1,307 @@
+//! Serving a herd instance: health, reflection, registration and graceful drain around a set of
+//! tonic services.
+//!
+//! Start-up: bind, serve with health NOT_SERVING, wait for a valid configuration, register in etcd
+//! with the address actually bound, then report SERVING. Shutdown (SIGTERM, SIGINT or the given
+//! signal): NOT_SERVING, deregister, keep serving for the drain delay so that watchers see the
+//! instance leave, end health watches, stop accepting, and give in-flight calls a bounded time.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use etcd_client::Client;
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::balance::MeshChannel;
+use crate::config::{ConfigModel, ConfigStore};
+use crate::discovery::Resolver;
+use crate::keys::{InstanceInfo, Keys};
+use crate::registry::Registration;
+use crate::settings::Settings;
+
+/// HTTP/2 pings to callers, so that dead connections are closed.
+const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The tonic services an instance serves, with their names for health reporting.
+#[derive(Default)]
+pub struct Services {
+    routes: Routes,
+    names: Vec<&'static str>,
+}
+
+impl Services {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a generated tonic server.
+    pub fn add<S>(mut self, svc: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes = self.routes.add_service(svc);
+        self
+    }
+}
+
+/// One instance's link to the mesh: its identity, etcd, configuration and balanced channels.
+pub struct Mesh {
+    settings: Settings,
+    service: String,
+    instance_id: String,
+    keys: Keys,
+    etcd: Client,
+    channels: Mutex<HashMap<String, (MeshChannel, Resolver)>>,
+    ready: Vec<BoxFuture<'static, ()>>,
+}
+
+impl Mesh {
+    /// Connects to etcd for an instance of `service` (a name such as `pricing`).
+    pub async fn connect(settings: Settings, service: &str) -> anyhow::Result<Self> {
+        let etcd = crate::etcd::connect(&settings.etcd_endpoints).await?;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        Ok(Self {
+            keys: Keys::new(settings.prefix.clone()),
+            settings,
+            service: service.to_string(),
+            instance_id: format!("{service}-{}", &suffix[..12]),
+            etcd,
+            channels: Mutex::new(HashMap::new()),
+            ready: Vec::new(),
+        })
+    }
+
+    /// This instance's id, as registered in etcd.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The etcd client.
+    pub fn etcd(&self) -> &Client {
+        &self.etcd
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The typed shared configuration. The instance reports SERVING only once it is loaded.
+    pub fn config<M: ConfigModel>(&mut self) -> ConfigStore<M> {
+        let store = ConfigStore::<M>::start(self.etcd.clone(), self.keys.clone());
+        let waiter = store.clone();
+        self.ready.push(Box::pin(async move { waiter.ready().await }));
+        store
+    }
+
+    /// A balanced channel to `service`, by name alone.
+    pub fn channel(&self, service: &str) -> MeshChannel {
+        let mut channels = match self.channels.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        channels
+            .entry(service.to_string())
+            .or_insert_with(|| {
+                let resolver = Resolver::start(self.etcd.clone(), &self.keys, service);
+                (MeshChannel::new(service, resolver.subscribe()), resolver)
+            })
+            .0
+            .clone()
+    }
+
+    /// Serves `services` on `listener` until `shutdown` completes, then drains. See the module docs.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        services: Services,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let address = listener.local_addr()?;
+        let (mut health, health_service) = tonic_health::server::health_reporter();
+        let mut names: Vec<&str> = vec![""];
+        names.extend(services.names.iter().copied());
+        set_all(&health, &names, ServingStatus::NotServing).await;
+
+        let reflection = |b: tonic_reflection::server::Builder<'static>| {
+            b.register_encoded_file_descriptor_set(herd_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
+        let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+        let routes = services
+            .routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
+            .http2_keepalive_interval(Some(SERVER_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(SERVER_KEEPALIVE_TIMEOUT))
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+                let _ = stop_rx.await;
+            });
+        let mut server = tokio::spawn(server);
+        tracing::info!(service = %self.service, instance = %self.instance_id, %address, "listening");
+
+        tokio::pin!(shutdown);
+        let startup = async {
+            for ready in self.ready {
+                ready.await;
+            }
+            tracing::info!("configuration loaded");
+            let info = InstanceInfo {
+                service: self.service.clone(),
+                instance_id: self.instance_id.clone(),
+                address: advertised(address),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            let key = self.keys.instance(&self.service, &self.instance_id);
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match Registration::start(self.etcd.clone(), key.clone(), &info, self.settings.lease_ttl).await {
+                    Ok(r) => return r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registering failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        };
+        let registration = tokio::select! {
+            r = startup => Some(r),
+            _ = &mut shutdown => None,
+            r = &mut server => {
+                r??;
+                anyhow::bail!("server stopped unexpectedly");
+            }
+        };
+        if registration.is_some() {
+            set_all(&health, &names, ServingStatus::Serving).await;
+            tracing::info!(service = %self.service, instance = %self.instance_id, %address, "serving");
+            tokio::select! {
+                _ = &mut shutdown => {}
+                r = &mut server => {
+                    r??;
+                    anyhow::bail!("server stopped unexpectedly");
+                }
+            }
+        }
+
+        tracing::info!("shutting down: NOT_SERVING, deregistering, draining");
+        set_all(&health, &names, ServingStatus::NotServing).await;
+        if let Some(registration) = registration {
+            registration.deregister().await;
+            // Callers learn of the departure through their watches; keep serving meanwhile.
+            tokio::time::sleep(self.settings.drain_delay()).await;
+        }
+        // Open health Watch streams would hold the server open: clearing the statuses ends them.
+        for name in &names {
+            health.clear_service_status(name).await;
+        }
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(self.settings.drain_timeout(), &mut server).await {
+            Ok(r) => r??,
+            Err(_) => {
+                tracing::warn!("in-flight calls did not finish within the drain bound; stopping anyway");
+                server.abort();
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn set_all(health: &tonic_health::server::HealthReporter, names: &[&str], status: ServingStatus) {
+    for name in names {
+        health.set_service_status(*name, status).await;
+    }
+}
+
+/// The address to register: the bound one, with an unspecified IP replaced by loopback's.
+fn advertised(bound: SocketAddr) -> String {
+    let ip = if bound.ip().is_unspecified() {
+        match bound {
+            SocketAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+            SocketAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    } else {
+        bound.ip()
+    };
+    SocketAddr::new(ip, bound.port()).to_string()
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// The whole life of a service binary: parse settings (usage errors exit 64), set up logs, connect,
+/// bind, build the services with `build`, serve until SIGTERM/SIGINT, drain, exit 0.
+pub fn run_binary<F, Fut>(service: &'static str, default_listen: &'static str, build: F) -> ExitCode
+where
+    F: FnOnce(&mut Mesh) -> Fut,
+    Fut: Future<Output = anyhow::Result<Services>>,
+{
+    let settings = Settings::for_service(service, default_listen);
+    crate::logging::init(&settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let listener = TcpListener::bind(settings.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.listen))?;
+        let mut mesh = Mesh::connect(settings, service).await?;
+        let services = build(&mut mesh).await?;
+        mesh.serve(listener, services, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}

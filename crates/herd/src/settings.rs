@@ -1,0 +1,126 @@
+//! The process interface shared by every herd service binary: flags with environment equivalents
+//! and named defaults, validated before any port is bound.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Default etcd endpoint: a local single-node etcd.
+pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
+/// Default key prefix under which herd keeps everything in etcd.
+pub const DEFAULT_PREFIX: &str = "/herd/";
+
+/// Exit code for a usage error (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+
+/// Process settings of a herd service.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Settings {
+    /// Address to listen on for gRPC (port 0 picks a free port; the bound address is registered).
+    #[arg(long, env = "HERD_LISTEN", default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// etcd endpoints, comma separated (for example http://10.0.0.1:2379,http://10.0.0.2:2379).
+    #[arg(long = "etcd", env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ETCD)]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix in etcd under which config and registrations live.
+    #[arg(long, env = "HERD_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "HERD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Lease TTL in seconds for this instance's registration (etcd grants at least 2).
+    #[arg(long, env = "HERD_LEASE_TTL", default_value_t = 5)]
+    pub lease_ttl: i64,
+
+    /// On shutdown, how long to keep serving after deregistering, so that watchers see the
+    /// instance leave before it stops accepting calls (milliseconds).
+    #[arg(long, env = "HERD_DRAIN_DELAY_MS", default_value_t = 1000)]
+    pub drain_delay_ms: u64,
+
+    /// On shutdown, the most time in-flight calls get to finish (milliseconds).
+    #[arg(long, env = "HERD_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+}
+
+impl Settings {
+    /// Parses flags and environment for the binary of `service`, whose `--listen` defaults to
+    /// `default_listen`; on a bad setting prints the reason and exits with 64.
+    pub fn for_service(service: &str, default_listen: &'static str) -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Self::command()
+            .bin_name(format!("herd-{service}"))
+            .about(format!("herd's {service} service: a stateless mesh worker"))
+            .mut_arg("listen", |a| a.default_value(default_listen));
+        let parsed = command
+            .try_get_matches()
+            .and_then(|m| Self::from_arg_matches(&m));
+        let settings = match parsed {
+            Ok(s) => s,
+            Err(e) if e.use_stderr() => {
+                let _ = e.print();
+                std::process::exit(i32::from(EXIT_USAGE));
+            }
+            Err(e) => e.exit(),
+        };
+        if let Err(message) = settings.validate() {
+            eprintln!("error: {message}");
+            std::process::exit(i32::from(EXIT_USAGE));
+        }
+        settings
+    }
+
+    /// Checks the settings that clap's types cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
+            return Err("--etcd: at least one endpoint is required".into());
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
+            return Err(format!("--prefix: must start and end with '/', got {:?}", self.prefix));
+        }
+        if !(1..=3600).contains(&self.lease_ttl) {
+            return Err(format!("--lease-ttl: must be 1..=3600 seconds, got {}", self.lease_ttl));
+        }
+        Ok(())
+    }
+
+    /// How long to keep serving after deregistering.
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(self.drain_delay_ms)
+    }
+
+    /// The bound on finishing in-flight calls at shutdown.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = Settings::try_parse_from(["svc"]).expect("defaults parse");
+        assert_eq!(s.prefix, "/herd/");
+        assert_eq!(s.etcd_endpoints, vec![DEFAULT_ETCD.to_string()]);
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_prefix_is_rejected() {
+        let s = Settings::try_parse_from(["svc", "--prefix", "herd"]).expect("parses");
+        assert!(s.validate().unwrap_err().contains("--prefix"));
+    }
+
+    #[test]
+    fn several_etcd_endpoints() {
+        let s = Settings::try_parse_from(["svc", "--etcd", "http://a:1,http://b:2"]).expect("parses");
+        assert_eq!(s.etcd_endpoints.len(), 2);
+    }
+}
