@@ -1,1 +1,17 @@
-//! x
+//! The reference mesh's shared model: its configuration sections and their rules, the money
+//! arithmetic every service agrees on, request validation, and signed quote tokens.
+//!
+//! - [`sections`]: the typed sections under `/herd/config/` and [`MeshConfig`], validated once here
+//!   for the services and `herdctl` alike.
+//! - [`money`]: integer minor units, half-even rounding, promotions, tax and conversion.
+//! - [`request`]: checks of incoming baskets that name the offending field.
+//! - [`token`]: quote tokens signed with the active key; any instance verifies them.
+//! - [`demo`]: the demo configuration `herdctl config seed` writes.
+
+pub mod demo;
+pub mod money;
+pub mod request;
+pub mod sections;
+pub mod token;
+
+pub use sections::MeshConfig;
