@@ -1,1 +1,163 @@
-//! x
+//! The gateway: the mesh's public face. It completes each caller's context (request id, accepted
+//! time, pinned config revision), has pricing price the basket, and signs the quote.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herd::{ConfigStore, Deadline, MeshChannel};
+use herd_model::MeshConfig;
+use herd_model::token;
+use herd_proto::context::RequestContext;
+use herd_proto::pricing::PriceItemsRequest;
+use herd_proto::pricing::pricing_service_client::PricingServiceClient;
+use herd_proto::quote::quote_service_server::{QuoteService, QuoteServiceServer};
+use herd_proto::quote::{CreateQuoteRequest, CreateQuoteResponse, Quote, VerifyQuoteRequest, VerifyQuoteResponse};
+use herd_proto::types::Money;
+use tonic::{Code, Request, Response, Status};
+
+/// Longest a call may take when its caller set no deadline.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The service's handler.
+#[derive(Clone)]
+pub struct Gateway {
+    config: ConfigStore<MeshConfig>,
+    pricing: PricingServiceClient<MeshChannel>,
+}
+
+impl Gateway {
+    /// A handler reading configuration from `config` and calling pricing over the mesh.
+    pub fn new(config: ConfigStore<MeshConfig>, pricing: MeshChannel) -> Self {
+        Self {
+            config,
+            pricing: PricingServiceClient::new(pricing),
+        }
+    }
+
+    /// The generated server around this handler.
+    pub fn into_server(self) -> QuoteServiceServer<Self> {
+        QuoteServiceServer::new(self)
+    }
+
+    /// Fills what the caller left empty: request id, accepted time, config revision.
+    fn complete(&self, context: Option<&RequestContext>) -> Result<RequestContext, Status> {
+        let mut ctx = herd::context::require(context)?.clone();
+        if ctx.request_id.is_empty() {
+            ctx.request_id = uuid::Uuid::new_v4().to_string();
+        }
+        if ctx.accepted_at.is_none() {
+            ctx.accepted_at = Some(now());
+        }
+        if ctx.config_revision == 0 {
+            ctx.config_revision = self
+                .config
+                .current()
+                .map(|s| s.revision)
+                .ok_or_else(|| Status::unavailable("configuration not loaded yet"))?;
+        }
+        Ok(ctx)
+    }
+}
+
+fn now() -> prost_types::Timestamp {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn sum(currency: &str, amounts: impl Iterator<Item = Option<i64>>) -> Result<Option<Money>, Status> {
+    let mut total: i64 = 0;
+    for a in amounts {
+        let a = a.ok_or_else(|| Status::internal("pricing: a line is missing an amount"))?;
+        total = total
+            .checked_add(a)
+            .ok_or_else(|| Status::invalid_argument("items: quote total too large"))?;
+    }
+    Ok(Some(Money {
+        currency_code: currency.to_string(),
+        minor_units: total,
+    }))
+}
+
+#[tonic::async_trait]
+impl QuoteService for Gateway {
+    async fn create_quote(&self, request: Request<CreateQuoteRequest>) -> Result<Response<CreateQuoteResponse>, Status> {
+        let deadline = Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT);
+        deadline.remaining()?;
+        let req = request.into_inner();
+        let ctx = self.complete(req.context.as_ref())?;
+        let snapshot = self.config.at(ctx.config_revision).await?;
+        let config = &snapshot.model;
+        herd_model::request::check_items(&req.items, config)?;
+        herd_model::request::check_currency("currency", &req.currency, config)?;
+        herd_model::request::check_region(&req.region, config)?;
+
+        let pricing_request = PriceItemsRequest {
+            context: Some(ctx.clone()),
+            items: req.items.clone(),
+            currency: req.currency.clone(),
+            region: req.region.clone(),
+        };
+        let lines = herd::context::call(deadline, &pricing_request, |r| {
+            let mut client = self.pricing.clone();
+            async move { client.price_items(r).await }
+        })
+        .await
+        .map_err(|s| match s.code() {
+            Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::DeadlineExceeded | Code::Unavailable => s,
+            code => Status::new(code, format!("pricing: {}", s.message())),
+        })?
+        .lines;
+
+        let minor = |m: &Option<Money>| m.as_ref().map(|m| m.minor_units);
+        let accepted = ctx.accepted_at.unwrap_or_default();
+        let quote = Quote {
+            quote_id: token::quote_id(&ctx.tenant_id, &ctx.request_id, &accepted),
+            tenant_id: ctx.tenant_id.clone(),
+            subtotal: sum(&req.currency, lines.iter().map(|l| minor(&l.gross)))?,
+            discount: sum(&req.currency, lines.iter().map(|l| minor(&l.discount)))?,
+            tax: sum(&req.currency, lines.iter().map(|l| minor(&l.tax)))?,
+            total: sum(&req.currency, lines.iter().map(|l| minor(&l.total)))?,
+            lines,
+            currency: req.currency.clone(),
+            config_revision: ctx.config_revision,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: accepted.seconds.saturating_add(i64::from(config.quote.ttl_seconds)),
+                nanos: accepted.nanos,
+            }),
+        };
+        let token = token::sign(&quote, &config.keys);
+        tracing::debug!(request_id = %ctx.request_id, quote_id = %quote.quote_id, "quote created");
+        Ok(Response::new(CreateQuoteResponse {
+            context: Some(ctx),
+            quote: Some(quote),
+            token,
+        }))
+    }
+
+    async fn verify_quote(&self, request: Request<VerifyQuoteRequest>) -> Result<Response<VerifyQuoteResponse>, Status> {
+        Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT).remaining()?;
+        let req = request.into_inner();
+        let ctx = self.complete(req.context.as_ref())?;
+        if req.token.trim().is_empty() {
+            return Err(Status::invalid_argument("token: required"));
+        }
+        // Keys are checked as they are now: a removed key no longer verifies anything.
+        let snapshot = self
+            .config
+            .current()
+            .ok_or_else(|| Status::unavailable("configuration not loaded yet"))?;
+        let quote = token::verify(&req.token, &snapshot.model.keys, now().seconds)?;
+        if quote.tenant_id != ctx.tenant_id {
+            return Err(Status::permission_denied(format!(
+                "token: the quote belongs to another tenant than {:?}",
+                ctx.tenant_id
+            )));
+        }
+        Ok(Response::new(VerifyQuoteResponse {
+            context: Some(ctx),
+            quote: Some(quote),
+        }))
+    }
+}

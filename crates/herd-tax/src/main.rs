@@ -1,1 +1,10 @@
-fn main() {}
+//! `herd-tax`: serves the tax service as a mesh worker.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    herd::server::run_binary("tax", "127.0.0.1:0", |mesh| {
+        let config = mesh.config();
+        async move { Ok(herd::Services::new().add(herd_tax::Tax::new(config).into_server())) }
+    })
+}
