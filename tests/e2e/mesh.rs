@@ -1,1 +1,580 @@
-//! x
+//! End-to-end tests of the whole mesh: real etcd, the four service binaries as separate
+//! processes, real grpcurl and etcdctl.
+
+use std::time::Duration;
+
+use base64::Engine;
+use herd_tests::{Answer, Mesh, Proc, call, eventually, grpcurl, health};
+use serde_json::{Value, json};
+
+const QUOTE: &str = "herd.quote.v1.QuoteService";
+
+fn fixture() -> Vec<(&'static str, String)> {
+    let secret = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+    vec![
+        (
+            "catalog",
+            r#"{"currency":"USD","items":{
+                "widget":{"name":"Widget","price_minor":1999,"category":"tools"},
+                "apple":{"name":"Apple","price_minor":125,"category":"food"},
+                "lamp":{"name":"Lamp","price_minor":1220,"category":"home"}}}"#
+                .into(),
+        ),
+        (
+            "promotions",
+            r#"{"rules":[{"id":"widget-15","sku":"widget","percent_off":15,"min_quantity":3},
+                         {"id":"tools-5","category":"tools","percent_off":5}]}"#
+                .into(),
+        ),
+        (
+            "tax",
+            r#"{"regions":{"US-CA":{"rate_bps":725,"exempt_categories":["food"]}}}"#.into(),
+        ),
+        ("fx", r#"{"base":"USD","rates":{"EUR":"0.925"}}"#.into()),
+        ("quote", r#"{"ttl_seconds":300}"#.into()),
+        ("limits", r#"{"max_items":5,"max_quantity":50}"#.into()),
+        (
+            "keys",
+            format!(r#"{{"keys":[{{"id":"t1","secret":"{secret}","active":true}}]}}"#),
+        ),
+    ]
+}
+
+fn basket() -> Value {
+    json!({
+        "context": {"tenantId": "acme"},
+        "items": [{"sku": "widget", "quantity": 3}, {"sku": "apple", "quantity": 4}, {"sku": "lamp", "quantity": 1}],
+        "currency": "EUR",
+        "region": "US-CA"
+    })
+}
+
+/// Half-even division of non-negative integers, written independently of herd's own.
+fn half_even(num: i128, den: i128) -> i128 {
+    let (q, r) = (num / den, num % den);
+    if 2 * r > den || (2 * r == den && q % 2 == 1) {
+        q + 1
+    } else {
+        q
+    }
+}
+
+/// Expected EUR lines (unit, gross, discount, net, tax, total) for the basket, from DESIGN.md's
+/// rules applied by hand: widget 3 × 19.99 with the sku rule's 15 % (beating the 5 % category
+/// rule), apple 4 × 1.25 exempt as food, lamp 1 × 12.20; tax 7.25 %; EUR at 0.925.
+fn expected(lamp_price: i128, rate_milli: i128, rate_bps: i128) -> (Vec<[i64; 6]>, bool) {
+    let lines = [
+        (1999i128, 3i128, 15i128, false),
+        (125, 4, 0, true),
+        (lamp_price, 1, 0, false),
+    ];
+    let mut saw_half = false;
+    let mut conv = |amount: i128| {
+        saw_half |= (amount * rate_milli) % 1000 == 500;
+        half_even(amount * rate_milli, 1000) as i64
+    };
+    let mut out = Vec::new();
+    for (price, qty, pct, exempt) in lines {
+        let gross = price * qty;
+        let discount = half_even(gross * pct, 100);
+        let net = gross - discount;
+        let tax = if exempt {
+            0
+        } else {
+            half_even(net * rate_bps, 10_000)
+        };
+        let (u, g, d, t) = (conv(price), conv(gross), conv(discount), conv(tax));
+        out.push([u, g, d, g - d, t, g - d + t]);
+    }
+    (out, saw_half)
+}
+
+fn minor(v: &Value) -> i64 {
+    match &v["minorUnits"] {
+        Value::String(s) => s.parse().unwrap_or(i64::MIN),
+        Value::Number(n) => n.as_i64().unwrap_or(i64::MIN),
+        _ => 0,
+    }
+}
+
+fn lines_of(quote: &Value) -> Vec<[i64; 6]> {
+    quote["lines"]
+        .as_array()
+        .map(|ls| {
+            ls.iter()
+                .map(|l| {
+                    ["unitPrice", "gross", "discount", "net", "tax", "total"].map(|f| minor(&l[f]))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn lamp_unit_price(quote: &Value) -> i64 {
+    lines_of(quote).get(2).map(|l| l[0]).unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quotes_are_exact_identical_on_retry_and_verifiable_anywhere() -> anyhow::Result<()> {
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let (g1, g2) = (mesh.gateways[0].as_str(), mesh.gateways[1].as_str());
+
+    // Reflection: every service, health and reflection are listed; describe works.
+    let out = grpcurl(&["-plaintext", g1, "list"])?;
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    for name in [
+        "herd.quote.v1.QuoteService",
+        "herd.pricing.v1.PricingService",
+        "herd.tax.v1.TaxService",
+        "herd.currency.v1.CurrencyService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            listed.contains(name),
+            "{name} missing from grpcurl list:\n{listed}"
+        );
+    }
+    let out = grpcurl(&["-plaintext", g1, "describe", QUOTE])?;
+    let described = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && described.contains("rpc CreateQuote"),
+        "{described}"
+    );
+    let out = grpcurl(&["-plaintext", g1, "describe", "herd.quote.v1.Quote"])?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config_revision"));
+
+    // Health: "" and each instance's own service are SERVING on every instance.
+    for (service, name) in [
+        ("gateway", QUOTE),
+        ("pricing", "herd.pricing.v1.PricingService"),
+        ("tax", "herd.tax.v1.TaxService"),
+        ("currency", "herd.currency.v1.CurrencyService"),
+    ] {
+        for address in mesh.addresses(service)? {
+            assert_eq!(
+                health(&address, "").as_deref(),
+                Some("SERVING"),
+                "{service} {address}"
+            );
+            assert_eq!(
+                health(&address, name).as_deref(),
+                Some("SERVING"),
+                "{service} {address}"
+            );
+        }
+    }
+
+    // Exact totals.
+    let first = call(g1, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
+    let quote = &first["quote"];
+    let (want, saw_half) = expected(1220, 925, 725);
+    assert!(
+        saw_half,
+        "the fixture must exercise an exact half in conversion"
+    );
+    assert_eq!(lines_of(quote), want, "quote: {quote:#}");
+    let sum = |i: usize| want.iter().map(|l| l[i]).sum::<i64>();
+    assert_eq!(minor(&quote["subtotal"]), sum(1));
+    assert_eq!(minor(&quote["discount"]), sum(2));
+    assert_eq!(minor(&quote["tax"]), sum(4));
+    assert_eq!(minor(&quote["total"]), sum(5));
+    assert_eq!(quote["currency"], "EUR");
+    assert_eq!(quote["tenantId"], "acme");
+    assert_eq!(quote["lines"][0]["promotionId"], "widget-15");
+    assert!(
+        first["context"]["requestId"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    );
+    assert!(first["context"]["acceptedAt"].is_string());
+
+    // The same request with the returned context, on the other gateway: the identical quote.
+    let mut retry = basket();
+    retry["context"] = first["context"].clone();
+    let second = call(g2, &format!("{QUOTE}/CreateQuote"), &retry)?.ok()?;
+    assert_eq!(second["quote"], first["quote"]);
+    assert_eq!(second["token"], first["token"]);
+
+    // Verification on the other instance; one changed character is refused.
+    let token = first["token"].as_str().unwrap_or_default().to_string();
+    let verified = call(
+        g2,
+        &format!("{QUOTE}/VerifyQuote"),
+        &json!({"context": {"tenantId": "acme"}, "token": token}),
+    )?
+    .ok()?;
+    assert_eq!(verified["quote"], first["quote"]);
+    let mut altered: Vec<char> = token.chars().collect();
+    let i = altered.len() / 4;
+    altered[i] = if altered[i] == 'x' { 'y' } else { 'x' };
+    let altered: String = altered.into_iter().collect();
+    match call(
+        g1,
+        &format!("{QUOTE}/VerifyQuote"),
+        &json!({"context": {"tenantId": "acme"}, "token": altered}),
+    )? {
+        Answer::Err { code, message } => {
+            assert_eq!(code, "InvalidArgument");
+            assert!(message.starts_with("token:"), "{message}");
+        }
+        Answer::Ok(v) => panic!("an altered token verified: {v}"),
+    }
+    match call(
+        g1,
+        &format!("{QUOTE}/VerifyQuote"),
+        &json!({"context": {"tenantId": "other"}, "token": token}),
+    )? {
+        Answer::Err { code, .. } => assert_eq!(code, "PermissionDenied"),
+        Answer::Ok(v) => panic!("another tenant's token verified: {v}"),
+    }
+
+    // herdctl lists all eight instances.
+    let out = std::process::Command::new(herd_tests::bin("herdctl")?)
+        .args(["--etcd", &mesh.etcd.endpoint, "instances"])
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(table.lines().count(), 9, "{table}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
+    let mesh = Mesh::start(1, &fixture()).await?;
+    let g = mesh.gateways[0].as_str();
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut b = basket();
+        f(&mut b);
+        b
+    };
+    let six: Vec<Value> = (0..6)
+        .map(|_| json!({"sku": "apple", "quantity": 1}))
+        .collect();
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "no items",
+            with(&|b| b["items"] = json!([])),
+            "InvalidArgument",
+            "items:",
+        ),
+        (
+            "quantity 0",
+            with(&|b| b["items"][1]["quantity"] = json!(0)),
+            "InvalidArgument",
+            "items[1].quantity",
+        ),
+        (
+            "quantity -2",
+            with(&|b| b["items"][0]["quantity"] = json!(-2)),
+            "InvalidArgument",
+            "items[0].quantity",
+        ),
+        (
+            "quantity over limit",
+            with(&|b| b["items"][2]["quantity"] = json!(51)),
+            "InvalidArgument",
+            "items[2].quantity",
+        ),
+        (
+            "too many items",
+            with(&|b| b["items"] = json!(six)),
+            "InvalidArgument",
+            "items: 6 items exceed",
+        ),
+        (
+            "unknown sku",
+            with(&|b| b["items"][1]["sku"] = json!("unicorn")),
+            "NotFound",
+            "items[1].sku: unknown SKU \"unicorn\"",
+        ),
+        (
+            "unknown currency",
+            with(&|b| b["currency"] = json!("XYZ")),
+            "InvalidArgument",
+            "currency: unsupported currency",
+        ),
+        (
+            "unknown region",
+            with(&|b| b["region"] = json!("MARS")),
+            "InvalidArgument",
+            "region: unknown tax region",
+        ),
+        (
+            "missing tenant",
+            with(&|b| b["context"] = json!({})),
+            "InvalidArgument",
+            "context.tenant_id",
+        ),
+        (
+            "missing context",
+            with(&|b| b["context"] = Value::Null),
+            "InvalidArgument",
+            "context: required",
+        ),
+    ];
+    for (name, body, code, needle) in cases {
+        match call(g, &format!("{QUOTE}/CreateQuote"), &body)? {
+            Answer::Err { code: got, message } => {
+                assert_eq!(got, code, "{name}: {message}");
+                assert!(
+                    message.contains(needle),
+                    "{name}: {message:?} does not name {needle:?}"
+                );
+            }
+            Answer::Ok(v) => panic!("{name}: accepted: {v}"),
+        }
+    }
+
+    // Not a valid message at all: raw bytes that do not decode as CreateQuoteRequest.
+    let status = raw::call(
+        g,
+        "/herd.quote.v1.QuoteService/CreateQuote",
+        vec![0x0a, 0xff, 0xff, 0xff],
+    )
+    .await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("CreateQuoteRequest"),
+        "{status:?}"
+    );
+
+    // The instances survived all of it.
+    assert_eq!(health(g, "").as_deref(), Some("SERVING"));
+    call(g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> anyhow::Result<()> {
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let before = call(
+        &mesh.gateways[0],
+        &format!("{QUOTE}/CreateQuote"),
+        &basket(),
+    )?
+    .ok()?;
+    assert_eq!(lamp_unit_price(&before["quote"]), 1128); // 12.20 USD × 0.925 = 11.285 → 11.28
+
+    // A new lamp price, tax rate and EUR rate, written with plain etcdctl.
+    let mut catalog: Value = serde_json::from_str(&fixture()[0].1)?;
+    catalog["items"]["lamp"]["price_minor"] = json!(1300);
+    mesh.etcd
+        .put("/herd/config/catalog", &catalog.to_string())?;
+    mesh.etcd.put(
+        "/herd/config/tax",
+        r#"{"regions":{"US-CA":{"rate_bps":800,"exempt_categories":["food"]}}}"#,
+    )?;
+    mesh.etcd
+        .put("/herd/config/fx", r#"{"base":"USD","rates":{"EUR":"0.9"}}"#)?;
+    let (want, _) = expected(1300, 900, 800);
+
+    // Every gateway quotes with it...
+    for g in &mesh.gateways {
+        eventually(
+            &format!("gateway {g} to use the new config"),
+            Duration::from_secs(10),
+            || async {
+                let q = call(g, &format!("{QUOTE}/CreateQuote"), &basket())
+                    .ok()?
+                    .ok()
+                    .ok()?;
+                (lines_of(&q["quote"]) == want).then_some(())
+            },
+        )
+        .await?;
+    }
+    // ...and every downstream instance answers with it when called directly.
+    let ctx = json!({"tenantId": "acme"});
+    for address in mesh.addresses("pricing")? {
+        eventually(&format!("pricing {address} to use the new price"), Duration::from_secs(10), || async {
+            let body = json!({"context": ctx, "items": [{"sku": "lamp", "quantity": 1}], "currency": "USD", "region": "US-CA"});
+            let r = call(&address, "herd.pricing.v1.PricingService/PriceItems", &body).ok()?.ok().ok()?;
+            (minor(&r["lines"][0]["unitPrice"]) == 1300).then_some(())
+        })
+        .await?;
+    }
+    for address in mesh.addresses("tax")? {
+        eventually(&format!("tax {address} to use the new rate"), Duration::from_secs(10), || async {
+            let body = json!({"context": ctx, "region": "US-CA", "lines": [{"sku": "lamp", "category": "home", "net": {"currencyCode": "USD", "minorUnits": "10000"}}]});
+            let r = call(&address, "herd.tax.v1.TaxService/ComputeTax", &body).ok()?.ok().ok()?;
+            (minor(&r["taxes"][0]) == 800).then_some(())
+        })
+        .await?;
+    }
+    for address in mesh.addresses("currency")? {
+        eventually(&format!("currency {address} to use the new rate"), Duration::from_secs(10), || async {
+            let body = json!({"context": ctx, "targetCurrency": "EUR", "amounts": [{"currencyCode": "USD", "minorUnits": "1000"}]});
+            let r = call(&address, "herd.currency.v1.CurrencyService/Convert", &body).ok()?.ok().ok()?;
+            (minor(&r["amounts"][0]) == 900).then_some(())
+        })
+        .await?;
+    }
+
+    // An invalid value: every instance rejects it and keeps the previous configuration.
+    let mut bad = catalog.clone();
+    bad["items"]["lamp"]["price_minor"] = json!(-5);
+    mesh.etcd.put("/herd/config/catalog", &bad.to_string())?;
+    for (service, proc) in &mesh.instances {
+        eventually(
+            &format!("{service} to reject the invalid catalog"),
+            Duration::from_secs(10),
+            || async {
+                let log = proc.log_text();
+                (log.contains("configuration rejected") && log.contains("items.lamp.price_minor"))
+                    .then_some(())
+            },
+        )
+        .await?;
+    }
+    for g in &mesh.gateways {
+        let q = call(g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
+        assert_eq!(
+            lines_of(&q["quote"]),
+            want,
+            "gateway {g} after the invalid write"
+        );
+    }
+    // Unknown fields are rejected too, not silently dropped.
+    mesh.etcd
+        .put("/herd/config/catalog", &catalog.to_string())?;
+    mesh.etcd.put(
+        "/herd/config/limits",
+        r#"{"max_items":5,"max_quantity":50,"max_weight":3}"#,
+    )?;
+    for (service, proc) in &mesh.instances {
+        eventually(
+            &format!("{service} to reject the unknown field"),
+            Duration::from_secs(10),
+            || async { proc.log_text().contains("max_weight").then_some(()) },
+        )
+        .await?;
+    }
+    call(
+        &mesh.gateways[1],
+        &format!("{QUOTE}/CreateQuote"),
+        &basket(),
+    )?
+    .ok()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_deregisters_first_then_exits_zero() -> anyhow::Result<()> {
+    let mut mesh = Mesh::start(1, &fixture()).await?;
+    let port = herd_tests::free_port();
+    let extra = herd_tests::start_instance(
+        "pricing",
+        &mesh.etcd,
+        port,
+        mesh.dir.path(),
+        &["--drain-delay-ms", "1000"],
+    )?;
+    let address = format!("127.0.0.1:{port}");
+    eventually(
+        "the second pricing instance to register",
+        Duration::from_secs(20),
+        || async {
+            mesh.addresses("pricing")
+                .ok()
+                .filter(|a| a.contains(&address))
+                .map(|_| ())
+        },
+    )
+    .await?;
+    let mut proc: Proc = extra;
+    proc.signal("TERM")?;
+
+    // Its key leaves etcd while the process is still draining.
+    eventually(
+        "the instance's key to leave etcd",
+        Duration::from_secs(5),
+        || async {
+            mesh.addresses("pricing")
+                .ok()
+                .filter(|a| !a.contains(&address))
+                .map(|_| ())
+        },
+    )
+    .await?;
+    assert!(
+        proc.try_wait()?.is_none(),
+        "the process exited before its key left etcd"
+    );
+    let status = proc.wait_exit(Duration::from_secs(15)).await?;
+    assert_eq!(status.code(), Some(0), "{}", proc.log_text());
+    let log = proc.log_text();
+    let deregistered = log.find("deregistered").unwrap_or(usize::MAX);
+    let stopped = log.find("stopped").unwrap_or(0);
+    assert!(deregistered < stopped, "{log}");
+
+    // The mesh still quotes through the remaining instance.
+    call(
+        &mesh.gateways[0],
+        &format!("{QUOTE}/CreateQuote"),
+        &basket(),
+    )?
+    .ok()?;
+    mesh.instances.clear();
+    Ok(())
+}
+
+/// A gRPC call with a raw body, for requests that are not valid messages at all.
+mod raw {
+    use bytes::{Buf, BufMut, Bytes};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    #[derive(Default)]
+    struct RawCodec;
+    struct RawEncoder;
+    struct RawDecoder;
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawDecoder {
+        type Item = Bytes;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining())))
+        }
+    }
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Bytes;
+        type Encoder = RawEncoder;
+        type Decoder = RawDecoder;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> RawDecoder {
+            RawDecoder
+        }
+    }
+
+    /// Sends `body` as the message of `path` on `address` and returns the status.
+    pub async fn call(address: &str, path: &'static str, body: Vec<u8>) -> tonic::Status {
+        let channel = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+            Ok(e) => match e.connect().await {
+                Ok(c) => c,
+                Err(e) => return tonic::Status::unknown(format!("connect: {e}")),
+            },
+            Err(e) => return tonic::Status::unknown(format!("endpoint: {e}")),
+        };
+        let mut grpc = tonic::client::Grpc::new(channel);
+        if let Err(e) = grpc.ready().await {
+            return tonic::Status::unknown(format!("ready: {e}"));
+        }
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+        match grpc.unary(tonic::Request::new(body), path, RawCodec).await {
+            Ok(_) => tonic::Status::ok("accepted"),
+            Err(s) => s,
+        }
+    }
+}

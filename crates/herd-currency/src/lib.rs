@@ -32,7 +32,10 @@ impl Currency {
 
 #[tonic::async_trait]
 impl CurrencyService for Currency {
-    async fn convert(&self, request: Request<ConvertRequest>) -> Result<Response<ConvertResponse>, Status> {
+    async fn convert(
+        &self,
+        request: Request<ConvertRequest>,
+    ) -> Result<Response<ConvertResponse>, Status> {
         Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT).remaining()?;
         let req = request.into_inner();
         let ctx = herd::context::require(req.context.as_ref())?;
@@ -53,8 +56,9 @@ impl CurrencyService for Currency {
                         config.fx.base, m.currency_code
                     )));
                 }
-                let minor_units = convert(m.minor_units, rate)
-                    .ok_or_else(|| Status::invalid_argument(format!("amounts[{i}]: amount too large to convert")))?;
+                let minor_units = convert(m.minor_units, rate).ok_or_else(|| {
+                    Status::invalid_argument(format!("amounts[{i}]: amount too large to convert"))
+                })?;
                 Ok(Money {
                     currency_code: req.target_currency.clone(),
                     minor_units,

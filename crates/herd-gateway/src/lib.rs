@@ -10,7 +10,9 @@ use herd_proto::context::RequestContext;
 use herd_proto::pricing::PriceItemsRequest;
 use herd_proto::pricing::pricing_service_client::PricingServiceClient;
 use herd_proto::quote::quote_service_server::{QuoteService, QuoteServiceServer};
-use herd_proto::quote::{CreateQuoteRequest, CreateQuoteResponse, Quote, VerifyQuoteRequest, VerifyQuoteResponse};
+use herd_proto::quote::{
+    CreateQuoteRequest, CreateQuoteResponse, Quote, VerifyQuoteRequest, VerifyQuoteResponse,
+};
 use herd_proto::types::Money;
 use tonic::{Code, Request, Response, Status};
 
@@ -59,14 +61,19 @@ impl Gateway {
 }
 
 fn now() -> prost_types::Timestamp {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     prost_types::Timestamp {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
     }
 }
 
-fn sum(currency: &str, amounts: impl Iterator<Item = Option<i64>>) -> Result<Option<Money>, Status> {
+fn sum(
+    currency: &str,
+    amounts: impl Iterator<Item = Option<i64>>,
+) -> Result<Option<Money>, Status> {
     let mut total: i64 = 0;
     for a in amounts {
         let a = a.ok_or_else(|| Status::internal("pricing: a line is missing an amount"))?;
@@ -82,7 +89,10 @@ fn sum(currency: &str, amounts: impl Iterator<Item = Option<i64>>) -> Result<Opt
 
 #[tonic::async_trait]
 impl QuoteService for Gateway {
-    async fn create_quote(&self, request: Request<CreateQuoteRequest>) -> Result<Response<CreateQuoteResponse>, Status> {
+    async fn create_quote(
+        &self,
+        request: Request<CreateQuoteRequest>,
+    ) -> Result<Response<CreateQuoteResponse>, Status> {
         let deadline = Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT);
         deadline.remaining()?;
         let req = request.into_inner();
@@ -105,7 +115,11 @@ impl QuoteService for Gateway {
         })
         .await
         .map_err(|s| match s.code() {
-            Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::DeadlineExceeded | Code::Unavailable => s,
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::DeadlineExceeded
+            | Code::Unavailable => s,
             code => Status::new(code, format!("pricing: {}", s.message())),
         })?
         .lines;
@@ -123,7 +137,9 @@ impl QuoteService for Gateway {
             currency: req.currency.clone(),
             config_revision: ctx.config_revision,
             expires_at: Some(prost_types::Timestamp {
-                seconds: accepted.seconds.saturating_add(i64::from(config.quote.ttl_seconds)),
+                seconds: accepted
+                    .seconds
+                    .saturating_add(i64::from(config.quote.ttl_seconds)),
                 nanos: accepted.nanos,
             }),
         };
@@ -136,7 +152,10 @@ impl QuoteService for Gateway {
         }))
     }
 
-    async fn verify_quote(&self, request: Request<VerifyQuoteRequest>) -> Result<Response<VerifyQuoteResponse>, Status> {
+    async fn verify_quote(
+        &self,
+        request: Request<VerifyQuoteRequest>,
+    ) -> Result<Response<VerifyQuoteResponse>, Status> {
         Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT).remaining()?;
         let req = request.into_inner();
         let ctx = self.complete(req.context.as_ref())?;

@@ -36,12 +36,21 @@ pub fn sections(secret: &[u8; 32]) -> Vec<(&'static str, String)> {
 }}"#
             .to_string(),
         ),
-        ("fx", r#"{"base":"USD","rates":{"EUR":"0.92","GBP":"0.79","CHF":"0.885"}}"#.to_string()),
+        (
+            "fx",
+            r#"{"base":"USD","rates":{"EUR":"0.92","GBP":"0.79","CHF":"0.885"}}"#.to_string(),
+        ),
         ("quote", r#"{"ttl_seconds":300}"#.to_string()),
-        ("limits", r#"{"max_items":100,"max_quantity":10000}"#.to_string()),
+        (
+            "limits",
+            r#"{"max_items":100,"max_quantity":10000}"#.to_string(),
+        ),
         (
             "keys",
-            format!(r#"{{"keys":[{{"id":"k1","secret":"{}","active":true}}]}}"#, BASE64.encode(secret)),
+            format!(
+                r#"{{"keys":[{{"id":"k1","secret":"{}","active":true}}]}}"#,
+                BASE64.encode(secret)
+            ),
         ),
     ]
 }

@@ -41,13 +41,22 @@ pub fn line_amounts(price_minor: i64, quantity: i32, percent_off: u32) -> Option
 
 /// Tax on `net` at `rate_bps` basis points, rounded half-even.
 pub fn tax_of(net: i64, rate_bps: u32) -> Option<i64> {
-    i64::try_from(round_half_even(i128::from(net) * i128::from(rate_bps), 10_000)).ok()
+    i64::try_from(round_half_even(
+        i128::from(net) * i128::from(rate_bps),
+        10_000,
+    ))
+    .ok()
 }
 
 /// `amount` (minor units of the base) at `rate`, rounded half-even to whole minor units.
 pub fn convert(amount: i64, rate: Decimal) -> Option<i64> {
     let exact = Decimal::from(amount).checked_mul(rate)?;
-    i64::try_from(exact.round_dp_with_strategy(0, RoundingStrategy::MidpointNearestEven).mantissa()).ok()
+    i64::try_from(
+        exact
+            .round_dp_with_strategy(0, RoundingStrategy::MidpointNearestEven)
+            .mantissa(),
+    )
+    .ok()
 }
 
 /// The promotion that applies to a line: a matching SKU rule beats any category rule; among equals
@@ -105,7 +114,10 @@ mod tests {
         let rate = Decimal::from_str("0.5").expect("decimal");
         assert_eq!(convert(5, rate), Some(2)); // 2.5 → 2
         assert_eq!(convert(7, rate), Some(4)); // 3.5 → 4
-        assert_eq!(convert(1999, Decimal::from_str("0.92").expect("decimal")), Some(1839)); // 1839.08
+        assert_eq!(
+            convert(1999, Decimal::from_str("0.92").expect("decimal")),
+            Some(1839)
+        ); // 1839.08
         assert_eq!(convert(i64::MAX, Decimal::from(1000)), None);
     }
 
@@ -121,9 +133,18 @@ mod tests {
             ]}"#,
         )
         .expect("json");
-        assert_eq!(best_promotion(&p, "apple", "food", 1).map(|r| r.id.as_str()), Some("sku10a"));
-        assert_eq!(best_promotion(&p, "apple", "food", 100).map(|r| r.id.as_str()), Some("bulk"));
-        assert_eq!(best_promotion(&p, "pear", "food", 1).map(|r| r.id.as_str()), Some("cat20"));
+        assert_eq!(
+            best_promotion(&p, "apple", "food", 1).map(|r| r.id.as_str()),
+            Some("sku10a")
+        );
+        assert_eq!(
+            best_promotion(&p, "apple", "food", 100).map(|r| r.id.as_str()),
+            Some("bulk")
+        );
+        assert_eq!(
+            best_promotion(&p, "pear", "food", 1).map(|r| r.id.as_str()),
+            Some("cat20")
+        );
         assert_eq!(best_promotion(&p, "pear", "tools", 1), None);
     }
 }

@@ -10,7 +10,9 @@ use crate::sections::MeshConfig;
 pub fn check_items(items: &[LineItem], config: &MeshConfig) -> Result<(), Status> {
     let limits = &config.limits;
     if items.is_empty() {
-        return Err(Status::invalid_argument("items: at least one item is required"));
+        return Err(Status::invalid_argument(
+            "items: at least one item is required",
+        ));
     }
     if items.len() > limits.max_items as usize {
         return Err(Status::invalid_argument(format!(
@@ -21,7 +23,9 @@ pub fn check_items(items: &[LineItem], config: &MeshConfig) -> Result<(), Status
     }
     for (i, item) in items.iter().enumerate() {
         if item.sku.trim().is_empty() {
-            return Err(Status::invalid_argument(format!("items[{i}].sku: required")));
+            return Err(Status::invalid_argument(format!(
+                "items[{i}].sku: required"
+            )));
         }
         if item.quantity < 1 {
             return Err(Status::invalid_argument(format!(
@@ -45,7 +49,9 @@ pub fn check_currency(field: &str, currency: &str, config: &MeshConfig) -> Resul
         return Err(Status::invalid_argument(format!("{field}: required")));
     }
     if config.rate(currency).is_none() {
-        return Err(Status::invalid_argument(format!("{field}: unsupported currency {currency:?}")));
+        return Err(Status::invalid_argument(format!(
+            "{field}: unsupported currency {currency:?}"
+        )));
     }
     Ok(())
 }
@@ -56,7 +62,9 @@ pub fn check_region(region: &str, config: &MeshConfig) -> Result<(), Status> {
         return Err(Status::invalid_argument("region: required"));
     }
     if !config.tax.regions.contains_key(region) {
-        return Err(Status::invalid_argument(format!("region: unknown tax region {region:?}")));
+        return Err(Status::invalid_argument(format!(
+            "region: unknown tax region {region:?}"
+        )));
     }
     Ok(())
 }

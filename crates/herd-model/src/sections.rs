@@ -19,7 +19,15 @@ pub trait Section: DeserializeOwned + Serialize {
 }
 
 /// Every section name, in the order herdctl shows them.
-pub const SECTION_NAMES: &[&str] = &["catalog", "promotions", "tax", "fx", "quote", "limits", "keys"];
+pub const SECTION_NAMES: &[&str] = &[
+    "catalog",
+    "promotions",
+    "tax",
+    "fx",
+    "quote",
+    "limits",
+    "keys",
+];
 
 /// `/herd/config/catalog`: what can be sold, at what price, in the base currency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,7 +173,10 @@ impl Section for Catalog {
     const NAME: &'static str = "catalog";
     fn validate(&self) -> Result<(), String> {
         if !is_currency_code(&self.currency) {
-            return Err(format!("currency: {:?} is not an ISO 4217 code", self.currency));
+            return Err(format!(
+                "currency: {:?} is not an ISO 4217 code",
+                self.currency
+            ));
         }
         if self.items.is_empty() {
             return Err("items: at least one item is required".into());
@@ -175,7 +186,10 @@ impl Section for Catalog {
                 return Err("items: a SKU must not be empty".into());
             }
             if item.price_minor < 0 {
-                return Err(format!("items.{sku}.price_minor: must be at least 0, got {}", item.price_minor));
+                return Err(format!(
+                    "items.{sku}.price_minor: must be at least 0, got {}",
+                    item.price_minor
+                ));
             }
             if item.category.trim().is_empty() {
                 return Err(format!("items.{sku}.category: required"));
@@ -198,13 +212,23 @@ impl Section for Promotions {
             }
             match (&rule.sku, &rule.category) {
                 (Some(_), None) | (None, Some(_)) => {}
-                _ => return Err(format!("rules[{i}]: exactly one of sku and category is required")),
+                _ => {
+                    return Err(format!(
+                        "rules[{i}]: exactly one of sku and category is required"
+                    ));
+                }
             }
             if !(1..=100).contains(&rule.percent_off) {
-                return Err(format!("rules[{i}].percent_off: must be 1 to 100, got {}", rule.percent_off));
+                return Err(format!(
+                    "rules[{i}].percent_off: must be 1 to 100, got {}",
+                    rule.percent_off
+                ));
             }
             if rule.min_quantity < 1 {
-                return Err(format!("rules[{i}].min_quantity: must be at least 1, got {}", rule.min_quantity));
+                return Err(format!(
+                    "rules[{i}].min_quantity: must be at least 1, got {}",
+                    rule.min_quantity
+                ));
             }
         }
         Ok(())
@@ -219,7 +243,10 @@ impl Section for Tax {
                 return Err("regions: a region code must not be empty".into());
             }
             if region.rate_bps > 10_000 {
-                return Err(format!("regions.{code}.rate_bps: must be 0 to 10000, got {}", region.rate_bps));
+                return Err(format!(
+                    "regions.{code}.rate_bps: must be 0 to 10000, got {}",
+                    region.rate_bps
+                ));
             }
         }
         Ok(())
@@ -237,10 +264,14 @@ impl Section for Fx {
                 return Err(format!("rates: {code:?} is not an ISO 4217 code"));
             }
             if *rate <= Decimal::ZERO {
-                return Err(format!("rates.{code}: must be a positive decimal, got {rate}"));
+                return Err(format!(
+                    "rates.{code}: must be a positive decimal, got {rate}"
+                ));
             }
             if code == &self.base && *rate != Decimal::ONE {
-                return Err(format!("rates.{code}: the base currency's rate must be 1, got {rate}"));
+                return Err(format!(
+                    "rates.{code}: the base currency's rate must be 1, got {rate}"
+                ));
             }
         }
         Ok(())
@@ -251,7 +282,10 @@ impl Section for QuoteSettings {
     const NAME: &'static str = "quote";
     fn validate(&self) -> Result<(), String> {
         if !(1..=86_400).contains(&self.ttl_seconds) {
-            return Err(format!("ttl_seconds: must be 1 to 86400, got {}", self.ttl_seconds));
+            return Err(format!(
+                "ttl_seconds: must be 1 to 86400, got {}",
+                self.ttl_seconds
+            ));
         }
         Ok(())
     }
@@ -261,10 +295,16 @@ impl Section for Limits {
     const NAME: &'static str = "limits";
     fn validate(&self) -> Result<(), String> {
         if !(1..=10_000).contains(&self.max_items) {
-            return Err(format!("max_items: must be 1 to 10000, got {}", self.max_items));
+            return Err(format!(
+                "max_items: must be 1 to 10000, got {}",
+                self.max_items
+            ));
         }
         if !(1..=1_000_000).contains(&self.max_quantity) {
-            return Err(format!("max_quantity: must be 1 to 1000000, got {}", self.max_quantity));
+            return Err(format!(
+                "max_quantity: must be 1 to 1000000, got {}",
+                self.max_quantity
+            ));
         }
         Ok(())
     }
@@ -288,7 +328,10 @@ impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut ids: Vec<&String> = self.keys.keys().collect();
         ids.sort();
-        f.debug_struct("KeyRing").field("active", &self.active).field("ids", &ids).finish()
+        f.debug_struct("KeyRing")
+            .field("active", &self.active)
+            .field("ids", &ids)
+            .finish()
     }
 }
 
@@ -298,17 +341,28 @@ impl KeyRing {
         let mut keys = HashMap::new();
         let mut active = Vec::new();
         for (i, entry) in section.keys.iter().enumerate() {
-            if entry.id.is_empty() || !entry.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                return Err(format!("keys[{i}].id: must be non-empty letters, digits, '-' or '_', got {:?}", entry.id));
+            if entry.id.is_empty()
+                || !entry
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(format!(
+                    "keys[{i}].id: must be non-empty letters, digits, '-' or '_', got {:?}",
+                    entry.id
+                ));
             }
             let bytes = BASE64
                 .decode(entry.secret.trim())
                 .map_err(|e| format!("keys[{i}].secret: not base64 ({e})"))?;
-            let secret: [u8; 32] = bytes
-                .try_into()
-                .map_err(|b: Vec<u8>| format!("keys[{i}].secret: must be 32 bytes, got {}", b.len()))?;
+            let secret: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+                format!("keys[{i}].secret: must be 32 bytes, got {}", b.len())
+            })?;
             if keys
-                .insert(entry.id.clone(), ed25519_dalek::SigningKey::from_bytes(&secret))
+                .insert(
+                    entry.id.clone(),
+                    ed25519_dalek::SigningKey::from_bytes(&secret),
+                )
                 .is_some()
             {
                 return Err(format!("keys[{i}].id: duplicate id {:?}", entry.id));
@@ -323,7 +377,11 @@ impl KeyRing {
                 keys,
             }),
             [] => Err("keys: exactly one key must be active, none is".into()),
-            many => Err(format!("keys: exactly one key must be active, {} are ({})", many.len(), many.join(", "))),
+            many => Err(format!(
+                "keys: exactly one key must be active, {} are ({})",
+                many.len(),
+                many.join(", ")
+            )),
         }
     }
 
@@ -359,8 +417,11 @@ pub struct MeshConfig {
 
 /// Parses and validates one section's JSON.
 pub fn parse_section<S: Section>(raw: &[u8]) -> Result<S, ConfigError> {
-    let section: S = serde_json::from_slice(raw).map_err(|e| ConfigError::new(S::NAME, format!("invalid JSON: {e}")))?;
-    section.validate().map_err(|m| ConfigError::new(S::NAME, m))?;
+    let section: S = serde_json::from_slice(raw)
+        .map_err(|e| ConfigError::new(S::NAME, format!("invalid JSON: {e}")))?;
+    section
+        .validate()
+        .map_err(|m| ConfigError::new(S::NAME, m))?;
     Ok(section)
 }
 
@@ -380,7 +441,10 @@ fn optional<S: Section + Default>(sections: &BTreeMap<String, Vec<u8>>) -> Resul
 
 impl ConfigModel for MeshConfig {
     fn from_sections(sections: &BTreeMap<String, Vec<u8>>) -> Result<Self, ConfigError> {
-        if let Some(unknown) = sections.keys().find(|k| !SECTION_NAMES.contains(&k.as_str())) {
+        if let Some(unknown) = sections
+            .keys()
+            .find(|k| !SECTION_NAMES.contains(&k.as_str()))
+        {
             return Err(ConfigError::new(unknown.as_str(), "unknown section"));
         }
         let catalog: Catalog = required(sections)?;
@@ -388,7 +452,10 @@ impl ConfigModel for MeshConfig {
         if fx.base != catalog.currency {
             return Err(ConfigError::new(
                 "fx",
-                format!("base: must equal the catalog currency {}, got {}", catalog.currency, fx.base),
+                format!(
+                    "base: must equal the catalog currency {}, got {}",
+                    catalog.currency, fx.base
+                ),
             ));
         }
         let keys: Keys = required(sections)?;
@@ -426,7 +493,10 @@ pub fn validate_section(name: &str, raw: &[u8]) -> Result<(), ConfigError> {
         "quote" => parse_section::<QuoteSettings>(raw).map(|_| ()),
         "limits" => parse_section::<Limits>(raw).map(|_| ()),
         "keys" => parse_section::<Keys>(raw).map(|_| ()),
-        other => Err(ConfigError::new(other, format!("unknown section; known: {}", SECTION_NAMES.join(", ")))),
+        other => Err(ConfigError::new(
+            other,
+            format!("unknown section; known: {}", SECTION_NAMES.join(", ")),
+        )),
     }
 }
 
@@ -436,7 +506,10 @@ mod tests {
     use crate::demo;
 
     fn demo_sections() -> BTreeMap<String, Vec<u8>> {
-        demo::sections(&[7u8; 32]).into_iter().map(|(k, v)| (k.to_string(), v.into_bytes())).collect()
+        demo::sections(&[7u8; 32])
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into_bytes()))
+            .collect()
     }
 
     #[test]
@@ -448,7 +521,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_errors() {
-        let err = parse_section::<Limits>(br#"{"max_items":5,"max_quantity":5,"extra":1}"#).unwrap_err();
+        let err =
+            parse_section::<Limits>(br#"{"max_items":5,"max_quantity":5,"extra":1}"#).unwrap_err();
         assert_eq!(err.section, "limits");
         assert!(err.message.contains("extra"), "{err}");
     }
@@ -457,7 +531,9 @@ mod tests {
     fn rules_name_the_field() {
         let err = parse_section::<Tax>(br#"{"regions":{"X":{"rate_bps":10001}}}"#).unwrap_err();
         assert!(err.message.contains("regions.X.rate_bps"), "{err}");
-        let err = parse_section::<Promotions>(br#"{"rules":[{"id":"a","sku":"s","percent_off":0}]}"#).unwrap_err();
+        let err =
+            parse_section::<Promotions>(br#"{"rules":[{"id":"a","sku":"s","percent_off":0}]}"#)
+                .unwrap_err();
         assert!(err.message.contains("percent_off"), "{err}");
         let err = parse_section::<Promotions>(
             br#"{"rules":[{"id":"a","sku":"s","percent_off":5},{"id":"a","category":"c","percent_off":5}]}"#,
@@ -466,15 +542,20 @@ mod tests {
         assert!(err.message.contains("duplicate"), "{err}");
         let err = parse_section::<Fx>(br#"{"base":"USD","rates":{"EUR":"-1"}}"#).unwrap_err();
         assert!(err.message.contains("rates.EUR"), "{err}");
-        let err = parse_section::<Catalog>(br#"{"currency":"USD","items":{"a":{"name":"A","price_minor":-1,"category":"c"}}}"#)
-            .unwrap_err();
+        let err = parse_section::<Catalog>(
+            br#"{"currency":"USD","items":{"a":{"name":"A","price_minor":-1,"category":"c"}}}"#,
+        )
+        .unwrap_err();
         assert!(err.message.contains("price_minor"), "{err}");
     }
 
     #[test]
     fn fx_base_must_be_catalog_currency() {
         let mut sections = demo_sections();
-        sections.insert("fx".into(), br#"{"base":"EUR","rates":{"USD":"1.1"}}"#.to_vec());
+        sections.insert(
+            "fx".into(),
+            br#"{"base":"EUR","rates":{"USD":"1.1"}}"#.to_vec(),
+        );
         let err = MeshConfig::from_sections(&sections).unwrap_err();
         assert_eq!(err.section, "fx");
     }
@@ -485,8 +566,16 @@ mod tests {
             r#"{{"keys":[{{"id":"a","secret":"{s}","active":true}},{{"id":"b","secret":"{s}","active":true}}]}}"#,
             s = BASE64.encode([1u8; 32])
         );
-        assert!(parse_section::<Keys>(two.as_bytes()).unwrap_err().message.contains("exactly one"));
-        let none = format!(r#"{{"keys":[{{"id":"a","secret":"{}"}}]}}"#, BASE64.encode([1u8; 32]));
+        assert!(
+            parse_section::<Keys>(two.as_bytes())
+                .unwrap_err()
+                .message
+                .contains("exactly one")
+        );
+        let none = format!(
+            r#"{{"keys":[{{"id":"a","secret":"{}"}}]}}"#,
+            BASE64.encode([1u8; 32])
+        );
         assert!(parse_section::<Keys>(none.as_bytes()).is_err());
     }
 }

@@ -64,16 +64,23 @@ pub fn sign(quote: &Quote, keys: &KeyRing) -> String {
         .get(key_id)
         .map(|k| k.sign(&signed_bytes(key_id, &payload)).to_bytes())
         .unwrap_or([0; 64]);
-    format!("{}.{key_id}.{}", B64.encode(&payload), B64.encode(signature))
+    format!(
+        "{}.{key_id}.{}",
+        B64.encode(&payload),
+        B64.encode(signature)
+    )
 }
 
 /// Verifies `token` and returns its quote if the signature holds and it has not expired at
 /// `now_unix` seconds.
 pub fn verify(token: &str, keys: &KeyRing, now_unix: i64) -> Result<Quote, TokenError> {
     let mut parts = token.trim().split('.');
-    let (Some(payload), Some(key_id), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(payload), Some(key_id), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(TokenError::Malformed("expected three dot-separated parts".into()));
+        return Err(TokenError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
     };
     let payload = B64
         .decode(payload)
@@ -82,11 +89,14 @@ pub fn verify(token: &str, keys: &KeyRing, now_unix: i64) -> Result<Quote, Token
         .decode(signature)
         .map_err(|e| TokenError::Malformed(format!("signature is not base64url: {e}")))?;
     let signature = Signature::from_slice(&signature).map_err(|_| TokenError::BadSignature)?;
-    let key = keys.get(key_id).ok_or_else(|| TokenError::UnknownKey(key_id.to_string()))?;
+    let key = keys
+        .get(key_id)
+        .ok_or_else(|| TokenError::UnknownKey(key_id.to_string()))?;
     key.verifying_key()
         .verify(&signed_bytes(key_id, &payload), &signature)
         .map_err(|_| TokenError::BadSignature)?;
-    let quote = Quote::decode(payload.as_slice()).map_err(|e| TokenError::Malformed(format!("payload: {e}")))?;
+    let quote = Quote::decode(payload.as_slice())
+        .map_err(|e| TokenError::Malformed(format!("payload: {e}")))?;
     let expires = quote.expires_at.as_ref().map(|t| t.seconds).unwrap_or(0);
     if now_unix >= expires {
         return Err(TokenError::Expired {
@@ -122,7 +132,10 @@ mod tests {
         Quote {
             quote_id: "q-1".into(),
             tenant_id: "acme".into(),
-            expires_at: Some(prost_types::Timestamp { seconds: 1000, nanos: 0 }),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 1000,
+                nanos: 0,
+            }),
             ..Default::default()
         }
     }
@@ -139,9 +152,15 @@ mod tests {
     fn refusals_say_why() {
         let keys = ring("k1", &["k1"]);
         let t = sign(&quote(), &keys);
-        assert!(matches!(verify(&t, &keys, 1000), Err(TokenError::Expired { .. })));
+        assert!(matches!(
+            verify(&t, &keys, 1000),
+            Err(TokenError::Expired { .. })
+        ));
         let other = ring("k2", &["k2"]);
-        assert_eq!(verify(&t, &other, 0), Err(TokenError::UnknownKey("k1".into())));
+        assert_eq!(
+            verify(&t, &other, 0),
+            Err(TokenError::UnknownKey("k1".into()))
+        );
         // Flip one character of the payload.
         let mut altered: Vec<char> = t.chars().collect();
         altered[3] = if altered[3] == 'A' { 'B' } else { 'A' };
@@ -150,7 +169,10 @@ mod tests {
             verify(&altered, &keys, 0),
             Err(TokenError::BadSignature | TokenError::Malformed(_))
         ));
-        assert!(matches!(verify("nope", &keys, 0), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            verify("nope", &keys, 0),
+            Err(TokenError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -53,14 +53,21 @@ struct Priced {
 /// A downstream failure as this service's caller should see it.
 fn downstream(service: &str, status: Status) -> Status {
     match status.code() {
-        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::DeadlineExceeded | Code::Unavailable => status,
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::DeadlineExceeded
+        | Code::Unavailable => status,
         code => Status::new(code, format!("{service}: {}", status.message())),
     }
 }
 
 #[tonic::async_trait]
 impl PricingService for Pricing {
-    async fn price_items(&self, request: Request<PriceItemsRequest>) -> Result<Response<PriceItemsResponse>, Status> {
+    async fn price_items(
+        &self,
+        request: Request<PriceItemsRequest>,
+    ) -> Result<Response<PriceItemsResponse>, Status> {
         let deadline = Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT);
         deadline.remaining()?;
         let req = request.into_inner();
@@ -75,14 +82,23 @@ impl PricingService for Pricing {
         let mut priced = Vec::with_capacity(req.items.len());
         let mut taxable = Vec::with_capacity(req.items.len());
         for (i, item) in req.items.iter().enumerate() {
-            let entry = config
-                .catalog
-                .items
-                .get(&item.sku)
-                .ok_or_else(|| Status::not_found(format!("items[{i}].sku: unknown SKU {:?}", item.sku)))?;
-            let promotion = best_promotion(&config.promotions, &item.sku, &entry.category, item.quantity);
-            let amounts = line_amounts(entry.price_minor, item.quantity, promotion.map_or(0, |p| p.percent_off))
-                .ok_or_else(|| Status::invalid_argument(format!("items[{i}].quantity: line amount too large")))?;
+            let entry = config.catalog.items.get(&item.sku).ok_or_else(|| {
+                Status::not_found(format!("items[{i}].sku: unknown SKU {:?}", item.sku))
+            })?;
+            let promotion = best_promotion(
+                &config.promotions,
+                &item.sku,
+                &entry.category,
+                item.quantity,
+            );
+            let amounts = line_amounts(
+                entry.price_minor,
+                item.quantity,
+                promotion.map_or(0, |p| p.percent_off),
+            )
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("items[{i}].quantity: line amount too large"))
+            })?;
             taxable.push(TaxableLine {
                 sku: item.sku.clone(),
                 category: entry.category.clone(),
@@ -112,7 +128,9 @@ impl PricingService for Pricing {
         .map_err(|s| downstream("tax", s))?
         .taxes;
         if taxes.len() != priced.len() {
-            return Err(Status::internal("tax: answered a different number of lines"));
+            return Err(Status::internal(
+                "tax: answered a different number of lines",
+            ));
         }
 
         // unit price, gross, discount and tax of every line, converted in one call.
@@ -123,7 +141,14 @@ impl PricingService for Pricing {
         let amounts = priced
             .iter()
             .zip(&taxes)
-            .flat_map(|(p, t)| [money(p.unit), money(p.gross), money(p.discount), money(t.minor_units)])
+            .flat_map(|(p, t)| {
+                [
+                    money(p.unit),
+                    money(p.gross),
+                    money(p.discount),
+                    money(t.minor_units),
+                ]
+            })
             .collect();
         let convert_request = ConvertRequest {
             context: req.context.clone(),
@@ -138,7 +163,9 @@ impl PricingService for Pricing {
         .map_err(|s| downstream("currency", s))?
         .amounts;
         if converted.len() != priced.len() * 4 {
-            return Err(Status::internal("currency: answered a different number of amounts"));
+            return Err(Status::internal(
+                "currency: answered a different number of amounts",
+            ));
         }
 
         let lines = req
@@ -147,7 +174,12 @@ impl PricingService for Pricing {
             .zip(priced)
             .zip(converted.chunks_exact(4))
             .map(|((item, p), c)| {
-                let (unit, gross, discount, tax) = (c[0].minor_units, c[1].minor_units, c[2].minor_units, c[3].minor_units);
+                let (unit, gross, discount, tax) = (
+                    c[0].minor_units,
+                    c[1].minor_units,
+                    c[2].minor_units,
+                    c[3].minor_units,
+                );
                 let net = gross - discount;
                 let money = |minor_units| {
                     Some(Money {

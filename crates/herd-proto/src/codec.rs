@@ -53,7 +53,10 @@ impl<U: prost::Message + Default> Decoder for HerdDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.inner.decode(buf).map_err(|status| {
-            let name = std::any::type_name::<U>().rsplit("::").next().unwrap_or("message");
+            let name = std::any::type_name::<U>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message");
             Status::invalid_argument(format!(
                 "request body is not a valid {name} message: {}",
                 status.message()

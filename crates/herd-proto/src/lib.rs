@@ -15,7 +15,8 @@ pub mod pb {
 }
 
 /// The encoded `FileDescriptorSet` of every herd contract, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/herd_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/herd_descriptor.bin"));
 
 pub use pb::herd::context::v1 as context;
 pub use pb::herd::currency::v1 as currency;

@@ -31,7 +31,10 @@ impl Tax {
 
 #[tonic::async_trait]
 impl TaxService for Tax {
-    async fn compute_tax(&self, request: Request<ComputeTaxRequest>) -> Result<Response<ComputeTaxResponse>, Status> {
+    async fn compute_tax(
+        &self,
+        request: Request<ComputeTaxRequest>,
+    ) -> Result<Response<ComputeTaxResponse>, Status> {
         Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT).remaining()?;
         let req = request.into_inner();
         let ctx = herd::context::require(req.context.as_ref())?;
@@ -40,38 +43,36 @@ impl TaxService for Tax {
         if req.region.is_empty() {
             return Err(Status::invalid_argument("region: required"));
         }
-        let region = config
-            .tax
-            .regions
-            .get(&req.region)
-            .ok_or_else(|| Status::invalid_argument(format!("region: unknown tax region {:?}", req.region)))?;
-        let taxes = req
-            .lines
-            .iter()
-            .enumerate()
-            .map(|(i, line)| {
-                let net = line
-                    .net
-                    .as_ref()
-                    .ok_or_else(|| Status::invalid_argument(format!("lines[{i}].net: required")))?;
-                if net.currency_code != config.catalog.currency {
-                    return Err(Status::invalid_argument(format!(
-                        "lines[{i}].net.currency_code: must be {}, got {:?}",
-                        config.catalog.currency, net.currency_code
-                    )));
-                }
-                let minor_units = if region.exempt_categories.contains(&line.category) {
-                    0
-                } else {
-                    tax_of(net.minor_units, region.rate_bps)
-                        .ok_or_else(|| Status::invalid_argument(format!("lines[{i}].net: amount too large")))?
-                };
-                Ok(Money {
-                    currency_code: net.currency_code.clone(),
-                    minor_units,
+        let region = config.tax.regions.get(&req.region).ok_or_else(|| {
+            Status::invalid_argument(format!("region: unknown tax region {:?}", req.region))
+        })?;
+        let taxes =
+            req.lines
+                .iter()
+                .enumerate()
+                .map(|(i, line)| {
+                    let net = line.net.as_ref().ok_or_else(|| {
+                        Status::invalid_argument(format!("lines[{i}].net: required"))
+                    })?;
+                    if net.currency_code != config.catalog.currency {
+                        return Err(Status::invalid_argument(format!(
+                            "lines[{i}].net.currency_code: must be {}, got {:?}",
+                            config.catalog.currency, net.currency_code
+                        )));
+                    }
+                    let minor_units = if region.exempt_categories.contains(&line.category) {
+                        0
+                    } else {
+                        tax_of(net.minor_units, region.rate_bps).ok_or_else(|| {
+                            Status::invalid_argument(format!("lines[{i}].net: amount too large"))
+                        })?
+                    };
+                    Ok(Money {
+                        currency_code: net.currency_code.clone(),
+                        minor_units,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
+                .collect::<Result<Vec<_>, Status>>()?;
         Ok(Response::new(ComputeTaxResponse {
             taxes,
             rate_bps: region.rate_bps,

@@ -50,7 +50,9 @@ pub struct MeshChannel {
 
 impl std::fmt::Debug for MeshChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshChannel").field("service", &self.service).finish()
+        f.debug_struct("MeshChannel")
+            .field("service", &self.service)
+            .finish()
     }
 }
 
@@ -63,7 +65,12 @@ impl MeshChannel {
             current: HashMap::new(),
             pending: VecDeque::new(),
         };
-        let loaded = PeakEwmaDiscover::new(discover, DEFAULT_RTT, EWMA_DECAY, CompleteOnResponse::default());
+        let loaded = PeakEwmaDiscover::new(
+            discover,
+            DEFAULT_RTT,
+            EWMA_DECAY,
+            CompleteOnResponse::default(),
+        );
         let balance: Balance<_, Request> = Balance::new(loaded);
         let inner = Buffer::new(BoxService::new(balance), BUFFER);
         Self {
@@ -90,7 +97,8 @@ impl Service<Request> for MeshChannel {
 
     fn call(&mut self, req: Request) -> Self::Future {
         if self.endpoints.borrow().is_empty() {
-            let status = tonic::Status::unavailable(format!("no live instance of {}", self.service));
+            let status =
+                tonic::Status::unavailable(format!("no live instance of {}", self.service));
             return Box::pin(async move { Err(Box::new(status) as BoxError) });
         }
         Box::pin(self.inner.call(req))
@@ -124,9 +132,12 @@ impl EndpointDiscover {
             match endpoint(&info.address) {
                 Ok(ep) => {
                     self.current.insert(id.clone(), info.address.clone());
-                    self.pending.push_back(Change::Insert(id.clone(), ep.connect_lazy()));
+                    self.pending
+                        .push_back(Change::Insert(id.clone(), ep.connect_lazy()));
                 }
-                Err(e) => tracing::warn!(instance = %id, address = %info.address, error = %e, "unusable endpoint address"),
+                Err(e) => {
+                    tracing::warn!(instance = %id, address = %info.address, error = %e, "unusable endpoint address")
+                }
             }
         }
     }

@@ -133,7 +133,11 @@ impl<M: ConfigModel> ConfigStore<M> {
 
     /// What is applied and what was last rejected.
     pub fn status(&self) -> ConfigStatus {
-        self.inner.status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.inner
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     /// The configuration to evaluate a request at. `revision` 0 means the current one; any other is
@@ -161,7 +165,11 @@ impl<M: ConfigModel> ConfigStore<M> {
 
     fn from_window(&self, revision: i64) -> Option<Arc<Snapshot<M>>> {
         let window = self.inner.window.lock().ok()?;
-        window.iter().rev().find(|s| s.revision == revision).cloned()
+        window
+            .iter()
+            .rev()
+            .find(|s| s.revision == revision)
+            .cloned()
     }
 
     fn remember(&self, snapshot: Arc<Snapshot<M>>) {
@@ -202,7 +210,10 @@ impl<M: ConfigModel> ConfigStore<M> {
         Ok(Snapshot { revision, model })
     }
 
-    fn sections_of<'a>(&self, kvs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> BTreeMap<String, Vec<u8>> {
+    fn sections_of<'a>(
+        &self,
+        kvs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> BTreeMap<String, Vec<u8>> {
         kvs.filter_map(|(k, v)| {
             let key = std::str::from_utf8(k).ok()?;
             let section = self.inner.keys.section_of(key)?;
@@ -216,7 +227,12 @@ impl<M> Inner<M> {
     fn apply(&self, revision: i64, result: Result<M, ConfigError>) {
         match result {
             Ok(model) => {
-                if self.current.load().as_ref().is_some_and(|c| c.revision == revision) {
+                if self
+                    .current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|c| c.revision == revision)
+                {
                     return;
                 }
                 let snapshot = Arc::new(Snapshot { revision, model });
@@ -250,7 +266,9 @@ impl<M> Inner<M> {
 
 async fn run<M: ConfigModel>(inner: std::sync::Weak<Inner<M>>) {
     loop {
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         let client = strong.client.clone();
         let keys = strong.keys.clone();
         drop(strong);
@@ -266,7 +284,10 @@ type Raw = BTreeMap<String, (Vec<u8>, i64)>;
 
 fn evaluate<M: ConfigModel>(raw: &Raw) -> (i64, Result<M, ConfigError>) {
     let revision = raw.values().map(|(_, rev)| *rev).max().unwrap_or(0);
-    let sections = raw.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+    let sections = raw
+        .iter()
+        .map(|(k, (v, _))| (k.clone(), v.clone()))
+        .collect();
     (revision, M::from_sections(&sections))
 }
 
@@ -282,8 +303,14 @@ async fn sync_and_watch<M: ConfigModel>(
     let header_revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut raw = Raw::new();
     for kv in resp.kvs() {
-        if let Some(section) = std::str::from_utf8(kv.key()).ok().and_then(|k| keys.section_of(k)) {
-            raw.insert(section.to_string(), (kv.value().to_vec(), kv.mod_revision()));
+        if let Some(section) = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|k| keys.section_of(k))
+        {
+            raw.insert(
+                section.to_string(),
+                (kv.value().to_vec(), kv.mod_revision()),
+            );
         }
     }
     let (revision, result) = evaluate::<M>(&raw);
@@ -295,12 +322,19 @@ async fn sync_and_watch<M: ConfigModel>(
     let mut stream = client
         .watch(
             prefix.as_str(),
-            Some(WatchOptions::new().with_prefix().with_start_revision(header_revision + 1)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(header_revision + 1),
+            ),
         )
         .await?;
     while let Some(resp) = stream.message().await? {
         if resp.canceled() || resp.compact_revision() > 0 {
-            anyhow::bail!("watch cancelled (compact revision {})", resp.compact_revision());
+            anyhow::bail!(
+                "watch cancelled (compact revision {})",
+                resp.compact_revision()
+            );
         }
         let mut changed = false;
         let mut newest = applied;
@@ -311,13 +345,19 @@ async fn sync_and_watch<M: ConfigModel>(
                 continue;
             }
             newest = newest.max(kv.mod_revision());
-            let Some(section) = std::str::from_utf8(kv.key()).ok().and_then(|k| keys.section_of(k)) else {
+            let Some(section) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| keys.section_of(k))
+            else {
                 continue;
             };
             changed = true;
             match event.event_type() {
                 EventType::Put => {
-                    raw.insert(section.to_string(), (kv.value().to_vec(), kv.mod_revision()));
+                    raw.insert(
+                        section.to_string(),
+                        (kv.value().to_vec(), kv.mod_revision()),
+                    );
                 }
                 EventType::Delete => {
                     raw.remove(section);
@@ -328,14 +368,17 @@ async fn sync_and_watch<M: ConfigModel>(
         if !changed {
             continue;
         }
-        let Some(i) = inner.upgrade() else { return Ok(()) };
+        let Some(i) = inner.upgrade() else {
+            return Ok(());
+        };
         let (revision, result) = evaluate::<M>(&raw);
         // A deleted section changes no remaining mod revision: name the write by its own revision.
-        let revision = if result.is_ok() && revision < newest && raw.values().all(|(_, r)| *r < newest) {
-            newest
-        } else {
-            revision
-        };
+        let revision =
+            if result.is_ok() && revision < newest && raw.values().all(|(_, r)| *r < newest) {
+                newest
+            } else {
+                revision
+            };
         match result {
             Ok(model) => i.apply(revision, Ok(model)),
             Err(e) => i.apply(newest, Err(e)),

@@ -40,7 +40,9 @@ impl Deadline {
     pub fn remaining(&self) -> Result<Duration, Status> {
         let left = self.0.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            Err(Status::deadline_exceeded("deadline exceeded before the work started"))
+            Err(Status::deadline_exceeded(
+                "deadline exceeded before the work started",
+            ))
         } else {
             Ok(left)
         }
@@ -91,7 +93,11 @@ where
         let status = match tokio::time::timeout(left, call(request)).await {
             Ok(Ok(response)) => return Ok(response.into_inner()),
             Ok(Err(status)) => status,
-            Err(_) => return Err(Status::deadline_exceeded("deadline exceeded waiting for a downstream answer")),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "deadline exceeded waiting for a downstream answer",
+                ));
+            }
         };
         if status.code() != Code::Unavailable || attempt >= MAX_ATTEMPTS {
             return Err(normalize(status));
@@ -130,7 +136,12 @@ mod tests {
     fn context_needs_a_tenant() {
         assert!(require(None).unwrap_err().message().contains("context"));
         let ctx = RequestContext::default();
-        assert!(require(Some(&ctx)).unwrap_err().message().contains("context.tenant_id"));
+        assert!(
+            require(Some(&ctx))
+                .unwrap_err()
+                .message()
+                .contains("context.tenant_id")
+        );
     }
 
     #[tokio::test]
@@ -158,7 +169,8 @@ mod tests {
     #[tokio::test]
     async fn expired_deadline_refuses_work() {
         let deadline = Deadline::after(Duration::ZERO);
-        let r: Result<(), Status> = call(deadline, &(), |_| async { Ok(tonic::Response::new(())) }).await;
+        let r: Result<(), Status> =
+            call(deadline, &(), |_| async { Ok(tonic::Response::new(())) }).await;
         assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
     }
 }

@@ -70,7 +70,11 @@ async fn run(client: Client, prefix: String, tx: watch::Sender<Endpoints>) {
 }
 
 /// One snapshot and the watch that follows it, until the watch can no longer be trusted.
-async fn sync_and_watch(mut client: Client, prefix: &str, tx: &watch::Sender<Endpoints>) -> anyhow::Result<()> {
+async fn sync_and_watch(
+    mut client: Client,
+    prefix: &str,
+    tx: &watch::Sender<Endpoints>,
+) -> anyhow::Result<()> {
     let resp = client
         .get(prefix, Some(GetOptions::new().with_prefix()))
         .await?;
@@ -108,7 +112,9 @@ async fn sync_and_watch(mut client: Client, prefix: &str, tx: &watch::Sender<End
             if kv.mod_revision() <= applied {
                 continue;
             }
-            let Some(id) = instance_id(prefix, kv.key()) else { continue };
+            let Some(id) = instance_id(prefix, kv.key()) else {
+                continue;
+            };
             match event.event_type() {
                 EventType::Put => {
                     if let Some(info) = parse(prefix, kv.key(), kv.value()) {
@@ -119,7 +125,13 @@ async fn sync_and_watch(mut client: Client, prefix: &str, tx: &watch::Sender<End
                 EventType::Delete => changed |= map.remove(id).is_some(),
             }
         }
-        if let Some(last) = resp.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max() {
+        if let Some(last) = resp
+            .events()
+            .iter()
+            .filter_map(|e| e.kv())
+            .map(|kv| kv.mod_revision())
+            .max()
+        {
             applied = applied.max(last);
         }
         if changed {
@@ -141,7 +153,10 @@ fn publish(tx: &watch::Sender<Endpoints>, map: &BTreeMap<String, InstanceInfo>) 
 }
 
 fn instance_id<'k>(prefix: &str, key: &'k [u8]) -> Option<&'k str> {
-    std::str::from_utf8(key).ok()?.strip_prefix(prefix).filter(|id| !id.is_empty() && !id.contains('/'))
+    std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(prefix)
+        .filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
 fn parse(prefix: &str, key: &[u8], value: &[u8]) -> Option<InstanceInfo> {

@@ -37,7 +37,8 @@ impl Keys {
 
     /// The section name of a configuration key, if it is one.
     pub fn section_of<'k>(&self, key: &'k str) -> Option<&'k str> {
-        key.strip_prefix(self.prefix.as_str())?.strip_prefix("config/")
+        key.strip_prefix(self.prefix.as_str())?
+            .strip_prefix("config/")
     }
 
     /// The prefix of every registration.

@@ -57,7 +57,13 @@ impl Registration {
         });
         let granted = register_once(&client, &state, ttl).await?;
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(maintain(client.clone(), state.clone(), ttl, granted, stop_rx));
+        let task = tokio::spawn(maintain(
+            client.clone(),
+            state.clone(),
+            ttl,
+            granted,
+            stop_rx,
+        ));
         Ok(Self {
             state,
             stop,
@@ -90,9 +96,15 @@ impl Registration {
             Ok(Ok(_)) => tracing::info!(key = %self.state.key, "deregistered"),
             Ok(Err(e)) => {
                 tracing::warn!(key = %self.state.key, error = %e, "revoking lease failed; deleting key");
-                let _ = tokio::time::timeout(CALL_TIMEOUT, client.delete(self.state.key.as_str(), None)).await;
+                let _ = tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    client.delete(self.state.key.as_str(), None),
+                )
+                .await;
             }
-            Err(_) => tracing::warn!(key = %self.state.key, "revoking lease timed out; key expires with its lease"),
+            Err(_) => {
+                tracing::warn!(key = %self.state.key, "revoking lease timed out; key expires with its lease")
+            }
         }
     }
 }
@@ -104,7 +116,11 @@ async fn register_once(client: &Client, state: &State, ttl: i64) -> anyhow::Resu
     let lease = grant.id();
     tokio::time::timeout(
         CALL_TIMEOUT,
-        client.put(state.key.as_str(), state.value.as_str(), Some(PutOptions::new().with_lease(lease))),
+        client.put(
+            state.key.as_str(),
+            state.value.as_str(),
+            Some(PutOptions::new().with_lease(lease)),
+        ),
     )
     .await??;
     state.lease.store(lease, Ordering::Release);
@@ -113,7 +129,13 @@ async fn register_once(client: &Client, state: &State, ttl: i64) -> anyhow::Resu
     Ok(grant.ttl().max(1))
 }
 
-async fn maintain(client: Client, state: Arc<State>, ttl: i64, mut granted: i64, mut stop: watch::Receiver<bool>) {
+async fn maintain(
+    client: Client,
+    state: Arc<State>,
+    ttl: i64,
+    mut granted: i64,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let lost = tokio::select! {
             _ = stop.changed() => return,

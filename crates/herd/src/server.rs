@@ -113,7 +113,8 @@ impl Mesh {
     pub fn config<M: ConfigModel>(&mut self) -> ConfigStore<M> {
         let store = ConfigStore::<M>::start(self.etcd.clone(), self.keys.clone());
         let waiter = store.clone();
-        self.ready.push(Box::pin(async move { waiter.ready().await }));
+        self.ready
+            .push(Box::pin(async move { waiter.ready().await }));
         store
     }
 
@@ -150,8 +151,10 @@ impl Mesh {
             b.register_encoded_file_descriptor_set(herd_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let reflection_v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
-        let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+        let reflection_v1 =
+            reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
+        let reflection_v1alpha =
+            reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
         let routes = services
             .routes
             .add_service(health_service)
@@ -186,7 +189,14 @@ impl Mesh {
             let key = self.keys.instance(&self.service, &self.instance_id);
             let mut backoff = Duration::from_millis(100);
             loop {
-                match Registration::start(self.etcd.clone(), key.clone(), &info, self.settings.lease_ttl).await {
+                match Registration::start(
+                    self.etcd.clone(),
+                    key.clone(),
+                    &info,
+                    self.settings.lease_ttl,
+                )
+                .await
+                {
                     Ok(r) => return r,
                     Err(e) => {
                         tracing::warn!(error = %e, "registering failed; retrying");
@@ -231,7 +241,9 @@ impl Mesh {
         match tokio::time::timeout(self.settings.drain_timeout(), &mut server).await {
             Ok(r) => r??,
             Err(_) => {
-                tracing::warn!("in-flight calls did not finish within the drain bound; stopping anyway");
+                tracing::warn!(
+                    "in-flight calls did not finish within the drain bound; stopping anyway"
+                );
                 server.abort();
             }
         }
@@ -240,7 +252,11 @@ impl Mesh {
     }
 }
 
-async fn set_all(health: &tonic_health::server::HealthReporter, names: &[&str], status: ServingStatus) {
+async fn set_all(
+    health: &tonic_health::server::HealthReporter,
+    names: &[&str],
+    status: ServingStatus,
+) {
     for name in names {
         health.set_service_status(*name, status).await;
     }
@@ -284,7 +300,10 @@ where
 {
     let settings = Settings::for_service(service, default_listen);
     crate::logging::init(&settings.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -292,7 +311,9 @@ where
         }
     };
     let result = runtime.block_on(async move {
-        let listener = TcpListener::bind(settings.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.listen))?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.listen))?;
         let mut mesh = Mesh::connect(settings, service).await?;
         let services = build(&mut mesh).await?;
         mesh.serve(listener, services, shutdown_signal()).await

