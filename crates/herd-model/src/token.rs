@@ -107,6 +107,22 @@ pub fn verify(token: &str, keys: &KeyRing, now_unix: i64) -> Result<Quote, Token
     Ok(quote)
 }
 
+/// The id of the quote made for a request: derived from the tenant, the request id and the time the
+/// request was accepted, so that a retry with the same context gets the same id.
+pub fn quote_id(tenant_id: &str, request_id: &str, accepted_at: &prost_types::Timestamp) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(tenant_id.as_bytes());
+    h.update([0]);
+    h.update(request_id.as_bytes());
+    h.update([0]);
+    h.update(accepted_at.seconds.to_be_bytes());
+    h.update(accepted_at.nanos.to_be_bytes());
+    let digest = h.finalize();
+    let hex: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
+    format!("q-{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,20 +199,4 @@ mod tests {
         assert!(verify(&t, &rotated, 0).is_ok());
         assert_eq!(rotated.active_id(), "k2");
     }
-}
-
-/// The id of the quote made for a request: derived from the tenant, the request id and the time the
-/// request was accepted, so that a retry with the same context gets the same id.
-pub fn quote_id(tenant_id: &str, request_id: &str, accepted_at: &prost_types::Timestamp) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(tenant_id.as_bytes());
-    h.update([0]);
-    h.update(request_id.as_bytes());
-    h.update([0]);
-    h.update(accepted_at.seconds.to_be_bytes());
-    h.update(accepted_at.nanos.to_be_bytes());
-    let digest = h.finalize();
-    let hex: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
-    format!("q-{hex}")
 }

@@ -7,6 +7,6 @@ fn main() -> ExitCode {
         let config = mesh.config();
         let pricing =
             herd_pricing::Pricing::new(config, mesh.channel("tax"), mesh.channel("currency"));
-        async move { Ok(herd::Services::new().add(pricing.into_server())) }
+        async move { Ok(herd::Services::new().with(pricing.into_server())) }
     })
 }

@@ -155,7 +155,7 @@ impl<M: ConfigModel> ConfigStore<M> {
                 "context.config_revision: must not be negative, got {revision}"
             )));
         }
-        if let Some(found) = self.from_window(revision) {
+        if let Some(found) = self.cached(revision) {
             return Ok(found);
         }
         let snapshot = Arc::new(self.load_revision(revision).await?);
@@ -163,7 +163,7 @@ impl<M: ConfigModel> ConfigStore<M> {
         Ok(snapshot)
     }
 
-    fn from_window(&self, revision: i64) -> Option<Arc<Snapshot<M>>> {
+    fn cached(&self, revision: i64) -> Option<Arc<Snapshot<M>>> {
         let window = self.inner.window.lock().ok()?;
         window
             .iter()

@@ -48,7 +48,7 @@ impl Services {
     }
 
     /// Adds a generated tonic server.
-    pub fn add<S>(mut self, svc: S) -> Self
+    pub fn with<S>(mut self, svc: S) -> Self
     where
         S: tower::Service<
                 http::Request<tonic::body::Body>,
