@@ -347,6 +347,24 @@ impl Mesh {
         for (section, json) in config {
             etcd.put(&format!("/herd/config/{section}"), json)?;
         }
+        Self::launch(etcd, per_service).await
+    }
+
+    /// Starts etcd, seeds the demo configuration with `herdctl config seed` (as `make run` does),
+    /// and starts the instances as [`Mesh::start`] does.
+    pub async fn start_seeded(per_service: usize) -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        let out = herdctl(&etcd, &["config", "seed"])?;
+        if !out.status.success() {
+            bail!(
+                "herdctl config seed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Self::launch(etcd, per_service).await
+    }
+
+    async fn launch(etcd: Etcd, per_service: usize) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut mesh = Self {
             etcd,
@@ -416,4 +434,12 @@ impl Mesh {
         }
         Ok(())
     }
+}
+
+/// Runs the real `herdctl` against `etcd`.
+pub fn herdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(Command::new(bin("herdctl")?)
+        .args(["--etcd", &etcd.endpoint])
+        .args(args)
+        .output()?)
 }

@@ -1,0 +1,148 @@
+//! README.md's examples run for real: its grpcurl and herdctl commands, against a mesh seeded the
+//! way `make run` seeds it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use herd_tests::{Mesh, bin_dir, eventually, herdctl};
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .unwrap_or_default()
+}
+
+/// The README lines that start with `cmd ` inside fenced blocks.
+fn commands(cmd: &str) -> Vec<String> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in readme().lines() {
+        if line.starts_with("```") {
+            inside = !inside;
+            continue;
+        }
+        if inside && line.starts_with(&format!("{cmd} ")) {
+            out.push(line.to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
+    let mesh = Mesh::start_seeded(1).await?;
+    // A second gateway stands in for 127.0.0.1:50052.
+    let port = herd_tests::free_port();
+    let second = herd_tests::start_instance("gateway", &mesh.etcd, port, mesh.dir.path(), &[])?;
+    let g2 = format!("127.0.0.1:{port}");
+    eventually(
+        "the second gateway to serve",
+        Duration::from_secs(20),
+        || async { (herd_tests::health(&g2, "").as_deref() == Some("SERVING")).then_some(()) },
+    )
+    .await?;
+
+    let lines = commands("grpcurl");
+    assert!(
+        lines.len() >= 5,
+        "README shows too few grpcurl examples: {lines:?}"
+    );
+    let mut token = String::new();
+    for line in lines {
+        let line = line
+            .replace("127.0.0.1:50051", &mesh.gateways[0])
+            .replace("127.0.0.1:50052", &g2);
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(&line)
+            .env("TOKEN", &token)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{line}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if line.contains("CreateQuote") {
+            let v: serde_json::Value = serde_json::from_str(&stdout)?;
+            token = v["token"].as_str().unwrap_or_default().to_string();
+            assert!(!token.is_empty(), "{stdout}");
+            assert_eq!(v["quote"]["lines"][0]["promotionId"], "hammer-3-for-15");
+        }
+        if line.contains("VerifyQuote") {
+            assert!(stdout.contains("quoteId"), "{stdout}");
+        }
+        if line.contains(" list") {
+            assert!(stdout.contains("herd.quote.v1.QuoteService"), "{stdout}");
+        }
+    }
+    drop(second);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> {
+    let mesh = Mesh::start_seeded(1).await?;
+    let dir = mesh.dir.path();
+    let limits = dir.join("limits.json");
+    std::fs::write(&limits, r#"{"max_items":7,"max_quantity":70}"#)?;
+    let lines = commands("herdctl");
+    assert!(lines.len() >= 4, "{lines:?}");
+    for line in lines {
+        let line = line
+            .replacen("herdctl", &bin_dir().join("herdctl").to_string_lossy(), 1)
+            .replace("http://127.0.0.1:2379", &mesh.etcd.endpoint);
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(&line)
+            .current_dir(dir)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{line}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if line.ends_with("instances") {
+            for service in ["gateway", "pricing", "tax", "currency"] {
+                assert!(stdout.contains(service), "{stdout}");
+            }
+        }
+    }
+    let got = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));
+
+    // Invalid files are refused with the reason, and nothing is written.
+    for (json, reason) in [
+        (r#"{"max_items":0,"max_quantity":70}"#, "max_items"),
+        (
+            r#"{"max_items":5,"max_quantity":70,"colour":"red"}"#,
+            "colour",
+        ),
+        ("not json", "invalid JSON"),
+    ] {
+        std::fs::write(&limits, json)?;
+        let out = herdctl(
+            &mesh.etcd,
+            &["config", "put", "limits", &limits.to_string_lossy()],
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && stderr.contains("refused") && stderr.contains(reason),
+            "{stderr}"
+        );
+    }
+    // A section that contradicts the rest of the configuration is refused too.
+    let fx = dir.join("fx.json");
+    std::fs::write(&fx, r#"{"base":"EUR","rates":{"USD":"1.08"}}"#)?;
+    let out = herdctl(&mesh.etcd, &["config", "put", "fx", &fx.to_string_lossy()])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("catalog currency"));
+    let got = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));
+
+    // Seeding again keeps what is there.
+    let out = herdctl(&mesh.etcd, &["config", "seed"])?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kept"));
+    let got = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));
+    Ok(())
+}
