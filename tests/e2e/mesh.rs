@@ -340,7 +340,67 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
 
     // The instances survived all of it.
     assert_eq!(health(g, "").as_deref(), Some("SERVING"));
-    call(g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
+    let kept = call(g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
+
+    // Expired tokens are refused as such: quotes that live one second.
+    mesh.etcd
+        .put("/herd/config/quote", r#"{"ttl_seconds":1}"#)?;
+    let short = eventually(
+        "quotes to live one second",
+        Duration::from_secs(10),
+        || async {
+            let q = call(g, &format!("{QUOTE}/CreateQuote"), &basket())
+                .ok()?
+                .ok()
+                .ok()?;
+            // RFC 3339 times: seconds are characters 17..19; a 300 s TTL keeps them equal.
+            let accepted = q["context"]["acceptedAt"]
+                .as_str()?
+                .get(17..19)?
+                .parse::<u32>()
+                .ok()?;
+            let expires = q["quote"]["expiresAt"]
+                .as_str()?
+                .get(17..19)?
+                .parse::<u32>()
+                .ok()?;
+            ((accepted + 1) % 60 == expires).then_some(q)
+        },
+    )
+    .await?;
+    let verify = |token: &Value| json!({"context": {"tenantId": "acme"}, "token": token});
+    let expired = eventually(
+        "the short quote to expire",
+        Duration::from_secs(10),
+        || async {
+            match call(g, &format!("{QUOTE}/VerifyQuote"), &verify(&short["token"])).ok()? {
+                Answer::Err { code, message } => Some((code, message)),
+                Answer::Ok(_) => None,
+            }
+        },
+    )
+    .await?;
+    assert_eq!(expired.0, "FailedPrecondition", "{expired:?}");
+    assert!(expired.1.contains("expired"), "{expired:?}");
+
+    // Tokens signed with a key that is no longer configured are refused as such.
+    let secret = base64::engine::general_purpose::STANDARD.encode([3u8; 32]);
+    mesh.etcd.put(
+        "/herd/config/keys",
+        &format!(r#"{{"keys":[{{"id":"t2","secret":"{secret}","active":true}}]}}"#),
+    )?;
+    let unknown = eventually(
+        "the old key to be gone",
+        Duration::from_secs(10),
+        || async {
+            match call(g, &format!("{QUOTE}/VerifyQuote"), &verify(&kept["token"])).ok()? {
+                Answer::Err { code, message } if message.contains("unknown key") => Some(code),
+                _ => None,
+            }
+        },
+    )
+    .await?;
+    assert_eq!(unknown, "InvalidArgument");
     Ok(())
 }
 

@@ -169,3 +169,76 @@ pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
         .keep_alive_while_idle(true)
         .tcp_nodelay(true))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Resolver;
+    use crate::keys::InstanceInfo;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    /// A real health server on a loopback port; returns its address.
+    async fn health_server(name: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        address
+    }
+
+    fn info(id: &str, address: &str) -> InstanceInfo {
+        InstanceInfo {
+            service: "probe".into(),
+            instance_id: id.into(),
+            address: address.into(),
+            pid: 0,
+            version: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn spreads_calls_over_every_endpoint() {
+        let a = health_server("a").await;
+        let b = health_server("b").await;
+        let resolver = Resolver::fixed([info("a", &a), info("b", &b)]);
+        let mut client = HealthClient::new(MeshChannel::new("probe", resolver.subscribe()));
+        let (mut on_a, mut on_b) = (0, 0);
+        for _ in 0..200 {
+            // Each server knows only its own name, so the answer tells which one served.
+            if client
+                .check(HealthCheckRequest {
+                    service: "a".into(),
+                })
+                .await
+                .is_ok()
+            {
+                on_a += 1;
+            } else {
+                on_b += 1;
+            }
+        }
+        assert!(on_a > 20 && on_b > 20, "a={on_a} b={on_b}");
+    }
+
+    #[tokio::test]
+    async fn no_endpoint_fails_fast_with_unavailable() {
+        let resolver = Resolver::fixed([]);
+        let mut client = HealthClient::new(MeshChannel::new("nothing", resolver.subscribe()));
+        let started = std::time::Instant::now();
+        let err = client
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err("no endpoint");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message().contains("nothing"), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}
