@@ -5,7 +5,7 @@ PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("sc
 export PATH := $(PY_SCRIPTS):$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build run test lint fmt-check clippy buf-lint unit clean
+.PHONY: deps build run test lint fmt-check clippy buf-lint dup-check clean
 
 deps:
 	@scripts/install-deps.sh
@@ -25,7 +25,10 @@ clippy: deps
 buf-lint: deps
 	buf lint
 
-lint: fmt-check clippy buf-lint
+dup-check:
+	scripts/check-duplicates.sh
+
+lint: fmt-check clippy buf-lint dup-check
 
 test: deps lint build
 	$(CARGO) test --workspace
