@@ -31,7 +31,9 @@ dup-check:
 lint: fmt-check clippy buf-lint dup-check
 
 test: deps lint build
-	$(CARGO) test --workspace
+	@mkdir -p .run
+	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee .run/test.log
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "summary: %d passed, %d failed\n", p, f }' .run/test.log
 
 clean:
 	$(CARGO) clean
