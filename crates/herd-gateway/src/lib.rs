@@ -14,7 +14,7 @@ use herd_proto::quote::{
     CreateQuoteRequest, CreateQuoteResponse, Quote, VerifyQuoteRequest, VerifyQuoteResponse,
 };
 use herd_proto::types::Money;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 /// Longest a call may take when its caller set no deadline.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,14 +114,7 @@ impl QuoteService for Gateway {
             async move { client.price_items(r).await }
         })
         .await
-        .map_err(|s| match s.code() {
-            Code::InvalidArgument
-            | Code::NotFound
-            | Code::FailedPrecondition
-            | Code::DeadlineExceeded
-            | Code::Unavailable => s,
-            code => Status::new(code, format!("pricing: {}", s.message())),
-        })?
+        .map_err(|s| herd::context::relay("pricing", s))?
         .lines;
 
         let minor = |m: &Option<Money>| m.as_ref().map(|m| m.minor_units);

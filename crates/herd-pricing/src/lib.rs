@@ -13,7 +13,7 @@ use herd_proto::pricing::{PriceItemsRequest, PriceItemsResponse};
 use herd_proto::tax::tax_service_client::TaxServiceClient;
 use herd_proto::tax::{ComputeTaxRequest, TaxableLine};
 use herd_proto::types::{Money, QuoteLine};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 /// Longest a call may take when its caller set no deadline.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,18 +48,6 @@ struct Priced {
     gross: i64,
     discount: i64,
     promotion_id: String,
-}
-
-/// A downstream failure as this service's caller should see it.
-fn downstream(service: &str, status: Status) -> Status {
-    match status.code() {
-        Code::InvalidArgument
-        | Code::NotFound
-        | Code::FailedPrecondition
-        | Code::DeadlineExceeded
-        | Code::Unavailable => status,
-        code => Status::new(code, format!("{service}: {}", status.message())),
-    }
 }
 
 #[tonic::async_trait]
@@ -125,7 +113,7 @@ impl PricingService for Pricing {
             async move { client.compute_tax(r).await }
         })
         .await
-        .map_err(|s| downstream("tax", s))?
+        .map_err(|s| herd::context::relay("tax", s))?
         .taxes;
         if taxes.len() != priced.len() {
             return Err(Status::internal(
@@ -160,7 +148,7 @@ impl PricingService for Pricing {
             async move { client.convert(r).await }
         })
         .await
-        .map_err(|s| downstream("currency", s))?
+        .map_err(|s| herd::context::relay("currency", s))?
         .amounts;
         if converted.len() != priced.len() * 4 {
             return Err(Status::internal(

@@ -8,19 +8,17 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions};
 use tokio::sync::watch;
 use tonic::Status;
 
 use crate::keys::Keys;
+use crate::watch::{Update, follow};
 
 /// Recent snapshots kept in memory for requests pinned to them.
 const WINDOW: usize = 64;
-/// Pause before resyncing after a failure.
-const RESYNC_BACKOFF: Duration = Duration::from_millis(200);
 
 /// A whole configuration built from its raw sections, with every rule checked.
 pub trait ConfigModel: Sized + Send + Sync + 'static {
@@ -264,125 +262,57 @@ impl<M> Inner<M> {
     }
 }
 
-async fn run<M: ConfigModel>(inner: std::sync::Weak<Inner<M>>) {
-    loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        let client = strong.client.clone();
-        let keys = strong.keys.clone();
-        drop(strong);
-        if let Err(e) = sync_and_watch(client, keys, &inner).await {
-            tracing::warn!(error = %e, "configuration watch interrupted; resyncing");
-        }
-        tokio::time::sleep(RESYNC_BACKOFF).await;
-    }
-}
-
 /// Raw sections with the revision each was last modified at.
 type Raw = BTreeMap<String, (Vec<u8>, i64)>;
 
-fn evaluate<M: ConfigModel>(raw: &Raw) -> (i64, Result<M, ConfigError>) {
-    let revision = raw.values().map(|(_, rev)| *rev).max().unwrap_or(0);
-    let sections = raw
-        .iter()
-        .map(|(k, (v, _))| (k.clone(), v.clone()))
-        .collect();
-    (revision, M::from_sections(&sections))
-}
-
-async fn sync_and_watch<M: ConfigModel>(
-    mut client: Client,
-    keys: Keys,
-    inner: &std::sync::Weak<Inner<M>>,
-) -> anyhow::Result<()> {
-    let prefix = keys.config_prefix();
-    let resp = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    let header_revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+async fn run<M: ConfigModel>(inner: std::sync::Weak<Inner<M>>) {
+    let Some((client, keys)) = inner.upgrade().map(|i| (i.client.clone(), i.keys.clone())) else {
+        return;
+    };
     let mut raw = Raw::new();
-    for kv in resp.kvs() {
-        if let Some(section) = std::str::from_utf8(kv.key())
-            .ok()
-            .and_then(|k| keys.section_of(k))
-        {
-            raw.insert(
-                section.to_string(),
-                (kv.value().to_vec(), kv.mod_revision()),
-            );
-        }
-    }
-    let (revision, result) = evaluate::<M>(&raw);
-    match inner.upgrade() {
-        Some(i) => i.apply(revision, result),
-        None => return Ok(()),
-    }
-    let mut applied = header_revision;
-    let mut stream = client
-        .watch(
-            prefix.as_str(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(header_revision + 1),
-            ),
-        )
-        .await?;
-    while let Some(resp) = stream.message().await? {
-        if resp.canceled() || resp.compact_revision() > 0 {
-            anyhow::bail!(
-                "watch cancelled (compact revision {})",
-                resp.compact_revision()
-            );
-        }
-        let mut changed = false;
-        let mut newest = applied;
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            // etcd 3.4 can repeat events: skip what is already applied.
-            if kv.mod_revision() <= applied {
-                continue;
-            }
-            newest = newest.max(kv.mod_revision());
-            let Some(section) = std::str::from_utf8(kv.key())
+    follow(client, keys.config_prefix(), |update| {
+        let Some(inner) = inner.upgrade() else {
+            return false;
+        };
+        let section_of = |key: &[u8]| {
+            std::str::from_utf8(key)
                 .ok()
                 .and_then(|k| keys.section_of(k))
-            else {
-                continue;
-            };
-            changed = true;
-            match event.event_type() {
-                EventType::Put => {
-                    raw.insert(
-                        section.to_string(),
-                        (kv.value().to_vec(), kv.mod_revision()),
-                    );
-                }
-                EventType::Delete => {
-                    raw.remove(section);
-                }
-            }
-        }
-        applied = newest;
-        if !changed {
-            continue;
-        }
-        let Some(i) = inner.upgrade() else {
-            return Ok(());
+                .map(str::to_string)
         };
-        let (revision, result) = evaluate::<M>(&raw);
-        // A deleted section changes no remaining mod revision: name the write by its own revision.
-        let revision =
-            if result.is_ok() && revision < newest && raw.values().all(|(_, r)| *r < newest) {
+        let newest = match update {
+            Update::Reset { kvs, .. } => {
+                raw = kvs
+                    .iter()
+                    .filter_map(|kv| {
+                        let section = section_of(kv.key())?;
+                        Some((section, (kv.value().to_vec(), kv.mod_revision())))
+                    })
+                    .collect();
+                raw.values().map(|(_, rev)| *rev).max().unwrap_or(0)
+            }
+            Update::Events { events, newest } => {
+                for event in events {
+                    let Some(kv) = event.kv() else { continue };
+                    let Some(section) = section_of(kv.key()) else {
+                        continue;
+                    };
+                    match event.event_type() {
+                        EventType::Put => {
+                            raw.insert(section, (kv.value().to_vec(), kv.mod_revision()));
+                        }
+                        EventType::Delete => {
+                            raw.remove(&section);
+                        }
+                    }
+                }
                 newest
-            } else {
-                revision
-            };
-        match result {
-            Ok(model) => i.apply(revision, Ok(model)),
-            Err(e) => i.apply(newest, Err(e)),
-        }
-    }
-    anyhow::bail!("watch stream ended")
+            }
+        };
+        let sections = raw.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+        // A configuration is named by its newest write (a deletion included).
+        inner.apply(newest, M::from_sections(&sections));
+        true
+    })
+    .await;
 }

@@ -108,6 +108,20 @@ where
     }
 }
 
+/// A downstream failure as this hop's caller should see it: statuses that describe the request
+/// (bad input, not found, pinned revision gone, deadline, retryable) pass through unchanged so the
+/// field names reach the caller; anything else keeps its code and says which service failed.
+pub fn relay(service: &str, status: Status) -> Status {
+    match status.code() {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::DeadlineExceeded
+        | Code::Unavailable => status,
+        code => Status::new(code, format!("{service}: {}", status.message())),
+    }
+}
+
 /// tonic reports an expired `grpc-timeout` as CANCELLED("Timeout expired"); callers rely on
 /// DEADLINE_EXCEEDED.
 pub fn normalize(status: Status) -> Status {

@@ -4,18 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType};
 use tokio::sync::watch;
 
 use crate::keys::{InstanceInfo, Keys};
+use crate::watch::{Update, follow};
 
 /// The instances of a service, by instance id.
 pub type Endpoints = Arc<BTreeMap<String, InstanceInfo>>;
-
-/// Pause before resyncing after a failure, so a down etcd is not hammered.
-const RESYNC_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Watches one service's instances and publishes every change of the set.
 #[derive(Debug)]
@@ -61,84 +58,41 @@ impl Drop for Resolver {
 }
 
 async fn run(client: Client, prefix: String, tx: watch::Sender<Endpoints>) {
-    loop {
-        if let Err(e) = sync_and_watch(client.clone(), &prefix, &tx).await {
-            tracing::warn!(%prefix, error = %e, "discovery watch interrupted; resyncing");
-        }
-        tokio::time::sleep(RESYNC_BACKOFF).await;
-    }
-}
-
-/// One snapshot and the watch that follows it, until the watch can no longer be trusted.
-async fn sync_and_watch(
-    mut client: Client,
-    prefix: &str,
-    tx: &watch::Sender<Endpoints>,
-) -> anyhow::Result<()> {
-    let resp = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut map = BTreeMap::new();
-    for kv in resp.kvs() {
-        if let Some(info) = parse(prefix, kv.key(), kv.value()) {
-            map.insert(info.instance_id.clone(), info);
-        }
-    }
-    publish(tx, &map);
-    let mut applied = revision;
-    let mut stream = client
-        .watch(
-            prefix,
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(revision + 1),
-            ),
-        )
-        .await?;
-    while let Some(resp) = stream.message().await? {
-        if resp.canceled() || resp.compact_revision() > 0 {
-            anyhow::bail!(
-                "watch cancelled (compact revision {}, reason {:?})",
-                resp.compact_revision(),
-                resp.cancel_reason()
-            );
-        }
-        let mut changed = false;
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            // etcd 3.4 can repeat events: anything at or below what is applied is old news.
-            if kv.mod_revision() <= applied {
-                continue;
-            }
-            let Some(id) = instance_id(prefix, kv.key()) else {
-                continue;
-            };
-            match event.event_type() {
-                EventType::Put => {
-                    if let Some(info) = parse(prefix, kv.key(), kv.value()) {
-                        changed |= map.get(id) != Some(&info);
-                        map.insert(id.to_string(), info);
+    let key_prefix = prefix.clone();
+    follow(client, prefix, |update| {
+        match update {
+            Update::Reset { kvs, .. } => {
+                map.clear();
+                for kv in kvs {
+                    if let Some(info) = parse(&key_prefix, kv.key(), kv.value()) {
+                        map.insert(info.instance_id.clone(), info);
                     }
                 }
-                EventType::Delete => changed |= map.remove(id).is_some(),
+            }
+            Update::Events { events, .. } => {
+                for event in events {
+                    let Some(kv) = event.kv() else { continue };
+                    let Some(id) = instance_id(&key_prefix, kv.key()) else {
+                        continue;
+                    };
+                    match event.event_type() {
+                        EventType::Put => {
+                            if let Some(info) = parse(&key_prefix, kv.key(), kv.value()) {
+                                map.insert(id.to_string(), info);
+                            }
+                        }
+                        EventType::Delete => {
+                            map.remove(id);
+                        }
+                    }
+                }
             }
         }
-        if let Some(last) = resp
-            .events()
-            .iter()
-            .filter_map(|e| e.kv())
-            .map(|kv| kv.mod_revision())
-            .max()
-        {
-            applied = applied.max(last);
-        }
-        if changed {
-            publish(tx, &map);
-        }
-    }
-    anyhow::bail!("watch stream ended")
+        publish(&tx, &map);
+        !tx.is_closed()
+    })
+    .await;
 }
 
 fn publish(tx: &watch::Sender<Endpoints>, map: &BTreeMap<String, InstanceInfo>) {

@@ -10,6 +10,7 @@
 //! - [`config`]: typed shared configuration, loaded, watched, validated, and pinned by revision.
 //! - [`context`]: request contexts and deadlines that travel with every call.
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
+//! - [`watch`]: following an etcd prefix through compactions and broken watches.
 
 pub mod balance;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod logging;
 pub mod registry;
 pub mod server;
 pub mod settings;
+pub mod watch;
 
 pub use balance::MeshChannel;
 pub use config::{ConfigError, ConfigModel, ConfigStore, Snapshot};
