@@ -542,6 +542,26 @@ async fn sigterm_deregisters_first_then_exits_zero() -> anyhow::Result<()> {
     )
     .await?;
     let mut proc: Proc = extra;
+    // An open health Watch stream must not hold the instance open.
+    let mut watch_cmd = std::process::Command::new("grpcurl");
+    watch_cmd.args([
+        "-plaintext",
+        "-d",
+        r#"{"service":""}"#,
+        &address,
+        "grpc.health.v1.Health/Watch",
+    ]);
+    let mut watcher = Proc::spawn(
+        "grpcurl watch",
+        watch_cmd,
+        mesh.dir.path().join("watch.log"),
+    )?;
+    eventually(
+        "the health watch to report SERVING",
+        Duration::from_secs(10),
+        || async { watcher.log_text().contains("\"SERVING\"").then_some(()) },
+    )
+    .await?;
     proc.signal("TERM")?;
 
     // Its key leaves etcd while the process is still draining.
@@ -562,6 +582,12 @@ async fn sigterm_deregisters_first_then_exits_zero() -> anyhow::Result<()> {
     );
     let status = proc.wait_exit(Duration::from_secs(15)).await?;
     assert_eq!(status.code(), Some(0), "{}", proc.log_text());
+    watcher.wait_exit(Duration::from_secs(5)).await?;
+    assert!(
+        watcher.log_text().contains("NOT_SERVING"),
+        "{}",
+        watcher.log_text()
+    );
     let log = proc.log_text();
     let deregistered = log.find("deregistered").unwrap_or(usize::MAX);
     let stopped = log.find("stopped").unwrap_or(0);

@@ -309,7 +309,10 @@ async fn run<M: ConfigModel>(inner: std::sync::Weak<Inner<M>>) {
                 newest
             }
         };
-        let sections = raw.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+        let sections = raw
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect();
         // A configuration is named by its newest write (a deletion included).
         inner.apply(newest, M::from_sections(&sections));
         true

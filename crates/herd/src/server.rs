@@ -147,19 +147,7 @@ impl Mesh {
         names.extend(services.names.iter().copied());
         set_all(&health, &names, ServingStatus::NotServing).await;
 
-        let reflection = |b: tonic_reflection::server::Builder<'static>| {
-            b.register_encoded_file_descriptor_set(herd_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let reflection_v1 =
-            reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
-        let reflection_v1alpha =
-            reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
-        let routes = services
-            .routes
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+        let routes = with_health_and_reflection(services.routes, health_service)?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = Server::builder()
@@ -252,6 +240,25 @@ impl Mesh {
     }
 }
 
+/// Adds health and reflection (v1 for new grpcurl, v1alpha for old) to `routes`; reflection knows
+/// herd's contracts and health's.
+fn with_health_and_reflection(
+    routes: Routes,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<Routes> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(herd_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(routes
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?))
+}
+
 async fn set_all(
     health: &tonic_health::server::HealthReporter,
     names: &[&str],
@@ -323,6 +330,63 @@ where
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "exiting");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    #[tokio::test]
+    async fn old_grpcurl_reflection_v1alpha_sees_herd_and_health() {
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let routes = with_health_and_reflection(Routes::default(), health).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(
+            Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        let channel = crate::balance::endpoint(&address.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ServerReflectionClient::new(channel);
+        let requests = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("herd.quote.v1.QuoteService".into()),
+            MessageRequest::FileContainingSymbol("grpc.health.v1.Health".into()),
+        ]
+        .map(|r| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(r),
+        });
+        let mut answers = client
+            .server_reflection_info(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = Vec::new();
+        while let Some(answer) = answers.message().await.unwrap() {
+            seen.push(answer.message_response.unwrap());
+        }
+        assert_eq!(seen.len(), 3);
+        let MessageResponse::ListServicesResponse(list) = &seen[0] else {
+            panic!("{:?}", seen[0]);
+        };
+        let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"herd.quote.v1.QuoteService"), "{names:?}");
+        assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+        for answer in &seen[1..] {
+            let ok = matches!(answer, MessageResponse::FileDescriptorResponse(f) if !f.file_descriptor_proto.is_empty());
+            assert!(ok, "{answer:?}");
         }
     }
 }
