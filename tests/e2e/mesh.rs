@@ -664,3 +664,44 @@ mod raw {
         }
     }
 }
+
+#[test]
+fn every_binary_explains_its_flags_and_refuses_bad_settings() -> anyhow::Result<()> {
+    for service in herd_tests::SERVICES {
+        let bin = herd_tests::bin(&format!("herd-{service}"))?;
+        let help = std::process::Command::new(&bin).arg("--help").output()?;
+        let text = String::from_utf8_lossy(&help.stdout).to_string();
+        assert!(help.status.success(), "{text}");
+        for flag in [
+            "--listen",
+            "--etcd",
+            "--prefix",
+            "HERD_LISTEN",
+            "HERD_ETCD_ENDPOINTS",
+            "HERD_PREFIX",
+        ] {
+            assert!(
+                text.contains(flag),
+                "herd-{service} --help does not explain {flag}:\n{text}"
+            );
+        }
+        if service == "gateway" {
+            assert!(text.contains("127.0.0.1:50051"), "{text}");
+        }
+        for bad in [
+            &["--prefix", "herd"][..],
+            &["--listen", "not-an-address"],
+            &["--no-such-flag"],
+        ] {
+            let out = std::process::Command::new(&bin).args(bad).output()?;
+            assert_eq!(
+                out.status.code(),
+                Some(64),
+                "herd-{service} {bad:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.stderr.is_empty());
+        }
+    }
+    Ok(())
+}
