@@ -32,7 +32,7 @@ lint: fmt-check clippy buf-lint dup-check
 
 test: deps lint build
 	@mkdir -p .run
-	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee .run/test.log
+	set -o pipefail; timeout 1500 $(CARGO) test --workspace 2>&1 | tee .run/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "summary: %d passed, %d failed\n", p, f }' .run/test.log
 
 clean:

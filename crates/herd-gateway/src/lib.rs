@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use herd::balance::RetryBudget;
 use herd::{ConfigStore, Deadline, MeshChannel};
 use herd_model::MeshConfig;
 use herd_model::token;
@@ -24,6 +25,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Gateway {
     config: ConfigStore<MeshConfig>,
     pricing: PricingServiceClient<MeshChannel>,
+    pricing_budget: RetryBudget,
 }
 
 impl Gateway {
@@ -31,6 +33,7 @@ impl Gateway {
     pub fn new(config: ConfigStore<MeshConfig>, pricing: MeshChannel) -> Self {
         Self {
             config,
+            pricing_budget: pricing.budget().clone(),
             pricing: PricingServiceClient::new(pricing),
         }
     }
@@ -109,7 +112,7 @@ impl QuoteService for Gateway {
             currency: req.currency.clone(),
             region: req.region.clone(),
         };
-        let lines = herd::context::call(deadline, &pricing_request, |r| {
+        let lines = herd::context::call(deadline, &self.pricing_budget, &pricing_request, |r| {
             let mut client = self.pricing.clone();
             async move { client.price_items(r).await }
         })

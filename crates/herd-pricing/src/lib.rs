@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use herd::balance::RetryBudget;
 use herd::{ConfigStore, Deadline, MeshChannel};
 use herd_model::MeshConfig;
 use herd_model::money::{best_promotion, line_amounts};
@@ -23,7 +24,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Pricing {
     config: ConfigStore<MeshConfig>,
     tax: TaxServiceClient<MeshChannel>,
+    tax_budget: RetryBudget,
     currency: CurrencyServiceClient<MeshChannel>,
+    currency_budget: RetryBudget,
 }
 
 impl Pricing {
@@ -31,7 +34,9 @@ impl Pricing {
     pub fn new(config: ConfigStore<MeshConfig>, tax: MeshChannel, currency: MeshChannel) -> Self {
         Self {
             config,
+            tax_budget: tax.budget().clone(),
             tax: TaxServiceClient::new(tax),
+            currency_budget: currency.budget().clone(),
             currency: CurrencyServiceClient::new(currency),
         }
     }
@@ -108,7 +113,7 @@ impl PricingService for Pricing {
             region: req.region.clone(),
             lines: taxable,
         };
-        let taxes = herd::context::call(deadline, &tax_request, |r| {
+        let taxes = herd::context::call(deadline, &self.tax_budget, &tax_request, |r| {
             let mut client = self.tax.clone();
             async move { client.compute_tax(r).await }
         })
@@ -143,13 +148,14 @@ impl PricingService for Pricing {
             target_currency: req.currency.clone(),
             amounts,
         };
-        let converted = herd::context::call(deadline, &convert_request, |r| {
-            let mut client = self.currency.clone();
-            async move { client.convert(r).await }
-        })
-        .await
-        .map_err(|s| herd::context::relay("currency", s))?
-        .amounts;
+        let converted =
+            herd::context::call(deadline, &self.currency_budget, &convert_request, |r| {
+                let mut client = self.currency.clone();
+                async move { client.convert(r).await }
+            })
+            .await
+            .map_err(|s| herd::context::relay("currency", s))?
+            .amounts;
         if converted.len() != priced.len() * 4 {
             return Err(Status::internal(
                 "currency: answered a different number of amounts",

@@ -1,21 +1,31 @@
 //! A client-side balanced channel to one service: power of two choices over peak-EWMA latency
 //! (tower's p2c with `PeakEwmaDiscover`), fed by herd's own [`discovery`](crate::discovery).
 //!
-//! Every endpoint gets a connect timeout and HTTP/2 keepalive, so that a silent peer is noticed
-//! instead of hanging its callers. With no endpoint known, calls fail at once with `UNAVAILABLE`.
+//! Every discovered endpoint is probed with a `grpc.health.v1.Health/Watch` stream over the same
+//! connection its calls use. Only endpoints whose watch says SERVING are offered to the balancer:
+//! one that reports NOT_SERVING (draining), whose connection breaks (killed), or whose HTTP/2
+//! keepalive goes unanswered (a silent peer) leaves the balancer at once, and is probed back in
+//! with jittered backoff for as long as discovery lists it. With no endpoint discovered at all,
+//! calls fail at once with `UNAVAILABLE`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
 use futures::future::BoxFuture;
+use rand::Rng;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::discover::Change;
@@ -36,16 +46,26 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 const BUFFER: usize = 1024;
 /// Bound on establishing a connection to one endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// HTTP/2 pings on idle connections notice a silent peer within interval + timeout.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection that has received nothing for this long is pinged...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
+/// ...and closed when the ping is not answered within this: a silent peer is noticed within
+/// 1.5 s, and its endpoint leaves the balancer with the connection.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Backoff between probes of an endpoint that is not serving: starts here, doubles, capped below.
+const PROBE_BACKOFF_START: Duration = Duration::from_millis(50);
+const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// A cloneable gRPC channel that balances each call over a service's live instances.
+/// Endpoints ready for calls: instance id → (address, channel).
+type Ready = BTreeMap<String, (String, Channel)>;
+
+/// A cloneable gRPC channel that balances each call over a service's live, serving instances.
 #[derive(Clone)]
 pub struct MeshChannel {
-    service: String,
+    service: Arc<str>,
     inner: Buffer<Request, BoxFuture<'static, Result<Response, BoxError>>>,
-    endpoints: watch::Receiver<Endpoints>,
+    discovered: watch::Receiver<Endpoints>,
+    ready: watch::Receiver<Ready>,
+    budget: RetryBudget,
 }
 
 impl std::fmt::Debug for MeshChannel {
@@ -58,10 +78,12 @@ impl std::fmt::Debug for MeshChannel {
 
 impl MeshChannel {
     /// A channel to `service` over the endpoint sets published by `endpoints`. Must be called from
-    /// within a tokio runtime.
+    /// within a tokio runtime; the probing stops when every clone is dropped.
     pub fn new(service: &str, endpoints: watch::Receiver<Endpoints>) -> Self {
+        let (ready_tx, ready) = watch::channel(Ready::new());
+        tokio::spawn(track(service.to_string(), endpoints.clone(), ready_tx));
         let discover = EndpointDiscover {
-            updates: WatchStream::new(endpoints.clone()),
+            updates: WatchStream::new(ready.clone()),
             current: HashMap::new(),
             pending: VecDeque::new(),
         };
@@ -74,15 +96,27 @@ impl MeshChannel {
         let balance: Balance<_, Request> = Balance::new(loaded);
         let inner = Buffer::new(BoxService::new(balance), BUFFER);
         Self {
-            service: service.to_string(),
+            service: service.into(),
             inner,
-            endpoints,
+            discovered: endpoints,
+            ready,
+            budget: RetryBudget::default(),
         }
     }
 
-    /// The number of instances currently known.
+    /// The number of instances discovered.
     pub fn endpoint_count(&self) -> usize {
-        self.endpoints.borrow().len()
+        self.discovered.borrow().len()
+    }
+
+    /// The instance ids currently offered to the balancer (discovered and SERVING).
+    pub fn ready_instances(&self) -> Vec<String> {
+        self.ready.borrow().keys().cloned().collect()
+    }
+
+    /// The retry budget shared by every call over this channel.
+    pub fn budget(&self) -> &RetryBudget {
+        &self.budget
     }
 }
 
@@ -96,7 +130,7 @@ impl Service<Request> for MeshChannel {
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        if self.endpoints.borrow().is_empty() {
+        if self.discovered.borrow().is_empty() {
             let status =
                 tonic::Status::unavailable(format!("no live instance of {}", self.service));
             return Box::pin(async move { Err(Box::new(status) as BoxError) });
@@ -105,16 +139,175 @@ impl Service<Request> for MeshChannel {
     }
 }
 
-/// Turns published endpoint sets into the insert/remove changes tower's balancer consumes. It only
+/// gRPC A6's retry throttle: every retryable failure costs a token, every success earns back a
+/// tenth; retries stop while half or fewer of the tokens are left, so a struggling service is not
+/// hit with three times its load.
+#[derive(Debug, Clone)]
+pub struct RetryBudget {
+    /// Thousandths of a token.
+    tokens: Arc<AtomicU32>,
+}
+
+/// Ten tokens, in thousandths.
+const BUDGET_MAX: u32 = 10_000;
+/// A tenth of a token per success.
+const BUDGET_EARN: u32 = 100;
+/// One token per failure.
+const BUDGET_COST: u32 = 1_000;
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            tokens: Arc::new(AtomicU32::new(BUDGET_MAX)),
+        }
+    }
+}
+
+impl RetryBudget {
+    /// Records a success.
+    pub fn success(&self) {
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some((t + BUDGET_EARN).min(BUDGET_MAX))
+            });
+    }
+
+    /// Records a retryable failure.
+    pub fn failure(&self) {
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(BUDGET_COST))
+            });
+    }
+
+    /// Whether a retry may be made now.
+    pub fn can_retry(&self) -> bool {
+        self.tokens.load(Ordering::Relaxed) > BUDGET_MAX / 2
+    }
+}
+
+/// Keeps one prober per discovered endpoint, until the channel is dropped.
+async fn track(
+    service: String,
+    mut discovered: watch::Receiver<Endpoints>,
+    ready: watch::Sender<Ready>,
+) {
+    let mut probers: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    loop {
+        let set = discovered.borrow_and_update().clone();
+        let gone: Vec<String> = probers
+            .iter()
+            .filter(|(id, (address, _))| set.get(*id).map(|i| &i.address) != Some(address))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some((address, task)) = probers.remove(&id) {
+                task.abort();
+                if ready.send_if_modified(|r| r.remove(&id).is_some()) {
+                    tracing::info!(%service, instance = %id, %address, "endpoint removed: deregistered");
+                }
+            }
+        }
+        for (id, info) in set.iter() {
+            if probers.contains_key(id) {
+                continue;
+            }
+            let task = tokio::spawn(probe(
+                service.clone(),
+                id.clone(),
+                info.address.clone(),
+                ready.clone(),
+            ));
+            probers.insert(id.clone(), (info.address.clone(), task));
+        }
+        tokio::select! {
+            changed = discovered.changed() => if changed.is_err() {
+                // A fixed set: nothing more will change; probe until the channel is dropped.
+                ready.closed().await;
+                break;
+            },
+            _ = ready.closed() => break,
+        }
+    }
+    for (_, (_, task)) in probers {
+        task.abort();
+    }
+}
+
+/// Watches one endpoint's health over the connection its calls use, and offers it to the balancer
+/// only while it reports SERVING.
+async fn probe(service: String, id: String, address: String, ready: watch::Sender<Ready>) {
+    let channel = match endpoint(&address) {
+        Ok(e) => e.connect_lazy(),
+        Err(e) => {
+            tracing::warn!(%service, instance = %id, %address, error = %e, "unusable endpoint address");
+            return;
+        }
+    };
+    let set = |serving: bool, why: &str| {
+        let changed = ready.send_if_modified(|r| {
+            if serving {
+                r.insert(id.clone(), (address.clone(), channel.clone()))
+                    .is_none()
+            } else {
+                r.remove(&id).is_some()
+            }
+        });
+        if changed && serving {
+            tracing::info!(%service, instance = %id, %address, "endpoint added: serving");
+        } else if changed {
+            tracing::info!(%service, instance = %id, %address, reason = why, "endpoint removed");
+        }
+    };
+    let mut backoff = PROBE_BACKOFF_START;
+    loop {
+        let mut client = HealthClient::new(channel.clone());
+        match client
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(r)) if r.status == ServingStatus::Serving as i32 => {
+                            set(true, "");
+                            backoff = PROBE_BACKOFF_START;
+                        }
+                        Ok(Some(_)) => set(false, "not serving"),
+                        Ok(None) => {
+                            set(false, "health watch ended");
+                            break;
+                        }
+                        Err(e) => {
+                            set(false, &format!("unreachable: {}", e.message()));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => set(false, &format!("unreachable: {}", e.message())),
+        }
+        let jitter = rand::rng().random_range(0.5..1.5);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+    }
+}
+
+/// Turns published ready sets into the insert/remove changes tower's balancer consumes. It only
 /// holds the latest set, so it never blocks discovery while no calls flow.
 struct EndpointDiscover {
-    updates: WatchStream<Endpoints>,
+    updates: WatchStream<Ready>,
     current: HashMap<String, String>,
     pending: VecDeque<Change<String, Channel>>,
 }
 
 impl EndpointDiscover {
-    fn diff(&mut self, next: &Endpoints) {
+    fn diff(&mut self, next: &Ready) {
         let gone: Vec<String> = self
             .current
             .keys()
@@ -125,20 +318,13 @@ impl EndpointDiscover {
             self.current.remove(&id);
             self.pending.push_back(Change::Remove(id));
         }
-        for (id, info) in next.iter() {
-            if self.current.get(id) == Some(&info.address) {
+        for (id, (address, channel)) in next.iter() {
+            if self.current.get(id) == Some(address) {
                 continue;
             }
-            match endpoint(&info.address) {
-                Ok(ep) => {
-                    self.current.insert(id.clone(), info.address.clone());
-                    self.pending
-                        .push_back(Change::Insert(id.clone(), ep.connect_lazy()));
-                }
-                Err(e) => {
-                    tracing::warn!(instance = %id, address = %info.address, error = %e, "unusable endpoint address")
-                }
-            }
+            self.current.insert(id.clone(), address.clone());
+            self.pending
+                .push_back(Change::Insert(id.clone(), channel.clone()));
         }
     }
 }

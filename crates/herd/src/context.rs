@@ -11,6 +11,8 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
+use crate::balance::RetryBudget;
+
 /// Attempts of one call in all, first included, when the failure means "not processed".
 const MAX_ATTEMPTS: u32 = 3;
 /// Pause before a retry, so a restarting endpoint is not hammered.
@@ -77,9 +79,14 @@ pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, Stat
 }
 
 /// Makes one unary call with the remaining time as its timeout, retrying only failures that mean
-/// the call was not processed (`UNAVAILABLE`), at most three attempts in all, within the deadline.
-/// `call` is given a fresh request each attempt.
-pub async fn call<M, R, F, Fut>(deadline: Deadline, message: &M, mut call: F) -> Result<R, Status>
+/// the call was not processed (`UNAVAILABLE`), at most three attempts in all, within the deadline
+/// and while `budget` allows. `call` is given a fresh request each attempt.
+pub async fn call<M, R, F, Fut>(
+    deadline: Deadline,
+    budget: &RetryBudget,
+    message: &M,
+    mut call: F,
+) -> Result<R, Status>
 where
     M: Clone,
     F: FnMut(tonic::Request<M>) -> Fut,
@@ -91,7 +98,10 @@ where
         let mut request = tonic::Request::new(message.clone());
         request.set_timeout(left);
         let status = match tokio::time::timeout(left, call(request)).await {
-            Ok(Ok(response)) => return Ok(response.into_inner()),
+            Ok(Ok(response)) => {
+                budget.success();
+                return Ok(response.into_inner());
+            }
             Ok(Err(status)) => status,
             Err(_) => {
                 return Err(Status::deadline_exceeded(
@@ -99,8 +109,12 @@ where
                 ));
             }
         };
-        if status.code() != Code::Unavailable || attempt >= MAX_ATTEMPTS {
+        if status.code() != Code::Unavailable {
             return Err(normalize(status));
+        }
+        budget.failure();
+        if attempt >= MAX_ATTEMPTS || !budget.can_retry() {
+            return Err(status);
         }
         tracing::debug!(attempt, error = %status.message(), "retrying a call that was not processed");
         attempt += 1;
@@ -162,7 +176,7 @@ mod tests {
     async fn retries_only_unavailable() {
         let deadline = Deadline::after(Duration::from_secs(5));
         let mut tries = 0;
-        let r: Result<(), Status> = call(deadline, &(), |_| {
+        let r: Result<(), Status> = call(deadline, &RetryBudget::default(), &(), |_| {
             tries += 1;
             async { Err(Status::unavailable("down")) }
         })
@@ -171,7 +185,7 @@ mod tests {
         assert_eq!(tries, 3);
 
         let mut tries = 0;
-        let r: Result<(), Status> = call(deadline, &(), |_| {
+        let r: Result<(), Status> = call(deadline, &RetryBudget::default(), &(), |_| {
             tries += 1;
             async { Err(Status::invalid_argument("bad")) }
         })
@@ -181,10 +195,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_budget_stops_retry_storms() {
+        let budget = RetryBudget::default();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mut tries = 0;
+        for _ in 0..10 {
+            let _: Result<(), Status> = call(deadline, &budget, &(), |_| {
+                tries += 1;
+                async { Err(Status::unavailable("down")) }
+            })
+            .await;
+        }
+        // Three attempts while the budget lasts (half of ten tokens), then one each.
+        assert!(tries < 20, "{tries} attempts for 10 calls");
+        assert!(!budget.can_retry());
+        for _ in 0..60 {
+            budget.success();
+        }
+        assert!(budget.can_retry());
+    }
+
+    #[tokio::test]
     async fn expired_deadline_refuses_work() {
         let deadline = Deadline::after(Duration::ZERO);
-        let r: Result<(), Status> =
-            call(deadline, &(), |_| async { Ok(tonic::Response::new(())) }).await;
+        let r: Result<(), Status> = call(deadline, &RetryBudget::default(), &(), |_| async {
+            Ok(tonic::Response::new(()))
+        })
+        .await;
         assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
     }
 }

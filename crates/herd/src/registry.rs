@@ -6,7 +6,7 @@
 //! back. Deregistering revokes the lease, which deletes the key at once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, PutOptions, WatchOptions};
@@ -21,7 +21,7 @@ use crate::keys::InstanceInfo;
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Backoff between attempts to register again: starts here, doubles, capped below.
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// A live registration. Dropping it stops renewal without revoking (the key then expires with its
 /// lease); call [`Registration::deregister`] to leave at once.
@@ -36,7 +36,7 @@ struct State {
     key: String,
     value: String,
     lease: AtomicI64,
-    registered: AtomicBool,
+    registered: watch::Sender<bool>,
 }
 
 impl Registration {
@@ -53,7 +53,7 @@ impl Registration {
             key,
             value,
             lease: AtomicI64::new(0),
-            registered: AtomicBool::new(false),
+            registered: watch::Sender::new(false),
         });
         let granted = register_once(&client, &state, ttl).await?;
         let (stop, stop_rx) = watch::channel(false);
@@ -74,7 +74,12 @@ impl Registration {
 
     /// Whether the key is in etcd under a live lease, as far as this instance knows.
     pub fn is_registered(&self) -> bool {
-        self.state.registered.load(Ordering::Acquire)
+        *self.state.registered.borrow()
+    }
+
+    /// Follows whether the instance is registered.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.state.registered.subscribe()
     }
 
     /// The current lease id (0 while none is held).
@@ -87,7 +92,7 @@ impl Registration {
         let _ = self.stop.send(true);
         let _ = self.task.await;
         let lease = self.state.lease.swap(0, Ordering::AcqRel);
-        self.state.registered.store(false, Ordering::Release);
+        self.state.registered.send_replace(false);
         if lease == 0 {
             return;
         }
@@ -124,7 +129,7 @@ async fn register_once(client: &Client, state: &State, ttl: i64) -> anyhow::Resu
     )
     .await??;
     state.lease.store(lease, Ordering::Release);
-    state.registered.store(true, Ordering::Release);
+    state.registered.send_replace(true);
     tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl = grant.ttl(), "registered");
     Ok(grant.ttl().max(1))
 }
@@ -144,7 +149,7 @@ async fn maintain(
         if *stop.borrow() {
             return;
         }
-        state.registered.store(false, Ordering::Release);
+        state.registered.send_replace(false);
         tracing::warn!(key = %state.key, reason = %lost, "registration lost; registering again");
         let mut backoff = BACKOFF_START;
         loop {

@@ -143,7 +143,7 @@ impl Mesh {
     ) -> anyhow::Result<()> {
         let address = listener.local_addr()?;
         let (mut health, health_service) = tonic_health::server::health_reporter();
-        let mut names: Vec<&str> = vec![""];
+        let mut names: Vec<&str> = vec!["", REGISTRATION_HEALTH];
         names.extend(services.names.iter().copied());
         set_all(&health, &names, ServingStatus::NotServing).await;
 
@@ -154,6 +154,7 @@ impl Mesh {
             .http2_keepalive_interval(Some(SERVER_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(SERVER_KEEPALIVE_TIMEOUT))
             .tcp_nodelay(true)
+            .layer(tower::util::MapRequestLayer::new(access_log))
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
                 let _ = stop_rx.await;
@@ -202,11 +203,13 @@ impl Mesh {
                 anyhow::bail!("server stopped unexpectedly");
             }
         };
-        if registration.is_some() {
+        if let Some(registration) = &registration {
             set_all(&health, &names, ServingStatus::Serving).await;
             tracing::info!(service = %self.service, instance = %self.instance_id, %address, "serving");
+            let mirror = mirror_registration(health.clone(), registration.subscribe());
             tokio::select! {
                 _ = &mut shutdown => {}
+                _ = mirror => {}
                 r = &mut server => {
                     r??;
                     anyhow::bail!("server stopped unexpectedly");
@@ -238,6 +241,35 @@ impl Mesh {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The health "service" that says whether the instance is registered in etcd: SERVING while it
+/// is, NOT_SERVING while it registers again. Operators and probes can watch it; callers use "".
+pub const REGISTRATION_HEALTH: &str = "herd.registration";
+
+/// Reports registration changes through health until the registration ends.
+async fn mirror_registration(
+    health: tonic_health::server::HealthReporter,
+    mut registered: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let status = if *registered.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status(REGISTRATION_HEALTH, status).await;
+        if registered.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// One debug line per call received (target `herd::access`), so that operators and tests can see
+/// which instance serves what; free when debug logging is off.
+fn access_log(req: http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> {
+    tracing::debug!(target: "herd::access", path = %req.uri().path(), "call received");
+    req
 }
 
 /// Adds health and reflection (v1 for new grpcurl, v1alpha for old) to `routes`; reflection knows
