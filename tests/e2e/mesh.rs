@@ -4,41 +4,10 @@
 use std::time::Duration;
 
 use base64::Engine;
-use herd_tests::{Answer, Mesh, Proc, call, eventually, grpcurl, health};
+use herd_tests::{Answer, Mesh, Proc, call, eventually, fixture, grpcurl, health};
 use serde_json::{Value, json};
 
 const QUOTE: &str = "herd.quote.v1.QuoteService";
-
-fn fixture() -> Vec<(&'static str, String)> {
-    let secret = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
-    vec![
-        (
-            "catalog",
-            r#"{"currency":"USD","items":{
-                "widget":{"name":"Widget","price_minor":1999,"category":"tools"},
-                "apple":{"name":"Apple","price_minor":125,"category":"food"},
-                "lamp":{"name":"Lamp","price_minor":1220,"category":"home"}}}"#
-                .into(),
-        ),
-        (
-            "promotions",
-            r#"{"rules":[{"id":"widget-15","sku":"widget","percent_off":15,"min_quantity":3},
-                         {"id":"tools-5","category":"tools","percent_off":5}]}"#
-                .into(),
-        ),
-        (
-            "tax",
-            r#"{"regions":{"US-CA":{"rate_bps":725,"exempt_categories":["food"]}}}"#.into(),
-        ),
-        ("fx", r#"{"base":"USD","rates":{"EUR":"0.925"}}"#.into()),
-        ("quote", r#"{"ttl_seconds":300}"#.into()),
-        ("limits", r#"{"max_items":5,"max_quantity":50}"#.into()),
-        (
-            "keys",
-            format!(r#"{{"keys":[{{"id":"t1","secret":"{secret}","active":true}}]}}"#),
-        ),
-    ]
-}
 
 fn basket() -> Value {
     json!({

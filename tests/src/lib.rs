@@ -136,49 +136,64 @@ impl Drop for Proc {
 pub struct Etcd {
     /// Client URL, `http://127.0.0.1:<port>`.
     pub endpoint: String,
-    proc: Proc,
-    _dir: tempfile::TempDir,
+    peer_url: String,
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let client = free_port();
-        let peer = free_port();
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut etcd = Self {
+            endpoint: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            proc: None,
+            dir: tempfile::tempdir()?,
+        };
+        etcd.resume().await?;
+        Ok(etcd)
+    }
+
+    /// Stops etcd (SIGTERM) and waits for it to exit; its data stays.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut proc) = self.proc.take() {
+            proc.signal("TERM")?;
+            proc.wait_exit(Duration::from_secs(10)).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts etcd again on the same ports and data, and waits until it answers.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new("etcd");
         cmd.args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
+            .arg(self.dir.path().join("data"))
             .args([
                 "--listen-client-urls",
-                &endpoint,
+                &self.endpoint,
                 "--advertise-client-urls",
-                &endpoint,
+                &self.endpoint,
             ])
             .args([
                 "--listen-peer-urls",
-                &peer_url,
+                &self.peer_url,
                 "--initial-advertise-peer-urls",
-                &peer_url,
+                &self.peer_url,
             ])
-            .args(["--initial-cluster", &format!("test={peer_url}")]);
-        let proc = Proc::spawn("etcd", cmd, dir.path().join("etcd.log"))?;
-        let etcd = Self {
-            endpoint,
-            proc,
-            _dir: dir,
-        };
+            .args(["--initial-cluster", &format!("test={}", self.peer_url)]);
+        let log = self.dir.path().join(format!("etcd-{}.log", free_port()));
+        let proc = Proc::spawn("etcd", cmd, log)?;
+        let text = proc.log.clone();
+        self.proc = Some(proc);
         eventually("etcd to answer", Duration::from_secs(20), || async {
-            etcd.ctl(&["endpoint", "health"])
+            self.ctl(&["endpoint", "health"])
                 .ok()
                 .filter(|o| o.status.success())
                 .map(|_| ())
         })
         .await
-        .with_context(|| etcd.proc.log_text())?;
-        Ok(etcd)
+        .with_context(|| std::fs::read_to_string(&text).unwrap_or_default())?;
+        Ok(())
     }
 
     /// Runs `etcdctl` against this etcd.
@@ -230,6 +245,18 @@ pub fn start_instance(
     dir: &Path,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
+    start_instance_with_env(service, etcd, port, dir, extra, &[])
+}
+
+/// As [`start_instance`], with extra environment variables (for example a more verbose `RUST_LOG`).
+pub fn start_instance_with_env(
+    service: &str,
+    etcd: &Etcd,
+    port: u16,
+    dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(bin(&format!("herd-{service}"))?);
     cmd.args([
         "--etcd",
@@ -241,7 +268,8 @@ pub fn start_instance(
     // Short lease and drain so tests converge fast; flags in `extra` override these.
     .env("HERD_LEASE_TTL", "2")
     .env("HERD_DRAIN_DELAY_MS", "300")
-    .env("RUST_LOG", "info");
+    .env("RUST_LOG", "info")
+    .envs(env.iter().copied());
     let log = dir.join(format!("{service}-{}.log", free_port()));
     Proc::spawn(&format!("herd-{service}"), cmd, log)
 }
@@ -442,4 +470,255 @@ pub fn herdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<Output> {
         .args(["--etcd", &etcd.endpoint])
         .args(args)
         .output()?)
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The time of a log line written by herd (`2026-11-26T06:20:22.531481Z ...`), in seconds since the
+/// Unix epoch.
+pub fn log_time(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let (date, time) = stamp.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (hh, mm) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    let ss = t.next()?.parse::<f64>().ok()?;
+    // Days since the epoch of a civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + hh * 3600.0 + mm * 60.0 + ss)
+}
+
+/// The time of the first line of `log` after `since` that contains every one of `needles`.
+pub fn first_line_time(log: &str, since: f64, needles: &[&str]) -> Option<f64> {
+    log.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .filter_map(log_time)
+        .find(|t| *t >= since)
+}
+
+impl Mesh {
+    /// The registration (`instance_id`, `address`) of the process with `pid`, from etcd.
+    pub fn registration_of(&self, pid: u32) -> Option<(String, String)> {
+        self.etcd
+            .get_prefix("/herd/services/")
+            .ok()?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_str::<serde_json::Value>(&v).ok())
+            .find(|v| v["pid"].as_u64() == Some(u64::from(pid)))
+            .and_then(|v| {
+                Some((
+                    v["instance_id"].as_str()?.to_string(),
+                    v["address"].as_str()?.to_string(),
+                ))
+            })
+    }
+
+    /// Waits until the process at `index` is registered and SERVING; returns its registration.
+    pub async fn wait_serving(&self, index: usize) -> anyhow::Result<(String, String)> {
+        let pid = self.instances[index].1.pid();
+        let (id, address) = eventually(
+            "the instance to register",
+            Duration::from_secs(20),
+            || async { self.registration_of(pid) },
+        )
+        .await
+        .with_context(|| self.instances[index].1.log_text())?;
+        eventually(
+            "the instance to be SERVING",
+            Duration::from_secs(10),
+            || async { (health(&address, "").as_deref() == Some("SERVING")).then_some(()) },
+        )
+        .await?;
+        Ok((id, address))
+    }
+
+    /// Logs of every running instance of `services`.
+    pub fn logs_of(&self, services: &[&str]) -> Vec<(String, String)> {
+        self.instances
+            .iter()
+            .filter(|(s, _)| services.contains(&s.as_str()))
+            .map(|(s, p)| (s.clone(), p.log_text()))
+            .collect()
+    }
+}
+
+/// A steady stream of CreateQuote calls from a mesh-aware client (gateways found through etcd,
+/// balanced and retried by herd's own runtime) that counts every call and failure.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    report: std::sync::Arc<std::sync::Mutex<Report>>,
+    _resolver: herd::discovery::Resolver,
+}
+
+/// What a [`Load`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Calls made.
+    pub sent: u64,
+    /// Failed calls by status code name.
+    pub failed: std::collections::BTreeMap<String, u64>,
+    /// The first few failure messages.
+    pub samples: Vec<String>,
+}
+
+impl Report {
+    /// Failed calls in all.
+    pub fn failures(&self) -> u64 {
+        self.failed.values().sum()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} calls sent, {} failed {:?}",
+            self.sent,
+            self.failures(),
+            self.failed
+        )?;
+        if !self.samples.is_empty() {
+            write!(f, " e.g. {:?}", self.samples)?;
+        }
+        Ok(())
+    }
+}
+
+impl Load {
+    /// Starts `workers` callers, each making one call every `pace`, each with `timeout` as its
+    /// deadline. Returns once a gateway is ready to take calls.
+    pub async fn start(
+        etcd: &Etcd,
+        workers: usize,
+        pace: Duration,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        use herd_proto::quote::quote_service_client::QuoteServiceClient;
+        let client = herd::etcd::connect(std::slice::from_ref(&etcd.endpoint)).await?;
+        let resolver =
+            herd::discovery::Resolver::start(client, &herd::keys::Keys::new("/herd/"), "gateway");
+        let channel = herd::MeshChannel::new("gateway", resolver.subscribe());
+        eventually(
+            "a gateway to be ready for the load",
+            Duration::from_secs(20),
+            || async { (!channel.ready_instances().is_empty()).then_some(()) },
+        )
+        .await?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let report = std::sync::Arc::new(std::sync::Mutex::new(Report::default()));
+        let request = herd_proto::quote::CreateQuoteRequest {
+            context: Some(herd_proto::context::RequestContext {
+                tenant_id: "load".into(),
+                ..Default::default()
+            }),
+            items: vec![herd_proto::types::LineItem {
+                sku: "widget".into(),
+                quantity: 3,
+            }],
+            currency: "EUR".into(),
+            region: "US-CA".into(),
+        };
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, report, channel, request) = (
+                    stop.clone(),
+                    report.clone(),
+                    channel.clone(),
+                    request.clone(),
+                );
+                tokio::spawn(async move {
+                    let client = QuoteServiceClient::new(channel.clone());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let deadline = herd::Deadline::after(timeout);
+                        let result =
+                            herd::context::call(deadline, channel.budget(), &request, |r| {
+                                let mut c = client.clone();
+                                async move { c.create_quote(r).await }
+                            })
+                            .await;
+                        if let Ok(mut r) = report.lock() {
+                            r.sent += 1;
+                            if let Err(status) = result {
+                                *r.failed.entry(format!("{:?}", status.code())).or_default() += 1;
+                                if r.samples.len() < 5 {
+                                    r.samples.push(status.message().to_string());
+                                }
+                            }
+                        }
+                        tokio::time::sleep(pace).await;
+                    }
+                })
+            })
+            .collect();
+        Ok(Self {
+            stop,
+            tasks,
+            report,
+            _resolver: resolver,
+        })
+    }
+
+    /// What the load has seen so far.
+    pub fn report(&self) -> Report {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Stops the callers, lets in-flight calls finish, and returns the totals.
+    pub async fn stop(mut self) -> Report {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+        self.report()
+    }
+}
+
+/// The test configuration: a catalog with a SKU promotion beating a category one, an exempt
+/// category, EUR at a rate where half-even rounding matters, tight limits and one signing key.
+pub fn fixture() -> Vec<(&'static str, String)> {
+    let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [9u8; 32]);
+    vec![
+        (
+            "catalog",
+            r#"{"currency":"USD","items":{
+                "widget":{"name":"Widget","price_minor":1999,"category":"tools"},
+                "apple":{"name":"Apple","price_minor":125,"category":"food"},
+                "lamp":{"name":"Lamp","price_minor":1220,"category":"home"}}}"#
+                .into(),
+        ),
+        (
+            "promotions",
+            r#"{"rules":[{"id":"widget-15","sku":"widget","percent_off":15,"min_quantity":3},
+                         {"id":"tools-5","category":"tools","percent_off":5}]}"#
+                .into(),
+        ),
+        (
+            "tax",
+            r#"{"regions":{"US-CA":{"rate_bps":725,"exempt_categories":["food"]}}}"#.into(),
+        ),
+        ("fx", r#"{"base":"USD","rates":{"EUR":"0.925"}}"#.into()),
+        ("quote", r#"{"ttl_seconds":300}"#.into()),
+        ("limits", r#"{"max_items":5,"max_quantity":50}"#.into()),
+        (
+            "keys",
+            format!(r#"{{"keys":[{{"id":"t1","secret":"{secret}","active":true}}]}}"#),
+        ),
+    ]
 }

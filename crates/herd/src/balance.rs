@@ -135,8 +135,26 @@ impl Service<Request> for MeshChannel {
                 tonic::Status::unavailable(format!("no live instance of {}", self.service));
             return Box::pin(async move { Err(Box::new(status) as BoxError) });
         }
-        Box::pin(self.inner.call(req))
+        let service = self.service.clone();
+        let call = self.inner.call(req);
+        Box::pin(async move { call.await.map_err(|e| not_processed(&service, e)) })
     }
+}
+
+/// Every error on this path came before any response: the connection failed or broke, or the
+/// balancer is gone. gRPC calls that UNAVAILABLE, which callers may retry; statuses the server
+/// sent arrive as responses and are not touched.
+fn not_processed(service: &str, error: BoxError) -> BoxError {
+    if error.is::<tonic::Status>() {
+        return error;
+    }
+    let mut message = format!("{service}: no response: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    Box::new(tonic::Status::unavailable(message))
 }
 
 /// gRPC A6's retry throttle: every retryable failure costs a token, every success earns back a

@@ -1,0 +1,453 @@
+//! Instances come and go and no caller notices: each scenario runs under a steady stream of
+//! CreateQuote calls from a mesh-aware client that counts every call and failure. Scenarios run one
+//! at a time: their timing claims should not compete with each other for two cores. Each prints a
+//! `REPORT` line with calls sent, calls failed and the time to converge.
+
+use std::time::Duration;
+
+use herd_tests::{
+    Load, Mesh, Report, eventually, first_line_time, fixture, log_time, now_secs,
+    start_instance_with_env,
+};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Calls per worker are paced so that the load is steady but leaves the machine room.
+const PACE: Duration = Duration::from_millis(10);
+const WORKERS: usize = 8;
+
+fn say(scenario: &str, report: &Report, converged: &str) {
+    println!("REPORT {scenario}: {report}; {converged}");
+}
+
+/// Waits until the load has made `n` more calls.
+async fn calls(load: &Load, n: u64) -> anyhow::Result<()> {
+    let target = load.report().sent + n;
+    eventually(
+        &format!("{n} more calls"),
+        Duration::from_secs(30),
+        || async { (load.report().sent >= target).then_some(()) },
+    )
+    .await
+}
+
+/// When each log first says `needles` at or after `since`, as seconds after `since`.
+async fn seen_in_logs(
+    what: &str,
+    logs: impl Fn() -> Vec<(String, String)>,
+    since: f64,
+    needles: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    eventually(what, timeout, || async {
+        logs()
+            .iter()
+            .map(|(_, log)| {
+                first_line_time(log, since - 0.001, needles).map(|t| (t - since).max(0.0))
+            })
+            .collect::<Option<Vec<f64>>>()
+    })
+    .await
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_9_one_instance_of_each_downstream_service() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
+    calls(&load, 50).await?;
+
+    let mut victims = Vec::new();
+    for service in ["pricing", "tax", "currency"] {
+        let index = mesh
+            .instances
+            .iter()
+            .position(|(s, _)| s == service)
+            .unwrap_or(0);
+        let (id, _) = mesh
+            .registration_of(mesh.instances[index].1.pid())
+            .unwrap_or_default();
+        victims.push((service, index, id));
+    }
+    let killed_at = now_secs();
+    for (_, index, _) in &victims {
+        mesh.instances[*index].1.signal("KILL")?;
+    }
+    let killed: Vec<usize> = victims.iter().map(|(_, i, _)| *i).collect();
+    let mut worst = 0.0f64;
+    for (service, _, id) in &victims {
+        let callers = if *service == "pricing" {
+            "gateway"
+        } else {
+            "pricing"
+        };
+        let logs = || {
+            mesh.instances
+                .iter()
+                .enumerate()
+                .filter(|(i, (s, _))| s == callers && !killed.contains(i))
+                .map(|(_, (s, p))| (s.clone(), p.log_text()))
+                .collect::<Vec<_>>()
+        };
+        let needle = format!("instance={id}");
+        let delays = seen_in_logs(
+            &format!("every {callers} to drop the killed {service}"),
+            logs,
+            killed_at,
+            &["endpoint removed", &needle],
+            Duration::from_secs(5),
+        )
+        .await?;
+        assert!(max(&delays) < 1.0, "{service}: dropped after {delays:?} s");
+        worst = worst.max(max(&delays));
+    }
+    calls(&load, 100).await?;
+    let report = load.stop().await;
+    say(
+        "a kill -9",
+        &report,
+        &format!("dead endpoints out of every balancer within {worst:.3} s"),
+    );
+    assert_eq!(report.failures(), 0, "{report}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn b_a_silent_peer_is_avoided_and_serves_again() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(2, &fixture()).await?;
+    // Deadlines shorter than the stall: calls caught on the silent peer may fail, no others.
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(1)).await?;
+    calls(&load, 50).await?;
+    let index = mesh
+        .instances
+        .iter()
+        .position(|(s, _)| s == "pricing")
+        .unwrap_or(0);
+    let (id, _) = mesh
+        .registration_of(mesh.instances[index].1.pid())
+        .unwrap_or_default();
+    let needle = format!("instance={id}");
+    let gateways = || mesh.logs_of(&["gateway"]);
+
+    let stopped_at = now_secs();
+    mesh.instances[index].1.signal("STOP")?;
+    let avoided = seen_in_logs(
+        "every gateway to stop offering the silent pricing instance",
+        gateways,
+        stopped_at,
+        &["endpoint removed", &needle],
+        Duration::from_secs(5),
+    )
+    .await;
+    // The scenario's stall lasts ten seconds whatever happens; resume before judging.
+    tokio::time::sleep(Duration::from_secs_f64(
+        (stopped_at + 10.0 - now_secs()).max(0.0),
+    ))
+    .await;
+    mesh.instances[index].1.signal("CONT")?;
+    let resumed_at = now_secs();
+    let avoided = avoided?;
+    let back = seen_in_logs(
+        "every gateway to offer the pricing instance again",
+        gateways,
+        resumed_at,
+        &["endpoint added", &needle],
+        Duration::from_secs(5),
+    )
+    .await?;
+    calls(&load, 100).await?;
+    let report = load.stop().await;
+    say(
+        "b SIGSTOP 10 s",
+        &report,
+        &format!(
+            "avoided within {:.3} s; serving again {:.3} s after SIGCONT",
+            max(&avoided),
+            max(&back)
+        ),
+    );
+    assert!(max(&avoided) < 2.0, "avoided only after {avoided:?} s");
+    let other: u64 = report
+        .failed
+        .iter()
+        .filter(|(code, _)| code.as_str() != "DeadlineExceeded")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(other, 0, "failures other than deadlines: {report}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_rolling_restart_of_every_instance_loses_nothing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::start(2, &fixture()).await?;
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
+    calls(&load, 50).await?;
+    let started = now_secs();
+    let originals: Vec<(usize, String)> = mesh
+        .instances
+        .iter()
+        .enumerate()
+        .map(|(i, (s, _))| (i, s.clone()))
+        .collect();
+    for (old, service) in originals {
+        let new = mesh.add(&service)?;
+        mesh.wait_serving(new).await?;
+        let proc = &mut mesh.instances[old].1;
+        proc.signal("TERM")?;
+        let status = proc.wait_exit(Duration::from_secs(20)).await?;
+        assert_eq!(status.code(), Some(0), "{}", proc.log_text());
+    }
+    let took = now_secs() - started;
+    calls(&load, 50).await?;
+    let report = load.stop().await;
+    say(
+        "c rolling restart",
+        &report,
+        &format!("8 instances replaced one at a time in {took:.1} s"),
+    );
+    assert_eq!(report.failures(), 0, "{report}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn d_a_new_instance_gets_calls_within_a_second_of_serving() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::start(1, &fixture()).await?;
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
+    calls(&load, 50).await?;
+    let proc = start_instance_with_env(
+        "pricing",
+        &mesh.etcd,
+        0,
+        mesh.dir.path(),
+        &[],
+        &[("RUST_LOG", "info,herd::access=debug")],
+    )?;
+    mesh.instances.push(("pricing".into(), proc));
+    let index = mesh.instances.len() - 1;
+    let log = || mesh.instances[index].1.log_text();
+    let serving = eventually(
+        "the new instance to report SERVING",
+        Duration::from_secs(20),
+        || async {
+            log()
+                .lines()
+                .find(|l| l.contains(" serving "))
+                .and_then(log_time)
+        },
+    )
+    .await?;
+    let first_call = eventually(
+        "the new instance to receive a call",
+        Duration::from_secs(10),
+        || async { first_line_time(&log(), serving, &["call received", "PriceItems"]) },
+    )
+    .await?;
+    let report = load.stop().await;
+    let delay = first_call - serving;
+    say(
+        "d scale-out",
+        &report,
+        &format!("first call {delay:.3} s after SERVING"),
+    );
+    assert!(delay < 1.0, "first call {delay} s after SERVING");
+    assert_eq!(report.failures(), 0, "{report}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn e_a_lease_revoked_behind_its_back_is_replaced_within_one_ttl() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
+    calls(&load, 50).await?;
+    let index = mesh
+        .instances
+        .iter()
+        .position(|(s, _)| s == "pricing")
+        .unwrap_or(0);
+    let pid = mesh.instances[index].1.pid();
+    let (id, _) = mesh.registration_of(pid).unwrap_or_default();
+    let key = format!("/herd/services/pricing/{id}");
+    let lease = lease_of(&mesh, &key)?;
+    let out = mesh.etcd.ctl(&["lease", "revoke", &format!("{lease:x}")])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked_at = now_secs();
+    let new_lease = eventually(
+        "the instance to register again",
+        Duration::from_secs(10),
+        || async { lease_of(&mesh, &key).ok().filter(|l| *l != lease) },
+    )
+    .await?;
+    let took = now_secs() - revoked_at;
+    calls(&load, 50).await?;
+    let report = load.stop().await;
+    say(
+        "e lease revoked",
+        &report,
+        &format!("registered again under lease {new_lease:x} after {took:.3} s"),
+    );
+    assert!(took < 2.0, "registered again only after {took} s (TTL 2 s)");
+    assert!(
+        mesh.instances[index]
+            .1
+            .log_text()
+            .contains("registration lost")
+    );
+    assert_eq!(report.failures(), 0, "{report}");
+    Ok(())
+}
+
+/// The lease a key is attached to.
+fn lease_of(mesh: &Mesh, key: &str) -> anyhow::Result<i64> {
+    let out = mesh.etcd.ctl(&["get", key, "-w", "json"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["kvs"][0]["lease"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("{key} is not in etcd: {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f_watchers_converge_after_compaction_past_their_revision() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::start(2, &fixture()).await?;
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
+    calls(&load, 50).await?;
+    // Freeze one pricing instance so its watch on tax's registrations falls behind, write far more
+    // than its stream can buffer, compact past it all, then let it go.
+    let watcher = mesh
+        .instances
+        .iter()
+        .position(|(s, _)| s == "pricing")
+        .unwrap_or(0);
+    mesh.instances[watcher].1.signal("STOP")?;
+    let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
+    let junk = "x".repeat(64 * 1024);
+    for i in 0..300 {
+        etcd.put(format!("/herd/services/tax/junk-{i}"), junk.as_str(), None)
+            .await?;
+    }
+    let deleted = etcd
+        .delete(
+            "/herd/services/tax/junk-",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await?;
+    let revision = deleted.header().map(|h| h.revision()).unwrap_or(0);
+    etcd.compact(revision, None).await?;
+    let resumed_at = now_secs();
+    mesh.instances[watcher].1.signal("CONT")?;
+
+    // Every tax watcher converges: a new tax instance is added and a killed one removed everywhere.
+    let fresh = mesh.add("tax")?;
+    let (fresh_id, _) = mesh.wait_serving(fresh).await?;
+    let old = mesh
+        .instances
+        .iter()
+        .position(|(s, _)| s == "tax")
+        .unwrap_or(0);
+    let (old_id, _) = mesh
+        .registration_of(mesh.instances[old].1.pid())
+        .unwrap_or_default();
+    mesh.instances[old].1.signal("KILL")?;
+    let pricing = || mesh.logs_of(&["pricing"]);
+    let added = format!("instance={fresh_id}");
+    let removed = format!("instance={old_id}");
+    let a = seen_in_logs(
+        "every pricing to add the new tax",
+        pricing,
+        resumed_at,
+        &["endpoint added", &added],
+        Duration::from_secs(15),
+    )
+    .await?;
+    let r = seen_in_logs(
+        "every pricing to drop the killed tax",
+        pricing,
+        resumed_at,
+        &["endpoint removed", &removed],
+        Duration::from_secs(15),
+    )
+    .await?;
+    let compacted = mesh.instances[watcher].1.log_text().lines().any(|l| {
+        l.contains("watch cancelled (compact revision") && !l.contains("compact revision 0,")
+    });
+    calls(&load, 50).await?;
+    let report = load.stop().await;
+    say(
+        "f compaction",
+        &report,
+        &format!(
+            "compacted at revision {revision}; frozen watcher saw the compaction: {compacted}; converged {:.3} s after resuming",
+            max(&a).max(max(&r))
+        ),
+    );
+    assert!(
+        compacted,
+        "the frozen watcher never saw its revision compacted: the scenario did not happen"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn g_etcd_down_for_5_s_under_load() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::start(2, &fixture()).await?;
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
+    calls(&load, 50).await?;
+    let stopped_at = now_secs();
+    mesh.etcd.stop().await?;
+    // The outage lasts five seconds whatever happens.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = load.report();
+    mesh.etcd.resume().await?;
+    let resumed_at = now_secs();
+    let all = || mesh.logs_of(&["gateway", "pricing", "tax", "currency"]);
+    let again = seen_in_logs(
+        "every instance to register again",
+        all,
+        stopped_at,
+        &["registered", "lease="],
+        Duration::from_secs(20),
+    )
+    .await?;
+    let pids: Vec<u32> = mesh.instances.iter().map(|(_, p)| p.pid()).collect();
+    eventually(
+        "every instance's key back, with old leases gone",
+        Duration::from_secs(20),
+        || async {
+            let keys = pids.iter().all(|pid| mesh.registration_of(*pid).is_some());
+            // `etcdctl lease list` prints "found N leases", then one id a line.
+            let leases = mesh.etcd.ctl(&["lease", "list"]).ok()?;
+            let count = String::from_utf8_lossy(&leases.stdout)
+                .lines()
+                .skip(1)
+                .count();
+            (keys && count == pids.len()).then_some(())
+        },
+    )
+    .await?;
+    calls(&load, 50).await?;
+    let report = load.stop().await;
+    say(
+        "g etcd down 5 s",
+        &report,
+        &format!(
+            "{} calls made during the outage; every instance registered again {:.3} s after etcd returned",
+            during.sent,
+            max(&again) - (resumed_at - stopped_at)
+        ),
+    );
+    assert_eq!(report.failures(), 0, "{report}");
+    Ok(())
+}
