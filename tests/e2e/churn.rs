@@ -105,7 +105,7 @@ async fn a_kill_9_one_instance_of_each_downstream_service() -> anyhow::Result<()
         assert!(max(&delays) < 1.0, "{service}: dropped after {delays:?} s");
         worst = worst.max(max(&delays));
     }
-    calls(&load, 100).await?;
+    calls(&load, 400).await?;
     let report = load.stop().await;
     say(
         "a kill -9",
