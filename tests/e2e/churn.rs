@@ -405,10 +405,25 @@ async fn g_etcd_down_for_5_s_under_load() -> anyhow::Result<()> {
     let mut mesh = Mesh::start(2, &fixture()).await?;
     let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
     calls(&load, 50).await?;
+    let gateway = mesh.gateways[0].clone();
     let stopped_at = now_secs();
     mesh.etcd.stop().await?;
+    // Operators see that the instance lost its registration, while it keeps serving.
+    eventually(
+        "health to report the registration lost",
+        Duration::from_secs(4),
+        || async {
+            (herd_tests::health(&gateway, "herd.registration").as_deref() == Some("NOT_SERVING"))
+                .then_some(())
+        },
+    )
+    .await?;
+    assert_eq!(herd_tests::health(&gateway, "").as_deref(), Some("SERVING"));
     // The outage lasts five seconds whatever happens.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs_f64(
+        (stopped_at + 5.0 - now_secs()).max(0.0),
+    ))
+    .await;
     let during = load.report();
     mesh.etcd.resume().await?;
     let resumed_at = now_secs();
@@ -434,6 +449,15 @@ async fn g_etcd_down_for_5_s_under_load() -> anyhow::Result<()> {
                 .skip(1)
                 .count();
             (keys && count == pids.len()).then_some(())
+        },
+    )
+    .await?;
+    eventually(
+        "health to report the registration back",
+        Duration::from_secs(5),
+        || async {
+            (herd_tests::health(&gateway, "herd.registration").as_deref() == Some("SERVING"))
+                .then_some(())
         },
     )
     .await?;
