@@ -290,12 +290,30 @@ async fn e_a_lease_revoked_behind_its_back_is_replaced_within_one_ttl() -> anyho
     )
     .await?;
     let took = now_secs() - revoked_at;
+    // A key deleted by hand is put back, under the same lease.
+    let out = mesh.etcd.ctl(&["del", &key])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deleted_at = now_secs();
+    let back = eventually(
+        "the deleted key to be put back",
+        Duration::from_secs(5),
+        || async { lease_of(&mesh, &key).ok() },
+    )
+    .await?;
+    let put_back = now_secs() - deleted_at;
+    assert_eq!(back, new_lease);
     calls(&load, 50).await?;
     let report = load.stop().await;
     say(
         "e lease revoked",
         &report,
-        &format!("registered again under lease {new_lease:x} after {took:.3} s"),
+        &format!(
+            "registered again under lease {new_lease:x} after {took:.3} s; deleted key back after {put_back:.3} s"
+        ),
     );
     assert!(took < 2.0, "registered again only after {took} s (TTL 2 s)");
     assert!(
