@@ -163,7 +163,20 @@ impl QuoteService for Gateway {
             .config
             .current()
             .ok_or_else(|| Status::unavailable("configuration not loaded yet"))?;
-        let quote = token::verify(&req.token, &snapshot.model.keys, now().seconds)?;
+        let now = now().seconds;
+        let quote = match token::verify(&req.token, &snapshot.model.keys, now) {
+            // Signed with a key from a revision this instance has not applied yet (a rotation
+            // landing): verify with that revision's keys. Only forward, so a removed key stays
+            // removed.
+            Err(token::TokenError::UnknownKey(_))
+                if token::claimed_revision(&req.token).is_some_and(|r| r > snapshot.revision) =>
+            {
+                let claimed = token::claimed_revision(&req.token).unwrap_or_default();
+                let newer = self.config.at(claimed).await?;
+                token::verify(&req.token, &newer.model.keys, now)?
+            }
+            result => result?,
+        };
         if quote.tenant_id != ctx.tenant_id {
             return Err(Status::permission_denied(format!(
                 "token: the quote belongs to another tenant than {:?}",

@@ -107,6 +107,14 @@ pub fn verify(token: &str, keys: &KeyRing, now_unix: i64) -> Result<Quote, Token
     Ok(quote)
 }
 
+/// The config revision a token's quote claims, read without verifying anything. Only for choosing
+/// which keys to verify with: a verifier that has not yet applied that revision may look forward to
+/// it, never back.
+pub fn claimed_revision(token: &str) -> Option<i64> {
+    let payload = B64.decode(token.trim().split('.').next()?).ok()?;
+    Some(Quote::decode(payload.as_slice()).ok()?.config_revision)
+}
+
 /// The id of the quote made for a request: derived from the tenant, the request id and the time the
 /// request was accepted, so that a retry with the same context gets the same id.
 pub fn quote_id(tenant_id: &str, request_id: &str, accepted_at: &prost_types::Timestamp) -> String {

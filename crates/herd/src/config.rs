@@ -6,10 +6,10 @@
 //! current snapshot takes no lock. Recent snapshots are kept by revision so that a request pinned to
 //! a revision is evaluated at exactly that revision; older ones are read from etcd until compacted.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use etcd_client::{Client, EventType, GetOptions};
 use tokio::sync::watch;
 use tonic::Status;
@@ -28,7 +28,7 @@ pub trait ConfigModel: Sized + Send + Sync + 'static {
 }
 
 /// Why a configuration was rejected: the section and the rule it broke.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("{section}: {message}")]
 pub struct ConfigError {
     /// The section at fault, for example `catalog`.
@@ -57,7 +57,7 @@ pub struct Snapshot<M> {
 }
 
 /// A revision that was rejected, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rejection {
     /// The etcd revision of the rejected write.
     pub revision: i64,
@@ -66,7 +66,7 @@ pub struct Rejection {
 }
 
 /// What an instance has applied and what it refused.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConfigStatus {
     /// Revision of the configuration in use (0 before the first valid one).
     pub applied: i64,
@@ -89,9 +89,9 @@ impl<M> Clone for ConfigStore<M> {
 
 struct Inner<M> {
     current: ArcSwapOption<Snapshot<M>>,
-    window: Mutex<VecDeque<Arc<Snapshot<M>>>>,
-    status: Mutex<ConfigStatus>,
-    applied: watch::Sender<i64>,
+    /// Recent snapshots, oldest first; replaced whole on change so that readers take no lock.
+    window: ArcSwap<Vec<Arc<Snapshot<M>>>>,
+    status: watch::Sender<ConfigStatus>,
     client: Client,
     keys: Keys,
 }
@@ -99,12 +99,10 @@ struct Inner<M> {
 impl<M: ConfigModel> ConfigStore<M> {
     /// Starts loading and watching the configuration under `keys` in the background.
     pub fn start(client: Client, keys: Keys) -> Self {
-        let (applied, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             current: ArcSwapOption::empty(),
-            window: Mutex::new(VecDeque::with_capacity(WINDOW)),
-            status: Mutex::new(ConfigStatus::default()),
-            applied,
+            window: ArcSwap::from_pointee(Vec::new()),
+            status: watch::Sender::new(ConfigStatus::default()),
             client,
             keys,
         });
@@ -119,23 +117,23 @@ impl<M: ConfigModel> ConfigStore<M> {
 
     /// Waits until a valid configuration is loaded.
     pub async fn ready(&self) {
-        let mut rx = self.inner.applied.subscribe();
-        let _ = rx.wait_for(|rev| *rev > 0).await;
+        self.applied_at_least(1).await;
     }
 
     /// Waits until the applied revision is at least `revision`.
     pub async fn applied_at_least(&self, revision: i64) {
-        let mut rx = self.inner.applied.subscribe();
-        let _ = rx.wait_for(|rev| *rev >= revision).await;
+        let mut rx = self.inner.status.subscribe();
+        let _ = rx.wait_for(|s| s.applied >= revision).await;
     }
 
     /// What is applied and what was last rejected.
     pub fn status(&self) -> ConfigStatus {
-        self.inner
-            .status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        self.inner.status.borrow().clone()
+    }
+
+    /// Follows the status: every applied or rejected revision.
+    pub fn subscribe_status(&self) -> watch::Receiver<ConfigStatus> {
+        self.inner.status.subscribe()
     }
 
     /// The configuration to evaluate a request at. `revision` 0 means the current one; any other is
@@ -162,8 +160,9 @@ impl<M: ConfigModel> ConfigStore<M> {
     }
 
     fn cached(&self, revision: i64) -> Option<Arc<Snapshot<M>>> {
-        let window = self.inner.window.lock().ok()?;
-        window
+        self.inner
+            .window
+            .load()
             .iter()
             .rev()
             .find(|s| s.revision == revision)
@@ -171,12 +170,7 @@ impl<M: ConfigModel> ConfigStore<M> {
     }
 
     fn remember(&self, snapshot: Arc<Snapshot<M>>) {
-        if let Ok(mut window) = self.inner.window.lock() {
-            if window.len() == WINDOW {
-                window.pop_front();
-            }
-            window.push_back(snapshot);
-        }
+        self.inner.remember(snapshot);
     }
 
     async fn load_revision(&self, revision: i64) -> Result<Snapshot<M>, Status> {
@@ -222,6 +216,22 @@ impl<M: ConfigModel> ConfigStore<M> {
 }
 
 impl<M> Inner<M> {
+    fn remember(&self, snapshot: Arc<Snapshot<M>>) {
+        self.window.rcu(|window| {
+            let mut next: Vec<Arc<Snapshot<M>>> = window
+                .iter()
+                .filter(|s| s.revision != snapshot.revision)
+                .cloned()
+                .collect();
+            next.push(snapshot.clone());
+            next.sort_by_key(|s| s.revision);
+            if next.len() > WINDOW {
+                next.drain(..next.len() - WINDOW);
+            }
+            next
+        });
+    }
+
     fn apply(&self, revision: i64, result: Result<M, ConfigError>) {
         match result {
             Ok(model) => {
@@ -234,17 +244,9 @@ impl<M> Inner<M> {
                     return;
                 }
                 let snapshot = Arc::new(Snapshot { revision, model });
-                self.current.store(Some(snapshot.clone()));
-                if let Ok(mut window) = self.window.lock() {
-                    if window.len() == WINDOW {
-                        window.pop_front();
-                    }
-                    window.push_back(snapshot);
-                }
-                if let Ok(mut status) = self.status.lock() {
-                    status.applied = revision;
-                }
-                self.applied.send_replace(revision);
+                self.remember(snapshot.clone());
+                self.current.store(Some(snapshot));
+                self.status.send_modify(|s| s.applied = revision);
                 tracing::info!(revision, "configuration applied");
             }
             Err(error) => {
@@ -254,9 +256,8 @@ impl<M> Inner<M> {
                     reason = %error.message,
                     "configuration rejected; keeping the last good one"
                 );
-                if let Ok(mut status) = self.status.lock() {
-                    status.rejected = Some(Rejection { revision, error });
-                }
+                self.status
+                    .send_modify(|s| s.rejected = Some(Rejection { revision, error }));
             }
         }
     }

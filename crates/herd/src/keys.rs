@@ -1,6 +1,7 @@
 //! Where herd keeps things in etcd, under a configurable prefix (default `/herd/`):
 //! `<prefix>config/<section>` for shared configuration and
-//! `<prefix>services/<service>/<instance-id>` for registrations.
+//! `<prefix>services/<service>/<instance-id>` for registrations and
+//! `<prefix>status/<service>/<instance-id>` for what each instance has applied.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,12 @@ impl Keys {
         format!("{}config/{section}", self.prefix)
     }
 
+    /// Where herdctl notes when and how it last wrote a section (written in the same transaction,
+    /// so that `config history` can tell when each revision was made).
+    pub fn config_meta(&self, section: &str) -> String {
+        format!("{}meta/config/{section}", self.prefix)
+    }
+
     /// The section name of a configuration key, if it is one.
     pub fn section_of<'k>(&self, key: &'k str) -> Option<&'k str> {
         key.strip_prefix(self.prefix.as_str())?
@@ -49,6 +56,16 @@ impl Keys {
     /// The prefix of one service's registrations.
     pub fn service_prefix(&self, service: &str) -> String {
         format!("{}services/{service}/", self.prefix)
+    }
+
+    /// The prefix of every instance's published status.
+    pub fn status_prefix(&self) -> String {
+        format!("{}status/", self.prefix)
+    }
+
+    /// The status key of one instance, bound to its registration's lease.
+    pub fn status(&self, service: &str, instance_id: &str) -> String {
+        format!("{}status/{service}/{instance_id}", self.prefix)
     }
 
     /// The registration key of one instance.
@@ -70,6 +87,17 @@ pub struct InstanceInfo {
     pub pid: u32,
     /// Version of the binary.
     pub version: String,
+}
+
+/// What an instance publishes about itself under its status key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Service name.
+    pub service: String,
+    /// Instance id.
+    pub instance_id: String,
+    /// The configuration revision applied and the latest one rejected.
+    pub config: crate::config::ConfigStatus,
 }
 
 #[cfg(test)]

@@ -5,11 +5,12 @@
 //! with jittered backoff, for as long as the instance lives. A key deleted by someone else is put
 //! back. Deregistering revokes the lease, which deletes the key at once.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, PutOptions, WatchOptions};
+use etcd_client::{Client, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -35,6 +36,8 @@ pub struct Registration {
 struct State {
     key: String,
     value: String,
+    /// Further keys that live and die with the registration (for example the config status).
+    extras: Mutex<BTreeMap<String, String>>,
     lease: AtomicI64,
     registered: watch::Sender<bool>,
 }
@@ -52,6 +55,7 @@ impl Registration {
         let state = Arc::new(State {
             key,
             value,
+            extras: Mutex::new(BTreeMap::new()),
             lease: AtomicI64::new(0),
             registered: watch::Sender::new(false),
         });
@@ -87,6 +91,23 @@ impl Registration {
         self.state.lease.load(Ordering::Acquire)
     }
 
+    /// Puts `key` = `value` under the registration's lease now and after every re-registration, so
+    /// that it disappears with the instance.
+    pub async fn publish(&self, key: String, value: String) -> Result<(), etcd_client::Error> {
+        if let Ok(mut extras) = self.state.extras.lock() {
+            extras.insert(key.clone(), value.clone());
+        }
+        let lease = self.lease_id();
+        if lease == 0 {
+            return Ok(());
+        }
+        let mut client = self.client.clone();
+        client
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map(|_| ())
+    }
+
     /// Stops renewal and revokes the lease, which removes the key. Bounded in time.
     pub async fn deregister(self) {
         let _ = self.stop.send(true);
@@ -119,15 +140,20 @@ async fn register_once(client: &Client, state: &State, ttl: i64) -> anyhow::Resu
     let mut client = client.clone();
     let grant = tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(ttl, None)).await??;
     let lease = grant.id();
-    tokio::time::timeout(
-        CALL_TIMEOUT,
-        client.put(
-            state.key.as_str(),
-            state.value.as_str(),
-            Some(PutOptions::new().with_lease(lease)),
-        ),
-    )
-    .await??;
+    let with_lease = || Some(PutOptions::new().with_lease(lease));
+    let mut ops = vec![TxnOp::put(
+        state.key.as_str(),
+        state.value.as_str(),
+        with_lease(),
+    )];
+    if let Ok(extras) = state.extras.lock() {
+        ops.extend(
+            extras
+                .iter()
+                .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), with_lease())),
+        );
+    }
+    tokio::time::timeout(CALL_TIMEOUT, client.txn(Txn::new().and_then(ops))).await??;
     state.lease.store(lease, Ordering::Release);
     state.registered.send_replace(true);
     tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl = grant.ttl(), "registered");

@@ -24,9 +24,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::balance::MeshChannel;
+use crate::config::ConfigStatus;
 use crate::config::{ConfigModel, ConfigStore};
 use crate::discovery::Resolver;
-use crate::keys::{InstanceInfo, Keys};
+use crate::keys::{InstanceInfo, InstanceStatus, Keys};
 use crate::registry::Registration;
 use crate::settings::Settings;
 
@@ -76,6 +77,7 @@ pub struct Mesh {
     etcd: Client,
     channels: Mutex<HashMap<String, (MeshChannel, Resolver)>>,
     ready: Vec<BoxFuture<'static, ()>>,
+    config_status: Option<tokio::sync::watch::Receiver<crate::config::ConfigStatus>>,
 }
 
 impl Mesh {
@@ -91,6 +93,7 @@ impl Mesh {
             etcd,
             channels: Mutex::new(HashMap::new()),
             ready: Vec::new(),
+            config_status: None,
         })
     }
 
@@ -207,9 +210,20 @@ impl Mesh {
             set_all(&health, &names, ServingStatus::Serving).await;
             tracing::info!(service = %self.service, instance = %self.instance_id, %address, "serving");
             let mirror = mirror_registration(health.clone(), registration.subscribe());
+            let status = publish_status(
+                registration,
+                self.keys.status(&self.service, &self.instance_id),
+                InstanceStatus {
+                    service: self.service.clone(),
+                    instance_id: self.instance_id.clone(),
+                    config: ConfigStatus::default(),
+                },
+                self.config_status.clone(),
+            );
             tokio::select! {
                 _ = &mut shutdown => {}
                 _ = mirror => {}
+                _ = status => {}
                 r = &mut server => {
                     r??;
                     anyhow::bail!("server stopped unexpectedly");
@@ -261,6 +275,33 @@ async fn mirror_registration(
         health.set_service_status(REGISTRATION_HEALTH, status).await;
         if registered.changed().await.is_err() {
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Publishes the instance's configuration status under its lease on every change, so that
+/// operators see what each instance applied and rejected (`herdctl config status`).
+async fn publish_status(
+    registration: &Registration,
+    key: String,
+    mut status: InstanceStatus,
+    feed: Option<tokio::sync::watch::Receiver<ConfigStatus>>,
+) {
+    let Some(mut feed) = feed else {
+        return std::future::pending().await;
+    };
+    loop {
+        status.config = feed.borrow_and_update().clone();
+        match serde_json::to_string(&status) {
+            Ok(value) => {
+                if let Err(e) = registration.publish(key.clone(), value).await {
+                    tracing::warn!(%key, error = %e, "publishing status failed; it is put again on the next change or registration");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "encoding status failed"),
+        }
+        if feed.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

@@ -1,0 +1,489 @@
+//! `herdctl config`: every change is validated with the services' own rules against the rest of
+//! the configuration before anything is written, and written in one transaction that compares
+//! each section's revision with the one validated (compare-and-swap).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use herd::ConfigModel;
+use herd::keys::{InstanceStatus, Keys};
+use herd_model::MeshConfig;
+use herd_model::sections::{SECTION_NAMES, validate_section};
+use serde::{Deserialize, Serialize};
+
+use crate::Output;
+
+/// The `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print a section's JSON.
+    Get {
+        /// catalog, promotions, tax, fx, quote, limits or keys.
+        section: String,
+    },
+    /// Validate FILE as SECTION with the services' own rules and write it if valid.
+    Put {
+        /// catalog, promotions, tax, fx, quote, limits or keys.
+        section: String,
+        /// A JSON file, or - for standard input.
+        file: String,
+    },
+    /// Write several sections in one transaction; nothing is written if any is invalid.
+    /// Each FILE is `SECTION.json` (the section from its name) or `SECTION=PATH`.
+    Apply {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
+    /// Show how each FILE differs from what etcd holds (same naming as apply).
+    Diff {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
+    /// List a section's past revisions: revision, when written, size.
+    History {
+        /// The section.
+        section: String,
+        /// At most this many revisions, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Write a section's value as it was at revision REV (validated like any write).
+    Rollback {
+        /// The section.
+        section: String,
+        /// The revision whose value to restore (see `config history`).
+        #[arg(long = "to", value_name = "REV")]
+        to: i64,
+    },
+    /// Each instance's applied configuration revision and any revision it rejected, with why.
+    Status,
+    /// Write the demo configuration for every section that is absent.
+    Seed,
+}
+
+/// A section as etcd holds it.
+struct Stored {
+    value: Vec<u8>,
+    mod_revision: i64,
+}
+
+/// herdctl's note beside each section it writes.
+#[derive(Debug, Serialize, Deserialize)]
+struct WriteNote {
+    /// RFC 3339 time of the write.
+    written_at: String,
+    /// The command that wrote it.
+    by: String,
+}
+
+/// What `config` commands need.
+pub struct Ctl {
+    /// etcd.
+    pub client: Client,
+    /// The key layout.
+    pub keys: Keys,
+    /// How to print.
+    pub output: Output,
+}
+
+fn known(section: &str) -> anyhow::Result<()> {
+    if !SECTION_NAMES.contains(&section) {
+        bail!(
+            "unknown section {section:?}; known: {}",
+            SECTION_NAMES.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `SECTION=PATH`, or a path whose file stem is the section.
+fn read_spec(spec: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    let (section, path) = match spec.split_once('=') {
+        Some((s, p)) => (s.to_string(), p.to_string()),
+        None => {
+            let stem = Path::new(spec)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            (stem, spec.to_string())
+        }
+    };
+    known(&section)
+        .with_context(|| format!("{spec}: name the file SECTION.json or write SECTION=PATH"))?;
+    Ok((section, read_file(&path)?))
+}
+
+fn read_file(path: &str) -> anyhow::Result<Vec<u8>> {
+    if path == "-" {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut s)?;
+        Ok(s)
+    } else {
+        std::fs::read(path).with_context(|| format!("reading {path}"))
+    }
+}
+
+fn pretty(raw: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(raw) {
+        Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+        Err(_) => String::from_utf8_lossy(raw).to_string(),
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Ctl {
+    /// Runs one `config` subcommand.
+    pub async fn run(mut self, command: ConfigCommand) -> anyhow::Result<()> {
+        match command {
+            ConfigCommand::Get { section } => self.get(&section).await,
+            ConfigCommand::Put { section, file } => {
+                known(&section)?;
+                let raw = read_file(&file)?;
+                self.change(vec![(section, raw)], "config put").await
+            }
+            ConfigCommand::Apply { files } => {
+                let changes = files
+                    .iter()
+                    .map(|f| read_spec(f))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                self.change(changes, "config apply").await
+            }
+            ConfigCommand::Diff { files } => self.diff(&files).await,
+            ConfigCommand::History { section, limit } => self.history(&section, limit).await,
+            ConfigCommand::Rollback { section, to } => self.rollback(&section, to).await,
+            ConfigCommand::Status => self.status().await,
+            ConfigCommand::Seed => self.seed().await,
+        }
+    }
+
+    /// Every section as etcd holds it now, and the store's revision.
+    async fn current(&mut self) -> anyhow::Result<(BTreeMap<String, Stored>, i64)> {
+        let resp = self
+            .client
+            .get(
+                self.keys.config_prefix(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let header = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let sections = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let name = std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| self.keys.section_of(k))?;
+                Some((
+                    name.to_string(),
+                    Stored {
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                ))
+            })
+            .collect();
+        Ok((sections, header))
+    }
+
+    async fn get(&mut self, section: &str) -> anyhow::Result<()> {
+        known(section)?;
+        let (current, _) = self.current().await?;
+        let stored = current
+            .get(section)
+            .with_context(|| format!("{} is not set", self.keys.config(section)))?;
+        let value: serde_json::Value = serde_json::from_slice(&stored.value)
+            .with_context(|| format!("{} holds invalid JSON", self.keys.config(section)))?;
+        match self.output {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "section": section, "revision": stored.mod_revision, "value": value
+                }))?
+            ),
+            Output::Table => {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                eprintln!("# revision {}", stored.mod_revision);
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates `changes` against the rest of the configuration, then writes them in one
+    /// transaction guarded by the revisions that were validated.
+    async fn change(&mut self, changes: Vec<(String, Vec<u8>)>, by: &str) -> anyhow::Result<()> {
+        let (current, _) = self.current().await?;
+        let mut merged: BTreeMap<String, Vec<u8>> = current
+            .iter()
+            .map(|(k, s)| (k.clone(), s.value.clone()))
+            .collect();
+        for (section, raw) in &changes {
+            validate_section(section, raw).map_err(|e| anyhow::anyhow!("refused: {e}"))?;
+            merged.insert(section.clone(), raw.clone());
+        }
+        if let Err(e) = MeshConfig::from_sections(&merged) {
+            // A configuration still being built up may lack other sections; anything else is a
+            // conflict with what is there.
+            let building_up =
+                e.message == "missing" && !changes.iter().any(|(s, _)| *s == e.section);
+            if !building_up {
+                bail!("refused: {e}");
+            }
+        }
+        let note = serde_json::to_string(&WriteNote {
+            written_at: now_rfc3339(),
+            by: by.to_string(),
+        })?;
+        let mut guards = Vec::new();
+        let mut ops = Vec::new();
+        for (section, raw) in &changes {
+            let key = self.keys.config(section);
+            guards.push(match current.get(section) {
+                Some(s) => Compare::mod_revision(key.as_str(), CompareOp::Equal, s.mod_revision),
+                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            });
+            ops.push(TxnOp::put(key.as_str(), raw.clone(), None));
+            ops.push(TxnOp::put(
+                self.keys.config_meta(section),
+                note.as_str(),
+                None,
+            ));
+        }
+        let resp = self
+            .client
+            .txn(Txn::new().when(guards).and_then(ops))
+            .await?;
+        if !resp.succeeded() {
+            bail!(
+                "the configuration changed while it was being validated; nothing written, try again"
+            );
+        }
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let names: Vec<&str> = changes.iter().map(|(s, _)| s.as_str()).collect();
+        match self.output {
+            Output::Json => println!(
+                "{}",
+                serde_json::json!({"written": names, "revision": revision})
+            ),
+            Output::Table => {
+                for name in names {
+                    println!("wrote {} at revision {revision}", self.keys.config(name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn diff(&mut self, files: &[String]) -> anyhow::Result<()> {
+        let (current, _) = self.current().await?;
+        let mut out = Vec::new();
+        for spec in files {
+            let (section, raw) = read_spec(spec)?;
+            let (old, revision) = current
+                .get(&section)
+                .map(|s| (pretty(&s.value), s.mod_revision))
+                .unwrap_or_default();
+            let new = pretty(&raw);
+            let diff = similar::TextDiff::from_lines(&old, &new)
+                .unified_diff()
+                .context_radius(3)
+                .header(
+                    &format!("{section} (etcd, revision {revision})"),
+                    &format!("{section} ({spec})"),
+                )
+                .to_string();
+            out.push((section, revision, diff));
+        }
+        match self.output {
+            Output::Json => {
+                let list: Vec<serde_json::Value> = out
+                    .iter()
+                    .map(|(s, r, d)| serde_json::json!({"section": s, "revision": r, "changed": !d.is_empty(), "diff": d}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            }
+            Output::Table => {
+                for (section, _, diff) in out {
+                    if diff.is_empty() {
+                        println!("{section}: no changes");
+                    } else {
+                        print!("{diff}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn history(&mut self, section: &str, limit: usize) -> anyhow::Result<()> {
+        known(section)?;
+        let key = self.keys.config(section);
+        let meta = self.keys.config_meta(section);
+        let mut rows = Vec::new();
+        let mut at = 0; // 0 reads the newest
+        let mut end = None;
+        while rows.len() < limit {
+            let options = if at > 0 {
+                Some(GetOptions::new().with_revision(at))
+            } else {
+                None
+            };
+            let resp = match self.client.get(key.as_str(), options.clone()).await {
+                Ok(r) => r,
+                Err(e) if e.to_string().contains("compacted") => {
+                    end = Some("older revisions are compacted");
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some(kv) = resp.kvs().first() else {
+                end = Some(if at == 0 { "not set" } else { "created here" });
+                break;
+            };
+            let revision = kv.mod_revision();
+            let note = self
+                .client
+                .get(
+                    meta.as_str(),
+                    Some(GetOptions::new().with_revision(revision)),
+                )
+                .await
+                .ok()
+                .and_then(|r| r.kvs().first().cloned())
+                .filter(|m| m.mod_revision() == revision)
+                .and_then(|m| serde_json::from_slice::<WriteNote>(m.value()).ok());
+            rows.push((revision, kv.value().len(), note));
+            at = revision - 1;
+            if at <= 0 {
+                end = Some("created here");
+                break;
+            }
+        }
+        match self.output {
+            Output::Json => {
+                let list: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(rev, size, note)| {
+                        serde_json::json!({
+                            "revision": rev, "size": size,
+                            "written_at": note.as_ref().map(|n| n.written_at.clone()),
+                            "by": note.as_ref().map(|n| n.by.clone()),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            }
+            Output::Table => {
+                println!("{:>9}  {:<22} {:>7}  BY", "REVISION", "WRITTEN", "SIZE");
+                for (rev, size, note) in &rows {
+                    let (when, by) = note.as_ref().map_or(("unknown", "not herdctl"), |n| {
+                        (n.written_at.as_str(), n.by.as_str())
+                    });
+                    println!("{rev:>9}  {when:<22} {size:>7}  {by}");
+                }
+                if let Some(end) = end {
+                    println!("({end})");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn rollback(&mut self, section: &str, to: i64) -> anyhow::Result<()> {
+        known(section)?;
+        let key = self.keys.config(section);
+        let resp = self
+            .client
+            .get(key.as_str(), Some(GetOptions::new().with_revision(to)))
+            .await
+            .map_err(|e| {
+                if e.to_string().contains("compacted") {
+                    anyhow::anyhow!(
+                        "revision {to} has been compacted; see `herdctl config history {section}`"
+                    )
+                } else {
+                    e.into()
+                }
+            })?;
+        let kv = resp
+            .kvs()
+            .first()
+            .with_context(|| format!("{key} did not exist at revision {to}"))?;
+        let raw = kv.value().to_vec();
+        self.change(
+            vec![(section.to_string(), raw)],
+            &format!("config rollback --to {to}"),
+        )
+        .await
+    }
+
+    async fn status(&mut self) -> anyhow::Result<()> {
+        let (current, _) = self.current().await?;
+        let latest = current.values().map(|s| s.mod_revision).max().unwrap_or(0);
+        let resp = self
+            .client
+            .get(
+                self.keys.status_prefix(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let statuses: Vec<InstanceStatus> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect();
+        match self.output {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "revision": latest, "instances": statuses
+                }))?
+            ),
+            Output::Table => {
+                println!("configuration revision in etcd: {latest}");
+                println!(
+                    "{:<10} {:<24} {:>8} {:>9}  REASON",
+                    "SERVICE", "INSTANCE", "APPLIED", "REJECTED"
+                );
+                for s in statuses {
+                    let (rejected, reason) = s
+                        .config
+                        .rejected
+                        .map_or((String::from("-"), String::new()), |r| {
+                            (r.revision.to_string(), r.error.to_string())
+                        });
+                    println!(
+                        "{:<10} {:<24} {:>8} {:>9}  {}",
+                        s.service, s.instance_id, s.config.applied, rejected, reason
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn seed(&mut self) -> anyhow::Result<()> {
+        let secret: [u8; 32] = rand::random();
+        for (section, value) in herd_model::demo::sections(&secret) {
+            let key = self.keys.config(section);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.as_str(), value, None)]);
+            let resp = self.client.txn(txn).await?;
+            if resp.succeeded() {
+                println!("seeded  {key}");
+            } else {
+                println!("kept    {key} (already set)");
+            }
+        }
+        Ok(())
+    }
+}
