@@ -564,6 +564,7 @@ pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     report: std::sync::Arc<std::sync::Mutex<Report>>,
+    quotes: std::sync::Arc<std::sync::Mutex<Vec<herd_proto::quote::Quote>>>,
     _resolver: herd::discovery::Resolver,
 }
 
@@ -623,6 +624,7 @@ impl Load {
         .await?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let report = std::sync::Arc::new(std::sync::Mutex::new(Report::default()));
+        let quotes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let request = herd_proto::quote::CreateQuoteRequest {
             context: Some(herd_proto::context::RequestContext {
                 tenant_id: "load".into(),
@@ -637,11 +639,12 @@ impl Load {
         };
         let tasks = (0..workers)
             .map(|_| {
-                let (stop, report, channel, request) = (
+                let (stop, report, channel, request, quotes) = (
                     stop.clone(),
                     report.clone(),
                     channel.clone(),
                     request.clone(),
+                    quotes.clone(),
                 );
                 tokio::spawn(async move {
                     let client = QuoteServiceClient::new(channel.clone());
@@ -653,6 +656,11 @@ impl Load {
                                 async move { c.create_quote(r).await }
                             })
                             .await;
+                        let result = result.map(|response| {
+                            if let (Some(quote), Ok(mut all)) = (response.quote, quotes.lock()) {
+                                all.push(quote);
+                            }
+                        });
                         if let Ok(mut r) = report.lock() {
                             r.sent += 1;
                             if let Err(status) = result {
@@ -671,6 +679,7 @@ impl Load {
             stop,
             tasks,
             report,
+            quotes,
             _resolver: resolver,
         })
     }
@@ -678,6 +687,19 @@ impl Load {
     /// What the load has seen so far.
     pub fn report(&self) -> Report {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Every quote returned so far.
+    pub fn quotes(&self) -> Vec<herd_proto::quote::Quote> {
+        self.quotes.lock().map(|q| q.clone()).unwrap_or_default()
+    }
+
+    /// Stops the callers and returns the totals with every quote returned.
+    pub async fn finish(self) -> (Report, Vec<herd_proto::quote::Quote>) {
+        let quotes = self.quotes.clone();
+        let report = self.stop().await;
+        let all = quotes.lock().map(|q| q.clone()).unwrap_or_default();
+        (report, all)
     }
 
     /// Stops the callers, lets in-flight calls finish, and returns the totals.

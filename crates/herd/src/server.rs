@@ -118,6 +118,7 @@ impl Mesh {
         let waiter = store.clone();
         self.ready
             .push(Box::pin(async move { waiter.ready().await }));
+        self.config_status = Some(store.subscribe_status());
         store
     }
 

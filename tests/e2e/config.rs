@@ -1,0 +1,578 @@
+//! Shared configuration that cannot hurt: pinned per request, hot-reloaded everywhere, invalid
+//! values rejected and reported, reversible, with key rotation that no verifier notices.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use herd_proto::quote::quote_service_client::QuoteServiceClient;
+use herd_proto::quote::{CreateQuoteRequest, Quote, VerifyQuoteRequest};
+use herd_tests::{Answer, Load, Mesh, call, eventually, fixture, herdctl, now_secs};
+use prost::Message;
+use serde_json::{Value, json};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn catalog_with_widget_price(price: i64) -> String {
+    let mut catalog: Value = serde_json::from_str(&fixture()[0].1).unwrap_or_default();
+    catalog["items"]["widget"]["price_minor"] = json!(price);
+    catalog.to_string()
+}
+
+fn half_even(num: i128, den: i128) -> i128 {
+    let (q, r) = (num / den, num % den);
+    if 2 * r > den || (2 * r == den && q % 2 == 1) {
+        q + 1
+    } else {
+        q
+    }
+}
+
+/// The total in EUR of 3 widgets at `price`: the sku rule's 15 % off, 7.25 % tax, EUR at 0.925.
+fn widget_total(price: i64) -> i64 {
+    let gross = i128::from(price) * 3;
+    let discount = half_even(gross * 15, 100);
+    let tax = half_even((gross - discount) * 725, 10_000);
+    let eur = |a: i128| half_even(a * 925, 1000);
+    (eur(gross) - eur(discount) + eur(tax)) as i64
+}
+
+async fn client(address: &str) -> anyhow::Result<QuoteServiceClient<tonic::transport::Channel>> {
+    Ok(QuoteServiceClient::new(
+        herd::balance::endpoint(address)?.connect().await?,
+    ))
+}
+
+fn widget_request(context: Option<herd_proto::context::RequestContext>) -> CreateQuoteRequest {
+    CreateQuoteRequest {
+        context: Some(context.unwrap_or(herd_proto::context::RequestContext {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })),
+        items: vec![herd_proto::types::LineItem {
+            sku: "widget".into(),
+            quantity: 3,
+        }],
+        currency: "EUR".into(),
+        region: "US-CA".into(),
+    }
+}
+
+/// `herdctl config status --output json`, as (instance id → (applied, rejected revision, reason)).
+fn status(mesh: &Mesh) -> anyhow::Result<BTreeMap<String, (i64, i64, String)>> {
+    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["instances"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|i| {
+            let rejected = &i["config"]["rejected"];
+            (
+                i["instance_id"].as_str().unwrap_or_default().to_string(),
+                (
+                    i["config"]["applied"].as_i64().unwrap_or(0),
+                    rejected["revision"].as_i64().unwrap_or(0),
+                    format!(
+                        "{}: {}",
+                        rejected["error"]["section"].as_str().unwrap_or(""),
+                        rejected["error"]["message"].as_str().unwrap_or("")
+                    ),
+                ),
+            )
+        })
+        .collect())
+}
+
+/// Waits until all `n` instances report `revision` applied.
+async fn all_applied(mesh: &Mesh, n: usize, revision: i64) -> anyhow::Result<()> {
+    eventually(
+        &format!("{n} instances to apply revision {revision}"),
+        Duration::from_secs(10),
+        || async {
+            let s = status(mesh).ok()?;
+            (s.len() == n && s.values().all(|(applied, _, _)| *applied >= revision)).then_some(())
+        },
+    )
+    .await
+}
+
+async fn put(etcd: &mut etcd_client::Client, key: &str, value: String) -> anyhow::Result<i64> {
+    let resp = etcd.put(key, value, None).await?;
+    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifty_price_changes_under_load_never_mix_revisions() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
+    let load = Load::start(
+        &mesh.etcd,
+        8,
+        Duration::from_millis(5),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let mut prices = vec![(0i64, 1999i64)];
+    for i in 1..=50 {
+        let price = 1999 + i * 7;
+        let revision = put(
+            &mut etcd,
+            "/herd/config/catalog",
+            catalog_with_widget_price(price),
+        )
+        .await?;
+        prices.push((revision, price));
+        // Pacing so that quotes land at many revisions.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let last = prices.last().map(|p| p.0).unwrap_or(0);
+    all_applied(&mesh, 8, last).await?;
+    let (report, quotes) = load.finish().await;
+    let price_at = |rev: i64| {
+        prices
+            .iter()
+            .rev()
+            .find(|(r, _)| *r <= rev)
+            .map(|p| p.1)
+            .unwrap_or(1999)
+    };
+    let mut revisions = BTreeMap::new();
+    for quote in &quotes {
+        let price = price_at(quote.config_revision);
+        let total = quote.total.as_ref().map(|m| m.minor_units).unwrap_or(-1);
+        assert_eq!(
+            total,
+            widget_total(price),
+            "quote at revision {} priced a widget at something other than {price}",
+            quote.config_revision
+        );
+        *revisions.entry(quote.config_revision).or_insert(0) += 1;
+    }
+    println!(
+        "REPORT config a: {report}; {} quotes at {} distinct revisions, each equal to the recomputation at its revision",
+        quotes.len(),
+        revisions.len()
+    );
+    assert_eq!(report.failures(), 0, "{report}");
+    assert!(
+        revisions.len() >= 25,
+        "quotes covered only {} revisions",
+        revisions.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn b_a_retry_after_a_change_is_byte_identical_on_another_gateway() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let mut g1 = client(&mesh.gateways[0]).await?;
+    let mut g2 = client(&mesh.gateways[1]).await?;
+    let first = g1.create_quote(widget_request(None)).await?.into_inner();
+    let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
+    let revision = put(
+        &mut etcd,
+        "/herd/config/catalog",
+        catalog_with_widget_price(2500),
+    )
+    .await?;
+    all_applied(&mesh, 8, revision).await?;
+    let fresh = g2.create_quote(widget_request(None)).await?.into_inner();
+    assert_eq!(
+        fresh.quote.as_ref().map(|q| q.config_revision),
+        Some(revision)
+    );
+    let retry = g2
+        .create_quote(widget_request(first.context.clone()))
+        .await?
+        .into_inner();
+    let bytes = |q: &Option<Quote>| q.as_ref().map(|q| q.encode_to_vec()).unwrap_or_default();
+    assert_eq!(bytes(&retry.quote), bytes(&first.quote));
+    assert_eq!(retry.token, first.token);
+    assert_ne!(bytes(&fresh.quote), bytes(&first.quote));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_an_invalid_value_is_rejected_everywhere_reported_and_harmless() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let load = Load::start(
+        &mesh.etcd,
+        8,
+        Duration::from_millis(10),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let before = status(&mesh)?;
+    let applied = before.values().map(|s| s.0).max().unwrap_or(0);
+    let bad = catalog_with_widget_price(-1);
+    mesh.etcd.put("/herd/config/catalog", &bad)?;
+    let out = mesh
+        .etcd
+        .ctl(&["get", "/herd/config/catalog", "-w", "json"])?;
+    let rejected: i64 = serde_json::from_slice::<Value>(&out.stdout)?["kvs"][0]["mod_revision"]
+        .as_i64()
+        .unwrap_or(0);
+    eventually(
+        "every instance to report the rejection",
+        Duration::from_secs(10),
+        || async {
+            let s = status(&mesh).ok()?;
+            (s.len() == 8
+                && s.values().all(|(a, r, why)| {
+                    *a == applied && *r == rejected && why.contains("items.widget.price_minor")
+                }))
+            .then_some(())
+        },
+    )
+    .await?;
+    let table = herdctl(&mesh.etcd, &["config", "status"])?;
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(
+        table.contains(&rejected.to_string())
+            && table.contains("catalog: items.widget.price_minor"),
+        "{table}"
+    );
+    let before_stop = load.report().sent;
+    eventually(
+        "more calls after the rejection",
+        Duration::from_secs(10),
+        || async { (load.report().sent > before_stop + 100).then_some(()) },
+    )
+    .await?;
+    let (report, quotes) = load.finish().await;
+    for quote in &quotes {
+        assert_eq!(
+            quote.config_revision, applied,
+            "a quote used something other than the last good revision"
+        );
+    }
+    println!(
+        "REPORT config c: {report}; revision {rejected} rejected by all 8 instances, all kept {applied}"
+    );
+    assert_eq!(report.failures(), 0, "{report}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
+    let mut delays = Vec::new();
+    for i in 0..100 {
+        let revision = put(
+            &mut etcd,
+            "/herd/config/catalog",
+            catalog_with_widget_price(3000 + i),
+        )
+        .await?;
+        let written = now_secs();
+        let needle = format!("configuration applied revision={revision}");
+        let times = eventually(
+            &format!("8 instances to apply {revision}"),
+            Duration::from_secs(10),
+            || async {
+                mesh.instances
+                    .iter()
+                    .map(|(_, p)| {
+                        p.log_text()
+                            .lines()
+                            .find(|l| l.ends_with(&needle))
+                            .and_then(herd_tests::log_time)
+                    })
+                    .collect::<Option<Vec<f64>>>()
+            },
+        )
+        .await?;
+        let slowest = times.iter().copied().fold(f64::MIN, f64::max);
+        delays.push(((slowest - written) * 1000.0).max(0.0));
+    }
+    delays.sort_by(|a, b| a.total_cmp(b));
+    let pct =
+        |p: f64| delays[((delays.len() as f64 * p).ceil() as usize).clamp(1, delays.len()) - 1];
+    println!(
+        "REPORT config d: put to all 8 instances applied over {} changes: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        delays.len(),
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
+    // The goal (p99 ≤ 10 ms) is judged on release builds by `make bench`; here only gross regressions fail.
+    assert!(pct(0.99) < 250.0, "p99 {} ms", pct(0.99));
+    Ok(())
+}
+
+fn keys_json(keys: &[(&str, u8, bool)]) -> String {
+    let entries: Vec<Value> = keys
+        .iter()
+        .map(|(id, seed, active)| {
+            json!({"id": id, "secret": base64::engine::general_purpose::STANDARD.encode([*seed; 32]), "active": active})
+        })
+        .collect();
+    json!({ "keys": entries }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn e_key_rotation_under_load_fails_no_verification() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(2, &fixture()).await?;
+    let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
+    let old_token = client(&mesh.gateways[0])
+        .await?
+        .create_quote(widget_request(None))
+        .await?
+        .into_inner()
+        .token;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let verified = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (a, b) = (
+            mesh.gateways[w % 2].clone(),
+            mesh.gateways[(w + 1) % 2].clone(),
+        );
+        let (stop, verified) = (stop.clone(), verified.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut create, mut verify) = (client(&a).await?, client(&b).await?);
+            let mut failed = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let token = create
+                    .create_quote(widget_request(None))
+                    .await?
+                    .into_inner()
+                    .token;
+                let request = VerifyQuoteRequest {
+                    context: widget_request(None).context,
+                    token,
+                };
+                match verify.verify_quote(request).await {
+                    Ok(_) => {
+                        verified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(s) => failed.push(s.message().to_string()),
+                }
+            }
+            anyhow::Ok(failed)
+        }));
+    }
+    let more = |n: u64| {
+        let verified = verified.clone();
+        async move {
+            let target = verified.load(std::sync::atomic::Ordering::Relaxed) + n;
+            eventually(
+                &format!("{n} more verifications"),
+                Duration::from_secs(20),
+                || async {
+                    (verified.load(std::sync::atomic::Ordering::Relaxed) >= target).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    more(50).await?;
+    // Rotate in one step: k2 appears already active while k1 only verifies. Instances that have
+    // not applied it yet verify k2's tokens with the revision the token names.
+    let rotated = put(
+        &mut etcd,
+        "/herd/config/keys",
+        keys_json(&[("t1", 9, false), ("t2", 4, true)]),
+    )
+    .await?;
+    all_applied(&mesh, 8, rotated).await?;
+    more(50).await?;
+    let verify_old = |address: String, token: String| async move {
+        let request = VerifyQuoteRequest {
+            context: widget_request(None).context,
+            token,
+        };
+        client(&address)
+            .await?
+            .verify_quote(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+    };
+    for g in &mesh.gateways {
+        verify_old(g.clone(), old_token.clone()).await?;
+    }
+    // Retire k1.
+    let retired = put(
+        &mut etcd,
+        "/herd/config/keys",
+        keys_json(&[("t2", 4, true)]),
+    )
+    .await?;
+    all_applied(&mesh, 8, retired).await?;
+    more(50).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failed = Vec::new();
+    for w in workers {
+        failed.extend(w.await??);
+    }
+    let verified = verified.load(std::sync::atomic::Ordering::Relaxed);
+    for g in &mesh.gateways {
+        let refused = verify_old(g.clone(), old_token.clone())
+            .await
+            .expect_err("a retired key still verifies");
+        assert!(refused.to_string().contains("unknown key"), "{refused}");
+    }
+    println!(
+        "REPORT config e: {verified} tokens verified across gateways during rotation, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(verified >= 150);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f_a_compacted_revision_is_failed_precondition() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::start(1, &fixture()).await?;
+    let first = call(&mesh.gateways[0], "herd.quote.v1.QuoteService/CreateQuote", &json!({
+        "context": {"tenantId": "acme"}, "items": [{"sku": "widget", "quantity": 3}], "currency": "EUR", "region": "US-CA"
+    }))?
+    .ok()?;
+    let pinned = first["context"]["configRevision"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
+    let revision = put(
+        &mut etcd,
+        "/herd/config/catalog",
+        catalog_with_widget_price(2100),
+    )
+    .await?;
+    etcd.compact(revision, None).await?;
+    // A gateway started now has never seen the pinned revision; etcd no longer has it.
+    let index = mesh.add("gateway")?;
+    mesh.wait_serving(index).await?;
+    let fresh = mesh.gateways.last().cloned().unwrap_or_default();
+    let mut retry =
+        json!({"items": [{"sku": "widget", "quantity": 3}], "currency": "EUR", "region": "US-CA"});
+    retry["context"] = first["context"].clone();
+    match call(&fresh, "herd.quote.v1.QuoteService/CreateQuote", &retry)? {
+        Answer::Err { code, message } => {
+            assert_eq!(code, "FailedPrecondition", "{message}");
+            assert!(
+                message.contains(&format!("revision {pinned}")) && message.contains("compacted"),
+                "{message}"
+            );
+        }
+        Answer::Ok(v) => panic!("a compacted revision was served: {v}"),
+    }
+    // The instance that still holds it in memory answers identically.
+    let again = call(
+        &mesh.gateways[0],
+        "herd.quote.v1.QuoteService/CreateQuote",
+        &retry,
+    )?
+    .ok()?;
+    assert_eq!(again["quote"], first["quote"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn herdctl_apply_diff_history_rollback() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(1, &fixture()).await?;
+    let dir = mesh.dir.path();
+    let path = |name: &str| dir.join(name).to_string_lossy().to_string();
+    std::fs::write(
+        dir.join("limits.json"),
+        r#"{"max_items":9,"max_quantity":90}"#,
+    )?;
+    std::fs::write(dir.join("quote.json"), r#"{"ttl_seconds":0}"#)?;
+    // One invalid section: nothing is written.
+    let out = herdctl(
+        &mesh.etcd,
+        &["config", "apply", &path("limits.json"), &path("quote.json")],
+    )?;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("ttl_seconds"));
+    let out = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"max_items\": 5"));
+
+    // diff shows what would change.
+    let out = herdctl(&mesh.etcd, &["config", "diff", &path("limits.json")])?;
+    let diff = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        diff.contains("-  \"max_items\": 5") && diff.contains("+  \"max_items\": 9"),
+        "{diff}"
+    );
+
+    // Both sections in one transaction.
+    std::fs::write(dir.join("quote.json"), r#"{"ttl_seconds":600}"#)?;
+    let out = herdctl(
+        &mesh.etcd,
+        &[
+            "config",
+            "apply",
+            &path("limits.json"),
+            &format!("quote={}", path("quote.json")),
+            "--output",
+            "json",
+        ],
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied: Value = serde_json::from_slice(&out.stdout)?;
+    let revision = applied["revision"].as_i64().unwrap_or(0);
+    let history = |section: &str| -> anyhow::Result<Vec<Value>> {
+        let out = herdctl(
+            &mesh.etcd,
+            &["config", "history", section, "--output", "json"],
+        )?;
+        Ok(serde_json::from_slice::<Value>(&out.stdout)?
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    };
+    let limits = history("limits")?;
+    assert_eq!(limits[0]["revision"].as_i64(), Some(revision));
+    assert!(limits[0]["written_at"].is_string());
+    assert_eq!(history("quote")?[0]["revision"].as_i64(), Some(revision));
+    let original = limits[1]["revision"].as_i64().unwrap_or(0);
+    assert!(
+        limits[1]["written_at"].is_null(),
+        "the fixture was written with etcdctl: {limits:?}"
+    );
+
+    // Roll back to the original, and every instance applies it.
+    let out = herdctl(
+        &mesh.etcd,
+        &[
+            "config",
+            "rollback",
+            "limits",
+            "--to",
+            &original.to_string(),
+        ],
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"max_items\": 5"));
+    let rolled = history("limits")?;
+    assert!(
+        rolled[0]["by"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rollback")
+    );
+    all_applied(&mesh, 4, rolled[0]["revision"].as_i64().unwrap_or(0)).await?;
+    let table = herdctl(&mesh.etcd, &["config", "history", "limits"])?;
+    assert!(String::from_utf8_lossy(&table.stdout).contains("REVISION"));
+    Ok(())
+}
