@@ -5,7 +5,7 @@ PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("sc
 export PATH := $(PY_SCRIPTS):$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build run test lint fmt-check clippy buf-lint dup-check clean
+.PHONY: deps build run test lint fmt-check clippy buf-lint dup-check bench clean
 
 deps:
 	@scripts/install-deps.sh
@@ -34,6 +34,9 @@ test: deps lint build
 	@mkdir -p .run
 	set -o pipefail; timeout 1500 $(CARGO) test --workspace 2>&1 | tee .run/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "summary: %d passed, %d failed\n", p, f }' .run/test.log
+
+bench: deps
+	scripts/bench-config.sh
 
 clean:
 	$(CARGO) clean
