@@ -650,12 +650,17 @@ impl Load {
                     let client = QuoteServiceClient::new(channel.clone());
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let deadline = herd::Deadline::after(timeout);
-                        let result =
-                            herd::context::call(deadline, channel.budget(), &request, |r| {
+                        let result = herd::context::call(
+                            deadline,
+                            channel.budget(),
+                            "herd.quote.v1.QuoteService/CreateQuote",
+                            &request,
+                            |r| {
                                 let mut c = client.clone();
                                 async move { c.create_quote(r).await }
-                            })
-                            .await;
+                            },
+                        )
+                        .await;
                         let result = result.map(|response| {
                             if let (Some(quote), Ok(mut all)) = (response.quote, quotes.lock()) {
                                 all.push(quote);

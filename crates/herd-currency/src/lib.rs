@@ -36,6 +36,18 @@ impl CurrencyService for Currency {
         &self,
         request: Request<ConvertRequest>,
     ) -> Result<Response<ConvertResponse>, Status> {
+        herd::telemetry::serve("herd.currency.v1.CurrencyService/Convert", request, |r| {
+            self.convert_amounts(r)
+        })
+        .await
+    }
+}
+
+impl Currency {
+    async fn convert_amounts(
+        &self,
+        request: Request<ConvertRequest>,
+    ) -> Result<Response<ConvertResponse>, Status> {
         Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT).remaining()?;
         let req = request.into_inner();
         let ctx = herd::context::require(req.context.as_ref())?;

@@ -96,10 +96,33 @@ impl QuoteService for Gateway {
         &self,
         request: Request<CreateQuoteRequest>,
     ) -> Result<Response<CreateQuoteResponse>, Status> {
+        herd::telemetry::serve("herd.quote.v1.QuoteService/CreateQuote", request, |r| {
+            self.create(r)
+        })
+        .await
+    }
+
+    async fn verify_quote(
+        &self,
+        request: Request<VerifyQuoteRequest>,
+    ) -> Result<Response<VerifyQuoteResponse>, Status> {
+        herd::telemetry::serve("herd.quote.v1.QuoteService/VerifyQuote", request, |r| {
+            self.verify(r)
+        })
+        .await
+    }
+}
+
+impl Gateway {
+    async fn create(
+        &self,
+        request: Request<CreateQuoteRequest>,
+    ) -> Result<Response<CreateQuoteResponse>, Status> {
         let deadline = Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT);
         deadline.remaining()?;
         let req = request.into_inner();
         let ctx = self.complete(req.context.as_ref())?;
+        herd::telemetry::record_context(&tracing::Span::current(), &ctx);
         let snapshot = self.config.at(ctx.config_revision).await?;
         let config = &snapshot.model;
         herd_model::request::check_items(&req.items, config)?;
@@ -112,10 +135,16 @@ impl QuoteService for Gateway {
             currency: req.currency.clone(),
             region: req.region.clone(),
         };
-        let lines = herd::context::call(deadline, &self.pricing_budget, &pricing_request, |r| {
-            let mut client = self.pricing.clone();
-            async move { client.price_items(r).await }
-        })
+        let lines = herd::context::call(
+            deadline,
+            &self.pricing_budget,
+            "herd.pricing.v1.PricingService/PriceItems",
+            &pricing_request,
+            |r| {
+                let mut client = self.pricing.clone();
+                async move { client.price_items(r).await }
+            },
+        )
         .await
         .map_err(|s| herd::context::relay("pricing", s))?
         .lines;
@@ -139,6 +168,7 @@ impl QuoteService for Gateway {
                 nanos: accepted.nanos,
             }),
         };
+        herd::telemetry::record_quote_id(&quote.quote_id);
         let token = token::sign(&quote, &config.keys);
         tracing::debug!(request_id = %ctx.request_id, quote_id = %quote.quote_id, "quote created");
         Ok(Response::new(CreateQuoteResponse {
@@ -148,7 +178,7 @@ impl QuoteService for Gateway {
         }))
     }
 
-    async fn verify_quote(
+    async fn verify(
         &self,
         request: Request<VerifyQuoteRequest>,
     ) -> Result<Response<VerifyQuoteResponse>, Status> {
@@ -177,6 +207,7 @@ impl QuoteService for Gateway {
             }
             result => result?,
         };
+        herd::telemetry::record_quote_id(&quote.quote_id);
         if quote.tenant_id != ctx.tenant_id {
             return Err(Status::permission_denied(format!(
                 "token: the quote belongs to another tenant than {:?}",

@@ -447,6 +447,11 @@ impl ConfigModel for MeshConfig {
         {
             return Err(ConfigError::new(unknown.as_str(), "unknown section"));
         }
+        // The runtime applies telemetry itself; it must still be valid for the revision to be.
+        if let Some(raw) = sections.get(herd::telemetry::TelemetrySection::NAME) {
+            herd::telemetry::TelemetrySection::parse(raw)
+                .map_err(|m| ConfigError::new("telemetry", m))?;
+        }
         let catalog: Catalog = required(sections)?;
         let fx: Fx = required(sections)?;
         if fx.base != catalog.currency {
@@ -493,6 +498,9 @@ pub fn validate_section(name: &str, raw: &[u8]) -> Result<(), ConfigError> {
         "quote" => parse_section::<QuoteSettings>(raw).map(|_| ()),
         "limits" => parse_section::<Limits>(raw).map(|_| ()),
         "keys" => parse_section::<Keys>(raw).map(|_| ()),
+        "telemetry" => herd::telemetry::TelemetrySection::parse(raw)
+            .map(|_| ())
+            .map_err(|m| ConfigError::new("telemetry", m)),
         other => Err(ConfigError::new(
             other,
             format!("unknown section; known: {}", SECTION_NAMES.join(", ")),

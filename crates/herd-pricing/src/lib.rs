@@ -61,6 +61,18 @@ impl PricingService for Pricing {
         &self,
         request: Request<PriceItemsRequest>,
     ) -> Result<Response<PriceItemsResponse>, Status> {
+        herd::telemetry::serve("herd.pricing.v1.PricingService/PriceItems", request, |r| {
+            self.price(r)
+        })
+        .await
+    }
+}
+
+impl Pricing {
+    async fn price(
+        &self,
+        request: Request<PriceItemsRequest>,
+    ) -> Result<Response<PriceItemsResponse>, Status> {
         let deadline = Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT);
         deadline.remaining()?;
         let req = request.into_inner();
@@ -113,10 +125,16 @@ impl PricingService for Pricing {
             region: req.region.clone(),
             lines: taxable,
         };
-        let taxes = herd::context::call(deadline, &self.tax_budget, &tax_request, |r| {
-            let mut client = self.tax.clone();
-            async move { client.compute_tax(r).await }
-        })
+        let taxes = herd::context::call(
+            deadline,
+            &self.tax_budget,
+            "herd.tax.v1.TaxService/ComputeTax",
+            &tax_request,
+            |r| {
+                let mut client = self.tax.clone();
+                async move { client.compute_tax(r).await }
+            },
+        )
         .await
         .map_err(|s| herd::context::relay("tax", s))?
         .taxes;
@@ -148,14 +166,19 @@ impl PricingService for Pricing {
             target_currency: req.currency.clone(),
             amounts,
         };
-        let converted =
-            herd::context::call(deadline, &self.currency_budget, &convert_request, |r| {
+        let converted = herd::context::call(
+            deadline,
+            &self.currency_budget,
+            "herd.currency.v1.CurrencyService/Convert",
+            &convert_request,
+            |r| {
                 let mut client = self.currency.clone();
                 async move { client.convert(r).await }
-            })
-            .await
-            .map_err(|s| herd::context::relay("currency", s))?
-            .amounts;
+            },
+        )
+        .await
+        .map_err(|s| herd::context::relay("currency", s))?
+        .amounts;
         if converted.len() != priced.len() * 4 {
             return Err(Status::internal(
                 "currency: answered a different number of amounts",

@@ -35,6 +35,18 @@ impl TaxService for Tax {
         &self,
         request: Request<ComputeTaxRequest>,
     ) -> Result<Response<ComputeTaxResponse>, Status> {
+        herd::telemetry::serve("herd.tax.v1.TaxService/ComputeTax", request, |r| {
+            self.compute(r)
+        })
+        .await
+    }
+}
+
+impl Tax {
+    async fn compute(
+        &self,
+        request: Request<ComputeTaxRequest>,
+    ) -> Result<Response<ComputeTaxResponse>, Status> {
         Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT).remaining()?;
         let req = request.into_inner();
         let ctx = herd::context::require(req.context.as_ref())?;

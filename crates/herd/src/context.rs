@@ -6,10 +6,12 @@
 use std::future::Future;
 use std::time::Duration;
 
+use herd_proto::WithContext;
 use herd_proto::context::RequestContext;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::balance::RetryBudget;
 
@@ -78,17 +80,20 @@ pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, Stat
     Ok(ctx)
 }
 
-/// Makes one unary call with the remaining time as its timeout, retrying only failures that mean
-/// the call was not processed (`UNAVAILABLE`), at most three attempts in all, within the deadline
-/// and while `budget` allows. `call` is given a fresh request each attempt.
+/// Makes one unary call of `path` (`package.Service/Method`) with the remaining time as its
+/// timeout, retrying only failures that mean the call was not processed (`UNAVAILABLE`), at most
+/// three attempts in all, within the deadline and while `budget` allows. Each attempt runs in its
+/// own `rpc.client` span whose trace context travels in the metadata and in the message. `call`
+/// is given a fresh request each attempt.
 pub async fn call<M, R, F, Fut>(
     deadline: Deadline,
     budget: &RetryBudget,
+    path: &'static str,
     message: &M,
     mut call: F,
 ) -> Result<R, Status>
 where
-    M: Clone,
+    M: Clone + WithContext,
     F: FnMut(tonic::Request<M>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<R>, Status>>,
 {
@@ -97,18 +102,23 @@ where
         let left = deadline.remaining()?;
         let mut request = tonic::Request::new(message.clone());
         request.set_timeout(left);
-        let status = match tokio::time::timeout(left, call(request)).await {
+        let span = crate::telemetry::client_span(path, &mut request);
+        let outcome = tokio::time::timeout(left, call(request).instrument(span.clone())).await;
+        let status = match outcome {
             Ok(Ok(response)) => {
+                crate::telemetry::client_result(&span, None);
                 budget.success();
                 return Ok(response.into_inner());
             }
             Ok(Err(status)) => status,
             Err(_) => {
-                return Err(Status::deadline_exceeded(
-                    "deadline exceeded waiting for a downstream answer",
-                ));
+                Status::deadline_exceeded("deadline exceeded waiting for a downstream answer")
             }
         };
+        crate::telemetry::client_result(&span, Some(&status));
+        if status.code() == Code::DeadlineExceeded {
+            return Err(status);
+        }
         if status.code() != Code::Unavailable {
             return Err(normalize(status));
         }
@@ -150,6 +160,10 @@ pub fn normalize(status: Status) -> Status {
 mod tests {
     use super::*;
 
+    fn msg() -> herd_proto::tax::ComputeTaxRequest {
+        herd_proto::tax::ComputeTaxRequest::default()
+    }
+
     #[test]
     fn parses_grpc_timeouts() {
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
@@ -176,20 +190,22 @@ mod tests {
     async fn retries_only_unavailable() {
         let deadline = Deadline::after(Duration::from_secs(5));
         let mut tries = 0;
-        let r: Result<(), Status> = call(deadline, &RetryBudget::default(), &(), |_| {
-            tries += 1;
-            async { Err(Status::unavailable("down")) }
-        })
-        .await;
+        let r: Result<(), Status> =
+            call(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
+                tries += 1;
+                async { Err(Status::unavailable("down")) }
+            })
+            .await;
         assert_eq!(r.unwrap_err().code(), Code::Unavailable);
         assert_eq!(tries, 3);
 
         let mut tries = 0;
-        let r: Result<(), Status> = call(deadline, &RetryBudget::default(), &(), |_| {
-            tries += 1;
-            async { Err(Status::invalid_argument("bad")) }
-        })
-        .await;
+        let r: Result<(), Status> =
+            call(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
+                tries += 1;
+                async { Err(Status::invalid_argument("bad")) }
+            })
+            .await;
         assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
         assert_eq!(tries, 1);
     }
@@ -200,7 +216,7 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(5));
         let mut tries = 0;
         for _ in 0..10 {
-            let _: Result<(), Status> = call(deadline, &budget, &(), |_| {
+            let _: Result<(), Status> = call(deadline, &budget, "t.S/M", &msg(), |_| {
                 tries += 1;
                 async { Err(Status::unavailable("down")) }
             })
@@ -218,9 +234,13 @@ mod tests {
     #[tokio::test]
     async fn expired_deadline_refuses_work() {
         let deadline = Deadline::after(Duration::ZERO);
-        let r: Result<(), Status> = call(deadline, &RetryBudget::default(), &(), |_| async {
-            Ok(tonic::Response::new(()))
-        })
+        let r: Result<(), Status> = call(
+            deadline,
+            &RetryBudget::default(),
+            "t.S/M",
+            &msg(),
+            |_| async { Ok(tonic::Response::new(())) },
+        )
         .await;
         assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
     }

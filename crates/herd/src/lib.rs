@@ -1,7 +1,6 @@
 //! herd's runtime: everything that turns a tonic service into a stateless mesh worker.
 //!
 //! - [`settings`]: the process interface every herd binary shares (`--listen`, `--etcd`, `--prefix`).
-//! - [`logging`]: structured logs with `tracing`.
 //! - [`keys`]: the layout of herd's keys in etcd.
 //! - [`etcd`]: connecting to etcd with the keepalive settings etcd tolerates.
 //! - [`registry`]: registration of an instance under a lease that is kept alive and renewed.
@@ -10,6 +9,7 @@
 //! - [`config`]: typed shared configuration, loaded, watched, validated, and pinned by revision.
 //! - [`context`]: request contexts and deadlines that travel with every call.
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
+//! - [`telemetry`]: logs, OpenTelemetry spans and W3C trace context on every hop.
 //! - [`watch`]: following an etcd prefix through compactions and broken watches.
 
 pub mod balance;
@@ -18,10 +18,10 @@ pub mod context;
 pub mod discovery;
 pub mod etcd;
 pub mod keys;
-pub mod logging;
 pub mod registry;
 pub mod server;
 pub mod settings;
+pub mod telemetry;
 pub mod watch;
 
 pub use balance::MeshChannel;

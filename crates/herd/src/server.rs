@@ -82,19 +82,28 @@ pub struct Mesh {
 
 impl Mesh {
     /// Connects to etcd for an instance of `service` (a name such as `pricing`).
-    pub async fn connect(settings: Settings, service: &str) -> anyhow::Result<Self> {
+    pub async fn connect(
+        settings: Settings,
+        service: &str,
+        instance_id: String,
+    ) -> anyhow::Result<Self> {
         let etcd = crate::etcd::connect(&settings.etcd_endpoints).await?;
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
         Ok(Self {
             keys: Keys::new(settings.prefix.clone()),
             settings,
             service: service.to_string(),
-            instance_id: format!("{service}-{}", &suffix[..12]),
+            instance_id,
             etcd,
             channels: Mutex::new(HashMap::new()),
             ready: Vec::new(),
             config_status: None,
         })
+    }
+
+    /// A new instance id for `service`: the service name and 12 random hex digits.
+    pub fn new_instance_id(service: &str) -> String {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        format!("{service}-{}", &suffix[..12])
     }
 
     /// This instance's id, as registered in etcd.
@@ -380,7 +389,6 @@ where
     Fut: Future<Output = anyhow::Result<Services>>,
 {
     let settings = Settings::for_service(service, default_listen);
-    crate::logging::init(&settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -392,12 +400,27 @@ where
         }
     };
     let result = runtime.block_on(async move {
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.listen))?;
-        let mut mesh = Mesh::connect(settings, service).await?;
-        let services = build(&mut mesh).await?;
-        mesh.serve(listener, services, shutdown_signal()).await
+        let instance_id = Mesh::new_instance_id(service);
+        let telemetry = crate::telemetry::init(&settings.log_format, service, &instance_id);
+        let served = async {
+            let listener = TcpListener::bind(settings.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.listen))?;
+            let mut mesh = Mesh::connect(settings, service, instance_id).await?;
+            if telemetry.exporting() {
+                tokio::spawn(crate::telemetry::follow_sampling(
+                    mesh.etcd().clone(),
+                    mesh.keys().clone(),
+                    telemetry.ratio(),
+                ));
+            }
+            let services = build(&mut mesh).await?;
+            mesh.serve(listener, services, shutdown_signal()).await
+        }
+        .await;
+        // Spans of every call served before exit are exported before the process ends.
+        telemetry.shutdown().await;
+        served
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

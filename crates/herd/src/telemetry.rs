@@ -1,0 +1,487 @@
+//! Following one request across every instance it touches: logs with `tracing`, spans exported
+//! with OpenTelemetry over OTLP/gRPC, W3C trace context on every hop.
+//!
+//! Configured by the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns export on; `OTEL_SERVICE_NAME` and
+//! `OTEL_RESOURCE_ATTRIBUTES` shape the resource; `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`
+//! set the initial ratio of the parent-based ratio sampler, which `/herd/config/telemetry` changes
+//! at run time. With no endpoint, no OpenTelemetry layer is installed: nothing is exported and
+//! nothing is paid beyond plain `tracing` spans.
+//!
+//! Every server call runs in a `rpc.server` span ([`serve`]) whose parent is the caller's
+//! `traceparent` header, or the one carried in the message's `RequestContext`; every outgoing call
+//! (`context::call`) runs in a `rpc.client` span whose context is injected into both the
+//! metadata and the message. Span names and attributes follow the OpenTelemetry RPC conventions.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use herd_proto::WithContext;
+use herd_proto::context::{RequestContext, TraceContext};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{Link, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SamplingResult, SdkTracerProvider,
+    ShouldSample,
+};
+use serde::{Deserialize, Serialize};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Spans waiting for export; beyond this they are dropped (and counted by the SDK's warnings)
+/// rather than slowing or failing a request.
+const QUEUE_SPANS: usize = 8192;
+/// How long a batch waits before export.
+const EXPORT_DELAY: Duration = Duration::from_millis(200);
+/// Bound on flushing pending spans at shutdown.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `/herd/config/telemetry`: telemetry settings shared by every instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// The share of new traces that are sampled, 0 to 1. Calls that arrive with a sampled
+    /// parent are always sampled (parent-based).
+    pub sampling_ratio: f64,
+}
+
+impl TelemetrySection {
+    /// The section's name under `/herd/config/`.
+    pub const NAME: &'static str = "telemetry";
+
+    /// Parses and checks the section.
+    pub fn parse(raw: &[u8]) -> Result<Self, String> {
+        let section: Self =
+            serde_json::from_slice(raw).map_err(|e| format!("invalid JSON: {e}"))?;
+        if !(0.0..=1.0).contains(&section.sampling_ratio) {
+            return Err(format!(
+                "sampling_ratio: must be 0 to 1, got {}",
+                section.sampling_ratio
+            ));
+        }
+        Ok(section)
+    }
+}
+
+/// The sampling ratio in force, shared with the sampler; changing it takes effect for the next
+/// trace.
+#[derive(Debug, Clone)]
+pub struct SamplingRatio(Arc<AtomicU64>);
+
+impl SamplingRatio {
+    fn new(ratio: f64) -> Self {
+        Self(Arc::new(AtomicU64::new(ratio.to_bits())))
+    }
+
+    /// The ratio in force.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Sets the ratio, clamped to 0..=1.
+    pub fn set(&self, ratio: f64) {
+        self.0
+            .store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// The initial ratio from `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (default 1).
+    fn from_env() -> Self {
+        let sampler = std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default();
+        let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+            .ok()
+            .and_then(|a| a.parse::<f64>().ok());
+        let ratio = match sampler.as_str() {
+            "always_off" | "parentbased_always_off" => 0.0,
+            "traceidratio" | "parentbased_traceidratio" => arg.unwrap_or(1.0),
+            _ => 1.0,
+        };
+        Self::new(ratio)
+    }
+}
+
+/// A trace-id ratio sampler whose ratio can change at run time (wrapped parent-based).
+#[derive(Debug, Clone)]
+struct DynamicRatio(SamplingRatio);
+
+impl ShouldSample for DynamicRatio {
+    fn should_sample(
+        &self,
+        parent_context: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        Sampler::TraceIdRatioBased(self.0.get()).should_sample(
+            parent_context,
+            trace_id,
+            name,
+            span_kind,
+            attributes,
+            links,
+        )
+    }
+}
+
+/// The process's telemetry: flush it at exit.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+    ratio: SamplingRatio,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// The run-time sampling ratio.
+    pub fn ratio(&self) -> SamplingRatio {
+        self.ratio.clone()
+    }
+
+    /// Exports what is pending and stops the exporter, within a bound. The SDK blocks while
+    /// flushing, so it runs on a blocking thread, never on the async runtime.
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        let flush =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_TIMEOUT));
+        match tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), flush).await {
+            Ok(Ok(Ok(()))) => tracing::info!("pending spans exported"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "exporting pending spans failed"),
+            _ => tracing::warn!("exporting pending spans timed out"),
+        }
+    }
+}
+
+fn exporter_configured() -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    std::env::var("OTEL_TRACES_EXPORTER").as_deref() != Ok("none")
+        && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Installs logging (text or JSON on stderr, level from `RUST_LOG`) and, when an OTLP endpoint is
+/// configured, span export for `service` with `instance_id` as `service.instance.id`. Must run
+/// inside the tokio runtime. Calling it twice keeps the first.
+pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let ratio = SamplingRatio::from_env();
+    let provider = if exporter_configured() {
+        match build_provider(service, instance_id, &ratio) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("warning: span export disabled: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=info")
+    });
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    type Boxed = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let logs: Boxed = if log_format == "json" {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    };
+    // Only herd's own spans are exported: the exporter's transport (tonic, h2, hyper) must not
+    // trace its own exports.
+    let spans: Option<Boxed> = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("herd"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.target().starts_with("herd")
+            }))
+            .boxed()
+    });
+    let mut layers = vec![logs];
+    layers.extend(spans);
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Telemetry { provider, ratio }
+}
+
+fn build_provider(
+    service: &str,
+    instance_id: &str,
+    ratio: &SamplingRatio,
+) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
+    let processor = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(QUEUE_SPANS)
+                .with_scheduled_delay(EXPORT_DELAY)
+                .build(),
+        )
+        .build();
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(format!("herd-{service}"));
+    }
+    let resource = resource
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", instance_id.to_string()),
+        ])
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_sampler(Sampler::ParentBased(Box::new(DynamicRatio(ratio.clone()))))
+        .with_resource(resource)
+        .build())
+}
+
+struct MetadataExtractor<'a>(&'a MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// The caller's trace context: the `traceparent` header, else the one in the message.
+fn parent_of(metadata: &MetadataMap, context: Option<&RequestContext>) -> Context {
+    let propagator = TraceContextPropagator::new();
+    let from_header = propagator.extract(&MetadataExtractor(metadata));
+    if from_header.span().span_context().is_valid() {
+        return from_header;
+    }
+    let Some(trace) = context.and_then(|c| c.trace.as_ref()) else {
+        return from_header;
+    };
+    let mut carrier = HashMap::new();
+    carrier.insert("traceparent".to_string(), trace.traceparent.clone());
+    if !trace.tracestate.is_empty() {
+        carrier.insert("tracestate".to_string(), trace.tracestate.clone());
+    }
+    propagator.extract(&carrier)
+}
+
+/// `service/method` split for the RPC conventions.
+fn split_method(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or((path, ""))
+}
+
+/// Runs one server call of `path` (`package.Service/Method`) inside its `rpc.server` span,
+/// parented on the caller's trace context, recording the status it ends with.
+pub async fn serve<Req, Res, F, Fut>(
+    path: &'static str,
+    request: tonic::Request<Req>,
+    handler: F,
+) -> Result<tonic::Response<Res>, tonic::Status>
+where
+    Req: WithContext,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Res>, tonic::Status>>,
+{
+    let (service, method) = split_method(path);
+    let local = request.local_addr();
+    let span = tracing::info_span!(
+        target: "herd::rpc",
+        "rpc.server",
+        otel.name = path,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        server.address = local.map(|a| a.ip().to_string()).unwrap_or_default(),
+        server.port = local.map(|a| i64::from(a.port())).unwrap_or_default(),
+        herd.tenant = tracing::field::Empty,
+        herd.request_id = tracing::field::Empty,
+        herd.config_revision = tracing::field::Empty,
+        herd.quote_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    let context = request.get_ref().context();
+    let _ = span.set_parent(parent_of(request.metadata(), context));
+    let otel = span.context().span().span_context().clone();
+    if otel.is_valid() {
+        span.record("trace_id", otel.trace_id().to_string());
+        span.record("span_id", otel.span_id().to_string());
+    }
+    if let Some(ctx) = context {
+        record_context(&span, ctx);
+    }
+    let result = handler(request).instrument(span.clone()).await;
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    span.record("rpc.grpc.status_code", code as i64);
+    if let Err(status) = &result {
+        if is_server_fault(code) {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", status.message());
+        }
+        tracing::warn!(parent: &span, rpc.grpc.status_code = code as i64, error = status.message(), "call failed");
+    }
+    result
+}
+
+/// Per the RPC conventions a server span is an error only for codes that mean the server failed.
+fn is_server_fault(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    )
+}
+
+/// Records herd's attributes of `ctx` (tenant, request id, config revision) on `span`.
+pub fn record_context(span: &tracing::Span, ctx: &RequestContext) {
+    if !ctx.tenant_id.is_empty() {
+        span.record("herd.tenant", ctx.tenant_id.as_str());
+    }
+    if !ctx.request_id.is_empty() {
+        span.record("herd.request_id", ctx.request_id.as_str());
+    }
+    if ctx.config_revision != 0 {
+        span.record("herd.config_revision", ctx.config_revision);
+    }
+}
+
+/// Creates the `rpc.client` span of one outgoing attempt of `path`, and writes its trace context
+/// into the request's metadata and into the message's `RequestContext`.
+pub(crate) fn client_span<M: WithContext>(
+    path: &'static str,
+    request: &mut tonic::Request<M>,
+) -> tracing::Span {
+    let (service, method) = split_method(path);
+    let span = tracing::info_span!(
+        target: "herd::rpc",
+        "rpc.client",
+        otel.name = path,
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    } else if let Some(trace) = request.get_ref().context().and_then(|c| c.trace.clone()) {
+        // Not exporting here: pass the caller's context on unchanged so the trace stays whole.
+        carrier.insert("traceparent".into(), trace.traceparent);
+        carrier.insert("tracestate".into(), trace.tracestate);
+    }
+    if let Some(traceparent) = carrier.get("traceparent").filter(|t| !t.is_empty()) {
+        let trace = TraceContext {
+            traceparent: traceparent.clone(),
+            tracestate: carrier.get("tracestate").cloned().unwrap_or_default(),
+        };
+        if let Some(ctx) = request.get_mut().context_mut().as_mut() {
+            ctx.trace = Some(trace);
+        }
+        let mut injector = MetadataInjector(request.metadata_mut());
+        for (k, v) in carrier.into_iter().filter(|(_, v)| !v.is_empty()) {
+            injector.set(&k, v);
+        }
+    }
+    span
+}
+
+/// Records how an outgoing attempt ended on its span.
+pub(crate) fn client_result(span: &tracing::Span, status: Option<&tonic::Status>) {
+    let code = status.map_or(tonic::Code::Ok, |s| s.code());
+    span.record("rpc.grpc.status_code", code as i64);
+    if let Some(status) = status {
+        span.record("otel.status_code", "ERROR");
+        tracing::warn!(parent: span, rpc.grpc.status_code = code as i64, error = status.message(), "outgoing call failed");
+    }
+}
+
+/// Records a quote id on the current server span.
+pub fn record_quote_id(quote_id: &str) {
+    tracing::Span::current().record("herd.quote_id", quote_id);
+}
+
+/// Follows `/herd/config/telemetry` and applies its sampling ratio; an invalid value is
+/// rejected and the ratio in force kept.
+pub async fn follow_sampling(
+    client: etcd_client::Client,
+    keys: crate::keys::Keys,
+    ratio: SamplingRatio,
+) {
+    let key = keys.config(TelemetrySection::NAME);
+    let initial = ratio.get();
+    crate::watch::follow(client, key.clone(), |update| {
+        let value = match update {
+            crate::watch::Update::Reset { kvs, .. } => kvs.iter().find(|kv| kv.key() == key.as_bytes()).map(|kv| kv.value().to_vec()),
+            crate::watch::Update::Events { events, .. } => match events.iter().rev().find_map(|e| e.kv().filter(|kv| kv.key() == key.as_bytes()).map(|kv| (e.event_type(), kv.value().to_vec()))) {
+                Some((etcd_client::EventType::Put, v)) => Some(v),
+                Some((etcd_client::EventType::Delete, _)) => None,
+                None => return true,
+            },
+        };
+        match value.map(|v| TelemetrySection::parse(&v)) {
+            None => ratio.set(initial),
+            Some(Ok(section)) => {
+                if section.sampling_ratio != ratio.get() {
+                    tracing::info!(ratio = section.sampling_ratio, "sampling ratio applied");
+                }
+                ratio.set(section.sampling_ratio);
+            }
+            Some(Err(e)) => tracing::warn!(%key, reason = %e, "telemetry configuration rejected; keeping the sampling ratio in force"),
+        }
+        true
+    })
+    .await;
+}
