@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod otlp;
+
 /// Waits until `check` returns `Some`, polling every 50 ms, for at most `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
 where
@@ -364,6 +366,8 @@ pub struct Mesh {
     pub gateways: Vec<String>,
     /// Logs and scratch files.
     pub dir: tempfile::TempDir,
+    /// Environment every instance is started with (for example an OTLP endpoint).
+    pub env: Vec<(String, String)>,
 }
 
 impl Mesh {
@@ -375,7 +379,24 @@ impl Mesh {
         for (section, json) in config {
             etcd.put(&format!("/herd/config/{section}"), json)?;
         }
-        Self::launch(etcd, per_service).await
+        Self::launch(etcd, per_service, Vec::new()).await
+    }
+
+    /// As [`Mesh::start`], every instance exporting spans to `otlp_endpoint`.
+    pub async fn start_traced(
+        per_service: usize,
+        config: &[(&str, String)],
+        otlp_endpoint: &str,
+    ) -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        for (section, json) in config {
+            etcd.put(&format!("/herd/config/{section}"), json)?;
+        }
+        let env = vec![(
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+            otlp_endpoint.to_string(),
+        )];
+        Self::launch(etcd, per_service, env).await
     }
 
     /// Starts etcd, seeds the demo configuration with `herdctl config seed` (as `make run` does),
@@ -389,16 +410,21 @@ impl Mesh {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Self::launch(etcd, per_service).await
+        Self::launch(etcd, per_service, Vec::new()).await
     }
 
-    async fn launch(etcd: Etcd, per_service: usize) -> anyhow::Result<Self> {
+    async fn launch(
+        etcd: Etcd,
+        per_service: usize,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut mesh = Self {
             etcd,
             instances: Vec::new(),
             gateways: Vec::new(),
             dir,
+            env,
         };
         for service in SERVICES {
             for _ in 0..per_service {
@@ -415,7 +441,12 @@ impl Mesh {
             "tax" | "currency" => 0,
             _ => free_port(),
         };
-        let proc = start_instance(service, &self.etcd, port, self.dir.path(), &[])?;
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let proc = start_instance_with_env(service, &self.etcd, port, self.dir.path(), &[], &env)?;
         if service == "gateway" {
             self.gateways.push(format!("127.0.0.1:{port}"));
         }

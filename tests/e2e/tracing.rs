@@ -1,0 +1,440 @@
+//! One request followed across every instance it touches: spans exported over OTLP/gRPC to a real
+//! receiver, W3C trace context on every hop, run-time sampling, flush at shutdown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use herd_tests::otlp::{CLIENT, Receiver, SERVER, Span};
+use herd_tests::{Mesh, call, eventually, fixture, grpcurl};
+use serde_json::{Value, json};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const CREATE: &str = "herd.quote.v1.QuoteService/CreateQuote";
+
+fn basket(request_id: &str) -> Value {
+    json!({
+        "context": {"tenantId": "acme", "requestId": request_id},
+        "items": [{"sku": "widget", "quantity": 3}, {"sku": "apple", "quantity": 2}],
+        "currency": "EUR",
+        "region": "US-CA"
+    })
+}
+
+/// The server span names of one quote's trace, and the client spans between them.
+const SERVERS: [(&str, &str); 4] = [
+    ("herd-gateway", "herd.quote.v1.QuoteService/CreateQuote"),
+    ("herd-pricing", "herd.pricing.v1.PricingService/PriceItems"),
+    ("herd-tax", "herd.tax.v1.TaxService/ComputeTax"),
+    ("herd-currency", "herd.currency.v1.CurrencyService/Convert"),
+];
+
+/// Checks that `trace` holds one quote, correctly parented: gateway server → pricing client →
+/// pricing server → tax and currency clients → tax and currency servers. Returns the server spans.
+fn check_trace(trace: &[Span]) -> Result<BTreeMap<&'static str, Span>, String> {
+    let server = |service: &str, name: &str| {
+        trace
+            .iter()
+            .find(|s| s.kind == SERVER && s.service == service && s.name == name)
+            .cloned()
+            .ok_or(format!("no {service} server span {name}"))
+    };
+    let mut found = BTreeMap::new();
+    for (service, name) in SERVERS {
+        found.insert(service, server(service, name)?);
+    }
+    let by_id: BTreeMap<&str, &Span> = trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    for (caller, callee) in [
+        ("herd-gateway", "herd-pricing"),
+        ("herd-pricing", "herd-tax"),
+        ("herd-pricing", "herd-currency"),
+    ] {
+        let callee_span = &found[callee];
+        let client = by_id.get(callee_span.parent.as_str()).ok_or(format!(
+            "{callee}'s parent {} is not in the trace",
+            callee_span.parent
+        ))?;
+        if client.kind != CLIENT || client.service != caller || client.name != callee_span.name {
+            return Err(format!(
+                "{callee}'s parent is not {caller}'s client span: {client:?}"
+            ));
+        }
+        if client.parent != found[caller].span_id {
+            return Err(format!(
+                "{caller}'s client span is not a child of its server span"
+            ));
+        }
+    }
+    for (_, s) in found.iter() {
+        for key in [
+            "rpc.system",
+            "rpc.service",
+            "rpc.method",
+            "rpc.grpc.status_code",
+            "server.address",
+            "server.port",
+        ] {
+            if !s.attrs.contains_key(key) {
+                return Err(format!("{} lacks {key}: {:?}", s.name, s.attrs));
+            }
+        }
+        if s.attrs.get("herd.tenant").map(String::as_str) != Some("acme") {
+            return Err(format!("{} lacks herd.tenant", s.name));
+        }
+    }
+    if !found["herd-gateway"].attrs.contains_key("herd.quote_id") {
+        return Err("the gateway span lacks herd.quote_id".into());
+    }
+    Ok(found)
+}
+
+fn traces_of(receiver: &Receiver) -> BTreeMap<String, Vec<Span>> {
+    let mut traces: BTreeMap<String, Vec<Span>> = BTreeMap::new();
+    for s in receiver.spans() {
+        traces.entry(s.trace_id.clone()).or_default().push(s);
+    }
+    traces
+}
+
+fn trace_of_request(receiver: &Receiver, request_id: &str) -> Option<Vec<Span>> {
+    let traces = traces_of(receiver);
+    let id = receiver
+        .spans()
+        .into_iter()
+        .find(|s| s.attrs.get("herd.request_id").map(String::as_str) == Some(request_id))?
+        .trace_id;
+    traces.get(&id).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let receiver = Receiver::start().await?;
+    let mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    call(&mesh.gateways[0], CREATE, &basket("trace-a"))?.ok()?;
+    let found = eventually(
+        "the quote's trace, complete",
+        Duration::from_secs(10),
+        || async { check_trace(&trace_of_request(&receiver, "trace-a")?).ok() },
+    )
+    .await?;
+    let traces: BTreeSet<String> = found.values().map(|s| s.trace_id.clone()).collect();
+    assert_eq!(traces.len(), 1);
+    // Each server span names the instance that served it.
+    for (service, span) in &found {
+        let short = service.trim_start_matches("herd-");
+        let ids: Vec<String> = mesh
+            .instances
+            .iter()
+            .filter(|(s, _)| s == short)
+            .filter_map(|(_, p)| mesh.registration_of(p.pid()).map(|r| r.0))
+            .collect();
+        assert_eq!(ids, vec![span.instance.clone()], "{service}");
+    }
+    // Log lines written while serving carry the trace and span ids: a refused call logs one.
+    let mut bad = basket("trace-a-bad");
+    bad["items"][0]["sku"] = json!("unicorn");
+    call(&mesh.gateways[0], CREATE, &bad)?;
+    let gateway_log = || {
+        mesh.instances
+            .iter()
+            .find(|(s, _)| s == "gateway")
+            .map(|(_, p)| p.log_text())
+            .unwrap_or_default()
+    };
+    let line = eventually(
+        "the refused call's log line",
+        Duration::from_secs(5),
+        || async {
+            gateway_log()
+                .lines()
+                .find(|l| l.contains("call failed") && l.contains("trace-a-bad"))
+                .map(str::to_string)
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {}", gateway_log()))?;
+    let bad_trace = eventually(
+        "the refused call's trace",
+        Duration::from_secs(10),
+        || async {
+            trace_of_request(&receiver, "trace-a-bad")
+                .and_then(|t| Some((t.first()?.trace_id.clone(), t)))
+        },
+    )
+    .await?;
+    assert!(
+        line.contains(&format!("trace_id=\"{}\"", bad_trace.0)) && line.contains("span_id="),
+        "{line}"
+    );
+    let gateway_span = bad_trace
+        .1
+        .iter()
+        .find(|s| s.service == "herd-gateway" && s.kind == SERVER)
+        .cloned();
+    assert_eq!(
+        gateway_span.map(|s| s.status),
+        Some(0),
+        "NOT_FOUND is the caller's fault, not an error of the server span"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn b_fifty_quotes_over_two_instances_each_are_all_complete() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let receiver = Receiver::start().await?;
+    let mesh = Mesh::start_traced(2, &fixture(), &receiver.endpoint).await?;
+    let ids: Vec<String> = (0..50).map(|i| format!("trace-b-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        call(&mesh.gateways[i % 2], CREATE, &basket(id))?.ok()?;
+    }
+    let served = eventually("50 complete traces", Duration::from_secs(20), || async {
+        let mut served: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for id in &ids {
+            let found = check_trace(&trace_of_request(&receiver, id)?).ok()?;
+            for (service, span) in found {
+                served.entry(service).or_default().insert(span.instance);
+            }
+        }
+        Some(served)
+    })
+    .await?;
+    for (service, instances) in &served {
+        assert_eq!(
+            instances.len(),
+            2,
+            "{service} spans came from {instances:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_a_callers_traceparent_is_honoured() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let receiver = Receiver::start().await?;
+    let mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let header = format!("traceparent: 00-{trace}-{parent}-01");
+    let body = basket("trace-c").to_string();
+    let out = grpcurl(&[
+        "-plaintext",
+        "-H",
+        &header,
+        "-d",
+        &body,
+        &mesh.gateways[0],
+        CREATE,
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spans = eventually(
+        "the trace under the caller's id",
+        Duration::from_secs(10),
+        || async {
+            let spans = traces_of(&receiver).remove(trace)?;
+            check_trace(&spans).ok().map(|found| (spans, found))
+        },
+    )
+    .await?;
+    assert_eq!(spans.1["herd-gateway"].parent, parent);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let receiver = Receiver::start().await?;
+    let mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let gateway_log = || {
+        mesh.instances
+            .iter()
+            .find(|(s, _)| s == "gateway")
+            .map(|(_, p)| p.log_text())
+            .unwrap_or_default()
+    };
+    mesh.etcd
+        .put("/herd/config/telemetry", r#"{"sampling_ratio":0}"#)?;
+    eventually(
+        "the gateway to apply ratio 0",
+        Duration::from_secs(10),
+        || async {
+            gateway_log()
+                .contains("sampling ratio applied ratio=0")
+                .then_some(())
+        },
+    )
+    .await?;
+    for i in 0..10 {
+        call(
+            &mesh.gateways[0],
+            CREATE,
+            &basket(&format!("unsampled-{i}")),
+        )?
+        .ok()?;
+    }
+    mesh.etcd
+        .put("/herd/config/telemetry", r#"{"sampling_ratio":1}"#)?;
+    eventually(
+        "the gateway to apply ratio 1",
+        Duration::from_secs(10),
+        || async {
+            gateway_log()
+                .contains("sampling ratio applied ratio=1")
+                .then_some(())
+        },
+    )
+    .await?;
+    call(&mesh.gateways[0], CREATE, &basket("sampled-again"))?.ok()?;
+    eventually(
+        "the sampled quote's trace",
+        Duration::from_secs(10),
+        || async { check_trace(&trace_of_request(&receiver, "sampled-again")?).ok() },
+    )
+    .await?;
+    let leaked: Vec<Span> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| {
+            s.attrs
+                .get("herd.request_id")
+                .is_some_and(|r| r.starts_with("unsampled"))
+        })
+        .collect();
+    assert!(leaked.is_empty(), "spans exported at ratio 0: {leaked:?}");
+    // An invalid ratio is rejected and the one in force kept.
+    mesh.etcd
+        .put("/herd/config/telemetry", r#"{"sampling_ratio":2}"#)?;
+    eventually(
+        "the invalid ratio to be rejected",
+        Duration::from_secs(10),
+        || async {
+            gateway_log()
+                .contains("telemetry configuration rejected")
+                .then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Median latency of `n` sequential quotes through `gateway`, after a warm-up.
+async fn median_latency(gateway: &str, n: usize) -> anyhow::Result<Duration> {
+    let channel = herd::balance::endpoint(gateway)?.connect().await?;
+    let mut client = herd_proto::quote::quote_service_client::QuoteServiceClient::new(channel);
+    let request = herd_proto::quote::CreateQuoteRequest {
+        context: Some(herd_proto::context::RequestContext {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        }),
+        items: vec![herd_proto::types::LineItem {
+            sku: "widget".into(),
+            quantity: 3,
+        }],
+        currency: "EUR".into(),
+        region: "US-CA".into(),
+    };
+    let mut all = Vec::with_capacity(n);
+    for i in 0..n + 20 {
+        let started = Instant::now();
+        client.create_quote(request.clone()).await?;
+        if i >= 20 {
+            all.push(started.elapsed());
+        }
+    }
+    all.sort();
+    Ok(all[n / 2])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn e_a_collector_that_is_down_costs_requests_nothing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let receiver = Receiver::start().await?;
+    let up = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let with_collector = median_latency(&up.gateways[0], 300).await?;
+    drop(up);
+    // Nothing listens on this port: every export fails.
+    let down_endpoint = format!("http://127.0.0.1:{}", herd_tests::free_port());
+    let down = Mesh::start_traced(1, &fixture(), &down_endpoint).await?;
+    let without = median_latency(&down.gateways[0], 300).await?;
+    println!(
+        "REPORT tracing e: median CreateQuote latency over 300 calls: collector up {with_collector:?}, collector down {without:?}"
+    );
+    // grpcurl's own start-up dominates both; a collector that is down must not add to it.
+    assert!(
+        without < with_collector * 2 + Duration::from_millis(20),
+        "{without:?} vs {with_collector:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f_spans_of_calls_served_before_sigterm_reach_the_collector() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let receiver = Receiver::start().await?;
+    let mut mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let index = mesh
+        .instances
+        .iter()
+        .position(|(s, _)| s == "gateway")
+        .unwrap_or(0);
+    let (instance, _) = mesh
+        .registration_of(mesh.instances[index].1.pid())
+        .unwrap_or_default();
+    let gateway = mesh.gateways[0].clone();
+    let endpoint = herd::balance::endpoint(&gateway)?;
+    let mut client =
+        herd_proto::quote::quote_service_client::QuoteServiceClient::new(endpoint.connect().await?);
+    let mut served = Vec::new();
+    for i in 0.. {
+        let request = herd_proto::quote::CreateQuoteRequest {
+            context: Some(herd_proto::context::RequestContext {
+                tenant_id: "acme".into(),
+                request_id: format!("before-exit-{i}"),
+                ..Default::default()
+            }),
+            items: vec![herd_proto::types::LineItem {
+                sku: "widget".into(),
+                quantity: 1,
+            }],
+            currency: "EUR".into(),
+            region: "US-CA".into(),
+        };
+        match client.create_quote(request).await {
+            Ok(_) => served.push(format!("before-exit-{i}")),
+            Err(e) => {
+                assert!(!served.is_empty(), "{e}");
+                break;
+            }
+        }
+        if i == 20 {
+            mesh.instances[index].1.signal("TERM")?;
+        }
+        if i > 100_000 {
+            anyhow::bail!("the gateway never stopped answering");
+        }
+    }
+    let status = mesh.instances[index]
+        .1
+        .wait_exit(Duration::from_secs(20))
+        .await?;
+    assert_eq!(status.code(), Some(0));
+    let exported: BTreeSet<String> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.kind == SERVER && s.instance == instance)
+        .filter_map(|s| s.attrs.get("herd.request_id").cloned())
+        .collect();
+    let missing: Vec<&String> = served.iter().filter(|id| !exported.contains(*id)).collect();
+    println!(
+        "REPORT tracing f: {} calls served before exit, {} of their gateway spans missing",
+        served.len(),
+        missing.len()
+    );
+    assert!(missing.is_empty(), "{missing:?}");
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! A real OTLP/gRPC trace receiver for tests: it records every exported span with its resource.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+
+/// One span as received.
+#[derive(Debug, Clone)]
+pub struct Span {
+    /// `service.name` of the resource.
+    pub service: String,
+    /// `service.instance.id` of the resource.
+    pub instance: String,
+    /// Span name.
+    pub name: String,
+    /// OTLP span kind (2 server, 3 client).
+    pub kind: i32,
+    /// Trace id, hex.
+    pub trace_id: String,
+    /// Span id, hex.
+    pub span_id: String,
+    /// Parent span id, hex (empty for a root).
+    pub parent: String,
+    /// Attributes, as strings.
+    pub attrs: BTreeMap<String, String>,
+    /// Status code (0 unset, 1 ok, 2 error).
+    pub status: i32,
+}
+
+/// OTLP span kinds.
+pub const SERVER: i32 = 2;
+/// OTLP span kinds.
+pub const CLIENT: i32 = 3;
+
+fn text(v: &Option<AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn attrs(kvs: &[KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), text(&kv.value)))
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone, Default)]
+struct Recorder {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Recorder {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for rs in request.into_inner().resource_spans {
+            let resource = rs
+                .resource
+                .map(|r| attrs(&r.attributes))
+                .unwrap_or_default();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
+            let instance = resource
+                .get("service.instance.id")
+                .cloned()
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    received.push(Span {
+                        service: service.clone(),
+                        instance: instance.clone(),
+                        name: s.name,
+                        kind: s.kind,
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent: hex(&s.parent_span_id),
+                        attrs: attrs(&s.attributes),
+                        status: s.status.map(|st| st.code).unwrap_or(0),
+                    });
+                }
+            }
+        }
+        if let Ok(mut spans) = self.spans.lock() {
+            spans.extend(received);
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// A receiver listening on a free loopback port until dropped.
+pub struct Receiver {
+    /// `http://127.0.0.1:<port>`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub endpoint: String,
+    recorder: Recorder,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    /// Starts the receiver.
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let recorder = Recorder::default();
+        let service = TraceServiceServer::new(recorder.clone());
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+        });
+        Ok(Self {
+            endpoint,
+            recorder,
+            task,
+        })
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<Span> {
+        self.recorder
+            .spans
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
