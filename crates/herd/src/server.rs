@@ -169,9 +169,14 @@ impl Mesh {
             .tcp_nodelay(true)
             .layer(tower::util::MapRequestLayer::new(access_log))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
-                let _ = stop_rx.await;
-            });
+            // The builder's TCP settings do not apply to an incoming stream: set them on it, or
+            // Nagle's algorithm holds small responses back by tens of milliseconds.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stop_rx.await;
+                },
+            );
         let mut server = tokio::spawn(server);
         tracing::info!(service = %self.service, instance = %self.instance_id, %address, "listening");
 
