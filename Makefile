@@ -36,7 +36,7 @@ test: deps lint build
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "summary: %d passed, %d failed\n", p, f }' .run/test.log
 
 bench: deps
-	scripts/bench-config.sh
+	scripts/bench.sh
 
 clean:
 	$(CARGO) clean
