@@ -21,6 +21,6 @@ summary() { # label, pattern whose second word is the figure, unit
 }
 summary "propagation p50" "p50" " ms"
 summary "propagation p99" "p99" " ms"
-summary "quote latency, collector up" "collector up" "ms"
-summary "quote latency, collector down" "collector down" "ms"
+summary "quote latency, collector up" "collector up" " ms"
+summary "quote latency, collector down" "collector down" " ms"
 rm -f "$out"

@@ -362,9 +362,11 @@ async fn e_a_collector_that_is_down_costs_requests_nothing() -> anyhow::Result<(
     let down = Mesh::start_traced(1, &fixture(), &down_endpoint).await?;
     let without = median_latency(&down.gateways[0], 300).await?;
     println!(
-        "REPORT tracing e: median CreateQuote latency over 300 calls: collector up {with_collector:?}, collector down {without:?}"
+        "REPORT tracing e: median CreateQuote latency over 300 calls: collector up {:.3} ms, collector down {:.3} ms",
+        with_collector.as_secs_f64() * 1000.0,
+        without.as_secs_f64() * 1000.0
     );
-    // grpcurl's own start-up dominates both; a collector that is down must not add to it.
+    // Only a gross slowdown fails here; BENCHMARKS.md has the release figures.
     assert!(
         without < with_collector * 2 + Duration::from_millis(20),
         "{without:?} vs {with_collector:?}"
