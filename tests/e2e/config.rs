@@ -44,18 +44,11 @@ async fn client(address: &str) -> anyhow::Result<QuoteServiceClient<tonic::trans
 }
 
 fn widget_request(context: Option<herd_proto::context::RequestContext>) -> CreateQuoteRequest {
-    CreateQuoteRequest {
-        context: Some(context.unwrap_or(herd_proto::context::RequestContext {
-            tenant_id: "acme".into(),
-            ..Default::default()
-        })),
-        items: vec![herd_proto::types::LineItem {
-            sku: "widget".into(),
-            quantity: 3,
-        }],
-        currency: "EUR".into(),
-        region: "US-CA".into(),
+    let mut request = herd_tests::widget_quote("acme", "");
+    if context.is_some() {
+        request.context = context;
     }
+    request
 }
 
 /// `herdctl config status --output json`, as (instance id → (applied, rejected revision, reason)).

@@ -326,18 +326,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
 async fn median_latency(gateway: &str, n: usize) -> anyhow::Result<Duration> {
     let channel = herd::balance::endpoint(gateway)?.connect().await?;
     let mut client = herd_proto::quote::quote_service_client::QuoteServiceClient::new(channel);
-    let request = herd_proto::quote::CreateQuoteRequest {
-        context: Some(herd_proto::context::RequestContext {
-            tenant_id: "acme".into(),
-            ..Default::default()
-        }),
-        items: vec![herd_proto::types::LineItem {
-            sku: "widget".into(),
-            quantity: 3,
-        }],
-        currency: "EUR".into(),
-        region: "US-CA".into(),
-    };
+    let request = herd_tests::widget_quote("acme", "");
     let mut all = Vec::with_capacity(n);
     for i in 0..n + 20 {
         let started = Instant::now();
@@ -393,19 +382,7 @@ async fn f_spans_of_calls_served_before_sigterm_reach_the_collector() -> anyhow:
         herd_proto::quote::quote_service_client::QuoteServiceClient::new(endpoint.connect().await?);
     let mut served = Vec::new();
     for i in 0.. {
-        let request = herd_proto::quote::CreateQuoteRequest {
-            context: Some(herd_proto::context::RequestContext {
-                tenant_id: "acme".into(),
-                request_id: format!("before-exit-{i}"),
-                ..Default::default()
-            }),
-            items: vec![herd_proto::types::LineItem {
-                sku: "widget".into(),
-                quantity: 1,
-            }],
-            currency: "EUR".into(),
-            region: "US-CA".into(),
-        };
+        let request = herd_tests::widget_quote("acme", &format!("before-exit-{i}"));
         match client.create_quote(request).await {
             Ok(_) => served.push(format!("before-exit-{i}")),
             Err(e) => {

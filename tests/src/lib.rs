@@ -656,18 +656,7 @@ impl Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let report = std::sync::Arc::new(std::sync::Mutex::new(Report::default()));
         let quotes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let request = herd_proto::quote::CreateQuoteRequest {
-            context: Some(herd_proto::context::RequestContext {
-                tenant_id: "load".into(),
-                ..Default::default()
-            }),
-            items: vec![herd_proto::types::LineItem {
-                sku: "widget".into(),
-                quantity: 3,
-            }],
-            currency: "EUR".into(),
-            region: "US-CA".into(),
-        };
+        let request = widget_quote("load", "");
         let tasks = (0..workers)
             .map(|_| {
                 let (stop, report, channel, request, quotes) = (
@@ -779,4 +768,22 @@ pub fn fixture() -> Vec<(&'static str, String)> {
             format!(r#"{{"keys":[{{"id":"t1","secret":"{secret}","active":true}}]}}"#),
         ),
     ]
+}
+
+/// A CreateQuote of 3 widgets in EUR for US-CA, for `tenant`, with `request_id` (empty: the gateway
+/// picks one).
+pub fn widget_quote(tenant: &str, request_id: &str) -> herd_proto::quote::CreateQuoteRequest {
+    herd_proto::quote::CreateQuoteRequest {
+        context: Some(herd_proto::context::RequestContext {
+            tenant_id: tenant.into(),
+            request_id: request_id.into(),
+            ..Default::default()
+        }),
+        items: vec![herd_proto::types::LineItem {
+            sku: "widget".into(),
+            quantity: 3,
+        }],
+        currency: "EUR".into(),
+        region: "US-CA".into(),
+    }
 }
