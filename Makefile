@@ -37,6 +37,7 @@ test: deps lint build
 
 bench: deps
 	scripts/bench.sh
+	scripts/bench-mesh.sh
 
 clean:
 	$(CARGO) clean

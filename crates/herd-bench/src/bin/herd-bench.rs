@@ -1,0 +1,112 @@
+//! `herd-bench`: offers load to a herd gateway (or any target of the same calls) and reports
+//! latency percentiles, throughput and failures by status code.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use herd_bench::load::{Call, LoadConfig, Mode, run};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Method {
+    /// herd.quote.v1.QuoteService/CreateQuote.
+    Quote,
+    /// grpc.health.v1.Health/Check.
+    Health,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// Offer load and measure.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Target addresses, comma separated (host:port); connections go round robin over them.
+    #[arg(long, value_delimiter = ',', required = true)]
+    target: Vec<String>,
+    /// Closed loop: this many calls in flight.
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: this many calls started per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up seconds before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Deadline of each call, milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// The call to make.
+    #[arg(long, value_enum, default_value_t = Method::Quote)]
+    method: Method,
+    /// Result format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mode = match (args.concurrency, args.rate) {
+        (_, Some(rate)) => Mode::Open { rate },
+        (Some(concurrency), None) => Mode::Closed { concurrency },
+        (None, None) => Mode::Closed { concurrency: 16 },
+    };
+    let config = LoadConfig {
+        targets: args.target,
+        mode,
+        connections: args.connections,
+        duration: Duration::from_secs_f64(args.duration),
+        warmup: Duration::from_secs_f64(args.warmup),
+        timeout: Duration::from_millis(args.timeout_ms),
+        call: match args.method {
+            Method::Quote => Call::Quote,
+            Method::Health => Call::Health,
+        },
+        progress: args.output == Output::Text,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(s) => {
+            match args.output {
+                Output::Json => println!("{}", serde_json::to_string(&s).unwrap_or_default()),
+                Output::Text => println!(
+                    "{}: {} calls in {:.1}s, {:.0} ok/s, failed {:?}; latency µs p50 {} p90 {} p99 {} p99.9 {} max {}",
+                    s.mode,
+                    s.calls,
+                    s.seconds,
+                    s.throughput,
+                    s.failed,
+                    s.p50_us,
+                    s.p90_us,
+                    s.p99_us,
+                    s.p999_us,
+                    s.max_us
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

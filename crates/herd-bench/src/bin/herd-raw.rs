@@ -1,0 +1,95 @@
+//! `herd-raw`: one baseline server — the reference mesh's logic on plain tonic with none of herd's
+//! layers — or the hello-world ceiling, or an OTLP sink.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use herd_bench::raw;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Gateway,
+    Pricing,
+    Tax,
+    Currency,
+    /// grpc.health.v1 only: the ceiling of a plain tonic server on this machine.
+    Hello,
+    /// An OTLP/gRPC receiver that counts and discards spans.
+    Sink,
+}
+
+/// Serve one baseline role on a fixed address until killed.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Which server.
+    #[arg(long, value_enum)]
+    role: Role,
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Configuration: a folder of SECTION.json files (catalog, tax, fx, keys, ...).
+    #[arg(long, default_value = "")]
+    config: String,
+    /// Pricing's address (gateway).
+    #[arg(long, default_value = "")]
+    pricing: String,
+    /// Tax's address (pricing).
+    #[arg(long, default_value = "")]
+    tax: String,
+    /// Currency's address (pricing).
+    #[arg(long, default_value = "")]
+    currency: String,
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut server = tonic::transport::Server::builder();
+    let router = match args.role {
+        Role::Hello => server.add_service(tonic_health::server::health_reporter().1),
+        Role::Sink => {
+            server.add_service(herd_bench::sink::server(herd_bench::sink::Sink::default()))
+        }
+        Role::Tax => server.add_service(raw::tax_server(raw::load_config(&args.config)?)),
+        Role::Currency => server.add_service(raw::currency_server(raw::load_config(&args.config)?)),
+        Role::Pricing => server.add_service(raw::pricing_server(raw::RawPricing {
+            config: raw::load_config(&args.config)?,
+            tax: herd_proto::tax::tax_service_client::TaxServiceClient::new(
+                raw::channel(&args.tax).await?,
+            ),
+            currency: herd_proto::currency::currency_service_client::CurrencyServiceClient::new(
+                raw::channel(&args.currency).await?,
+            ),
+        })),
+        Role::Gateway => server.add_service(raw::gateway_server(raw::RawGateway {
+            config: raw::load_config(&args.config)?,
+            pricing: herd_proto::pricing::pricing_service_client::PricingServiceClient::new(
+                raw::channel(&args.pricing).await?,
+            ),
+        })),
+    };
+    router.serve_with_incoming(incoming).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The load generator.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// How load is offered.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// `concurrency` callers, each starting a call as soon as its last one ends.
+    Closed {
+        /// Calls in flight.
+        concurrency: usize,
+    },
+    /// Calls started at a fixed rate whatever the answers do; latency counts from the scheduled
+    /// start, so a stall is not hidden (no coordinated omission).
+    Open {
+        /// Calls per second.
+        rate: f64,
+    },
+}
+
+/// Which call to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// `herd.quote.v1.QuoteService/CreateQuote` of three widgets.
+    Quote,
+    /// `grpc.health.v1.Health/Check` — the hello world of gRPC.
+    Health,
+}
+
+/// One load run.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// `host:port` of each target; connections go round robin over them.
+    pub targets: Vec<String>,
+    /// Closed or open loop.
+    pub mode: Mode,
+    /// HTTP/2 connections to open.
+    pub connections: usize,
+    /// Measured time.
+    pub duration: Duration,
+    /// Time before measuring, to warm up.
+    pub warmup: Duration,
+    /// Deadline of each call.
+    pub timeout: Duration,
+    /// The call.
+    pub call: Call,
+    /// Print a progress line every second to stderr.
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// `closed/N` or `open/R`.
+    pub mode: String,
+    /// Calls measured (after warm-up).
+    pub calls: u64,
+    /// Calls that failed, by status code.
+    pub failed: BTreeMap<String, u64>,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Successful calls per second.
+    pub throughput: f64,
+    /// Latency percentiles of successful calls, microseconds.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Slowest.
+    pub max_us: u64,
+}
+
+struct Shared {
+    histogram: std::sync::Mutex<Histogram<u64>>,
+    failed: std::sync::Mutex<BTreeMap<String, u64>>,
+    calls: AtomicU64,
+    progress_calls: AtomicU64,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at three significant figures.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
+}
+
+async fn connect(config: &LoadConfig) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::new();
+    for i in 0..config.connections.max(1) {
+        let target = &config.targets[i % config.targets.len()];
+        let channel = Endpoint::from_shared(format!("http://{target}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+        channels.push(channel);
+    }
+    Ok(channels)
+}
+
+async fn one_call(channel: Channel, call: Call, timeout: Duration) -> Result<(), tonic::Status> {
+    match call {
+        Call::Quote => {
+            let mut client =
+                herd_proto::quote::quote_service_client::QuoteServiceClient::new(channel);
+            let mut request = tonic::Request::new(quote_request());
+            request.set_timeout(timeout);
+            client.create_quote(request).await.map(|_| ())
+        }
+        Call::Health => {
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
+            request.set_timeout(timeout);
+            client.check(request).await.map(|_| ())
+        }
+    }
+}
+
+/// The quote every run asks for: three widgets (a SKU promotion), two apples (tax-exempt), in EUR.
+pub fn quote_request() -> herd_proto::quote::CreateQuoteRequest {
+    herd_proto::quote::CreateQuoteRequest {
+        context: Some(herd_proto::context::RequestContext {
+            tenant_id: "bench".into(),
+            ..Default::default()
+        }),
+        items: vec![
+            herd_proto::types::LineItem {
+                sku: "widget".into(),
+                quantity: 3,
+            },
+            herd_proto::types::LineItem {
+                sku: "apple".into(),
+                quantity: 2,
+            },
+        ],
+        currency: "EUR".into(),
+        region: "US-CA".into(),
+    }
+}
+
+fn record(shared: &Shared, measuring: bool, started: Instant, result: Result<(), tonic::Status>) {
+    shared.progress_calls.fetch_add(1, Ordering::Relaxed);
+    if !measuring {
+        return;
+    }
+    shared.calls.fetch_add(1, Ordering::Relaxed);
+    match result {
+        Ok(()) => {
+            let us = u64::try_from(started.elapsed().as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            if let Ok(mut h) = shared.histogram.lock() {
+                let _ = h.record(us.min(60_000_000));
+            }
+        }
+        Err(status) => {
+            if let Ok(mut f) = shared.failed.lock() {
+                *f.entry(format!("{:?}", status.code())).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// Runs one load and returns what it measured.
+pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
+    anyhow::ensure!(
+        !config.targets.is_empty(),
+        "--target: at least one address is required"
+    );
+    let channels = connect(&config).await?;
+    let shared = Arc::new(Shared {
+        histogram: std::sync::Mutex::new(histogram()),
+        failed: std::sync::Mutex::new(BTreeMap::new()),
+        calls: AtomicU64::new(0),
+        progress_calls: AtomicU64::new(0),
+    });
+    let start = Instant::now();
+    let measure_from = start + config.warmup;
+    let end = measure_from + config.duration;
+    let progress = config.progress.then(|| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let now = shared.progress_calls.load(Ordering::Relaxed);
+                let failed: u64 = shared.failed.lock().map(|f| f.values().sum()).unwrap_or(0);
+                eprintln!(
+                    "{:>6.1}s  {:>8} calls/s  {:>8} failed",
+                    start.elapsed().as_secs_f64(),
+                    now - last,
+                    failed
+                );
+                last = now;
+            }
+        })
+    });
+    let mode = match config.mode {
+        Mode::Closed { concurrency } => {
+            let mut tasks = Vec::new();
+            for i in 0..concurrency.max(1) {
+                let channel = channels[i % channels.len()].clone();
+                let shared = shared.clone();
+                let (call, timeout) = (config.call, config.timeout);
+                tasks.push(tokio::spawn(async move {
+                    while Instant::now() < end {
+                        let started = Instant::now();
+                        let result = one_call(channel.clone(), call, timeout).await;
+                        record(
+                            &shared,
+                            started >= measure_from && Instant::now() <= end,
+                            started,
+                            result,
+                        );
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            format!("closed/{concurrency}")
+        }
+        Mode::Open { rate } => {
+            anyhow::ensure!(rate > 0.0, "--rate: must be positive");
+            let interval = Duration::from_secs_f64(1.0 / rate);
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut n: u64 = 0;
+            loop {
+                let scheduled = start + interval.mul_f64(n as f64);
+                if scheduled >= end {
+                    break;
+                }
+                tokio::time::sleep_until(scheduled.into()).await;
+                let channel = channels[(n as usize) % channels.len()].clone();
+                let shared = shared.clone();
+                let (call, timeout) = (config.call, config.timeout);
+                tasks.spawn(async move {
+                    let result = one_call(channel, call, timeout).await;
+                    record(&shared, scheduled >= measure_from, scheduled, result);
+                });
+                while tasks.try_join_next().is_some() {}
+                n += 1;
+            }
+            while tasks.join_next().await.is_some() {}
+            format!("open/{rate}")
+        }
+    };
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let h = shared
+        .histogram
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
+    let failed = shared.failed.lock().map(|f| f.clone()).unwrap_or_default();
+    let seconds = config.duration.as_secs_f64();
+    Ok(Summary {
+        mode,
+        calls: shared.calls.load(Ordering::Relaxed),
+        failed,
+        seconds,
+        throughput: h.len() as f64 / seconds,
+        p50_us: h.value_at_quantile(0.50),
+        p90_us: h.value_at_quantile(0.90),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+    })
+}

@@ -1,0 +1,333 @@
+//! The baseline: the reference mesh's four services with none of herd's layers — plain tonic
+//! servers at fixed addresses, configuration read once from a file, plain tonic clients to fixed
+//! addresses, no etcd, discovery, balancing, health, tracing, deadlines or context forwarding.
+//! The arithmetic is herd-model's, so both meshes do the same work per call.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use herd::ConfigModel;
+use herd_model::MeshConfig;
+use herd_model::money::{best_promotion, convert, line_amounts, tax_of};
+use herd_model::token;
+use herd_proto::currency::currency_service_client::CurrencyServiceClient;
+use herd_proto::currency::currency_service_server::{CurrencyService, CurrencyServiceServer};
+use herd_proto::currency::{ConvertRequest, ConvertResponse};
+use herd_proto::pricing::pricing_service_client::PricingServiceClient;
+use herd_proto::pricing::pricing_service_server::{PricingService, PricingServiceServer};
+use herd_proto::pricing::{PriceItemsRequest, PriceItemsResponse};
+use herd_proto::quote::quote_service_server::{QuoteService, QuoteServiceServer};
+use herd_proto::quote::{
+    CreateQuoteRequest, CreateQuoteResponse, Quote, VerifyQuoteRequest, VerifyQuoteResponse,
+};
+use herd_proto::tax::tax_service_client::TaxServiceClient;
+use herd_proto::tax::tax_service_server::{TaxService, TaxServiceServer};
+use herd_proto::tax::{ComputeTaxRequest, ComputeTaxResponse, TaxableLine};
+use herd_proto::types::{Money, QuoteLine};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// Reads the configuration from a folder of `SECTION.json` files (as `herdctl config apply` takes).
+pub fn load_config(dir: &str) -> anyhow::Result<Arc<MeshConfig>> {
+    let mut sections = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_stem().and_then(|s| s.to_str());
+        if let (true, Some(name)) = (path.extension().is_some_and(|e| e == "json"), name) {
+            sections.insert(name.to_string(), std::fs::read(&path)?);
+        }
+    }
+    Ok(Arc::new(MeshConfig::from_sections(&sections)?))
+}
+
+fn money(currency: &str, minor_units: i64) -> Option<Money> {
+    Some(Money {
+        currency_code: currency.to_string(),
+        minor_units,
+    })
+}
+
+/// The baseline tax service.
+pub struct RawTax(pub Arc<MeshConfig>);
+
+#[tonic::async_trait]
+impl TaxService for RawTax {
+    async fn compute_tax(
+        &self,
+        request: Request<ComputeTaxRequest>,
+    ) -> Result<Response<ComputeTaxResponse>, Status> {
+        let req = request.into_inner();
+        let region = self
+            .0
+            .tax
+            .regions
+            .get(&req.region)
+            .ok_or_else(|| Status::invalid_argument("region"))?;
+        let taxes = req
+            .lines
+            .iter()
+            .map(|l| {
+                let net = l.net.clone().unwrap_or_default();
+                let tax = if region.exempt_categories.contains(&l.category) {
+                    0
+                } else {
+                    tax_of(net.minor_units, region.rate_bps).unwrap_or(0)
+                };
+                Money {
+                    currency_code: net.currency_code,
+                    minor_units: tax,
+                }
+            })
+            .collect();
+        Ok(Response::new(ComputeTaxResponse {
+            taxes,
+            rate_bps: region.rate_bps,
+        }))
+    }
+}
+
+/// The baseline currency service.
+pub struct RawCurrency(pub Arc<MeshConfig>);
+
+#[tonic::async_trait]
+impl CurrencyService for RawCurrency {
+    async fn convert(
+        &self,
+        request: Request<ConvertRequest>,
+    ) -> Result<Response<ConvertResponse>, Status> {
+        let req = request.into_inner();
+        let rate = self
+            .0
+            .rate(&req.target_currency)
+            .ok_or_else(|| Status::invalid_argument("target_currency"))?;
+        let amounts = req
+            .amounts
+            .iter()
+            .map(|m| Money {
+                currency_code: req.target_currency.clone(),
+                minor_units: convert(m.minor_units, rate).unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(ConvertResponse {
+            amounts,
+            rate: rate.to_string(),
+        }))
+    }
+}
+
+/// The baseline pricing service.
+pub struct RawPricing {
+    /// Configuration.
+    pub config: Arc<MeshConfig>,
+    /// Tax, at a fixed address.
+    pub tax: TaxServiceClient<Channel>,
+    /// Currency, at a fixed address.
+    pub currency: CurrencyServiceClient<Channel>,
+}
+
+#[tonic::async_trait]
+impl PricingService for RawPricing {
+    async fn price_items(
+        &self,
+        request: Request<PriceItemsRequest>,
+    ) -> Result<Response<PriceItemsResponse>, Status> {
+        let req = request.into_inner();
+        let config = &self.config;
+        let base = config.catalog.currency.clone();
+        let mut priced = Vec::new();
+        let mut taxable = Vec::new();
+        for item in &req.items {
+            let entry = config
+                .catalog
+                .items
+                .get(&item.sku)
+                .ok_or_else(|| Status::not_found("sku"))?;
+            let promotion = best_promotion(
+                &config.promotions,
+                &item.sku,
+                &entry.category,
+                item.quantity,
+            );
+            let a = line_amounts(
+                entry.price_minor,
+                item.quantity,
+                promotion.map_or(0, |p| p.percent_off),
+            )
+            .ok_or_else(|| Status::invalid_argument("quantity"))?;
+            taxable.push(TaxableLine {
+                sku: item.sku.clone(),
+                category: entry.category.clone(),
+                net: money(&base, a.net),
+            });
+            priced.push((
+                entry.price_minor,
+                a,
+                promotion.map(|p| p.id.clone()).unwrap_or_default(),
+            ));
+        }
+        let taxes = self
+            .tax
+            .clone()
+            .compute_tax(ComputeTaxRequest {
+                context: None,
+                region: req.region.clone(),
+                lines: taxable,
+            })
+            .await?
+            .into_inner()
+            .taxes;
+        let amounts = priced
+            .iter()
+            .zip(&taxes)
+            .flat_map(|((unit, a, _), t)| [*unit, a.gross, a.discount, t.minor_units])
+            .map(|m| Money {
+                currency_code: base.clone(),
+                minor_units: m,
+            })
+            .collect();
+        let converted = self
+            .currency
+            .clone()
+            .convert(ConvertRequest {
+                context: None,
+                target_currency: req.currency.clone(),
+                amounts,
+            })
+            .await?
+            .into_inner()
+            .amounts;
+        let lines = req
+            .items
+            .iter()
+            .zip(priced)
+            .zip(converted.chunks_exact(4))
+            .map(|((item, (_, _, promotion_id)), c)| {
+                let net = c[1].minor_units - c[2].minor_units;
+                QuoteLine {
+                    sku: item.sku.clone(),
+                    quantity: item.quantity,
+                    unit_price: money(&req.currency, c[0].minor_units),
+                    gross: money(&req.currency, c[1].minor_units),
+                    discount: money(&req.currency, c[2].minor_units),
+                    net: money(&req.currency, net),
+                    tax: money(&req.currency, c[3].minor_units),
+                    total: money(&req.currency, net + c[3].minor_units),
+                    promotion_id,
+                }
+            })
+            .collect();
+        Ok(Response::new(PriceItemsResponse { lines }))
+    }
+}
+
+/// The baseline gateway.
+pub struct RawGateway {
+    /// Configuration.
+    pub config: Arc<MeshConfig>,
+    /// Pricing, at a fixed address.
+    pub pricing: PricingServiceClient<Channel>,
+}
+
+#[tonic::async_trait]
+impl QuoteService for RawGateway {
+    async fn create_quote(
+        &self,
+        request: Request<CreateQuoteRequest>,
+    ) -> Result<Response<CreateQuoteResponse>, Status> {
+        let req = request.into_inner();
+        let tenant = req
+            .context
+            .as_ref()
+            .map(|c| c.tenant_id.clone())
+            .unwrap_or_default();
+        let lines = self
+            .pricing
+            .clone()
+            .price_items(PriceItemsRequest {
+                context: None,
+                items: req.items,
+                currency: req.currency.clone(),
+                region: req.region,
+            })
+            .await?
+            .into_inner()
+            .lines;
+        let sum = |f: fn(&QuoteLine) -> &Option<Money>| {
+            money(
+                &req.currency,
+                lines
+                    .iter()
+                    .map(|l| f(l).as_ref().map_or(0, |m| m.minor_units))
+                    .sum(),
+            )
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let accepted = prost_timestamp(now);
+        let quote = Quote {
+            quote_id: token::quote_id(&tenant, "raw", &accepted),
+            tenant_id: tenant,
+            subtotal: sum(|l| &l.gross),
+            discount: sum(|l| &l.discount),
+            tax: sum(|l| &l.tax),
+            total: sum(|l| &l.total),
+            lines,
+            currency: req.currency,
+            config_revision: 0,
+            expires_at: Some(prost_timestamp(
+                now + std::time::Duration::from_secs(u64::from(self.config.quote.ttl_seconds)),
+            )),
+        };
+        let token = token::sign(&quote, &self.config.keys);
+        Ok(Response::new(CreateQuoteResponse {
+            context: None,
+            quote: Some(quote),
+            token,
+        }))
+    }
+
+    async fn verify_quote(
+        &self,
+        _request: Request<VerifyQuoteRequest>,
+    ) -> Result<Response<VerifyQuoteResponse>, Status> {
+        Err(Status::unimplemented("the baseline only creates quotes"))
+    }
+}
+
+fn prost_timestamp(d: std::time::Duration) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A plain tonic channel to a fixed address.
+pub async fn channel(address: &str) -> anyhow::Result<Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?,
+    )
+}
+
+/// Servers for each role.
+pub fn tax_server(config: Arc<MeshConfig>) -> TaxServiceServer<RawTax> {
+    TaxServiceServer::new(RawTax(config))
+}
+
+/// The currency server.
+pub fn currency_server(config: Arc<MeshConfig>) -> CurrencyServiceServer<RawCurrency> {
+    CurrencyServiceServer::new(RawCurrency(config))
+}
+
+/// The pricing server.
+pub fn pricing_server(p: RawPricing) -> PricingServiceServer<RawPricing> {
+    PricingServiceServer::new(p)
+}
+
+/// The gateway server.
+pub fn gateway_server(g: RawGateway) -> QuoteServiceServer<RawGateway> {
+    QuoteServiceServer::new(g)
+}
