@@ -69,6 +69,9 @@ impl TelemetrySection {
     }
 }
 
+/// Whether spans are exported: when not, no trace context is extracted or created, only passed on.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The sampling ratio in force, shared with the sampler; changing it takes effect for the next
 /// trace.
 #[derive(Debug, Clone)]
@@ -218,6 +221,7 @@ pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
             }))
             .boxed()
     });
+    EXPORTING.store(provider.is_some(), Ordering::Relaxed);
     let mut layers = vec![logs];
     layers.extend(spans);
     let _ = tracing_subscriber::registry().with(layers).try_init();
@@ -338,11 +342,13 @@ where
         span_id = tracing::field::Empty,
     );
     let context = request.get_ref().context();
-    let _ = span.set_parent(parent_of(request.metadata(), context));
-    let otel = span.context().span().span_context().clone();
-    if otel.is_valid() {
-        span.record("trace_id", otel.trace_id().to_string());
-        span.record("span_id", otel.span_id().to_string());
+    if EXPORTING.load(Ordering::Relaxed) {
+        let _ = span.set_parent(parent_of(request.metadata(), context));
+        let otel = span.context().span().span_context().clone();
+        if otel.is_valid() {
+            span.record("trace_id", otel.trace_id().to_string());
+            span.record("span_id", otel.span_id().to_string());
+        }
     }
     if let Some(ctx) = context {
         record_context(&span, ctx);
@@ -404,7 +410,11 @@ pub(crate) fn client_span<M: WithContext>(
         rpc.grpc.status_code = tracing::field::Empty,
     );
     let mut carrier: HashMap<String, String> = HashMap::new();
-    let cx = span.context();
+    let cx = if EXPORTING.load(Ordering::Relaxed) {
+        span.context()
+    } else {
+        Context::new()
+    };
     if cx.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&cx, &mut carrier);
     } else if let Some(trace) = request.get_ref().context().and_then(|c| c.trace.clone()) {
