@@ -278,3 +278,68 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         max_us: h.max(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn hello() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(tonic_health::server::health_reporter().1)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        address
+    }
+
+    fn config(target: String, mode: Mode) -> LoadConfig {
+        LoadConfig {
+            targets: vec![target],
+            mode,
+            connections: 2,
+            duration: Duration::from_millis(500),
+            warmup: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
+            call: Call::Health,
+            progress: false,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn closed_loop_measures_calls_and_latency() {
+        let s = run(config(hello().await, Mode::Closed { concurrency: 4 }))
+            .await
+            .unwrap();
+        assert!(s.calls > 50, "{s:?}");
+        assert!(s.failed.is_empty(), "{s:?}");
+        assert!(
+            s.p50_us > 0 && s.p50_us <= s.p99_us && s.p99_us <= s.max_us,
+            "{s:?}"
+        );
+        assert!((s.throughput - s.calls as f64 / 0.5).abs() < 1.0, "{s:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn open_loop_offers_the_rate() {
+        let s = run(config(hello().await, Mode::Open { rate: 200.0 }))
+            .await
+            .unwrap();
+        // 0.5 s measured at 200/s.
+        assert!((90..=110).contains(&s.calls), "{s:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn failures_are_counted_by_code() {
+        let mut c = config(hello().await, Mode::Closed { concurrency: 2 });
+        c.call = Call::Quote; // the hello server does not serve quotes
+        let s = run(c).await.unwrap();
+        assert_eq!(
+            s.failed.keys().collect::<Vec<_>>(),
+            vec!["Unimplemented"],
+            "{s:?}"
+        );
+        assert_eq!(s.failed.values().sum::<u64>(), s.calls);
+    }
+}

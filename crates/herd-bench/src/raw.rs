@@ -331,3 +331,74 @@ pub fn pricing_server(p: RawPricing) -> PricingServiceServer<RawPricing> {
 pub fn gateway_server(g: RawGateway) -> QuoteServiceServer<RawGateway> {
     QuoteServiceServer::new(g)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn serve<S>(svc: S) -> String
+    where
+        S: tower_service_bound::Bound,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        svc.spawn(listener);
+        address
+    }
+
+    /// Spawning a generated server without naming tonic's long bounds.
+    mod tower_service_bound {
+        pub trait Bound {
+            fn spawn(self, listener: tokio::net::TcpListener);
+        }
+        macro_rules! bound {
+            ($($t:ty),*) => {$(impl Bound for $t {
+                fn spawn(self, listener: tokio::net::TcpListener) {
+                    tokio::spawn(
+                        tonic::transport::Server::builder()
+                            .add_service(self)
+                            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+                    );
+                }
+            })*};
+        }
+        bound!(
+            super::TaxServiceServer<super::RawTax>,
+            super::CurrencyServiceServer<super::RawCurrency>,
+            super::PricingServiceServer<super::RawPricing>,
+            super::QuoteServiceServer<super::RawGateway>
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_baseline_prices_like_the_mesh() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/bench/config");
+        let config = load_config(dir).unwrap();
+        let tax = serve(tax_server(config.clone())).await;
+        let currency = serve(currency_server(config.clone())).await;
+        let pricing = serve(pricing_server(RawPricing {
+            config: config.clone(),
+            tax: TaxServiceClient::new(channel(&tax).await.unwrap()),
+            currency: CurrencyServiceClient::new(channel(&currency).await.unwrap()),
+        }))
+        .await;
+        let gateway = serve(gateway_server(RawGateway {
+            config,
+            pricing: PricingServiceClient::new(channel(&pricing).await.unwrap()),
+        }))
+        .await;
+        let mut client = herd_proto::quote::quote_service_client::QuoteServiceClient::new(
+            channel(&gateway).await.unwrap(),
+        );
+        let quote = client
+            .create_quote(crate::load::quote_request())
+            .await
+            .unwrap()
+            .into_inner()
+            .quote
+            .unwrap();
+        // 3 widgets: 59.97 − 15 % (9.00) + 7.25 % tax (3.70) → EUR 55.47 − 8.32 + 3.42 = 50.57;
+        // 2 apples: 2.50, food, untaxed → EUR 2.31. Total EUR 52.88.
+        assert_eq!(quote.total.map(|m| m.minor_units), Some(5288));
+    }
+}

@@ -48,7 +48,9 @@ impl Gateway {
         let mut ctx = herd::context::require(context)?.clone();
         if ctx.request_id.is_empty() {
             // From the thread-local generator: no system call per request.
-            ctx.request_id = uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string();
+            ctx.request_id = uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .to_string();
         }
         if ctx.accepted_at.is_none() {
             ctx.accepted_at = Some(now());
