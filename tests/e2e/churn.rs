@@ -20,6 +20,15 @@ fn say(scenario: &str, report: &Report, converged: &str) {
     println!("REPORT {scenario}: {report}; {converged}");
 }
 
+/// A mesh of `per_service` instances of each service under a steady load whose calls have
+/// `deadline`, once the load is flowing.
+async fn under_load(per_service: usize, deadline: Duration) -> anyhow::Result<(Mesh, Load)> {
+    let mesh = Mesh::start(per_service, &fixture()).await?;
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, deadline).await?;
+    calls(&load, 50).await?;
+    Ok((mesh, load))
+}
+
 /// Waits until the load has made `n` more calls.
 async fn calls(load: &Load, n: u64) -> anyhow::Result<()> {
     let target = load.report().sent + n;
@@ -57,9 +66,7 @@ fn max(v: &[f64]) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_9_one_instance_of_each_downstream_service() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(2, &fixture()).await?;
-    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
-    calls(&load, 50).await?;
+    let (mesh, load) = under_load(2, Duration::from_secs(5)).await?;
 
     let mut victims = Vec::new();
     for service in ["pricing", "tax", "currency"] {
@@ -119,10 +126,8 @@ async fn a_kill_9_one_instance_of_each_downstream_service() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread")]
 async fn b_a_silent_peer_is_avoided_and_serves_again() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(2, &fixture()).await?;
     // Deadlines shorter than the stall: calls caught on the silent peer may fail, no others.
-    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(1)).await?;
-    calls(&load, 50).await?;
+    let (mesh, load) = under_load(2, Duration::from_secs(1)).await?;
     let index = mesh
         .instances
         .iter()
@@ -185,9 +190,7 @@ async fn b_a_silent_peer_is_avoided_and_serves_again() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn c_rolling_restart_of_every_instance_loses_nothing() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut mesh = Mesh::start(2, &fixture()).await?;
-    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
-    calls(&load, 50).await?;
+    let (mut mesh, load) = under_load(2, Duration::from_secs(5)).await?;
     let started = now_secs();
     let originals: Vec<(usize, String)> = mesh
         .instances
@@ -218,9 +221,7 @@ async fn c_rolling_restart_of_every_instance_loses_nothing() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread")]
 async fn d_a_new_instance_gets_calls_within_a_second_of_serving() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut mesh = Mesh::start(1, &fixture()).await?;
-    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
-    calls(&load, 50).await?;
+    let (mut mesh, load) = under_load(1, Duration::from_secs(5)).await?;
     let proc = start_instance_with_env(
         "pricing",
         &mesh.etcd,
@@ -264,9 +265,7 @@ async fn d_a_new_instance_gets_calls_within_a_second_of_serving() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread")]
 async fn e_a_lease_revoked_behind_its_back_is_replaced_within_one_ttl() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(2, &fixture()).await?;
-    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
-    calls(&load, 50).await?;
+    let (mesh, load) = under_load(2, Duration::from_secs(5)).await?;
     let index = mesh
         .instances
         .iter()
@@ -338,9 +337,7 @@ fn lease_of(mesh: &Mesh, key: &str) -> anyhow::Result<i64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn f_watchers_converge_after_compaction_past_their_revision() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut mesh = Mesh::start(2, &fixture()).await?;
-    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
-    calls(&load, 50).await?;
+    let (mut mesh, load) = under_load(2, Duration::from_secs(5)).await?;
     // Freeze one pricing instance so its watch on tax's registrations falls behind, write far more
     // than its stream can buffer, compact past it all, then let it go.
     let watcher = mesh
@@ -420,9 +417,7 @@ async fn f_watchers_converge_after_compaction_past_their_revision() -> anyhow::R
 #[tokio::test(flavor = "multi_thread")]
 async fn g_etcd_down_for_5_s_under_load() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut mesh = Mesh::start(2, &fixture()).await?;
-    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
-    calls(&load, 50).await?;
+    let (mut mesh, load) = under_load(2, Duration::from_secs(5)).await?;
     let gateway = mesh.gateways[0].clone();
     let stopped_at = now_secs();
     mesh.etcd.stop().await?;

@@ -386,6 +386,28 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Runs a command-line program's `main` on a multi-thread tokio runtime: an error is printed with
+/// its causes and the process exits 1.
+pub fn block_on_main<F: Future<Output = anyhow::Result<()>>>(main: F) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The whole life of a service binary: parse settings (usage errors exit 64), set up logs, connect,
 /// bind, build the services with `build`, serve until SIGTERM/SIGINT, drain, exit 0.
 pub fn run_binary<F, Fut>(service: &'static str, default_listen: &'static str, build: F) -> ExitCode

@@ -74,39 +74,25 @@ fn main() -> ExitCode {
         },
         progress: args.output == Output::Text,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+    let output = args.output;
+    herd::server::block_on_main(async move {
+        let s = run(config).await?;
+        match output {
+            Output::Json => println!("{}", serde_json::to_string(&s)?),
+            Output::Text => println!(
+                "{}: {} calls in {:.1}s, {:.0} ok/s, failed {:?}; latency µs p50 {} p90 {} p99 {} p99.9 {} max {}",
+                s.mode,
+                s.calls,
+                s.seconds,
+                s.throughput,
+                s.failed,
+                s.p50_us,
+                s.p90_us,
+                s.p99_us,
+                s.p999_us,
+                s.max_us
+            ),
         }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(s) => {
-            match args.output {
-                Output::Json => println!("{}", serde_json::to_string(&s).unwrap_or_default()),
-                Output::Text => println!(
-                    "{}: {} calls in {:.1}s, {:.0} ok/s, failed {:?}; latency µs p50 {} p90 {} p99 {} p99.9 {} max {}",
-                    s.mode,
-                    s.calls,
-                    s.seconds,
-                    s.throughput,
-                    s.failed,
-                    s.p50_us,
-                    s.p90_us,
-                    s.p99_us,
-                    s.p999_us,
-                    s.max_us
-                ),
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        Ok(())
+    })
 }
