@@ -158,7 +158,12 @@ async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
         "the refused call's trace",
         Duration::from_secs(10),
         || async {
+            // Complete once the gateway's server span, which ends last, has arrived.
             trace_of_request(&receiver, "trace-a-bad")
+                .filter(|t| {
+                    t.iter()
+                        .any(|s| s.service == "herd-gateway" && s.kind == SERVER)
+                })
                 .and_then(|t| Some((t.first()?.trace_id.clone(), t)))
         },
     )

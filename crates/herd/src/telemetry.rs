@@ -22,10 +22,10 @@ use std::time::Duration;
 use herd_proto::WithContext;
 use herd_proto::context::{RequestContext, TraceContext};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{Link, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing::Instrument;
@@ -72,6 +72,9 @@ impl TelemetrySection {
 /// Whether spans are exported: when not, no trace context is extracted or created, only passed on.
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The ratio new traces are sampled at, once telemetry is initialised.
+static SAMPLING: std::sync::OnceLock<SamplingRatio> = std::sync::OnceLock::new();
+
 /// The sampling ratio in force, shared with the sampler; changing it takes effect for the next
 /// trace.
 #[derive(Debug, Clone)]
@@ -105,31 +108,6 @@ impl SamplingRatio {
             _ => 1.0,
         };
         Self::new(ratio)
-    }
-}
-
-/// A trace-id ratio sampler whose ratio can change at run time (wrapped parent-based).
-#[derive(Debug, Clone)]
-struct DynamicRatio(SamplingRatio);
-
-impl ShouldSample for DynamicRatio {
-    fn should_sample(
-        &self,
-        parent_context: Option<&Context>,
-        trace_id: TraceId,
-        name: &str,
-        span_kind: &SpanKind,
-        attributes: &[KeyValue],
-        links: &[Link],
-    ) -> SamplingResult {
-        Sampler::TraceIdRatioBased(self.0.get()).should_sample(
-            parent_context,
-            trace_id,
-            name,
-            span_kind,
-            attributes,
-            links,
-        )
     }
 }
 
@@ -180,7 +158,7 @@ pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let ratio = SamplingRatio::from_env();
     let provider = if exporter_configured() {
-        match build_provider(service, instance_id, &ratio) {
+        match build_provider(service, instance_id) {
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!("warning: span export disabled: {e}");
@@ -217,22 +195,19 @@ pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("herd"))
             .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.target().starts_with("herd")
+                m.target().starts_with("herd") && !m.target().starts_with("herd::unsampled")
             }))
             .boxed()
     });
     EXPORTING.store(provider.is_some(), Ordering::Relaxed);
+    let _ = SAMPLING.set(ratio.clone());
     let mut layers = vec![logs];
     layers.extend(spans);
     let _ = tracing_subscriber::registry().with(layers).try_init();
     Telemetry { provider, ratio }
 }
 
-fn build_provider(
-    service: &str,
-    instance_id: &str,
-    ratio: &SamplingRatio,
-) -> anyhow::Result<SdkTracerProvider> {
+fn build_provider(service: &str, instance_id: &str) -> anyhow::Result<SdkTracerProvider> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()?;
@@ -249,7 +224,8 @@ fn build_provider(
         .build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_sampler(Sampler::ParentBased(Box::new(DynamicRatio(ratio.clone()))))
+        // herd makes the head decision itself (see `serve`) before a span reaches the SDK.
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_resource(resource)
         .build())
 }
@@ -311,7 +287,7 @@ fn split_method(path: &str) -> (&str, &str) {
 /// parented on the caller's trace context, recording the status it ends with.
 pub async fn serve<Req, Res, F, Fut>(
     path: &'static str,
-    request: tonic::Request<Req>,
+    mut request: tonic::Request<Req>,
     handler: F,
 ) -> Result<tonic::Response<Res>, tonic::Status>
 where
@@ -321,35 +297,69 @@ where
 {
     let (service, method) = split_method(path);
     let local = request.local_addr();
-    let span = tracing::info_span!(
-        target: "herd::rpc",
-        "rpc.server",
-        otel.name = path,
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        otel.status_description = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-        rpc.grpc.status_code = tracing::field::Empty,
-        server.address = local.map(|a| a.ip().to_string()).unwrap_or_default(),
-        server.port = local.map(|a| i64::from(a.port())).unwrap_or_default(),
-        herd.tenant = tracing::field::Empty,
-        herd.request_id = tracing::field::Empty,
-        herd.config_revision = tracing::field::Empty,
-        herd.quote_id = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-    );
-    let context = request.get_ref().context();
-    if EXPORTING.load(Ordering::Relaxed) {
-        let _ = span.set_parent(parent_of(request.metadata(), context));
+    let exporting = EXPORTING.load(Ordering::Relaxed);
+    let parent = if exporting {
+        parent_of(request.metadata(), request.get_ref().context())
+    } else {
+        Context::new()
+    };
+    // Head sampling, decided here so that an unsampled request never reaches the OpenTelemetry
+    // layer: a caller's decision is followed; a new trace is sampled at the configured ratio.
+    let sampled = exporting && {
+        let parent_span = parent.span();
+        let parent_span = parent_span.span_context();
+        if parent_span.is_valid() {
+            parent_span.is_sampled()
+        } else {
+            rand::random::<f64>() < SAMPLING.get().map_or(1.0, SamplingRatio::get)
+        }
+    };
+    macro_rules! server_span {
+        ($target:literal) => {
+            tracing::info_span!(
+                target: $target,
+                "rpc.server",
+                otel.name = path,
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.service = service,
+                rpc.method = method,
+                rpc.grpc.status_code = tracing::field::Empty,
+                server.address = local.map(|a| a.ip().to_string()).unwrap_or_default(),
+                server.port = local.map(|a| i64::from(a.port())).unwrap_or_default(),
+                herd.tenant = tracing::field::Empty,
+                herd.request_id = tracing::field::Empty,
+                herd.config_revision = tracing::field::Empty,
+                herd.quote_id = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            )
+        };
+    }
+    let span = if sampled {
+        let span = server_span!("herd::rpc");
+        let _ = span.set_parent(parent);
         let otel = span.context().span().span_context().clone();
         if otel.is_valid() {
             span.record("trace_id", otel.trace_id().to_string());
             span.record("span_id", otel.span_id().to_string());
         }
-    }
+        span
+    } else {
+        let span = server_span!("herd::unsampled");
+        if exporting {
+            unsampled_context(&mut request, &parent);
+            // Logs of unsampled requests still name their trace.
+            let trace = request.get_ref().context().and_then(|c| c.trace.as_ref());
+            if let Some(id) = trace.and_then(|t| t.traceparent.split('-').nth(1)) {
+                span.record("trace_id", id);
+            }
+        }
+        span
+    };
+    let context = request.get_ref().context();
     if let Some(ctx) = context {
         record_context(&span, ctx);
     }
@@ -367,6 +377,36 @@ where
         tracing::warn!(parent: &span, rpc.grpc.status_code = code as i64, error = status.message(), "call failed");
     }
     result
+}
+
+/// Makes sure an unsampled request carries a trace context saying so, for every hop after it: the
+/// caller's as it came, or for a new trace a fresh trace id with the sampled flag off.
+fn unsampled_context<Req: WithContext>(request: &mut tonic::Request<Req>, parent: &Context) {
+    let Some(ctx) = request.get_mut().context_mut().as_mut() else {
+        return;
+    };
+    if ctx
+        .trace
+        .as_ref()
+        .is_some_and(|t| !t.traceparent.is_empty())
+    {
+        return;
+    }
+    let span = parent.span();
+    let incoming = span.span_context();
+    let traceparent = if incoming.is_valid() {
+        format!("00-{}-{}-00", incoming.trace_id(), incoming.span_id())
+    } else {
+        format!(
+            "00-{:032x}-{:016x}-00",
+            rand::random::<u128>().max(1),
+            rand::random::<u64>().max(1)
+        )
+    };
+    ctx.trace = Some(TraceContext {
+        traceparent,
+        tracestate: String::new(),
+    });
 }
 
 /// Per the RPC conventions a server span is an error only for codes that mean the server failed.
@@ -398,19 +438,35 @@ pub(crate) fn client_span<M: WithContext>(
     request: &mut tonic::Request<M>,
 ) -> tracing::Span {
     let (service, method) = split_method(path);
-    let span = tracing::info_span!(
-        target: "herd::rpc",
-        "rpc.client",
-        otel.name = path,
-        otel.kind = "client",
-        otel.status_code = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-        rpc.grpc.status_code = tracing::field::Empty,
-    );
+    // A client span is exported only inside a sampled trace; otherwise the trace context in the
+    // message is passed on as it is.
+    let sampled = EXPORTING.load(Ordering::Relaxed) && {
+        let current = tracing::Span::current().context();
+        let current = current.span();
+        current.span_context().is_valid() && current.span_context().is_sampled()
+    };
+    macro_rules! client_span {
+        ($target:literal) => {
+            tracing::info_span!(
+                target: $target,
+                "rpc.client",
+                otel.name = path,
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.service = service,
+                rpc.method = method,
+                rpc.grpc.status_code = tracing::field::Empty,
+            )
+        };
+    }
+    let span = if sampled {
+        client_span!("herd::rpc")
+    } else {
+        client_span!("herd::unsampled")
+    };
     let mut carrier: HashMap<String, String> = HashMap::new();
-    let cx = if EXPORTING.load(Ordering::Relaxed) {
+    let cx = if sampled {
         span.context()
     } else {
         Context::new()
@@ -418,7 +474,8 @@ pub(crate) fn client_span<M: WithContext>(
     if cx.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&cx, &mut carrier);
     } else if let Some(trace) = request.get_ref().context().and_then(|c| c.trace.clone()) {
-        // Not exporting here: pass the caller's context on unchanged so the trace stays whole.
+        // Not sampled or not exporting here: pass the caller's context on unchanged so the trace
+        // stays whole.
         carrier.insert("traceparent".into(), trace.traceparent);
         carrier.insert("tracestate".into(), trace.tracestate);
     }
