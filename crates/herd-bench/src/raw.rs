@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use herd::ConfigModel;
 use herd_model::MeshConfig;
-use herd_model::money::{best_promotion, convert, line_amounts, tax_of};
+use herd_model::basket;
+use herd_model::money::{convert, tax_of};
 use herd_model::token;
 use herd_proto::currency::currency_service_client::CurrencyServiceClient;
 use herd_proto::currency::currency_service_server::{CurrencyService, CurrencyServiceServer};
@@ -22,7 +23,7 @@ use herd_proto::quote::{
 };
 use herd_proto::tax::tax_service_client::TaxServiceClient;
 use herd_proto::tax::tax_service_server::{TaxService, TaxServiceServer};
-use herd_proto::tax::{ComputeTaxRequest, ComputeTaxResponse, TaxableLine};
+use herd_proto::tax::{ComputeTaxRequest, ComputeTaxResponse};
 use herd_proto::types::{Money, QuoteLine};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -133,38 +134,7 @@ impl PricingService for RawPricing {
     ) -> Result<Response<PriceItemsResponse>, Status> {
         let req = request.into_inner();
         let config = &self.config;
-        let base = config.catalog.currency.clone();
-        let mut priced = Vec::new();
-        let mut taxable = Vec::new();
-        for item in &req.items {
-            let entry = config
-                .catalog
-                .items
-                .get(&item.sku)
-                .ok_or_else(|| Status::not_found("sku"))?;
-            let promotion = best_promotion(
-                &config.promotions,
-                &item.sku,
-                &entry.category,
-                item.quantity,
-            );
-            let a = line_amounts(
-                entry.price_minor,
-                item.quantity,
-                promotion.map_or(0, |p| p.percent_off),
-            )
-            .ok_or_else(|| Status::invalid_argument("quantity"))?;
-            taxable.push(TaxableLine {
-                sku: item.sku.clone(),
-                category: entry.category.clone(),
-                net: money(&base, a.net),
-            });
-            priced.push((
-                entry.price_minor,
-                a,
-                promotion.map(|p| p.id.clone()).unwrap_or_default(),
-            ));
-        }
+        let (priced, taxable) = basket::price_lines(&req.items, config)?;
         let taxes = self
             .tax
             .clone()
@@ -176,15 +146,7 @@ impl PricingService for RawPricing {
             .await?
             .into_inner()
             .taxes;
-        let amounts = priced
-            .iter()
-            .zip(&taxes)
-            .flat_map(|((unit, a, _), t)| [*unit, a.gross, a.discount, t.minor_units])
-            .map(|m| Money {
-                currency_code: base.clone(),
-                minor_units: m,
-            })
-            .collect();
+        let amounts = basket::to_convert(&priced, &taxes, &config.catalog.currency)?;
         let converted = self
             .currency
             .clone()
@@ -196,26 +158,7 @@ impl PricingService for RawPricing {
             .await?
             .into_inner()
             .amounts;
-        let lines = req
-            .items
-            .iter()
-            .zip(priced)
-            .zip(converted.chunks_exact(4))
-            .map(|((item, (_, _, promotion_id)), c)| {
-                let net = c[1].minor_units - c[2].minor_units;
-                QuoteLine {
-                    sku: item.sku.clone(),
-                    quantity: item.quantity,
-                    unit_price: money(&req.currency, c[0].minor_units),
-                    gross: money(&req.currency, c[1].minor_units),
-                    discount: money(&req.currency, c[2].minor_units),
-                    net: money(&req.currency, net),
-                    tax: money(&req.currency, c[3].minor_units),
-                    total: money(&req.currency, net + c[3].minor_units),
-                    promotion_id,
-                }
-            })
-            .collect();
+        let lines = basket::quote_lines(&req.items, priced, &converted, &req.currency)?;
         Ok(Response::new(PriceItemsResponse { lines }))
     }
 }

@@ -3,11 +3,13 @@
 //!
 //! - [`sections`]: the typed sections under `/herd/config/` and [`MeshConfig`], validated once here
 //!   for the services and `herdctl` alike.
+//! - [`basket`]: pricing a basket around the calls to tax and currency.
 //! - [`money`]: integer minor units, half-even rounding, promotions, tax and conversion.
 //! - [`request`]: checks of incoming baskets that name the offending field.
 //! - [`token`]: quote tokens signed with the active key; any instance verifies them.
 //! - [`demo`]: the demo configuration `herdctl config seed` writes.
 
+pub mod basket;
 pub mod demo;
 pub mod money;
 pub mod request;

@@ -6,14 +6,13 @@ use std::time::Duration;
 use herd::balance::RetryBudget;
 use herd::{ConfigStore, Deadline, MeshChannel};
 use herd_model::MeshConfig;
-use herd_model::money::{best_promotion, line_amounts};
+use herd_model::basket;
 use herd_proto::currency::ConvertRequest;
 use herd_proto::currency::currency_service_client::CurrencyServiceClient;
 use herd_proto::pricing::pricing_service_server::{PricingService, PricingServiceServer};
 use herd_proto::pricing::{PriceItemsRequest, PriceItemsResponse};
+use herd_proto::tax::ComputeTaxRequest;
 use herd_proto::tax::tax_service_client::TaxServiceClient;
-use herd_proto::tax::{ComputeTaxRequest, TaxableLine};
-use herd_proto::types::{Money, QuoteLine};
 use tonic::{Request, Response, Status};
 
 /// Longest a call may take when its caller set no deadline.
@@ -47,14 +46,6 @@ impl Pricing {
     }
 }
 
-/// One line in the catalog currency, before tax.
-struct Priced {
-    unit: i64,
-    gross: i64,
-    discount: i64,
-    promotion_id: String,
-}
-
 #[tonic::async_trait]
 impl PricingService for Pricing {
     async fn price_items(
@@ -83,42 +74,7 @@ impl Pricing {
         herd_model::request::check_currency("currency", &req.currency, config)?;
         herd_model::request::check_region(&req.region, config)?;
 
-        let base = config.catalog.currency.clone();
-        let mut priced = Vec::with_capacity(req.items.len());
-        let mut taxable = Vec::with_capacity(req.items.len());
-        for (i, item) in req.items.iter().enumerate() {
-            let entry = config.catalog.items.get(&item.sku).ok_or_else(|| {
-                Status::not_found(format!("items[{i}].sku: unknown SKU {:?}", item.sku))
-            })?;
-            let promotion = best_promotion(
-                &config.promotions,
-                &item.sku,
-                &entry.category,
-                item.quantity,
-            );
-            let amounts = line_amounts(
-                entry.price_minor,
-                item.quantity,
-                promotion.map_or(0, |p| p.percent_off),
-            )
-            .ok_or_else(|| {
-                Status::invalid_argument(format!("items[{i}].quantity: line amount too large"))
-            })?;
-            taxable.push(TaxableLine {
-                sku: item.sku.clone(),
-                category: entry.category.clone(),
-                net: Some(Money {
-                    currency_code: base.clone(),
-                    minor_units: amounts.net,
-                }),
-            });
-            priced.push(Priced {
-                unit: entry.price_minor,
-                gross: amounts.gross,
-                discount: amounts.discount,
-                promotion_id: promotion.map(|p| p.id.clone()).unwrap_or_default(),
-            });
-        }
+        let (priced, taxable) = basket::price_lines(&req.items, config)?;
 
         let tax_request = ComputeTaxRequest {
             context: req.context.clone(),
@@ -138,29 +94,8 @@ impl Pricing {
         .await
         .map_err(|s| herd::context::relay("tax", s))?
         .taxes;
-        if taxes.len() != priced.len() {
-            return Err(Status::internal(
-                "tax: answered a different number of lines",
-            ));
-        }
-
         // unit price, gross, discount and tax of every line, converted in one call.
-        let money = |minor_units| Money {
-            currency_code: base.clone(),
-            minor_units,
-        };
-        let amounts = priced
-            .iter()
-            .zip(&taxes)
-            .flat_map(|(p, t)| {
-                [
-                    money(p.unit),
-                    money(p.gross),
-                    money(p.discount),
-                    money(t.minor_units),
-                ]
-            })
-            .collect();
+        let amounts = basket::to_convert(&priced, &taxes, &config.catalog.currency)?;
         let convert_request = ConvertRequest {
             context: req.context.clone(),
             target_currency: req.currency.clone(),
@@ -179,44 +114,7 @@ impl Pricing {
         .await
         .map_err(|s| herd::context::relay("currency", s))?
         .amounts;
-        if converted.len() != priced.len() * 4 {
-            return Err(Status::internal(
-                "currency: answered a different number of amounts",
-            ));
-        }
-
-        let lines = req
-            .items
-            .iter()
-            .zip(priced)
-            .zip(converted.chunks_exact(4))
-            .map(|((item, p), c)| {
-                let (unit, gross, discount, tax) = (
-                    c[0].minor_units,
-                    c[1].minor_units,
-                    c[2].minor_units,
-                    c[3].minor_units,
-                );
-                let net = gross - discount;
-                let money = |minor_units| {
-                    Some(Money {
-                        currency_code: req.currency.clone(),
-                        minor_units,
-                    })
-                };
-                QuoteLine {
-                    sku: item.sku.clone(),
-                    quantity: item.quantity,
-                    unit_price: money(unit),
-                    gross: money(gross),
-                    discount: money(discount),
-                    net: money(net),
-                    tax: money(tax),
-                    total: money(net + tax),
-                    promotion_id: p.promotion_id,
-                }
-            })
-            .collect();
+        let lines = basket::quote_lines(&req.items, priced, &converted, &req.currency)?;
         Ok(Response::new(PriceItemsResponse { lines }))
     }
 }

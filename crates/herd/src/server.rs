@@ -416,17 +416,7 @@ where
     Fut: Future<Output = anyhow::Result<Services>>,
 {
     let settings = Settings::for_service(service, default_listen);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
+    block_on_main(async move {
         let instance_id = Mesh::new_instance_id(service);
         let telemetry = crate::telemetry::init(&settings.log_format, service, &instance_id);
         let served = async {
@@ -445,17 +435,13 @@ where
             mesh.serve(listener, services, shutdown_signal()).await
         }
         .await;
+        if let Err(e) = &served {
+            tracing::error!(error = %format!("{e:#}"), "exiting");
+        }
         // Spans of every call served before exit are exported before the process ends.
         telemetry.shutdown().await;
         served
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "exiting");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 #[cfg(test)]
