@@ -124,3 +124,70 @@ pub fn quote_lines(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use herd::ConfigModel;
+
+    use super::*;
+
+    fn config() -> MeshConfig {
+        let sections: BTreeMap<String, Vec<u8>> = crate::demo::sections(&[1u8; 32])
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into_bytes()))
+            .collect();
+        MeshConfig::from_sections(&sections).expect("demo config")
+    }
+
+    fn item(sku: &str, quantity: i32) -> LineItem {
+        LineItem {
+            sku: sku.into(),
+            quantity,
+        }
+    }
+
+    #[test]
+    fn lines_take_the_best_promotion_and_name_unknown_skus() {
+        let (priced, taxable) =
+            price_lines(&[item("hammer", 3), item("apple", 2)], &config()).unwrap();
+        // 3 × 19.99 = 59.97, the SKU rule's 15 % (8.9955 → 9.00) beats the category's 5 %.
+        assert_eq!(
+            priced[0],
+            Priced {
+                unit: 1999,
+                gross: 5997,
+                discount: 900,
+                promotion_id: "hammer-3-for-15".into()
+            }
+        );
+        assert_eq!(taxable[0].net.as_ref().map(|m| m.minor_units), Some(5097));
+        assert_eq!(taxable[1].category, "food");
+        let err = price_lines(&[item("hammer", 1), item("unicorn", 1)], &config()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert!(err.message().starts_with("items[1].sku"), "{err:?}");
+    }
+
+    #[test]
+    fn quote_lines_are_recomputed_in_the_target_currency() {
+        let (priced, _) = price_lines(&[item("hammer", 3)], &config()).unwrap();
+        let taxes = [money("USD", 370)];
+        let amounts = to_convert(&priced, &taxes, "USD").unwrap();
+        assert_eq!(
+            amounts.iter().map(|m| m.minor_units).collect::<Vec<_>>(),
+            vec![1999, 5997, 900, 370]
+        );
+        let converted = [1839, 5517, 828, 340].map(|m| money("EUR", m));
+        let lines = quote_lines(&[item("hammer", 3)], priced, &converted, "EUR").unwrap();
+        assert_eq!(
+            lines[0].net.as_ref().map(|m| m.minor_units),
+            Some(5517 - 828)
+        );
+        assert_eq!(
+            lines[0].total.as_ref().map(|m| m.minor_units),
+            Some(5517 - 828 + 340)
+        );
+        assert!(to_convert(&[], &taxes, "USD").is_err());
+    }
+}
