@@ -19,12 +19,12 @@ use herd_proto::pricing::pricing_service_server::{PricingService, PricingService
 use herd_proto::pricing::{PriceItemsRequest, PriceItemsResponse};
 use herd_proto::quote::quote_service_server::{QuoteService, QuoteServiceServer};
 use herd_proto::quote::{
-    CreateQuoteRequest, CreateQuoteResponse, Quote, VerifyQuoteRequest, VerifyQuoteResponse,
+    CreateQuoteRequest, CreateQuoteResponse, VerifyQuoteRequest, VerifyQuoteResponse,
 };
 use herd_proto::tax::tax_service_client::TaxServiceClient;
 use herd_proto::tax::tax_service_server::{TaxService, TaxServiceServer};
 use herd_proto::tax::{ComputeTaxRequest, ComputeTaxResponse};
-use herd_proto::types::{Money, QuoteLine};
+use herd_proto::types::Money;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -39,13 +39,6 @@ pub fn load_config(dir: &str) -> anyhow::Result<Arc<MeshConfig>> {
         }
     }
     Ok(Arc::new(MeshConfig::from_sections(&sections)?))
-}
-
-fn money(currency: &str, minor_units: i64) -> Option<Money> {
-    Some(Money {
-        currency_code: currency.to_string(),
-        minor_units,
-    })
 }
 
 /// The baseline tax service.
@@ -195,33 +188,16 @@ impl QuoteService for RawGateway {
             .await?
             .into_inner()
             .lines;
-        let sum = |f: fn(&QuoteLine) -> &Option<Money>| {
-            money(
-                &req.currency,
-                lines
-                    .iter()
-                    .map(|l| f(l).as_ref().map_or(0, |m| m.minor_units))
-                    .sum(),
-            )
-        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let accepted = prost_timestamp(now);
-        let quote = Quote {
-            quote_id: token::quote_id(&tenant, "raw", &accepted),
-            tenant_id: tenant,
-            subtotal: sum(|l| &l.gross),
-            discount: sum(|l| &l.discount),
-            tax: sum(|l| &l.tax),
-            total: sum(|l| &l.total),
-            lines,
-            currency: req.currency,
+        let request_for = basket::QuoteFor {
+            tenant_id: &tenant,
+            request_id: "raw",
+            accepted_at: prost_timestamp(now),
             config_revision: 0,
-            expires_at: Some(prost_timestamp(
-                now + std::time::Duration::from_secs(u64::from(self.config.quote.ttl_seconds)),
-            )),
         };
+        let quote = basket::quote(&request_for, lines, &req.currency, &self.config)?;
         let token = token::sign(&quote, &self.config.keys);
         Ok(Response::new(CreateQuoteResponse {
             context: None,

@@ -6,15 +6,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use herd::balance::RetryBudget;
 use herd::{ConfigStore, Deadline, MeshChannel};
 use herd_model::MeshConfig;
-use herd_model::token;
+use herd_model::{basket, token};
 use herd_proto::context::RequestContext;
 use herd_proto::pricing::PriceItemsRequest;
 use herd_proto::pricing::pricing_service_client::PricingServiceClient;
 use herd_proto::quote::quote_service_server::{QuoteService, QuoteServiceServer};
 use herd_proto::quote::{
-    CreateQuoteRequest, CreateQuoteResponse, Quote, VerifyQuoteRequest, VerifyQuoteResponse,
+    CreateQuoteRequest, CreateQuoteResponse, VerifyQuoteRequest, VerifyQuoteResponse,
 };
-use herd_proto::types::Money;
 use tonic::{Request, Response, Status};
 
 /// Longest a call may take when its caller set no deadline.
@@ -76,23 +75,6 @@ fn now() -> prost_types::Timestamp {
     }
 }
 
-fn sum(
-    currency: &str,
-    amounts: impl Iterator<Item = Option<i64>>,
-) -> Result<Option<Money>, Status> {
-    let mut total: i64 = 0;
-    for a in amounts {
-        let a = a.ok_or_else(|| Status::internal("pricing: a line is missing an amount"))?;
-        total = total
-            .checked_add(a)
-            .ok_or_else(|| Status::invalid_argument("items: quote total too large"))?;
-    }
-    Ok(Some(Money {
-        currency_code: currency.to_string(),
-        minor_units: total,
-    }))
-}
-
 #[tonic::async_trait]
 impl QuoteService for Gateway {
     async fn create_quote(
@@ -152,25 +134,17 @@ impl Gateway {
         .map_err(|s| herd::context::relay("pricing", s))?
         .lines;
 
-        let minor = |m: &Option<Money>| m.as_ref().map(|m| m.minor_units);
-        let accepted = ctx.accepted_at.unwrap_or_default();
-        let quote = Quote {
-            quote_id: token::quote_id(&ctx.tenant_id, &ctx.request_id, &accepted),
-            tenant_id: ctx.tenant_id.clone(),
-            subtotal: sum(&req.currency, lines.iter().map(|l| minor(&l.gross)))?,
-            discount: sum(&req.currency, lines.iter().map(|l| minor(&l.discount)))?,
-            tax: sum(&req.currency, lines.iter().map(|l| minor(&l.tax)))?,
-            total: sum(&req.currency, lines.iter().map(|l| minor(&l.total)))?,
+        let quote = basket::quote(
+            &basket::QuoteFor {
+                tenant_id: &ctx.tenant_id,
+                request_id: &ctx.request_id,
+                accepted_at: ctx.accepted_at.unwrap_or_default(),
+                config_revision: ctx.config_revision,
+            },
             lines,
-            currency: req.currency.clone(),
-            config_revision: ctx.config_revision,
-            expires_at: Some(prost_types::Timestamp {
-                seconds: accepted
-                    .seconds
-                    .saturating_add(i64::from(config.quote.ttl_seconds)),
-                nanos: accepted.nanos,
-            }),
-        };
+            &req.currency,
+            config,
+        )?;
         herd::telemetry::record_quote_id(&quote.quote_id);
         let token = token::sign(&quote, &config.keys);
         tracing::debug!(request_id = %ctx.request_id, quote_id = %quote.quote_id, "quote created");

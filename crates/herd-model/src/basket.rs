@@ -125,6 +125,62 @@ pub fn quote_lines(
         .collect())
 }
 
+/// What a quote is made for: who asked, which request, when it was accepted, at which revision.
+#[derive(Debug, Clone)]
+pub struct QuoteFor<'a> {
+    /// The tenant.
+    pub tenant_id: &'a str,
+    /// The request id.
+    pub request_id: &'a str,
+    /// When the request was first accepted.
+    pub accepted_at: prost_types::Timestamp,
+    /// The configuration revision it was priced at.
+    pub config_revision: i64,
+}
+
+fn sum(
+    currency: &str,
+    amounts: impl Iterator<Item = Option<i64>>,
+) -> Result<Option<Money>, Status> {
+    let mut total: i64 = 0;
+    for a in amounts {
+        let a = a.ok_or_else(|| Status::internal("pricing: a line is missing an amount"))?;
+        total = total
+            .checked_add(a)
+            .ok_or_else(|| Status::invalid_argument("items: quote total too large"))?;
+    }
+    Ok(Some(money(currency, total)))
+}
+
+/// The quote of priced lines: totals are the sums of the lines; the id and expiry derive from the
+/// request, so that a retry with the same context gives the same quote.
+pub fn quote(
+    request: &QuoteFor<'_>,
+    lines: Vec<QuoteLine>,
+    currency: &str,
+    config: &MeshConfig,
+) -> Result<herd_proto::quote::Quote, Status> {
+    let minor = |m: &Option<Money>| m.as_ref().map(|m| m.minor_units);
+    let accepted = request.accepted_at;
+    Ok(herd_proto::quote::Quote {
+        quote_id: crate::token::quote_id(request.tenant_id, request.request_id, &accepted),
+        tenant_id: request.tenant_id.to_string(),
+        subtotal: sum(currency, lines.iter().map(|l| minor(&l.gross)))?,
+        discount: sum(currency, lines.iter().map(|l| minor(&l.discount)))?,
+        tax: sum(currency, lines.iter().map(|l| minor(&l.tax)))?,
+        total: sum(currency, lines.iter().map(|l| minor(&l.total)))?,
+        lines,
+        currency: currency.to_string(),
+        config_revision: request.config_revision,
+        expires_at: Some(prost_types::Timestamp {
+            seconds: accepted
+                .seconds
+                .saturating_add(i64::from(config.quote.ttl_seconds)),
+            nanos: accepted.nanos,
+        }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
