@@ -27,6 +27,17 @@ fn commands(cmd: &str) -> Vec<String> {
     out
 }
 
+/// Runs one README line with `bash -c`, failing with its stderr unless it succeeds; returns stdout.
+fn run(bash: &mut Command, line: &str) -> anyhow::Result<String> {
+    let out = bash.arg("-c").arg(line).output()?;
+    assert!(
+        out.status.success(),
+        "{line}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
     let mesh = Mesh::start_seeded(1).await?;
@@ -51,17 +62,7 @@ async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
         let line = line
             .replace("127.0.0.1:50051", &mesh.gateways[0])
             .replace("127.0.0.1:50052", &g2);
-        let out = Command::new("bash")
-            .arg("-c")
-            .arg(&line)
-            .env("TOKEN", &token)
-            .output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{line}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = run(Command::new("bash").env("TOKEN", &token), &line)?;
         if line.contains("CreateQuote") {
             let v: serde_json::Value = serde_json::from_str(&stdout)?;
             token = v["token"].as_str().unwrap_or_default().to_string();
@@ -91,17 +92,7 @@ async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> 
         let line = line
             .replacen("herdctl", &bin_dir().join("herdctl").to_string_lossy(), 1)
             .replace("http://127.0.0.1:2379", &mesh.etcd.endpoint);
-        let out = Command::new("bash")
-            .arg("-c")
-            .arg(&line)
-            .current_dir(dir)
-            .output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{line}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = run(Command::new("bash").current_dir(dir), &line)?;
         if line.ends_with("instances") {
             for service in ["gateway", "pricing", "tax", "currency"] {
                 assert!(stdout.contains(service), "{stdout}");

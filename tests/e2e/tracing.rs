@@ -21,6 +21,28 @@ fn basket(request_id: &str) -> Value {
     })
 }
 
+/// Everything the (first) gateway logged.
+fn gateway_log(mesh: &Mesh) -> String {
+    mesh.logs_of(&["gateway"])
+        .into_iter()
+        .next()
+        .map(|(_, log)| log)
+        .unwrap_or_default()
+}
+
+/// Sets the sampling ratio through etcd and waits until the gateway applies it.
+async fn set_ratio(mesh: &Mesh, ratio: &str) -> anyhow::Result<()> {
+    let value = format!(r#"{{"sampling_ratio":{ratio}}}"#);
+    mesh.etcd.put("/herd/config/telemetry", &value)?;
+    let applied = format!("sampling ratio applied ratio={ratio}");
+    eventually(
+        &format!("the gateway to apply ratio {ratio}"),
+        Duration::from_secs(10),
+        || async { gateway_log(mesh).contains(&applied).then_some(()) },
+    )
+    .await
+}
+
 /// The server span names of one quote's trace, and the client spans between them.
 const SERVERS: [(&str, &str); 4] = [
     ("herd-gateway", "herd.quote.v1.QuoteService/CreateQuote"),
@@ -135,25 +157,18 @@ async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
     let mut bad = basket("trace-a-bad");
     bad["items"][0]["sku"] = json!("unicorn");
     call(&mesh.gateways[0], CREATE, &bad)?;
-    let gateway_log = || {
-        mesh.instances
-            .iter()
-            .find(|(s, _)| s == "gateway")
-            .map(|(_, p)| p.log_text())
-            .unwrap_or_default()
-    };
     let line = eventually(
         "the refused call's log line",
         Duration::from_secs(5),
         || async {
-            gateway_log()
+            gateway_log(&mesh)
                 .lines()
                 .find(|l| l.contains("call failed") && l.contains("trace-a-bad"))
                 .map(str::to_string)
         },
     )
     .await
-    .map_err(|e| anyhow::anyhow!("{e}: {}", gateway_log()))?;
+    .map_err(|e| anyhow::anyhow!("{e}: {}", gateway_log(&mesh)))?;
     let bad_trace = eventually(
         "the refused call's trace",
         Duration::from_secs(10),
@@ -255,25 +270,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
     let mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
-    let gateway_log = || {
-        mesh.instances
-            .iter()
-            .find(|(s, _)| s == "gateway")
-            .map(|(_, p)| p.log_text())
-            .unwrap_or_default()
-    };
-    mesh.etcd
-        .put("/herd/config/telemetry", r#"{"sampling_ratio":0}"#)?;
-    eventually(
-        "the gateway to apply ratio 0",
-        Duration::from_secs(10),
-        || async {
-            gateway_log()
-                .contains("sampling ratio applied ratio=0")
-                .then_some(())
-        },
-    )
-    .await?;
+    set_ratio(&mesh, "0").await?;
     for i in 0..10 {
         call(
             &mesh.gateways[0],
@@ -282,18 +279,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
         )?
         .ok()?;
     }
-    mesh.etcd
-        .put("/herd/config/telemetry", r#"{"sampling_ratio":1}"#)?;
-    eventually(
-        "the gateway to apply ratio 1",
-        Duration::from_secs(10),
-        || async {
-            gateway_log()
-                .contains("sampling ratio applied ratio=1")
-                .then_some(())
-        },
-    )
-    .await?;
+    set_ratio(&mesh, "1").await?;
     call(&mesh.gateways[0], CREATE, &basket("sampled-again"))?.ok()?;
     eventually(
         "the sampled quote's trace",
@@ -318,7 +304,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
         "the invalid ratio to be rejected",
         Duration::from_secs(10),
         || async {
-            gateway_log()
+            gateway_log(&mesh)
                 .contains("telemetry configuration rejected")
                 .then_some(())
         },
