@@ -10,6 +10,9 @@ DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-2}"
 CONCURRENCY="${CONCURRENCY:-32}"
 BIN="${CARGO_TARGET_DIR:-target}/release"
+# PARTS picks what to run (for iterating on one part): any of ceiling raw herd tracing startup.
+PARTS="${PARTS:-ceiling raw herd tracing startup}"
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 CONFIG=deploy/bench/config
 WORK=$(mktemp -d)
 PIDS=()
@@ -138,6 +141,7 @@ measure() { # label rate
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)"
 
 # The ceiling: a plain tonic hello-world (health Check) server.
+if part ceiling; then
 HELLO=127.0.0.1:$(free_port)
 on_servers "$BIN/herd-raw" --role hello --listen "$HELLO" & PIDS+=($!)
 sleep 0.3
@@ -146,7 +150,10 @@ for _ in $(seq 1 "$RUNS"); do H+=("$(load "$HELLO" --method health --concurrency
 echo "== ceiling"
 stats "plain tonic hello-world throughput" "ok/s" "${H[@]}"
 cleanup
+fi
 
+RAW_SAT=; RAW_P50=; RAW_P99=; RAW_CPU=; HALF=${HALF:--}
+if part raw; then
 start_raw
 measure "raw (plain tonic, no herd layers)" -
 RAW_SAT=$(median "${SAT[@]}")
@@ -155,12 +162,18 @@ measure "raw at half its capacity" "$HALF" >/dev/null
 RAW_P50=$(median "${P50[@]}"); RAW_P99=$(median "${P99[@]}"); RAW_CPU=$(median "${CPU_US[@]}")
 echo "== raw at $HALF calls/s"; stats "p50" "µs" "${P50[@]}"; stats "p99" "µs" "${P99[@]}"
 cleanup
+fi
 
+MESH_SAT=; MESH_P50=; MESH_P99=; MESH_CPU=
+if part herd; then
 start_herd
 measure "herd (no exporter)" "$HALF"
 MESH_SAT=$(median "${SAT[@]}"); MESH_P50=$(median "${P50[@]}"); MESH_P99=$(median "${P99[@]}"); MESH_CPU=$(median "${CPU_US[@]}")
+[ "$HALF" = - ] && MESH_P50= && MESH_P99=
 cleanup
+fi
 
+if part tracing; then
 SINK=127.0.0.1:$(free_port)
 for ratio in 0.01 1; do
     on_servers "$BIN/herd-raw" --role sink --listen "$SINK" & PIDS+=($!)
@@ -168,8 +181,10 @@ for ratio in 0.01 1; do
     measure "herd, tracing sampled at $ratio" "$HALF"
     cleanup
 done
+fi
 
 # Start-up: from exec to SERVING, as the instance logs it.
+if part startup; then
 start_etcd
 T=()
 for _ in $(seq 1 "$RUNS"); do
@@ -183,9 +198,13 @@ done
 echo "== start-up"
 stats "process start to SERVING (herd-tax)" "ms" "${T[@]}"
 cleanup
+fi
 
+ratio() { # label mesh raw [goal]
+    [ -n "$2" ] && [ -n "$3" ] && awk -v m="$2" -v r="$3" -v l="$1" -v g="${4:-}" 'BEGIN {printf "%-36s %.2f%s\n", l, m / r, g}' || true
+}
 echo "== ratios (medians)"
-awk -v m="$MESH_SAT" -v r="$RAW_SAT" 'BEGIN {printf "throughput mesh/raw at saturation: %.2f (goal >= 0.90)\n", m / r}'
-awk -v m="$MESH_P50" -v r="$RAW_P50" 'BEGIN {printf "p50 mesh/raw at half load:          %.2f\n", m / r}'
-awk -v m="$MESH_P99" -v r="$RAW_P99" 'BEGIN {printf "p99 mesh/raw at half load:          %.2f (goal <= 1.25)\n", m / r}'
-awk -v m="$MESH_CPU" -v r="$RAW_CPU" 'BEGIN {printf "CPU per request mesh/raw:           %.2f\n", m / r}'
+ratio "throughput mesh/raw at saturation:" "$MESH_SAT" "$RAW_SAT" " (goal >= 0.90)"
+ratio "p50 mesh/raw at half load:" "$MESH_P50" "$RAW_P50"
+ratio "p99 mesh/raw at half load:" "$MESH_P99" "$RAW_P99" " (goal <= 1.25)"
+ratio "CPU per request mesh/raw:" "$MESH_CPU" "$RAW_CPU"

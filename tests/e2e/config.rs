@@ -38,9 +38,7 @@ fn widget_total(price: i64) -> i64 {
 }
 
 async fn client(address: &str) -> anyhow::Result<QuoteServiceClient<tonic::transport::Channel>> {
-    Ok(QuoteServiceClient::new(
-        herd::balance::endpoint(address)?.connect().await?,
-    ))
+    Ok(QuoteServiceClient::new(herd_tests::connect(address).await?))
 }
 
 fn widget_request(context: Option<herd_proto::context::RequestContext>) -> CreateQuoteRequest {

@@ -315,7 +315,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
 
 /// Median latency of `n` sequential quotes through `gateway`, after a warm-up.
 async fn median_latency(gateway: &str, n: usize) -> anyhow::Result<Duration> {
-    let channel = herd::balance::endpoint(gateway)?.connect().await?;
+    let channel = herd_tests::connect(gateway).await?;
     let mut client = herd_proto::quote::quote_service_client::QuoteServiceClient::new(channel);
     let request = herd_tests::widget_quote("acme", "");
     let mut all = Vec::with_capacity(n);
@@ -368,9 +368,9 @@ async fn f_spans_of_calls_served_before_sigterm_reach_the_collector() -> anyhow:
         .registration_of(mesh.instances[index].1.pid())
         .unwrap_or_default();
     let gateway = mesh.gateways[0].clone();
-    let endpoint = herd::balance::endpoint(&gateway)?;
-    let mut client =
-        herd_proto::quote::quote_service_client::QuoteServiceClient::new(endpoint.connect().await?);
+    let mut client = herd_proto::quote::quote_service_client::QuoteServiceClient::new(
+        herd_tests::connect(&gateway).await?,
+    );
     let mut served = Vec::new();
     for i in 0.. {
         let request = herd_tests::widget_quote("acme", &format!("before-exit-{i}"));

@@ -30,6 +30,16 @@ where
     }
 }
 
+/// A plain tonic channel to one instance at `address` (`host:port`), as an outside client has.
+pub async fn connect(address: &str) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?,
+    )
+}
+
 /// A free port on 127.0.0.1 (the listener is closed before returning).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

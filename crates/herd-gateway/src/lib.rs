@@ -116,9 +116,9 @@ impl Gateway {
 
         let pricing_request = PriceItemsRequest {
             context: Some(ctx.clone()),
-            items: req.items.clone(),
+            items: req.items,
             currency: req.currency.clone(),
-            region: req.region.clone(),
+            region: req.region,
         };
         let lines = herd::context::call(
             deadline,

@@ -12,38 +12,36 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
 use futures::future::BoxFuture;
+use http::uri::{Authority, Scheme};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::body::Body;
-use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::balance::p2c::Balance;
-use tower::buffer::Buffer;
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
-use tower::util::BoxService;
 use tower::{BoxError, Service};
 
 use crate::discovery::Endpoints;
 
 type Request = http::Request<Body>;
-type Response = http::Response<Body>;
+type Response = http::Response<Incoming>;
 
 /// Latency assumed for an endpoint before it has answered anything.
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
 /// How fast peak-EWMA forgets a slow answer.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// Calls queued in front of the balancer before callers wait for room.
-const BUFFER: usize = 1024;
 /// Bound on establishing a connection to one endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A connection that has received nothing for this long is pinged...
@@ -55,14 +53,22 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_BACKOFF_START: Duration = Duration::from_millis(50);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Endpoints ready for calls: instance id → (address, channel).
-type Ready = BTreeMap<String, (String, Channel)>;
+/// Endpoints ready for calls: instance id → the connection its calls use.
+type Ready = BTreeMap<String, Connection>;
+
+/// tower's power-of-two-choices balancer over peak-EWMA-weighted endpoint connections.
+type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover>, Request>;
 
 /// A cloneable gRPC channel that balances each call over a service's live, serving instances.
+///
+/// The balancer is shared behind an async lock rather than a queue with a worker task: each
+/// caller picks its endpoint itself (holding the lock only while an endpoint is chosen, never
+/// while the call is in flight), and the call goes straight to that endpoint's HTTP/2
+/// connection. One task hop less per call than a buffered balancer.
 #[derive(Clone)]
 pub struct MeshChannel {
     service: Arc<str>,
-    inner: Buffer<Request, BoxFuture<'static, Result<Response, BoxError>>>,
+    balancer: Arc<tokio::sync::Mutex<Balancer>>,
     discovered: watch::Receiver<Endpoints>,
     ready: watch::Receiver<Ready>,
     budget: RetryBudget,
@@ -93,11 +99,9 @@ impl MeshChannel {
             EWMA_DECAY,
             CompleteOnResponse::default(),
         );
-        let balance: Balance<_, Request> = Balance::new(loaded);
-        let inner = Buffer::new(BoxService::new(balance), BUFFER);
         Self {
             service: service.into(),
-            inner,
+            balancer: Arc::new(tokio::sync::Mutex::new(Balance::new(loaded))),
             discovered: endpoints,
             ready,
             budget: RetryBudget::default(),
@@ -125,8 +129,9 @@ impl Service<Request> for MeshChannel {
     type Error = BoxError;
     type Future = BoxFuture<'static, Result<Response, BoxError>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: each call waits for an endpoint itself, within its own deadline.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
@@ -136,8 +141,88 @@ impl Service<Request> for MeshChannel {
             return Box::pin(async move { Err(Box::new(status) as BoxError) });
         }
         let service = self.service.clone();
-        let call = self.inner.call(req);
-        Box::pin(async move { call.await.map_err(|e| not_processed(&service, e)) })
+        let balancer = self.balancer.clone();
+        Box::pin(async move {
+            let call = {
+                let mut balancer = balancer.lock().await;
+                std::future::poll_fn(|cx| balancer.poll_ready(cx))
+                    .await
+                    .map_err(|e| not_processed(&service, e))?;
+                balancer.call(req)
+            };
+            call.await.map_err(|e| not_processed(&service, e))
+        })
+    }
+}
+
+/// One HTTP/2 connection to one endpoint, with a connect timeout and keepalive pings; clones
+/// share it. Calls go straight to hyper's connection task, without a queue of their own.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    send: hyper::client::conn::http2::SendRequest<Body>,
+    scheme: Scheme,
+    authority: Authority,
+    /// Distinguishes this connection from an earlier one to the same endpoint.
+    generation: u64,
+}
+
+impl Connection {
+    /// Connects to `address` (`host:port`) over plaintext HTTP/2. The connection runs on its own
+    /// task until it breaks (a refused ping included) or every clone is dropped.
+    pub(crate) async fn open(address: &str) -> Result<Self, BoxError> {
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let authority: Authority = address.parse()?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(address))
+            .await
+            .map_err(|_| {
+                format!("connecting to {address} took longer than {CONNECT_TIMEOUT:?}")
+            })??;
+        tcp.set_nodelay(true)?;
+        let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tcp))
+            .await?;
+        let peer = address.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(address = %peer, error = %e, "connection closed");
+            }
+        });
+        Ok(Self {
+            send,
+            scheme: Scheme::HTTP,
+            authority,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+}
+
+impl Service<Request> for Connection {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.send.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        // Generated clients send the path only; HTTP/2 needs the scheme and authority too.
+        let (mut head, body) = req.into_parts();
+        let mut uri = http::uri::Parts::from(head.uri);
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(self.authority.clone());
+        head.uri = match http::Uri::from_parts(uri) {
+            Ok(uri) => uri,
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
+        };
+        let response = self
+            .send
+            .send_request(http::Request::from_parts(head, body));
+        Box::pin(async move { response.await.map_err(Into::into) })
     }
 }
 
@@ -255,25 +340,16 @@ async fn track(
 }
 
 /// Watches one endpoint's health over the connection its calls use, and offers it to the balancer
-/// only while it reports SERVING.
+/// only while it reports SERVING. A broken connection is replaced by a new one.
 async fn probe(service: String, id: String, address: String, ready: watch::Sender<Ready>) {
-    let channel = match endpoint(&address) {
-        Ok(e) => e.connect_lazy(),
-        Err(e) => {
-            tracing::warn!(%service, instance = %id, %address, error = %e, "unusable endpoint address");
-            return;
-        }
-    };
-    let set = |serving: bool, why: &str| {
-        let changed = ready.send_if_modified(|r| {
-            if serving {
-                r.insert(id.clone(), (address.clone(), channel.clone()))
-                    .is_none()
-            } else {
-                r.remove(&id).is_some()
-            }
+    let set = |connection: Option<&Connection>, why: &str| {
+        let changed = ready.send_if_modified(|r| match connection {
+            Some(c) => r
+                .insert(id.clone(), c.clone())
+                .is_none_or(|old| old.generation != c.generation),
+            None => r.remove(&id).is_some(),
         });
-        if changed && serving {
+        if changed && connection.is_some() {
             tracing::info!(%service, instance = %id, %address, "endpoint added: serving");
         } else if changed {
             tracing::info!(%service, instance = %id, %address, reason = why, "endpoint removed");
@@ -281,34 +357,25 @@ async fn probe(service: String, id: String, address: String, ready: watch::Sende
     };
     let mut backoff = PROBE_BACKOFF_START;
     loop {
-        let mut client = HealthClient::new(channel.clone());
-        match client
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-        {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(r)) if r.status == ServingStatus::Serving as i32 => {
-                            set(true, "");
-                            backoff = PROBE_BACKOFF_START;
-                        }
-                        Ok(Some(_)) => set(false, "not serving"),
-                        Ok(None) => {
-                            set(false, "health watch ended");
-                            break;
-                        }
-                        Err(e) => {
-                            set(false, &format!("unreachable: {}", e.message()));
-                            break;
-                        }
+        match watch_health(&address).await {
+            Ok((connection, mut stream)) => loop {
+                match stream.message().await {
+                    Ok(Some(r)) if r.status == ServingStatus::Serving as i32 => {
+                        set(Some(&connection), "");
+                        backoff = PROBE_BACKOFF_START;
+                    }
+                    Ok(Some(_)) => set(None, "not serving"),
+                    Ok(None) => {
+                        set(None, "health watch ended");
+                        break;
+                    }
+                    Err(e) => {
+                        set(None, &format!("unreachable: {}", e.message()));
+                        break;
                     }
                 }
-            }
-            Err(e) => set(false, &format!("unreachable: {}", e.message())),
+            },
+            Err(e) => set(None, &format!("unreachable: {e}")),
         }
         let jitter = rand::rng().random_range(0.5..1.5);
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
@@ -316,12 +383,33 @@ async fn probe(service: String, id: String, address: String, ready: watch::Sende
     }
 }
 
+/// A new connection to `address` and the health Watch stream opened over it.
+async fn watch_health(
+    address: &str,
+) -> Result<
+    (
+        Connection,
+        tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    ),
+    BoxError,
+> {
+    let connection = Connection::open(address).await?;
+    let stream = HealthClient::new(connection.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok((connection, stream))
+}
+
 /// Turns published ready sets into the insert/remove changes tower's balancer consumes. It only
 /// holds the latest set, so it never blocks discovery while no calls flow.
 struct EndpointDiscover {
     updates: WatchStream<Ready>,
-    current: HashMap<String, String>,
-    pending: VecDeque<Change<String, Channel>>,
+    /// Instance id → generation of the connection the balancer holds.
+    current: HashMap<String, u64>,
+    pending: VecDeque<Change<String, Connection>>,
 }
 
 impl EndpointDiscover {
@@ -336,19 +424,19 @@ impl EndpointDiscover {
             self.current.remove(&id);
             self.pending.push_back(Change::Remove(id));
         }
-        for (id, (address, channel)) in next.iter() {
-            if self.current.get(id) == Some(address) {
+        for (id, connection) in next.iter() {
+            if self.current.get(id) == Some(&connection.generation) {
                 continue;
             }
-            self.current.insert(id.clone(), address.clone());
+            self.current.insert(id.clone(), connection.generation);
             self.pending
-                .push_back(Change::Insert(id.clone(), channel.clone()));
+                .push_back(Change::Insert(id.clone(), connection.clone()));
         }
     }
 }
 
 impl Stream for EndpointDiscover {
-    type Item = Result<Change<String, Channel>, Infallible>;
+    type Item = Result<Change<String, Connection>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
@@ -362,16 +450,6 @@ impl Stream for EndpointDiscover {
             }
         }
     }
-}
-
-/// The transport settings of every endpoint herd calls.
-pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{address}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true))
 }
 
 #[cfg(test)]
