@@ -10,9 +10,10 @@ DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-2}"
 CONCURRENCY="${CONCURRENCY:-32}"
 BIN="${CARGO_TARGET_DIR:-target}/release"
-# PARTS picks what to run (for iterating on one part): any of ceiling raw herd tracing startup.
-PARTS="${PARTS:-ceiling raw herd tracing startup}"
+# PARTS picks what to run (for iterating on one part): any of ceiling mesh tracing startup.
+PARTS="${PARTS:-ceiling mesh tracing startup}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
+HALF="${HALF:--}" # the fixed rate of half-load runs; the mesh part sets it from the raw capacity
 CONFIG=deploy/bench/config
 WORK=$(mktemp -d)
 PIDS=()
@@ -89,14 +90,13 @@ start_etcd() {
 
 start_herd() { # extra environment assignments for the services
     start_etcd
-    local etcd_pid=${PIDS[-1]}
+    local first=${#PIDS[@]}
     GATEWAY=127.0.0.1:$(free_port)
     for s in tax currency pricing; do
         env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" >"$WORK/$s.log" 2>&1 & PIDS+=($!)
     done
     env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
-    SERVERS=()
-    for pid in "${PIDS[@]}"; do [ "$pid" != "$etcd_pid" ] && SERVERS+=("$pid"); done
+    SERVERS=("${PIDS[@]:first}")
     wait_serving "$GATEWAY"
     # Every downstream instance must be in its callers' balancers before measuring.
     for _ in $(seq 1 100); do
@@ -138,6 +138,25 @@ measure() { # label rate
     echo "peak RSS per instance (MB): ${RSS[*]}"
 }
 
+# One saturation run: prints throughput and server CPU µs per request.
+sat_run() { # gateway server-pids...
+    local gateway=$1 before after out calls; shift
+    before=$(cpu_ticks "$@")
+    out=$(load "$gateway" --concurrency "$CONCURRENCY")
+    after=$(cpu_ticks "$@")
+    calls=$(echo "$out" | field calls)
+    # Ticks are 1/100 s; the warm-up's calls are not counted, so this slightly overstates.
+    echo "$(echo "$out" | field throughput) $(awk -v t=$((after - before)) -v c="$calls" -v d="$DURATION" -v w="$WARMUP" 'BEGIN {printf "%.1f", t * 10000 / (c * (d + w) / d)}')"
+}
+
+# One fixed-rate run: prints p50 and p99 in µs.
+half_run() { # gateway rate
+    local out; out=$(load "$1" --rate "$2")
+    echo "$(echo "$out" | field p50_us) $(echo "$out" | field p99_us)"
+}
+
+ratio_of() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }
+
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)"
 
 # The ceiling: a plain tonic hello-world (health Check) server.
@@ -152,24 +171,48 @@ stats "plain tonic hello-world throughput" "ok/s" "${H[@]}"
 cleanup
 fi
 
-RAW_SAT=; RAW_P50=; RAW_P99=; RAW_CPU=; HALF=${HALF:--}
-if part raw; then
-start_raw
-measure "raw (plain tonic, no herd layers)" -
-RAW_SAT=$(median "${SAT[@]}")
-HALF=$(awk -v c="$RAW_SAT" 'BEGIN {printf "%d", c / 2}')
-measure "raw at half its capacity" "$HALF" >/dev/null
-RAW_P50=$(median "${P50[@]}"); RAW_P99=$(median "${P99[@]}"); RAW_CPU=$(median "${CPU_US[@]}")
-echo "== raw at $HALF calls/s"; stats "p50" "µs" "${P50[@]}"; stats "p99" "µs" "${P99[@]}"
-cleanup
-fi
-
-MESH_SAT=; MESH_P50=; MESH_P99=; MESH_CPU=
-if part herd; then
-start_herd
-measure "herd (no exporter)" "$HALF"
-MESH_SAT=$(median "${SAT[@]}"); MESH_P50=$(median "${P50[@]}"); MESH_P99=$(median "${P99[@]}"); MESH_CPU=$(median "${CPU_US[@]}")
-[ "$HALF" = - ] && MESH_P50= && MESH_P99=
+# Raw and herd: both meshes run side by side (idle while the other is measured), and their runs
+# alternate, so that both see the same machine and each ratio compares two runs taken back to back.
+if part mesh; then
+start_raw; RAW_GW=$GATEWAY; RAW_SRV=("${SERVERS[@]}")
+start_herd; HERD_GW=$GATEWAY; HERD_SRV=("${SERVERS[@]}")
+R_SAT=(); R_CPU=(); H_SAT=(); H_CPU=(); SAT_RATIO=(); CPU_RATIO=()
+for _ in $(seq 1 "$RUNS"); do
+    read -r rs rc < <(sat_run "$RAW_GW" "${RAW_SRV[@]}")
+    read -r hs hc < <(sat_run "$HERD_GW" "${HERD_SRV[@]}")
+    R_SAT+=("$rs"); R_CPU+=("$rc"); H_SAT+=("$hs"); H_CPU+=("$hc")
+    SAT_RATIO+=("$(ratio_of "$hs" "$rs")"); CPU_RATIO+=("$(ratio_of "$hc" "$rc")")
+done
+HALF=$(awk -v c="$(median "${R_SAT[@]}")" 'BEGIN {printf "%d", c / 2}')
+R_P50=(); R_P99=(); H_P50=(); H_P99=(); P50_RATIO=(); P99_RATIO=()
+for _ in $(seq 1 "$RUNS"); do
+    read -r r50 r99 < <(half_run "$RAW_GW" "$HALF")
+    read -r h50 h99 < <(half_run "$HERD_GW" "$HALF")
+    R_P50+=("$r50"); R_P99+=("$r99"); H_P50+=("$h50"); H_P99+=("$h99")
+    P50_RATIO+=("$(ratio_of "$h50" "$r50")"); P99_RATIO+=("$(ratio_of "$h99" "$r99")")
+done
+for mesh in raw herd; do
+    if [ $mesh = raw ]; then
+        echo "== raw (plain tonic, no herd layers)"
+        stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${R_SAT[@]}"
+        stats "p50 at $HALF calls/s" "µs" "${R_P50[@]}"; stats "p99 at $HALF calls/s" "µs" "${R_P99[@]}"
+        stats "server CPU time per request (all services)" "µs" "${R_CPU[@]}"
+        pids=("${RAW_SRV[@]}")
+    else
+        echo "== herd (no exporter)"
+        stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${H_SAT[@]}"
+        stats "p50 at $HALF calls/s" "µs" "${H_P50[@]}"; stats "p99 at $HALF calls/s" "µs" "${H_P99[@]}"
+        stats "server CPU time per request (all services)" "µs" "${H_CPU[@]}"
+        pids=("${HERD_SRV[@]}")
+    fi
+    rss=(); for pid in "${pids[@]}"; do rss+=("$(peak_rss_mb "$pid")"); done
+    echo "peak RSS per instance (MB): ${rss[*]}"
+done
+echo "== ratios herd/raw (each of two back-to-back runs)"
+stats "throughput at saturation (goal >= 0.90)" "" "${SAT_RATIO[@]}"
+stats "p50 at half the raw capacity" "" "${P50_RATIO[@]}"
+stats "p99 at half the raw capacity (goal <= 1.25)" "" "${P99_RATIO[@]}"
+stats "server CPU time per request" "" "${CPU_RATIO[@]}"
 cleanup
 fi
 
@@ -199,12 +242,3 @@ echo "== start-up"
 stats "process start to SERVING (herd-tax)" "ms" "${T[@]}"
 cleanup
 fi
-
-ratio() { # label mesh raw [goal]
-    [ -n "$2" ] && [ -n "$3" ] && awk -v m="$2" -v r="$3" -v l="$1" -v g="${4:-}" 'BEGIN {printf "%-36s %.2f%s\n", l, m / r, g}' || true
-}
-echo "== ratios (medians)"
-ratio "throughput mesh/raw at saturation:" "$MESH_SAT" "$RAW_SAT" " (goal >= 0.90)"
-ratio "p50 mesh/raw at half load:" "$MESH_P50" "$RAW_P50"
-ratio "p99 mesh/raw at half load:" "$MESH_P99" "$RAW_P99" " (goal <= 1.25)"
-ratio "CPU per request mesh/raw:" "$MESH_CPU" "$RAW_CPU"
