@@ -171,44 +171,49 @@ stats "plain tonic hello-world throughput" "ok/s" "${H[@]}"
 cleanup
 fi
 
-# Raw and herd: both meshes run side by side (idle while the other is measured), and their runs
-# alternate, so that both see the same machine and each ratio compares two runs taken back to back.
+# Raw and herd in pairs taken back to back, so that both see the same machine (it drifts over
+# minutes) and each ratio compares two neighbouring runs. Only one mesh runs at a time, started
+# fresh for each run: a saturation run, then a run at half the raw saturation throughput of the
+# same pair.
 if part mesh; then
-start_raw; RAW_GW=$GATEWAY; RAW_SRV=("${SERVERS[@]}")
-start_herd; HERD_GW=$GATEWAY; HERD_SRV=("${SERVERS[@]}")
 R_SAT=(); R_CPU=(); H_SAT=(); H_CPU=(); SAT_RATIO=(); CPU_RATIO=()
+R_P50=(); R_P99=(); H_P50=(); H_P99=(); P50_RATIO=(); P99_RATIO=(); RATES=()
 for _ in $(seq 1 "$RUNS"); do
-    read -r rs rc < <(sat_run "$RAW_GW" "${RAW_SRV[@]}")
-    read -r hs hc < <(sat_run "$HERD_GW" "${HERD_SRV[@]}")
+    start_raw
+    read -r rs rc < <(sat_run "$GATEWAY" "${SERVERS[@]}")
+    HALF=$(awk -v c="$rs" 'BEGIN {printf "%d", c / 2}')
+    read -r r50 r99 < <(half_run "$GATEWAY" "$HALF")
+    RAW_RSS=(); for pid in "${SERVERS[@]}"; do RAW_RSS+=("$(peak_rss_mb "$pid")"); done
+    cleanup
+    start_herd
+    read -r hs hc < <(sat_run "$GATEWAY" "${SERVERS[@]}")
+    read -r h50 h99 < <(half_run "$GATEWAY" "$HALF")
+    HERD_RSS=(); for pid in "${SERVERS[@]}"; do HERD_RSS+=("$(peak_rss_mb "$pid")"); done
+    cleanup
+    RATES+=("$HALF")
     R_SAT+=("$rs"); R_CPU+=("$rc"); H_SAT+=("$hs"); H_CPU+=("$hc")
-    SAT_RATIO+=("$(ratio_of "$hs" "$rs")"); CPU_RATIO+=("$(ratio_of "$hc" "$rc")")
-done
-HALF=$(awk -v c="$(median "${R_SAT[@]}")" 'BEGIN {printf "%d", c / 2}')
-R_P50=(); R_P99=(); H_P50=(); H_P99=(); P50_RATIO=(); P99_RATIO=()
-for _ in $(seq 1 "$RUNS"); do
-    read -r r50 r99 < <(half_run "$RAW_GW" "$HALF")
-    read -r h50 h99 < <(half_run "$HERD_GW" "$HALF")
     R_P50+=("$r50"); R_P99+=("$r99"); H_P50+=("$h50"); H_P99+=("$h99")
+    SAT_RATIO+=("$(ratio_of "$hs" "$rs")"); CPU_RATIO+=("$(ratio_of "$hc" "$rc")")
     P50_RATIO+=("$(ratio_of "$h50" "$r50")"); P99_RATIO+=("$(ratio_of "$h99" "$r99")")
 done
+HALF=$(median "${RATES[@]}")
 for mesh in raw herd; do
     if [ $mesh = raw ]; then
         echo "== raw (plain tonic, no herd layers)"
         stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${R_SAT[@]}"
-        stats "p50 at $HALF calls/s" "µs" "${R_P50[@]}"; stats "p99 at $HALF calls/s" "µs" "${R_P99[@]}"
+        stats "p50 at half load (~$HALF calls/s)" "µs" "${R_P50[@]}"; stats "p99 at half load" "µs" "${R_P99[@]}"
         stats "server CPU time per request (all services)" "µs" "${R_CPU[@]}"
-        pids=("${RAW_SRV[@]}")
+        rss=("${RAW_RSS[@]}")
     else
         echo "== herd (no exporter)"
         stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${H_SAT[@]}"
-        stats "p50 at $HALF calls/s" "µs" "${H_P50[@]}"; stats "p99 at $HALF calls/s" "µs" "${H_P99[@]}"
+        stats "p50 at half load (~$HALF calls/s)" "µs" "${H_P50[@]}"; stats "p99 at half load" "µs" "${H_P99[@]}"
         stats "server CPU time per request (all services)" "µs" "${H_CPU[@]}"
-        pids=("${HERD_SRV[@]}")
+        rss=("${HERD_RSS[@]}")
     fi
-    rss=(); for pid in "${pids[@]}"; do rss+=("$(peak_rss_mb "$pid")"); done
-    echo "peak RSS per instance (MB): ${rss[*]}"
+    echo "peak RSS per instance (MB, last run): ${rss[*]}"
 done
-echo "== ratios herd/raw (each of two back-to-back runs)"
+echo "== ratios herd/raw (each of two back-to-back runs; half-load rates: ${RATES[*]} calls/s)"
 stats "throughput at saturation (goal >= 0.90)" "" "${SAT_RATIO[@]}"
 stats "p50 at half the raw capacity" "" "${P50_RATIO[@]}"
 stats "p99 at half the raw capacity (goal <= 1.25)" "" "${P99_RATIO[@]}"

@@ -652,7 +652,6 @@ impl Load {
         pace: Duration,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        use herd_proto::quote::quote_service_client::QuoteServiceClient;
         let client = herd::etcd::connect(std::slice::from_ref(&etcd.endpoint)).await?;
         let resolver =
             herd::discovery::Resolver::start(client, &herd::keys::Keys::new("/herd/"), "gateway");
@@ -677,18 +676,13 @@ impl Load {
                     quotes.clone(),
                 );
                 tokio::spawn(async move {
-                    let client = QuoteServiceClient::new(channel.clone());
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let deadline = herd::Deadline::after(timeout);
                         let result = herd::context::call(
                             deadline,
-                            channel.budget(),
-                            "herd.quote.v1.QuoteService/CreateQuote",
+                            &channel,
+                            herd_proto::methods::CREATE_QUOTE,
                             &request,
-                            |r| {
-                                let mut c = client.clone();
-                                async move { c.create_quote(r).await }
-                            },
                         )
                         .await;
                         let result = result.map(|response| {

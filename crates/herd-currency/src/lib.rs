@@ -36,7 +36,7 @@ impl CurrencyService for Currency {
         &self,
         request: Request<ConvertRequest>,
     ) -> Result<Response<ConvertResponse>, Status> {
-        herd::telemetry::serve("herd.currency.v1.CurrencyService/Convert", request, |r| {
+        herd::telemetry::serve(herd_proto::methods::CONVERT.name(), request, |r| {
             self.convert_amounts(r)
         })
         .await

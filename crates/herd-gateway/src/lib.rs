@@ -3,13 +3,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use herd::balance::RetryBudget;
 use herd::{ConfigStore, Deadline, MeshChannel};
 use herd_model::MeshConfig;
 use herd_model::{basket, token};
 use herd_proto::context::RequestContext;
+use herd_proto::methods::{CREATE_QUOTE, PRICE_ITEMS, VERIFY_QUOTE};
 use herd_proto::pricing::PriceItemsRequest;
-use herd_proto::pricing::pricing_service_client::PricingServiceClient;
 use herd_proto::quote::quote_service_server::{QuoteService, QuoteServiceServer};
 use herd_proto::quote::{
     CreateQuoteRequest, CreateQuoteResponse, VerifyQuoteRequest, VerifyQuoteResponse,
@@ -23,18 +22,13 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Gateway {
     config: ConfigStore<MeshConfig>,
-    pricing: PricingServiceClient<MeshChannel>,
-    pricing_budget: RetryBudget,
+    pricing: MeshChannel,
 }
 
 impl Gateway {
     /// A handler reading configuration from `config` and calling pricing over the mesh.
     pub fn new(config: ConfigStore<MeshConfig>, pricing: MeshChannel) -> Self {
-        Self {
-            config,
-            pricing_budget: pricing.budget().clone(),
-            pricing: PricingServiceClient::new(pricing),
-        }
+        Self { config, pricing }
     }
 
     /// The generated server around this handler.
@@ -81,20 +75,14 @@ impl QuoteService for Gateway {
         &self,
         request: Request<CreateQuoteRequest>,
     ) -> Result<Response<CreateQuoteResponse>, Status> {
-        herd::telemetry::serve("herd.quote.v1.QuoteService/CreateQuote", request, |r| {
-            self.create(r)
-        })
-        .await
+        herd::telemetry::serve(CREATE_QUOTE.name(), request, |r| self.create(r)).await
     }
 
     async fn verify_quote(
         &self,
         request: Request<VerifyQuoteRequest>,
     ) -> Result<Response<VerifyQuoteResponse>, Status> {
-        herd::telemetry::serve("herd.quote.v1.QuoteService/VerifyQuote", request, |r| {
-            self.verify(r)
-        })
-        .await
+        herd::telemetry::serve(VERIFY_QUOTE.name(), request, |r| self.verify(r)).await
     }
 }
 
@@ -120,19 +108,10 @@ impl Gateway {
             currency: req.currency.clone(),
             region: req.region,
         };
-        let lines = herd::context::call(
-            deadline,
-            &self.pricing_budget,
-            "herd.pricing.v1.PricingService/PriceItems",
-            &pricing_request,
-            |r| {
-                let mut client = self.pricing.clone();
-                async move { client.price_items(r).await }
-            },
-        )
-        .await
-        .map_err(|s| herd::context::relay("pricing", s))?
-        .lines;
+        let lines = herd::context::call(deadline, &self.pricing, PRICE_ITEMS, &pricing_request)
+            .await
+            .map_err(|s| herd::context::relay("pricing", s))?
+            .lines;
 
         let quote = basket::quote(
             &basket::QuoteFor {

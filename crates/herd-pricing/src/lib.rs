@@ -3,16 +3,14 @@
 
 use std::time::Duration;
 
-use herd::balance::RetryBudget;
 use herd::{ConfigStore, Deadline, MeshChannel};
 use herd_model::MeshConfig;
 use herd_model::basket;
 use herd_proto::currency::ConvertRequest;
-use herd_proto::currency::currency_service_client::CurrencyServiceClient;
+use herd_proto::methods::{COMPUTE_TAX, CONVERT, PRICE_ITEMS};
 use herd_proto::pricing::pricing_service_server::{PricingService, PricingServiceServer};
 use herd_proto::pricing::{PriceItemsRequest, PriceItemsResponse};
 use herd_proto::tax::ComputeTaxRequest;
-use herd_proto::tax::tax_service_client::TaxServiceClient;
 use tonic::{Request, Response, Status};
 
 /// Longest a call may take when its caller set no deadline.
@@ -22,10 +20,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Pricing {
     config: ConfigStore<MeshConfig>,
-    tax: TaxServiceClient<MeshChannel>,
-    tax_budget: RetryBudget,
-    currency: CurrencyServiceClient<MeshChannel>,
-    currency_budget: RetryBudget,
+    tax: MeshChannel,
+    currency: MeshChannel,
 }
 
 impl Pricing {
@@ -33,10 +29,8 @@ impl Pricing {
     pub fn new(config: ConfigStore<MeshConfig>, tax: MeshChannel, currency: MeshChannel) -> Self {
         Self {
             config,
-            tax_budget: tax.budget().clone(),
-            tax: TaxServiceClient::new(tax),
-            currency_budget: currency.budget().clone(),
-            currency: CurrencyServiceClient::new(currency),
+            tax,
+            currency,
         }
     }
 
@@ -52,10 +46,7 @@ impl PricingService for Pricing {
         &self,
         request: Request<PriceItemsRequest>,
     ) -> Result<Response<PriceItemsResponse>, Status> {
-        herd::telemetry::serve("herd.pricing.v1.PricingService/PriceItems", request, |r| {
-            self.price(r)
-        })
-        .await
+        herd::telemetry::serve(PRICE_ITEMS.name(), request, |r| self.price(r)).await
     }
 }
 
@@ -81,19 +72,10 @@ impl Pricing {
             region: req.region.clone(),
             lines: taxable,
         };
-        let taxes = herd::context::call(
-            deadline,
-            &self.tax_budget,
-            "herd.tax.v1.TaxService/ComputeTax",
-            &tax_request,
-            |r| {
-                let mut client = self.tax.clone();
-                async move { client.compute_tax(r).await }
-            },
-        )
-        .await
-        .map_err(|s| herd::context::relay("tax", s))?
-        .taxes;
+        let taxes = herd::context::call(deadline, &self.tax, COMPUTE_TAX, &tax_request)
+            .await
+            .map_err(|s| herd::context::relay("tax", s))?
+            .taxes;
         // unit price, gross, discount and tax of every line, converted in one call.
         let amounts = basket::to_convert(&priced, &taxes, &config.catalog.currency)?;
         let convert_request = ConvertRequest {
@@ -101,19 +83,10 @@ impl Pricing {
             target_currency: req.currency.clone(),
             amounts,
         };
-        let converted = herd::context::call(
-            deadline,
-            &self.currency_budget,
-            "herd.currency.v1.CurrencyService/Convert",
-            &convert_request,
-            |r| {
-                let mut client = self.currency.clone();
-                async move { client.convert(r).await }
-            },
-        )
-        .await
-        .map_err(|s| herd::context::relay("currency", s))?
-        .amounts;
+        let converted = herd::context::call(deadline, &self.currency, CONVERT, &convert_request)
+            .await
+            .map_err(|s| herd::context::relay("currency", s))?
+            .amounts;
         let lines = basket::quote_lines(&req.items, priced, &converted, &req.currency)?;
         Ok(Response::new(PriceItemsResponse { lines }))
     }

@@ -35,7 +35,7 @@ impl TaxService for Tax {
         &self,
         request: Request<ComputeTaxRequest>,
     ) -> Result<Response<ComputeTaxResponse>, Status> {
-        herd::telemetry::serve("herd.tax.v1.TaxService/ComputeTax", request, |r| {
+        herd::telemetry::serve(herd_proto::methods::COMPUTE_TAX.name(), request, |r| {
             self.compute(r)
         })
         .await

@@ -4,16 +4,21 @@
 //! passed, and forwards the remaining time on each outgoing call (never the incoming metadata).
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::time::Duration;
 
-use herd_proto::WithContext;
+use bytes::{BufMut, Bytes};
 use herd_proto::context::RequestContext;
+use herd_proto::{Method, WithContext};
+use http::uri::PathAndQuery;
 use tokio::time::Instant;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
+use tonic_prost::ProstDecoder;
 use tracing::Instrument;
 
-use crate::balance::RetryBudget;
+use crate::balance::{MeshChannel, RetryBudget};
 
 /// Attempts of one call in all, first included, when the failure means "not processed".
 const MAX_ATTEMPTS: u32 = 3;
@@ -80,30 +85,77 @@ pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, Stat
     Ok(ctx)
 }
 
-/// Makes one unary call of `path` (`package.Service/Method`) with the remaining time as its
-/// timeout, retrying only failures that mean the call was not processed (`UNAVAILABLE`), at most
-/// three attempts in all, within the deadline and while `budget` allows. Each attempt runs in its
-/// own `rpc.client` span whose trace context travels in the metadata and in the message. `call`
-/// is given a fresh request each attempt.
-pub async fn call<M, R, F, Fut>(
+/// Makes one unary call of `method` over `channel` with the remaining time as its timeout,
+/// retrying only failures that mean the call was not processed (`UNAVAILABLE`), at most three
+/// attempts in all, within the deadline and while the channel's retry budget allows. Each attempt
+/// runs in its own `rpc.client` span whose trace context travels in the metadata and in the
+/// message.
+///
+/// The message is encoded once; every attempt sends the same bytes (re-encoded only when a
+/// sampled attempt must carry its own trace context), so a retry costs no copy of the message.
+pub async fn call<Req, Res>(
+    deadline: Deadline,
+    channel: &MeshChannel,
+    method: Method<Req, Res>,
+    message: &Req,
+) -> Result<Res, Status>
+where
+    Req: prost::Message + Clone + WithContext,
+    Res: prost::Message + Default + Send + 'static,
+{
+    let grpc = tonic::client::Grpc::new(channel.clone());
+    let path = PathAndQuery::from_static(method.path());
+    attempts(
+        deadline,
+        channel.budget(),
+        method.name(),
+        message,
+        |request| {
+            let mut grpc = grpc.clone();
+            let path = path.clone();
+            async move {
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                grpc.unary(request, path, Encoded::<Res>::default()).await
+            }
+        },
+    )
+    .await
+}
+
+/// The retry loop of [`call`]; `attempt` sends one encoded request.
+async fn attempts<Req, Res, F, Fut>(
     deadline: Deadline,
     budget: &RetryBudget,
-    path: &'static str,
-    message: &M,
-    mut call: F,
-) -> Result<R, Status>
+    name: &'static str,
+    message: &Req,
+    mut attempt: F,
+) -> Result<Res, Status>
 where
-    M: Clone + WithContext,
-    F: FnMut(tonic::Request<M>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+    Req: prost::Message + Clone + WithContext,
+    F: FnMut(tonic::Request<Bytes>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Res>, Status>>,
 {
-    let mut attempt = 1;
+    let encoded = Bytes::from(message.encode_to_vec());
+    let mut number = 1;
     loop {
         let left = deadline.remaining()?;
-        let mut request = tonic::Request::new(message.clone());
+        let mut metadata = MetadataMap::new();
+        let (span, trace) = crate::telemetry::client_span(name, message.context(), &mut metadata);
+        let body = match trace {
+            None => encoded.clone(),
+            Some(trace) => {
+                let mut traced = message.clone();
+                if let Some(ctx) = traced.context_mut().as_mut() {
+                    ctx.trace = Some(trace);
+                }
+                Bytes::from(traced.encode_to_vec())
+            }
+        };
+        let mut request = tonic::Request::from_parts(metadata, Default::default(), body);
         request.set_timeout(left);
-        let span = crate::telemetry::client_span(path, &mut request);
-        let outcome = tokio::time::timeout(left, call(request).instrument(span.clone())).await;
+        let outcome = tokio::time::timeout(left, attempt(request).instrument(span.clone())).await;
         let status = match outcome {
             Ok(Ok(response)) => {
                 crate::telemetry::client_result(&span, None);
@@ -123,12 +175,50 @@ where
             return Err(normalize(status));
         }
         budget.failure();
-        if attempt >= MAX_ATTEMPTS || !budget.can_retry() {
+        if number >= MAX_ATTEMPTS || !budget.can_retry() {
             return Err(status);
         }
-        tracing::debug!(attempt, error = %status.message(), "retrying a call that was not processed");
-        attempt += 1;
+        tracing::debug!(attempt = number, error = %status.message(), "retrying a call that was not processed");
+        number += 1;
         tokio::time::sleep(RETRY_PAUSE.min(deadline.remaining()?)).await;
+    }
+}
+
+/// The codec of outgoing calls: the request arrives already encoded; the answer is decoded with
+/// prost (a malformed answer is the callee's fault: `INTERNAL`).
+struct Encoded<Res>(PhantomData<Res>);
+
+impl<Res> Default for Encoded<Res> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<Res: prost::Message + Default + Send + 'static> Codec for Encoded<Res> {
+    type Encode = Bytes;
+    type Decode = Res;
+    type Encoder = BytesEncoder;
+    type Decoder = ProstDecoder<Res>;
+
+    fn encoder(&mut self) -> BytesEncoder {
+        BytesEncoder
+    }
+
+    fn decoder(&mut self) -> ProstDecoder<Res> {
+        ProstDecoder::default()
+    }
+}
+
+/// Writes bytes that are already an encoded message.
+struct BytesEncoder;
+
+impl Encoder for BytesEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
     }
 }
 
@@ -191,7 +281,7 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(5));
         let mut tries = 0;
         let r: Result<(), Status> =
-            call(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
+            attempts(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
                 tries += 1;
                 async { Err(Status::unavailable("down")) }
             })
@@ -201,7 +291,7 @@ mod tests {
 
         let mut tries = 0;
         let r: Result<(), Status> =
-            call(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
+            attempts(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
                 tries += 1;
                 async { Err(Status::invalid_argument("bad")) }
             })
@@ -216,7 +306,7 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(5));
         let mut tries = 0;
         for _ in 0..10 {
-            let _: Result<(), Status> = call(deadline, &budget, "t.S/M", &msg(), |_| {
+            let _: Result<(), Status> = attempts(deadline, &budget, "t.S/M", &msg(), |_| {
                 tries += 1;
                 async { Err(Status::unavailable("down")) }
             })
@@ -234,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn expired_deadline_refuses_work() {
         let deadline = Deadline::after(Duration::ZERO);
-        let r: Result<(), Status> = call(
+        let r: Result<(), Status> = attempts(
             deadline,
             &RetryBudget::default(),
             "t.S/M",

@@ -431,15 +431,16 @@ pub fn record_context(span: &tracing::Span, ctx: &RequestContext) {
     }
 }
 
-/// Creates the `rpc.client` span of one outgoing attempt of `path`, and writes its trace context
-/// into the request's metadata and into the message's `RequestContext`.
-pub(crate) fn client_span<M: WithContext>(
+/// Creates the `rpc.client` span of one outgoing attempt of `path` and writes its trace context
+/// into `metadata`. When the attempt is sampled, its own span is the parent of the next hop, and
+/// the trace context the message must carry instead of `context`'s is returned; otherwise the
+/// message's trace context travels unchanged (mirrored in the headers) and `None` is returned.
+pub(crate) fn client_span(
     path: &'static str,
-    request: &mut tonic::Request<M>,
-) -> tracing::Span {
+    context: Option<&RequestContext>,
+    metadata: &mut MetadataMap,
+) -> (tracing::Span, Option<TraceContext>) {
     let (service, method) = split_method(path);
-    // A client span is exported only inside a sampled trace; otherwise the trace context in the
-    // message is passed on as it is.
     let sampled = EXPORTING.load(Ordering::Relaxed) && {
         let current = tracing::Span::current().context();
         let current = current.span();
@@ -460,39 +461,44 @@ pub(crate) fn client_span<M: WithContext>(
             )
         };
     }
-    let span = if sampled {
-        client_span!("herd::rpc")
-    } else {
-        client_span!("herd::unsampled")
-    };
-    let mut carrier: HashMap<String, String> = HashMap::new();
-    let cx = if sampled {
-        span.context()
-    } else {
-        Context::new()
-    };
-    if cx.span().span_context().is_valid() {
-        TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    } else if let Some(trace) = request.get_ref().context().and_then(|c| c.trace.clone()) {
-        // Not sampled or not exporting here: pass the caller's context on unchanged so the trace
-        // stays whole.
-        carrier.insert("traceparent".into(), trace.traceparent);
-        carrier.insert("tracestate".into(), trace.tracestate);
-    }
-    if let Some(traceparent) = carrier.get("traceparent").filter(|t| !t.is_empty()) {
-        let trace = TraceContext {
-            traceparent: traceparent.clone(),
-            tracestate: carrier.get("tracestate").cloned().unwrap_or_default(),
-        };
-        if let Some(ctx) = request.get_mut().context_mut().as_mut() {
-            ctx.trace = Some(trace);
+    if sampled {
+        let span = client_span!("herd::rpc");
+        let cx = span.context();
+        if cx.span().span_context().is_valid() {
+            let mut carrier: HashMap<String, String> = HashMap::new();
+            TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+            if let Some(traceparent) = carrier.get("traceparent").filter(|t| !t.is_empty()) {
+                let trace = TraceContext {
+                    traceparent: traceparent.clone(),
+                    tracestate: carrier.get("tracestate").cloned().unwrap_or_default(),
+                };
+                let mut injector = MetadataInjector(metadata);
+                for (k, v) in carrier.into_iter().filter(|(_, v)| !v.is_empty()) {
+                    injector.set(&k, v);
+                }
+                return (span, Some(trace));
+            }
         }
-        let mut injector = MetadataInjector(request.metadata_mut());
-        for (k, v) in carrier.into_iter().filter(|(_, v)| !v.is_empty()) {
-            injector.set(&k, v);
-        }
+        mirror_trace(context, metadata);
+        return (span, None);
     }
-    span
+    mirror_trace(context, metadata);
+    (client_span!("herd::unsampled"), None)
+}
+
+/// Copies the message's own trace context, if any, into the headers.
+fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
+    let Some(trace) = context
+        .and_then(|c| c.trace.as_ref())
+        .filter(|t| !t.traceparent.is_empty())
+    else {
+        return;
+    };
+    let mut injector = MetadataInjector(metadata);
+    injector.set("traceparent", trace.traceparent.clone());
+    if !trace.tracestate.is_empty() {
+        injector.set("tracestate", trace.tracestate.clone());
+    }
 }
 
 /// Records how an outgoing attempt ended on its span.
