@@ -12,7 +12,7 @@ use herd_proto::context::RequestContext;
 use herd_proto::{Method, WithContext};
 use http::uri::PathAndQuery;
 use tokio::time::Instant;
-use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tonic_prost::ProstDecoder;
@@ -113,11 +113,12 @@ where
         |request| {
             let mut grpc = grpc.clone();
             let path = path.clone();
+            let codec = Encoded::<Res>::new(request.get_ref());
             async move {
                 grpc.ready()
                     .await
                     .map_err(|e| Status::unavailable(e.to_string()))?;
-                grpc.unary(request, path, Encoded::<Res>::default()).await
+                grpc.unary(request, path, codec).await
             }
         },
     )
@@ -185,12 +186,26 @@ where
 }
 
 /// The codec of outgoing calls: the request arrives already encoded; the answer is decoded with
-/// prost (a malformed answer is the callee's fault: `INTERNAL`).
-struct Encoded<Res>(PhantomData<Res>);
+/// prost (a malformed answer is the callee's fault: `INTERNAL`). Buffers are sized for herd's
+/// messages (tonic's default is 8 KiB each way, which the allocator serves slowly), and grow
+/// when a message is larger.
+struct Encoded<Res> {
+    /// Bytes of the request's frame: the encoded message and gRPC's 5-byte header.
+    frame: usize,
+    answer: PhantomData<Res>,
+}
 
-impl<Res> Default for Encoded<Res> {
-    fn default() -> Self {
-        Self(PhantomData)
+/// First size of the buffer an answer is read into.
+const ANSWER_BUFFER: usize = 1024;
+/// tonic's default: how much is encoded or decoded before the task yields.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+impl<Res> Encoded<Res> {
+    fn new(message: &Bytes) -> Self {
+        Self {
+            frame: message.len() + 5,
+            answer: PhantomData,
+        }
     }
 }
 
@@ -198,19 +213,21 @@ impl<Res: prost::Message + Default + Send + 'static> Codec for Encoded<Res> {
     type Encode = Bytes;
     type Decode = Res;
     type Encoder = BytesEncoder;
-    type Decoder = ProstDecoder<Res>;
+    type Decoder = AnswerDecoder<Res>;
 
     fn encoder(&mut self) -> BytesEncoder {
-        BytesEncoder
+        BytesEncoder { frame: self.frame }
     }
 
-    fn decoder(&mut self) -> ProstDecoder<Res> {
-        ProstDecoder::default()
+    fn decoder(&mut self) -> AnswerDecoder<Res> {
+        AnswerDecoder(ProstDecoder::default())
     }
 }
 
 /// Writes bytes that are already an encoded message.
-struct BytesEncoder;
+struct BytesEncoder {
+    frame: usize,
+}
 
 impl Encoder for BytesEncoder {
     type Item = Bytes;
@@ -219,6 +236,26 @@ impl Encoder for BytesEncoder {
     fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         dst.put(item);
         Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(self.frame, YIELD_THRESHOLD)
+    }
+}
+
+/// prost's decoder, reading into a buffer sized for herd's answers.
+struct AnswerDecoder<Res>(ProstDecoder<Res>);
+
+impl<Res: prost::Message + Default> Decoder for AnswerDecoder<Res> {
+    type Item = Res;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Res>, Status> {
+        self.0.decode(buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(ANSWER_BUFFER, YIELD_THRESHOLD)
     }
 }
 
