@@ -64,7 +64,23 @@ pub struct Method<Req, Res> {
 }
 
 impl<Req, Res> Method<Req, Res> {
-    const fn new(path: &'static str) -> Self {
+    /// The method at `path`, `/package.Service/Method`. Panics (at compile time, in a `const`)
+    /// unless the path starts with `/` and holds only letters, digits, `_`, `.`, `-` and `/`.
+    pub const fn new(path: &'static str) -> Self {
+        let bytes = path.as_bytes();
+        assert!(
+            !bytes.is_empty() && bytes[0] == b'/',
+            "a method path starts with /"
+        );
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            assert!(
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'),
+                "a method path holds only letters, digits, _, ., - and /"
+            );
+            i += 1;
+        }
         Self {
             path,
             types: std::marker::PhantomData,

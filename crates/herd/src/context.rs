@@ -104,6 +104,7 @@ where
     Res: prost::Message + Default + Send + 'static,
 {
     let grpc = tonic::client::Grpc::new(channel.clone());
+    // Cannot fail: `Method::new` admits only paths that parse.
     let path = PathAndQuery::from_static(method.path());
     attempts(
         deadline,
