@@ -106,38 +106,6 @@ start_herd() { # extra environment assignments for the services
     done
 }
 
-# Saturation and half-load runs against $GATEWAY; sets SAT, P50, P99, CPU_US, RSS arrays.
-measure() { # label rate
-    local label=$1 rate=$2 out
-    SAT=(); P50=(); P99=(); CPU_US=()
-    for _ in $(seq 1 "$RUNS"); do
-        local before; before=$(cpu_ticks "${SERVERS[@]}")
-        out=$(load "$GATEWAY" --concurrency "$CONCURRENCY")
-        local after; after=$(cpu_ticks "${SERVERS[@]}")
-        local calls; calls=$(echo "$out" | field calls)
-        SAT+=("$(echo "$out" | field throughput)")
-        # Ticks are 1/100 s; the warm-up's calls are not counted, so this slightly overstates.
-        CPU_US+=("$(awk -v t=$((after - before)) -v c="$calls" -v d="$DURATION" -v w="$WARMUP" 'BEGIN {printf "%.1f", t * 10000 / (c * (d + w) / d)}')")
-    done
-    if [ "$rate" != "-" ]; then
-        for _ in $(seq 1 "$RUNS"); do
-            out=$(load "$GATEWAY" --rate "$rate")
-            P50+=("$(echo "$out" | field p50_us)")
-            P99+=("$(echo "$out" | field p99_us)")
-        done
-    fi
-    RSS=()
-    for pid in "${SERVERS[@]}"; do RSS+=("$(peak_rss_mb "$pid")"); done
-    echo "== $label"
-    stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${SAT[@]}"
-    if [ "$rate" != "-" ]; then
-        stats "p50 at $rate calls/s" "µs" "${P50[@]}"
-        stats "p99 at $rate calls/s" "µs" "${P99[@]}"
-    fi
-    stats "server CPU time per request (all services)" "µs" "${CPU_US[@]}"
-    echo "peak RSS per instance (MB): ${RSS[*]}"
-}
-
 # One saturation run: prints throughput and server CPU µs per request.
 sat_run() { # gateway server-pids...
     local gateway=$1 before after out calls; shift
@@ -153,6 +121,32 @@ sat_run() { # gateway server-pids...
 half_run() { # gateway rate
     local out; out=$(load "$1" --rate "$2")
     echo "$(echo "$out" | field p50_us) $(echo "$out" | field p99_us)"
+}
+
+# Saturation and half-load runs against $GATEWAY; sets SAT, P50, P99, CPU_US, RSS arrays.
+measure() { # label rate
+    local label=$1 rate=$2 sat cpu p50 p99
+    SAT=(); P50=(); P99=(); CPU_US=()
+    for _ in $(seq 1 "$RUNS"); do
+        read -r sat cpu < <(sat_run "$GATEWAY" "${SERVERS[@]}")
+        SAT+=("$sat"); CPU_US+=("$cpu")
+    done
+    if [ "$rate" != "-" ]; then
+        for _ in $(seq 1 "$RUNS"); do
+            read -r p50 p99 < <(half_run "$GATEWAY" "$rate")
+            P50+=("$p50"); P99+=("$p99")
+        done
+    fi
+    RSS=()
+    for pid in "${SERVERS[@]}"; do RSS+=("$(peak_rss_mb "$pid")"); done
+    echo "== $label"
+    stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${SAT[@]}"
+    if [ "$rate" != "-" ]; then
+        stats "p50 at $rate calls/s" "µs" "${P50[@]}"
+        stats "p99 at $rate calls/s" "µs" "${P99[@]}"
+    fi
+    stats "server CPU time per request (all services)" "µs" "${CPU_US[@]}"
+    echo "peak RSS per instance (MB): ${RSS[*]}"
 }
 
 ratio_of() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a / b}'; }

@@ -167,18 +167,17 @@ impl Service<Request> for MeshChannel {
 #[derive(Clone)]
 pub(crate) struct Connection {
     send: hyper::client::conn::http2::SendRequest<Body>,
-    scheme: Scheme,
     authority: Authority,
     /// Distinguishes this connection from an earlier one to the same endpoint.
     generation: u64,
 }
 
 impl Connection {
-    /// Connects to `address` (`host:port`) over plaintext HTTP/2. The connection runs on its own
-    /// task until it breaks (a refused ping included) or every clone is dropped.
-    pub(crate) async fn open(address: &str) -> Result<Self, BoxError> {
+    /// Connects to `authority` (`host:port`) over plaintext HTTP/2. The connection runs on its
+    /// own task until it breaks (an unanswered ping included) or every clone is dropped.
+    pub(crate) async fn open(authority: Authority) -> Result<Self, BoxError> {
         static GENERATION: AtomicU64 = AtomicU64::new(0);
-        let authority: Authority = address.parse()?;
+        let address = authority.as_str();
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(address))
             .await
             .map_err(|_| {
@@ -200,7 +199,6 @@ impl Connection {
         });
         Ok(Self {
             send,
-            scheme: Scheme::HTTP,
             authority,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         })
@@ -220,7 +218,7 @@ impl Service<Request> for Connection {
         // Generated clients send the path only; HTTP/2 needs the scheme and authority too.
         let (mut head, body) = req.into_parts();
         let mut uri = http::uri::Parts::from(head.uri);
-        uri.scheme = Some(self.scheme.clone());
+        uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(self.authority.clone());
         head.uri = match http::Uri::from_parts(uri) {
             Ok(uri) => uri,
@@ -349,6 +347,13 @@ async fn track(
 /// Watches one endpoint's health over the connection its calls use, and offers it to the balancer
 /// only while it reports SERVING. A broken connection is replaced by a new one.
 async fn probe(service: String, id: String, address: String, ready: watch::Sender<Ready>) {
+    let authority: Authority = match address.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(%service, instance = %id, %address, error = %e, "unusable endpoint address");
+            return;
+        }
+    };
     let set = |connection: Option<&Connection>, why: &str| {
         let changed = ready.send_if_modified(|r| match connection {
             Some(c) => r
@@ -364,7 +369,7 @@ async fn probe(service: String, id: String, address: String, ready: watch::Sende
     };
     let mut backoff = PROBE_BACKOFF_START;
     loop {
-        match watch_health(&address).await {
+        match watch_health(authority.clone()).await {
             Ok((connection, mut stream)) => loop {
                 match stream.message().await {
                     Ok(Some(r)) if r.status == ServingStatus::Serving as i32 => {
@@ -390,9 +395,9 @@ async fn probe(service: String, id: String, address: String, ready: watch::Sende
     }
 }
 
-/// A new connection to `address` and the health Watch stream opened over it.
+/// A new connection to `authority` and the health Watch stream opened over it.
 async fn watch_health(
-    address: &str,
+    authority: Authority,
 ) -> Result<
     (
         Connection,
@@ -400,7 +405,7 @@ async fn watch_health(
     ),
     BoxError,
 > {
-    let connection = Connection::open(address).await?;
+    let connection = Connection::open(authority).await?;
     let stream = HealthClient::new(connection.clone())
         .watch(HealthCheckRequest {
             service: String::new(),

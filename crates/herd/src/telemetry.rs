@@ -461,29 +461,40 @@ pub(crate) fn client_span(
             )
         };
     }
-    if sampled {
-        let span = client_span!("herd::rpc");
-        let cx = span.context();
-        if cx.span().span_context().is_valid() {
-            let mut carrier: HashMap<String, String> = HashMap::new();
-            TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-            if let Some(traceparent) = carrier.get("traceparent").filter(|t| !t.is_empty()) {
-                let trace = TraceContext {
-                    traceparent: traceparent.clone(),
-                    tracestate: carrier.get("tracestate").cloned().unwrap_or_default(),
-                };
-                let mut injector = MetadataInjector(metadata);
-                for (k, v) in carrier.into_iter().filter(|(_, v)| !v.is_empty()) {
-                    injector.set(&k, v);
-                }
-                return (span, Some(trace));
-            }
-        }
-        mirror_trace(context, metadata);
-        return (span, None);
+    let span = if sampled {
+        client_span!("herd::rpc")
+    } else {
+        client_span!("herd::unsampled")
+    };
+    if sampled && let Some(trace) = inject_own(&span, metadata) {
+        return (span, Some(trace));
     }
     mirror_trace(context, metadata);
-    (client_span!("herd::unsampled"), None)
+    (span, None)
+}
+
+/// Writes the trace context of a sampled client `span` into `metadata` and returns it, for the
+/// message to carry too; `None` if the span has no valid context.
+fn inject_own(span: &tracing::Span, metadata: &mut MetadataMap) -> Option<TraceContext> {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    let traceparent = carrier
+        .get("traceparent")
+        .filter(|t| !t.is_empty())?
+        .clone();
+    let tracestate = carrier.get("tracestate").cloned().unwrap_or_default();
+    let mut injector = MetadataInjector(metadata);
+    for (k, v) in carrier.into_iter().filter(|(_, v)| !v.is_empty()) {
+        injector.set(&k, v);
+    }
+    Some(TraceContext {
+        traceparent,
+        tracestate,
+    })
 }
 
 /// Copies the message's own trace context, if any, into the headers.
