@@ -12,15 +12,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
 use futures::future::BoxFuture;
-use http::uri::{Authority, Scheme};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::uri::Authority;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -33,22 +31,13 @@ use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::{BoxError, Service};
 
+use crate::connection::{Answer, Connection, Outgoing, streamed};
 use crate::discovery::Endpoints;
-
-type Request = http::Request<Body>;
-type Response = http::Response<Incoming>;
 
 /// Latency assumed for an endpoint before it has answered anything.
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
 /// How fast peak-EWMA forgets a slow answer.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// Bound on establishing a connection to one endpoint.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// A connection that has received nothing for this long is pinged...
-const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
-/// ...and closed when the ping is not answered within this: a silent peer is noticed within
-/// 1.5 s, and its endpoint leaves the balancer with the connection.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Backoff between probes of an endpoint that is not serving: starts here, doubles, capped below.
 const PROBE_BACKOFF_START: Duration = Duration::from_millis(50);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -57,7 +46,7 @@ const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 type Ready = BTreeMap<String, Connection>;
 
 /// tower's power-of-two-choices balancer over peak-EWMA-weighted endpoint connections.
-type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover>, Request>;
+type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover>, Outgoing>;
 
 /// A cloneable gRPC channel that balances each call over a service's live, serving instances.
 ///
@@ -99,7 +88,7 @@ impl MeshChannel {
             current: HashMap::new(),
             pending: VecDeque::new(),
         };
-        let loaded = PeakEwmaDiscover::new(
+        let loaded = PeakEwmaDiscover::new::<Outgoing>(
             discover,
             DEFAULT_RTT,
             EWMA_DECAY,
@@ -132,102 +121,40 @@ impl MeshChannel {
     }
 }
 
-impl Service<Request> for MeshChannel {
-    type Response = Response;
+impl MeshChannel {
+    /// Sends `request` to an endpoint the balancer picks; resolves once the answer's head arrives.
+    pub(crate) async fn send(&self, request: Outgoing) -> Result<Answer, BoxError> {
+        let shared = &self.inner;
+        if shared.discovered.borrow().is_empty() {
+            let status =
+                tonic::Status::unavailable(format!("no live instance of {}", shared.service));
+            return Err(Box::new(status));
+        }
+        let sending = {
+            let mut balancer = shared.balancer.lock().await;
+            std::future::poll_fn(|cx| balancer.poll_ready(cx))
+                .await
+                .map_err(|e| not_processed(&shared.service, e))?;
+            balancer.call(request)
+        };
+        sending.await.map_err(|e| not_processed(&shared.service, e))
+    }
+}
+
+/// Generated tonic clients over the balanced channel.
+impl Service<http::Request<Body>> for MeshChannel {
+    type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response, BoxError>>;
+    type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;
 
     /// Always ready: each call waits for an endpoint itself, within its own deadline.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
-        let shared = self.inner.clone();
-        Box::pin(async move {
-            if shared.discovered.borrow().is_empty() {
-                let status =
-                    tonic::Status::unavailable(format!("no live instance of {}", shared.service));
-                return Err(Box::new(status) as BoxError);
-            }
-            let call = {
-                let mut balancer = shared.balancer.lock().await;
-                std::future::poll_fn(|cx| balancer.poll_ready(cx))
-                    .await
-                    .map_err(|e| not_processed(&shared.service, e))?;
-                balancer.call(req)
-            };
-            call.await.map_err(|e| not_processed(&shared.service, e))
-        })
-    }
-}
-
-/// One HTTP/2 connection to one endpoint, with a connect timeout and keepalive pings; clones
-/// share it. Calls go straight to hyper's connection task, without a queue of their own.
-#[derive(Clone)]
-pub(crate) struct Connection {
-    send: hyper::client::conn::http2::SendRequest<Body>,
-    authority: Authority,
-    /// Distinguishes this connection from an earlier one to the same endpoint.
-    generation: u64,
-}
-
-impl Connection {
-    /// Connects to `authority` (`host:port`) over plaintext HTTP/2. The connection runs on its
-    /// own task until it breaks (an unanswered ping included) or every clone is dropped.
-    pub(crate) async fn open(authority: Authority) -> Result<Self, BoxError> {
-        static GENERATION: AtomicU64 = AtomicU64::new(0);
-        let address = authority.as_str();
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(address))
-            .await
-            .map_err(|_| {
-                format!("connecting to {address} took longer than {CONNECT_TIMEOUT:?}")
-            })??;
-        tcp.set_nodelay(true)?;
-        let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tcp))
-            .await?;
-        let peer = address.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(address = %peer, error = %e, "connection closed");
-            }
-        });
-        Ok(Self {
-            send,
-            authority,
-            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
-        })
-    }
-}
-
-impl Service<Request> for Connection {
-    type Response = Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<Response, BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.send.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        // Generated clients send the path only; HTTP/2 needs the scheme and authority too.
-        let (mut head, body) = req.into_parts();
-        let mut uri = http::uri::Parts::from(head.uri);
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        head.uri = match http::Uri::from_parts(uri) {
-            Ok(uri) => uri,
-            Err(e) => return Box::pin(async move { Err(e.into()) }),
-        };
-        let response = self
-            .send
-            .send_request(http::Request::from_parts(head, body));
-        Box::pin(async move { response.await.map_err(Into::into) })
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let channel = self.clone();
+        Box::pin(async move { Ok(streamed(channel.send(request.into()).await?)) })
     }
 }
 

@@ -4,21 +4,19 @@
 //! passed, and forwards the remaining time on each outgoing call (never the incoming metadata).
 
 use std::future::Future;
-use std::marker::PhantomData;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes};
+use bytes::Bytes;
 use herd_proto::context::RequestContext;
 use herd_proto::{Method, WithContext};
 use http::uri::PathAndQuery;
 use tokio::time::Instant;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
-use tonic_prost::ProstDecoder;
 use tracing::Instrument;
 
 use crate::balance::{MeshChannel, RetryBudget};
+use crate::connection::{Outgoing, OutgoingBody, frame, read_unary};
 
 /// Attempts of one call in all, first included, when the failure means "not processed".
 const MAX_ATTEMPTS: u32 = 3;
@@ -93,6 +91,8 @@ pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, Stat
 ///
 /// The message is encoded once; every attempt sends the same bytes (re-encoded only when a
 /// sampled attempt must carry its own trace context), so a retry costs no copy of the message.
+/// The call is written to the chosen endpoint's HTTP/2 connection directly and its answer read
+/// from it, without tonic's generic client machinery.
 pub async fn call<Req, Res>(
     deadline: Deadline,
     channel: &MeshChannel,
@@ -101,9 +101,8 @@ pub async fn call<Req, Res>(
 ) -> Result<Res, Status>
 where
     Req: prost::Message + Clone + WithContext,
-    Res: prost::Message + Default + Send + 'static,
+    Res: prost::Message + Default,
 {
-    let grpc = tonic::client::Grpc::new(channel.clone());
     // Cannot fail: `Method::new` admits only paths that parse.
     let path = PathAndQuery::from_static(method.path());
     attempts(
@@ -112,21 +111,40 @@ where
         method.name(),
         message,
         |request| {
-            let mut grpc = grpc.clone();
-            let path = path.clone();
-            let codec = Encoded::<Res>::new(request.get_ref());
+            let (metadata, _, frame) = request.into_parts();
+            let request = Outgoing {
+                head: request_head(&path, metadata),
+                body: OutgoingBody::Frame(frame),
+            };
             async move {
-                grpc.ready()
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                grpc.unary(request, path, codec).await
+                let answer = channel.send(request).await.map_err(Status::from_error)?;
+                let bytes = read_unary(answer).await?;
+                let answer = Res::decode(bytes).map_err(|e| {
+                    Status::internal(format!("malformed answer from {}: {e}", method.name()))
+                })?;
+                Ok(tonic::Response::new(answer))
             }
         },
     )
     .await
 }
 
-/// The retry loop of [`call`]; `attempt` sends one encoded request.
+/// The head of a unary gRPC request to `path` carrying `metadata` (the deadline included).
+fn request_head(path: &PathAndQuery, metadata: MetadataMap) -> http::request::Parts {
+    let (mut head, ()) = http::Request::new(()).into_parts();
+    head.method = http::Method::POST;
+    head.uri = http::Uri::from(path.clone());
+    head.headers = metadata.into_headers();
+    head.headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    head.headers
+        .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    head
+}
+
+/// The retry loop of [`call`]; `attempt` sends one request, already a gRPC frame.
 async fn attempts<Req, Res, F, Fut>(
     deadline: Deadline,
     budget: &RetryBudget,
@@ -139,7 +157,7 @@ where
     F: FnMut(tonic::Request<Bytes>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<Res>, Status>>,
 {
-    let encoded = Bytes::from(message.encode_to_vec());
+    let encoded = frame(message);
     let mut number = 1;
     loop {
         let left = deadline.remaining()?;
@@ -152,7 +170,7 @@ where
                 if let Some(ctx) = traced.context_mut().as_mut() {
                     ctx.trace = Some(trace);
                 }
-                Bytes::from(traced.encode_to_vec())
+                frame(&traced)
             }
         };
         let mut request = tonic::Request::from_parts(metadata, Default::default(), body);
@@ -183,80 +201,6 @@ where
         tracing::debug!(attempt = number, error = %status.message(), "retrying a call that was not processed");
         number += 1;
         tokio::time::sleep(RETRY_PAUSE.min(deadline.remaining()?)).await;
-    }
-}
-
-/// The codec of outgoing calls: the request arrives already encoded; the answer is decoded with
-/// prost (a malformed answer is the callee's fault: `INTERNAL`). Buffers are sized for herd's
-/// messages (tonic's default is 8 KiB each way, which the allocator serves slowly), and grow
-/// when a message is larger.
-struct Encoded<Res> {
-    /// Bytes of the request's frame: the encoded message and gRPC's 5-byte header.
-    frame: usize,
-    answer: PhantomData<Res>,
-}
-
-/// First size of the buffer an answer is read into.
-const ANSWER_BUFFER: usize = 1024;
-/// tonic's default: how much is encoded or decoded before the task yields.
-const YIELD_THRESHOLD: usize = 32 * 1024;
-
-impl<Res> Encoded<Res> {
-    fn new(message: &Bytes) -> Self {
-        Self {
-            frame: message.len() + 5,
-            answer: PhantomData,
-        }
-    }
-}
-
-impl<Res: prost::Message + Default + Send + 'static> Codec for Encoded<Res> {
-    type Encode = Bytes;
-    type Decode = Res;
-    type Encoder = BytesEncoder;
-    type Decoder = AnswerDecoder<Res>;
-
-    fn encoder(&mut self) -> BytesEncoder {
-        BytesEncoder { frame: self.frame }
-    }
-
-    fn decoder(&mut self) -> AnswerDecoder<Res> {
-        AnswerDecoder(ProstDecoder::default())
-    }
-}
-
-/// Writes bytes that are already an encoded message.
-struct BytesEncoder {
-    frame: usize,
-}
-
-impl Encoder for BytesEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(self.frame, YIELD_THRESHOLD)
-    }
-}
-
-/// prost's decoder, reading into a buffer sized for herd's answers.
-struct AnswerDecoder<Res>(ProstDecoder<Res>);
-
-impl<Res: prost::Message + Default> Decoder for AnswerDecoder<Res> {
-    type Item = Res;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Res>, Status> {
-        self.0.decode(buf)
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(ANSWER_BUFFER, YIELD_THRESHOLD)
     }
 }
 

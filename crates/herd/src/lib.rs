@@ -14,6 +14,7 @@
 
 pub mod balance;
 pub mod config;
+mod connection;
 pub mod context;
 pub mod discovery;
 pub mod etcd;

@@ -470,7 +470,7 @@ mod tests {
                 .add_routes(routes)
                 .serve_with_incoming(TcpIncoming::from(listener)),
         );
-        let channel = crate::balance::Connection::open(address.to_string().parse().unwrap())
+        let channel = crate::connection::Connection::open(address.to_string().parse().unwrap())
             .await
             .unwrap();
         let mut client = ServerReflectionClient::new(channel);

@@ -1,0 +1,509 @@
+//! One HTTP/2 connection to one endpoint, written on `h2` directly, and the reading of a unary
+//! gRPC answer from it.
+//!
+//! A call goes from the caller's task straight into the connection's stream table: no queue and
+//! no hand-off to another task (the connection's own task only moves frames). Keepalive pings run
+//! beside the connection: a peer that leaves one unanswered for a second loses the connection, and
+//! every call still on it fails at once.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{Reason, RecvStream, SendStream};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, StatusCode};
+use http_body::Frame;
+use tonic::body::Body;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+use tower::{BoxError, Service};
+
+/// Bound on establishing a connection to one endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Every connection is pinged this often...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
+/// ...and closed when a ping is not answered within this: a silent peer is noticed within
+/// 1.5 s, and its endpoint leaves the balancer with the connection.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 receive windows (per stream, per connection), as hyper's client sets them.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The largest answer accepted, as tonic's default.
+const MAX_ANSWER: usize = 4 * 1024 * 1024;
+/// Bytes in front of every gRPC message: a compression flag and a 4-byte length.
+pub(crate) const FRAME_HEADER: usize = 5;
+
+/// A request on its way to an endpoint: the head (path and metadata; the connection adds scheme
+/// and authority) and its body.
+pub(crate) struct Outgoing {
+    pub(crate) head: http::request::Parts,
+    pub(crate) body: OutgoingBody,
+}
+
+/// What follows the head of an [`Outgoing`] request.
+pub(crate) enum OutgoingBody {
+    /// One whole gRPC frame, sent with the end of the stream: herd's unary calls.
+    Frame(Bytes),
+    /// Any HTTP body (generated clients, client streams), forwarded frame by frame.
+    Stream(Body),
+}
+
+impl From<http::Request<Body>> for Outgoing {
+    fn from(request: http::Request<Body>) -> Self {
+        let (head, body) = request.into_parts();
+        Self {
+            head,
+            body: OutgoingBody::Stream(body),
+        }
+    }
+}
+
+/// An answer's head, with its body still arriving.
+pub(crate) type Answer = http::Response<RecvStream>;
+
+/// One HTTP/2 connection to one endpoint; clones share it.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    send: SendRequest<Bytes>,
+    authority: Authority,
+    /// Distinguishes this connection from an earlier one to the same endpoint.
+    pub(crate) generation: u64,
+}
+
+impl Connection {
+    /// Connects to `authority` (`host:port`) over plaintext HTTP/2. The connection runs on its
+    /// own task until it breaks (an unanswered ping included) or every clone is dropped.
+    pub(crate) async fn open(authority: Authority) -> Result<Self, BoxError> {
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let address = authority.as_str();
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(address))
+            .await
+            .map_err(|_| {
+                format!("connecting to {address} took longer than {CONNECT_TIMEOUT:?}")
+            })??;
+        tcp.set_nodelay(true)?;
+        let (send, mut connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake(tcp)
+            .await?;
+        let pings = connection.ping_pong();
+        let peer = address.to_string();
+        tokio::spawn(async move {
+            let outcome: Result<(), BoxError> = match pings {
+                Some(pings) => tokio::select! {
+                    closed = &mut connection => closed.map_err(Into::into),
+                    silent = keepalive(pings) => Err(silent),
+                },
+                None => connection.await.map_err(Into::into),
+            };
+            // Returning drops the connection, which fails every call still on it.
+            if let Err(e) = outcome {
+                tracing::debug!(address = %peer, error = %e, "connection closed");
+            }
+        });
+        Ok(Self {
+            send,
+            authority,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Opens a stream for `request` and sends what of its body is at hand.
+    fn start(&mut self, request: Outgoing) -> Result<ResponseFuture, BoxError> {
+        let Outgoing { mut head, body } = request;
+        // Callers give the path only; HTTP/2 needs the scheme and authority too.
+        let mut uri = http::uri::Parts::from(std::mem::take(&mut head.uri));
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(self.authority.clone());
+        head.uri = http::Uri::from_parts(uri)?;
+        let empty = matches!(&body, OutgoingBody::Stream(b) if http_body::Body::is_end_stream(b));
+        let (response, mut stream) = self
+            .send
+            .send_request(http::Request::from_parts(head, ()), empty)?;
+        match body {
+            OutgoingBody::Frame(frame) => stream.send_data(frame, true)?,
+            OutgoingBody::Stream(_) if empty => {}
+            OutgoingBody::Stream(body) => {
+                tokio::spawn(forward(body, stream));
+            }
+        }
+        Ok(response)
+    }
+}
+
+/// Pings the peer every [`KEEPALIVE_INTERVAL`]; returns why once one goes unanswered.
+async fn keepalive(mut pings: h2::PingPong) -> BoxError {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return e.into(),
+            Err(_) => {
+                return format!("no answer to a keepalive ping within {KEEPALIVE_TIMEOUT:?}")
+                    .into();
+            }
+        }
+    }
+}
+
+/// Forwards a streamed request body to its HTTP/2 stream, to its end. h2 holds what the peer's
+/// window does not admit yet; herd's own calls never stream.
+async fn forward(mut body: Body, mut stream: SendStream<Bytes>) {
+    loop {
+        let frame = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx));
+        let sent = match frame.await {
+            None => stream.send_data(Bytes::new(), true),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let end = http_body::Body::is_end_stream(&body);
+                    match stream.send_data(data, end) {
+                        Ok(()) if !end => continue,
+                        sent => sent,
+                    }
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => stream.send_trailers(trailers),
+                    Err(_) => continue,
+                },
+            },
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "request body failed; stream reset");
+                stream.send_reset(Reason::CANCEL);
+                return;
+            }
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "request body not sent");
+        }
+        return;
+    }
+}
+
+impl Service<Outgoing> for Connection {
+    type Response = Answer;
+    type Error = BoxError;
+    type Future = Sending;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.send.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Outgoing) -> Sending {
+        match self.start(request) {
+            Ok(response) => Sending::Waiting(response),
+            Err(e) => Sending::Failed(Some(e)),
+        }
+    }
+}
+
+/// Generated tonic clients over one connection (the health probe, tests).
+impl Service<http::Request<Body>> for Connection {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.send.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let sending = Service::<Outgoing>::call(self, request.into());
+        Box::pin(async move { Ok(streamed(sending.await?)) })
+    }
+}
+
+/// The answer of one request, once its head has arrived.
+pub(crate) enum Sending {
+    Failed(Option<BoxError>),
+    Waiting(ResponseFuture),
+}
+
+impl Future for Sending {
+    type Output = Result<Answer, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Sending::Failed(e) => Poll::Ready(Err(e
+                .take()
+                .unwrap_or_else(|| "request polled after it failed".into()))),
+            Sending::Waiting(response) => Pin::new(response).poll(cx).map_err(Into::into),
+        }
+    }
+}
+
+/// An answer as generated tonic clients read it: an HTTP body of data frames, then trailers.
+pub(crate) fn streamed(answer: Answer) -> http::Response<Body> {
+    answer.map(|stream| {
+        Body::new(AnswerBody {
+            stream,
+            data_done: false,
+        })
+    })
+}
+
+struct AnswerBody {
+    stream: RecvStream,
+    data_done: bool,
+}
+
+impl http_body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Errors only when the stream is already gone; the next poll says so.
+                    let _ = this.stream.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        Poll::Ready(
+            ready!(this.stream.poll_trailers(cx))
+                .transpose()
+                .map(|t| t.map(Frame::trailers)),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+}
+
+/// Reads a unary call's answer to its end: the message's bytes (without the frame header), or
+/// the status that ended the call.
+pub(crate) async fn read_unary(answer: Answer) -> Result<Bytes, Status> {
+    let (head, mut body) = answer.into_parts();
+    if head.status != StatusCode::OK {
+        return Err(from_http_status(head.status));
+    }
+    // A "trailers-only" answer: the status is in the head, and nothing follows.
+    if let Some(end) = grpc_status(&head.headers) {
+        return Err(end
+            .err()
+            .unwrap_or_else(|| Status::internal("the answer has no message")));
+    }
+    let mut received = Received::Nothing;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(broken)?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        received.push(chunk)?;
+    }
+    let trailers = body.trailers().await.map_err(broken)?;
+    match trailers.as_ref().and_then(grpc_status) {
+        Some(Ok(())) => unframe(received.into_bytes()),
+        Some(Err(status)) => Err(status),
+        None => Err(Status::unknown("the answer ended without a grpc-status")),
+    }
+}
+
+/// The bytes of an answer as they arrive; copied only when they come in more than one piece.
+enum Received {
+    Nothing,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Received {
+    fn push(&mut self, chunk: Bytes) -> Result<(), Status> {
+        let len = match self {
+            Received::Nothing => 0,
+            Received::One(b) => b.len(),
+            Received::Many(b) => b.len(),
+        };
+        if len + chunk.len() > MAX_ANSWER + FRAME_HEADER {
+            return Err(Status::resource_exhausted(format!(
+                "answer larger than {MAX_ANSWER} bytes"
+            )));
+        }
+        match self {
+            Received::Nothing => *self = Received::One(chunk),
+            Received::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + chunk.len());
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&chunk);
+                *self = Received::Many(joined);
+            }
+            Received::Many(joined) => joined.extend_from_slice(&chunk),
+        }
+        Ok(())
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Received::Nothing => Bytes::new(),
+            Received::One(b) => b,
+            Received::Many(b) => b.freeze(),
+        }
+    }
+}
+
+/// The single message of a unary answer, without its frame header.
+fn unframe(frame: Bytes) -> Result<Bytes, Status> {
+    let Some(header) = frame.get(..FRAME_HEADER) else {
+        return Err(Status::internal("the answer has no message"));
+    };
+    if header[0] != 0 {
+        return Err(Status::internal(
+            "the answer is compressed, though no compression was offered",
+        ));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let arrived = frame.len() - FRAME_HEADER;
+    if arrived != len {
+        return Err(Status::internal(format!(
+            "the answer's frame announces {len} bytes but {arrived} arrived"
+        )));
+    }
+    Ok(frame.slice(FRAME_HEADER..))
+}
+
+/// A gRPC frame: the header, then `message` encoded.
+pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut frame = Vec::with_capacity(FRAME_HEADER + len);
+    frame.push(0);
+    // Messages over 4 GiB cannot be framed; herd's are far from it, and servers refuse 4 MiB.
+    frame.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    // Cannot fail: the buffer has room for the whole message.
+    let _ = message.encode(&mut frame);
+    Bytes::from(frame)
+}
+
+/// `Ok` for `grpc-status: 0`, the status it names otherwise; `None` without one.
+fn grpc_status(headers: &HeaderMap) -> Option<Result<(), Status>> {
+    let code = headers.get("grpc-status")?;
+    if code.as_bytes() == b"0" {
+        return Some(Ok(()));
+    }
+    let message = headers
+        .get("grpc-message")
+        .map(|m| {
+            percent_encoding::percent_decode(m.as_bytes())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    let details = headers
+        .get("grpc-status-details-bin")
+        .and_then(|d| BASE64.decode(d.as_bytes()).ok())
+        .map(Bytes::from)
+        .unwrap_or_default();
+    let mut metadata = headers.clone();
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        metadata.remove(name);
+    }
+    Some(Err(Status::with_details_and_metadata(
+        Code::from_bytes(code.as_bytes()),
+        message,
+        details,
+        MetadataMap::from_headers(metadata),
+    )))
+}
+
+/// Base64 as gRPC writes binary metadata: standard alphabet, padding optional.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// gRPC's mapping of an HTTP status that is not 200 (from something that is not a gRPC server).
+fn from_http_status(status: StatusCode) -> Status {
+    let code = match status {
+        StatusCode::BAD_REQUEST => Code::Internal,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        StatusCode::NOT_FOUND => Code::Unimplemented,
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    Status::new(code, format!("the answer has HTTP status {status}"))
+}
+
+/// A stream that broke off after its answer began, as gRPC maps HTTP/2 errors; a connection that
+/// is gone is `UNAVAILABLE`.
+fn broken(error: h2::Error) -> Status {
+    let code = match error.reason() {
+        _ if error.is_io() || error.is_go_away() => Code::Unavailable,
+        Some(Reason::REFUSED_STREAM) => Code::Unavailable,
+        Some(Reason::CANCEL) => Code::Cancelled,
+        Some(Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+        Some(_) => Code::Internal,
+        None => Code::Unknown,
+    };
+    Status::new(code, format!("the answer broke off: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let message = herd_proto::tax::ComputeTaxRequest {
+            region: "DE".into(),
+            ..Default::default()
+        };
+        let framed = frame(&message);
+        assert_eq!(
+            framed.len(),
+            FRAME_HEADER + prost::Message::encoded_len(&message)
+        );
+        let back = unframe(framed).unwrap();
+        let decoded: herd_proto::tax::ComputeTaxRequest = prost::Message::decode(back).unwrap();
+        assert_eq!(decoded, message);
+    }
+
+    #[test]
+    fn bad_frames_are_internal_errors() {
+        for bad in [&b""[..], b"\0\0\0", b"\x01\0\0\0\0", b"\0\0\0\0\x05abc"] {
+            let status = unframe(Bytes::copy_from_slice(bad)).unwrap_err();
+            assert_eq!(status.code(), Code::Internal, "{bad:?}: {status:?}");
+        }
+    }
+
+    #[test]
+    fn statuses_come_from_headers() {
+        let mut headers = HeaderMap::new();
+        assert!(grpc_status(&headers).is_none());
+        headers.insert("grpc-status", "0".parse().unwrap());
+        assert!(matches!(grpc_status(&headers), Some(Ok(()))));
+        headers.insert("grpc-status", "3".parse().unwrap());
+        headers.insert("grpc-message", "items%5B0%5D.sku: unknown".parse().unwrap());
+        headers.insert("grpc-status-details-bin", "not base64!".parse().unwrap());
+        let status = grpc_status(&headers).unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "items[0].sku: unknown");
+        assert!(status.details().is_empty());
+    }
+
+    #[test]
+    fn answers_are_bounded() {
+        let mut received = Received::Nothing;
+        received.push(Bytes::from(vec![0; MAX_ANSWER])).unwrap();
+        received.push(Bytes::from(vec![0; 3])).unwrap();
+        let status = received.push(Bytes::from(vec![0; 3])).unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+    }
+}
