@@ -392,7 +392,7 @@ impl Stream for EndpointDiscover {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::discovery::Resolver;
     use crate::keys::InstanceInfo;
@@ -400,7 +400,7 @@ mod tests {
     use tonic_health::pb::health_client::HealthClient;
 
     /// A real health server on a loopback port; returns its address.
-    async fn health_server(name: &'static str) -> String {
+    pub(crate) async fn health_server(name: &'static str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (reporter, service) = tonic_health::server::health_reporter();

@@ -386,6 +386,24 @@ pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
     Bytes::from(frame)
 }
 
+/// The head of a unary gRPC request to `path` carrying `metadata` (the deadline included).
+pub(crate) fn unary_head(
+    path: &http::uri::PathAndQuery,
+    metadata: MetadataMap,
+) -> http::request::Parts {
+    let (mut head, ()) = http::Request::new(()).into_parts();
+    head.method = http::Method::POST;
+    head.uri = http::Uri::from(path.clone());
+    head.headers = metadata.into_headers();
+    head.headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    head.headers
+        .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    head
+}
+
 /// `Ok` for `grpc-status: 0`, the status it names otherwise; `None` without one.
 fn grpc_status(headers: &HeaderMap) -> Option<Result<(), Status>> {
     let code = headers.get("grpc-status")?;
@@ -458,6 +476,86 @@ fn broken(error: h2::Error) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::tests::health_server;
+    use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+    /// One unary call of a Health method over a fresh connection, read as herd's calls read
+    /// answers.
+    async fn health(address: &str, path: &'static str, service: &str) -> Result<i32, Status> {
+        let mut connection = Connection::open(address.parse().unwrap()).await.unwrap();
+        let request = Outgoing {
+            head: unary_head(
+                &http::uri::PathAndQuery::from_static(path),
+                MetadataMap::new(),
+            ),
+            body: OutgoingBody::Frame(frame(&HealthCheckRequest {
+                service: service.into(),
+            })),
+        };
+        let answer = Service::<Outgoing>::call(&mut connection, request)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let bytes = read_unary(answer).await?;
+        let answer: HealthCheckResponse = prost::Message::decode(bytes).unwrap();
+        Ok(answer.status)
+    }
+
+    const CHECK: &str = "/grpc.health.v1.Health/Check";
+
+    #[tokio::test]
+    async fn unary_calls_read_answers_and_statuses_from_a_real_server() {
+        let address = health_server("known").await;
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        assert_eq!(health(&address, CHECK, "known").await.unwrap(), serving);
+        // Error statuses arrive alone in the head ("trailers-only").
+        let status = health(&address, CHECK, "unknown").await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        let status = health(&address, "/grpc.health.v1.Health/Nope", "known")
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_fails_its_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        // Accepts the connection and the HTTP/2 handshake, then closes it with a call open.
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut server = h2::server::handshake(tcp).await.unwrap();
+            let _ = server.accept().await;
+        });
+        let status = health(&address, CHECK, "known").await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_loses_its_connection_and_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Completes the HTTP/2 handshake, then reads nothing more: no ping is answered.
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let server = h2::server::handshake(tcp).await.unwrap();
+            let _ = stopped.await;
+            drop(server);
+        });
+        let started = std::time::Instant::now();
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(5), health(&address, CHECK, "known")).await;
+        let _ = stop.send(());
+        let status = outcome
+            .expect("the keepalive closes the connection")
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited < KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + Duration::from_secs(2),
+            "{waited:?}"
+        );
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::balance::{MeshChannel, RetryBudget};
-use crate::connection::{Outgoing, OutgoingBody, frame, read_unary};
+use crate::connection::{Outgoing, OutgoingBody, frame, read_unary, unary_head};
 
 /// Attempts of one call in all, first included, when the failure means "not processed".
 const MAX_ATTEMPTS: u32 = 3;
@@ -113,7 +113,7 @@ where
         |request| {
             let (metadata, _, frame) = request.into_parts();
             let request = Outgoing {
-                head: request_head(&path, metadata),
+                head: unary_head(&path, metadata),
                 body: OutgoingBody::Frame(frame),
             };
             async move {
@@ -127,21 +127,6 @@ where
         },
     )
     .await
-}
-
-/// The head of a unary gRPC request to `path` carrying `metadata` (the deadline included).
-fn request_head(path: &PathAndQuery, metadata: MetadataMap) -> http::request::Parts {
-    let (mut head, ()) = http::Request::new(()).into_parts();
-    head.method = http::Method::POST;
-    head.uri = http::Uri::from(path.clone());
-    head.headers = metadata.into_headers();
-    head.headers.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    head.headers
-        .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-    head
 }
 
 /// The retry loop of [`call`]; `attempt` sends one request, already a gRPC frame.
