@@ -52,8 +52,8 @@ type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover>, Outgoing>;
 ///
 /// The balancer is shared behind an async lock rather than a queue with a worker task: each
 /// caller picks its endpoint itself (holding the lock only while an endpoint is chosen, never
-/// while the call is in flight), and the call goes straight to that endpoint's HTTP/2
-/// connection. One task hop less per call than a buffered balancer.
+/// while the call is in flight), and writes the call straight into that endpoint's HTTP/2
+/// connection. No task hop between the caller and the connection.
 ///
 /// Clones share everything (one reference count), so a clone per call costs next to nothing.
 #[derive(Clone)]
