@@ -3,11 +3,12 @@
 //!
 //! A call goes from the caller's task straight into the connection's stream table: no queue and
 //! no hand-off to another task (the connection's own task only moves frames). Keepalive pings run
-//! beside the connection: a peer that leaves one unanswered for a second loses the connection, and
-//! every call still on it fails at once.
+//! beside the connection whenever it has answered nothing for a while: a peer that leaves one
+//! unanswered for a second loses the connection, and every call still on it fails at once.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use tower::{BoxError, Service};
 
 /// Bound on establishing a connection to one endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Every connection is pinged this often...
+/// A connection that has answered nothing for this long is pinged...
 const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
 /// ...and closed when a ping is not answered within this: a silent peer is noticed within
 /// 1.5 s, and its endpoint leaves the balancer with the connection.
@@ -74,6 +75,8 @@ pub(crate) struct Connection {
     authority: Authority,
     /// Distinguishes this connection from an earlier one to the same endpoint.
     pub(crate) generation: u64,
+    /// Answers received so far: while they keep coming, the peer needs no ping.
+    answers: Arc<AtomicU64>,
 }
 
 impl Connection {
@@ -95,12 +98,14 @@ impl Connection {
             .handshake(tcp)
             .await?;
         let pings = connection.ping_pong();
+        let answers = Arc::new(AtomicU64::new(0));
+        let heard = answers.clone();
         let peer = address.to_string();
         tokio::spawn(async move {
             let outcome: Result<(), BoxError> = match pings {
                 Some(pings) => tokio::select! {
                     closed = &mut connection => closed.map_err(Into::into),
-                    silent = keepalive(pings) => Err(silent),
+                    silent = keepalive(pings, heard) => Err(silent),
                 },
                 None => connection.await.map_err(Into::into),
             };
@@ -113,6 +118,7 @@ impl Connection {
             send,
             authority,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            answers,
         })
     }
 
@@ -139,10 +145,17 @@ impl Connection {
     }
 }
 
-/// Pings the peer every [`KEEPALIVE_INTERVAL`]; returns why once one goes unanswered.
-async fn keepalive(mut pings: h2::PingPong) -> BoxError {
+/// Pings the peer whenever a [`KEEPALIVE_INTERVAL`] passed without an answer (a busy peer that
+/// keeps answering is never pinged); returns why once a ping goes unanswered.
+async fn keepalive(mut pings: h2::PingPong, answers: Arc<AtomicU64>) -> BoxError {
+    let mut seen = answers.load(Ordering::Relaxed);
     loop {
         tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        let now = answers.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            continue;
+        }
         match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return e.into(),
@@ -198,7 +211,7 @@ impl Service<Outgoing> for Connection {
 
     fn call(&mut self, request: Outgoing) -> Sending {
         match self.start(request) {
-            Ok(response) => Sending::Waiting(response),
+            Ok(response) => Sending::Waiting(response, self.answers.clone()),
             Err(e) => Sending::Failed(Some(e)),
         }
     }
@@ -223,7 +236,8 @@ impl Service<http::Request<Body>> for Connection {
 /// The answer of one request, once its head has arrived.
 pub(crate) enum Sending {
     Failed(Option<BoxError>),
-    Waiting(ResponseFuture),
+    /// The answer's head, and the connection's count of answers.
+    Waiting(ResponseFuture, Arc<AtomicU64>),
 }
 
 impl Future for Sending {
@@ -234,7 +248,11 @@ impl Future for Sending {
             Sending::Failed(e) => Poll::Ready(Err(e
                 .take()
                 .unwrap_or_else(|| "request polled after it failed".into()))),
-            Sending::Waiting(response) => Pin::new(response).poll(cx).map_err(Into::into),
+            Sending::Waiting(response, answers) => {
+                let answer = ready!(Pin::new(response).poll(cx))?;
+                answers.fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Ok(answer))
+            }
         }
     }
 }
