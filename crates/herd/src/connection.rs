@@ -419,6 +419,10 @@ pub(crate) fn unary_head(
     );
     head.headers
         .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    head.headers.insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("herd/", env!("CARGO_PKG_VERSION"))),
+    );
     head
 }
 
