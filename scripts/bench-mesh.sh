@@ -41,6 +41,15 @@ wait_serving() { # address
     return 1
 }
 
+wait_listening() { # host:port — the raw servers have no health service
+    for _ in $(seq 1 200); do
+        if (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; then return 0; fi
+        sleep 0.02
+    done
+    echo "error: nothing listens on $1" >&2
+    return 1
+}
+
 field() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
 
 load() { # target, then herd-bench flags
@@ -70,12 +79,13 @@ start_raw() {
     local tax cur pri; tax=$(free_port); cur=$(free_port); pri=$(free_port); GATEWAY=127.0.0.1:$(free_port)
     on_servers "$BIN/herd-raw" --role tax --listen "127.0.0.1:$tax" --config "$CONFIG" & PIDS+=($!)
     on_servers "$BIN/herd-raw" --role currency --listen "127.0.0.1:$cur" --config "$CONFIG" & PIDS+=($!)
-    sleep 0.3
+    wait_listening "127.0.0.1:$tax"
+    wait_listening "127.0.0.1:$cur"
     on_servers "$BIN/herd-raw" --role pricing --listen "127.0.0.1:$pri" --config "$CONFIG" --tax "127.0.0.1:$tax" --currency "127.0.0.1:$cur" & PIDS+=($!)
-    sleep 0.3
+    wait_listening "127.0.0.1:$pri"
     on_servers "$BIN/herd-raw" --role gateway --listen "$GATEWAY" --config "$CONFIG" --pricing "127.0.0.1:$pri" & PIDS+=($!)
     SERVERS=("${PIDS[@]}")
-    sleep 0.5
+    wait_listening "$GATEWAY"
 }
 
 start_etcd() {
@@ -157,7 +167,7 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}
 if part ceiling; then
 HELLO=127.0.0.1:$(free_port)
 on_servers "$BIN/herd-raw" --role hello --listen "$HELLO" & PIDS+=($!)
-sleep 0.3
+wait_listening "$HELLO"
 H=()
 for _ in $(seq 1 "$RUNS"); do H+=("$(load "$HELLO" --method health --concurrency "$CONCURRENCY" | field throughput)"); done
 echo "== ceiling"
