@@ -167,37 +167,69 @@ async fn keepalive(mut pings: h2::PingPong, answers: Arc<AtomicU64>) -> BoxError
     }
 }
 
-/// Forwards a streamed request body to its HTTP/2 stream, to its end. h2 holds what the peer's
-/// window does not admit yet; herd's own calls never stream.
+/// Forwards a streamed request body to its HTTP/2 stream, to its end. (herd's own calls never
+/// stream.)
 async fn forward(mut body: Body, mut stream: SendStream<Bytes>) {
-    loop {
-        let frame = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx));
-        let sent = match frame.await {
-            None => stream.send_data(Bytes::new(), true),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    let end = http_body::Body::is_end_stream(&body);
-                    match stream.send_data(data, end) {
-                        Ok(()) if !end => continue,
-                        sent => sent,
+    let sent = async {
+        loop {
+            let frame =
+                std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx));
+            match frame.await {
+                None => return stream.send_data(Bytes::new(), true),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = http_body::Body::is_end_stream(&body);
+                        send_within_window(&mut stream, data, end).await?;
+                        if end {
+                            return Ok(());
+                        }
                     }
-                }
-                Err(frame) => match frame.into_trailers() {
-                    Ok(trailers) => stream.send_trailers(trailers),
-                    Err(_) => continue,
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            return stream.send_trailers(trailers);
+                        }
+                    }
                 },
-            },
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "request body failed; stream reset");
-                stream.send_reset(Reason::CANCEL);
-                return;
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "request body failed; stream reset");
+                    stream.send_reset(Reason::CANCEL);
+                    return Ok(());
+                }
             }
-        };
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "request body not sent");
         }
-        return;
+    };
+    if let Err(e) = sent.await {
+        tracing::debug!(error = %e, "request body not sent");
     }
+}
+
+/// Sends `data` as the peer's flow-control window admits it, so that a body produced faster than
+/// the peer reads waits here instead of piling up in h2's buffers.
+async fn send_within_window(
+    stream: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        return if end {
+            stream.send_data(data, true)
+        } else {
+            Ok(())
+        };
+    }
+    while !data.is_empty() {
+        stream.reserve_capacity(data.len());
+        let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            Some(granted) => granted?,
+            // The stream is closed: the peer reset it or the connection is gone.
+            None => return Err(Reason::CANCEL.into()),
+        };
+        let chunk = data.split_to(granted.min(data.len()));
+        if !chunk.is_empty() {
+            stream.send_data(chunk, end && data.is_empty())?;
+        }
+    }
+    Ok(())
 }
 
 impl Service<Outgoing> for Connection {
@@ -576,6 +608,62 @@ mod tests {
         assert!(
             waited < KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + Duration::from_secs(2),
             "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn streamed_bodies_larger_than_the_window_arrive_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        // A peer with a 1 KiB stream window, which reads the body, then answers its length.
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::Builder::new()
+                .initial_window_size(1024)
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .unwrap();
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let mut received = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                body.flow_control().release_capacity(chunk.len()).unwrap();
+                received.extend_from_slice(&chunk);
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let mut stream = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            stream.send_trailers(trailers).unwrap();
+            received
+        });
+        let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("/any")
+            .body(Body::new(http_body_util::Full::new(Bytes::from(
+                sent.clone(),
+            ))))
+            .unwrap();
+        let mut connection = Connection::open(address.parse().unwrap()).await.unwrap();
+        let answer = Service::<http::Request<Body>>::call(&mut connection, request);
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        let received = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the whole body arrived")
+            .unwrap();
+        assert!(
+            received == sent,
+            "{} of {} bytes",
+            received.len(),
+            sent.len()
         );
     }
 
