@@ -396,21 +396,27 @@ pub async fn shutdown_signal() {
 /// Runs a command-line program's `main` on a multi-thread tokio runtime: an error is printed with
 /// its causes and the process exits 1.
 pub fn block_on_main<F: Future<Output = anyhow::Result<()>>>(main: F) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    match block_on(main) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
+/// Runs `main` to completion on a new multi-threaded runtime; a runtime that cannot start is
+/// reported and gives the exit code.
+fn block_on<F: Future>(main: F) -> Result<F::Output, ExitCode> {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(r) => r,
+        Ok(runtime) => Ok(runtime.block_on(main)),
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(main) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
     }
 }
@@ -423,7 +429,8 @@ where
     Fut: Future<Output = anyhow::Result<Services>>,
 {
     let settings = Settings::for_service(service, default_listen);
-    block_on_main(async move {
+    // A failure is logged once (in the log format chosen), not printed again.
+    let served = block_on(async move {
         let instance_id = Mesh::new_instance_id(service);
         let telemetry = crate::telemetry::init(&settings.log_format, service, &instance_id);
         let served = async {
@@ -447,8 +454,13 @@ where
         }
         // Spans of every call served before exit are exported before the process ends.
         telemetry.shutdown().await;
-        served
-    })
+        served.is_ok()
+    });
+    match served {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(code) => code,
+    }
 }
 
 #[cfg(test)]
