@@ -32,9 +32,14 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
 /// ...and closed when a ping is not answered within this: a silent peer is noticed within
 /// 1.5 s, and its endpoint leaves the balancer with the connection.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
-/// HTTP/2 receive windows (per stream, per connection), as hyper's client sets them.
+/// HTTP/2 settings as hyper's client sets them: receive windows (per stream, per connection),
+/// the largest header block accepted, the most bytes buffered for sending per stream, and the
+/// streams opened before the peer has said how many it takes.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// The largest answer accepted, as tonic's default.
 const MAX_ANSWER: usize = 4 * 1024 * 1024;
 /// Bytes in front of every gRPC message: a compression flag and a 4-byte length.
@@ -95,6 +100,9 @@ impl Connection {
             .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
             .handshake(tcp)
             .await?;
         let pings = connection.ping_pong();
