@@ -86,6 +86,18 @@ fn check_trace(trace: &[Span]) -> Result<BTreeMap<&'static str, Span>, String> {
                 "{caller}'s client span is not a child of its server span"
             ));
         }
+        // The client span names the endpoint it called: the callee's own address.
+        for key in ["server.address", "server.port"] {
+            if !client.attrs.contains_key(key)
+                || client.attrs.get(key) != callee_span.attrs.get(key)
+            {
+                return Err(format!(
+                    "{caller}'s client span {key} {:?} is not {callee}'s {:?}",
+                    client.attrs.get(key),
+                    callee_span.attrs.get(key)
+                ));
+            }
+        }
     }
     for (_, s) in found.iter() {
         for key in [

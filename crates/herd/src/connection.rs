@@ -133,6 +133,9 @@ impl Connection {
     /// Opens a stream for `request` and sends what of its body is at hand.
     fn start(&mut self, request: Outgoing) -> Result<ResponseFuture, BoxError> {
         let Outgoing { mut head, body } = request;
+        if let Some(span) = head.extensions.get::<crate::telemetry::PeerSpan>() {
+            span.record(&self.authority);
+        }
         // Callers give the path only; HTTP/2 needs the scheme and authority too.
         let mut uri = http::uri::Parts::from(std::mem::take(&mut head.uri));
         uri.scheme = Some(Scheme::HTTP);

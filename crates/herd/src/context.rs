@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::balance::{MeshChannel, RetryBudget};
 use crate::connection::{Outgoing, OutgoingBody, frame, read_unary, unary_head};
+use crate::telemetry::PeerSpan;
 
 /// Attempts of one call in all, first included, when the failure means "not processed".
 const MAX_ATTEMPTS: u32 = 3;
@@ -111,9 +112,12 @@ where
         method.name(),
         message,
         |request| {
-            let (metadata, _, frame) = request.into_parts();
+            let (metadata, extensions, frame) = request.into_parts();
+            let mut head = unary_head(&path, metadata);
+            // The sampled attempt's span, to record the endpoint picked.
+            head.extensions = extensions;
             let request = Outgoing {
-                head: unary_head(&path, metadata),
+                head,
                 body: OutgoingBody::Frame(frame),
             };
             async move {
@@ -148,6 +152,7 @@ where
         let left = deadline.remaining()?;
         let mut metadata = MetadataMap::new();
         let (span, trace) = crate::telemetry::client_span(name, message.context(), &mut metadata);
+        let sampled = trace.is_some();
         let body = match trace {
             None => encoded.clone(),
             Some(trace) => {
@@ -160,6 +165,9 @@ where
         };
         let mut request = tonic::Request::from_parts(metadata, Default::default(), body);
         request.set_timeout(left);
+        if sampled {
+            request.extensions_mut().insert(PeerSpan(span.clone()));
+        }
         let outcome = tokio::time::timeout(left, attempt(request).instrument(span.clone())).await;
         let status = match outcome {
             Ok(Ok(response)) => {

@@ -458,6 +458,8 @@ pub(crate) fn client_span(
                 rpc.service = service,
                 rpc.method = method,
                 rpc.grpc.status_code = tracing::field::Empty,
+                server.address = tracing::field::Empty,
+                server.port = tracing::field::Empty,
             )
         };
     }
@@ -509,6 +511,21 @@ fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
     injector.set("traceparent", trace.traceparent.clone());
     if !trace.tracestate.is_empty() {
         injector.set("tracestate", trace.tracestate.clone());
+    }
+}
+
+/// The sampled `rpc.client` span of an outgoing attempt, travelling with its request until an
+/// endpoint is picked (unsampled attempts carry none, so record nothing).
+#[derive(Clone)]
+pub(crate) struct PeerSpan(pub(crate) tracing::Span);
+
+impl PeerSpan {
+    /// Records the endpoint the attempt goes to.
+    pub(crate) fn record(&self, peer: &http::uri::Authority) {
+        self.0.record("server.address", peer.host());
+        if let Some(port) = peer.port_u16() {
+            self.0.record("server.port", i64::from(port));
+        }
     }
 }
 
