@@ -43,7 +43,7 @@ const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// The largest answer accepted, as tonic's default.
 const MAX_ANSWER: usize = 4 * 1024 * 1024;
 /// Bytes in front of every gRPC message: a compression flag and a 4-byte length.
-pub(crate) const FRAME_HEADER: usize = 5;
+const FRAME_HEADER: usize = 5;
 
 /// A request on its way to an endpoint: the head (path and metadata; the connection adds scheme
 /// and authority) and its body.
