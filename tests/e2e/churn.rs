@@ -488,3 +488,63 @@ async fn g_etcd_down_for_5_s_under_load() -> anyhow::Result<()> {
     assert_eq!(report.failures(), 0, "{report}");
     Ok(())
 }
+
+/// One CreateQuote through grpcurl with a 10 s deadline: the status code and message, and how long
+/// the answer took.
+fn quote_with_10_s_deadline(gateway: &str) -> anyhow::Result<(String, String, Duration)> {
+    let started = std::time::Instant::now();
+    let answer = herd_tests::call(
+        gateway,
+        "herd.quote.v1.QuoteService/CreateQuote",
+        &serde_json::json!({"context": {"tenantId": "acme"}, "items": [{"sku": "widget", "quantity": 3}],
+                            "currency": "EUR", "region": "US-CA"}),
+    )?;
+    let took = started.elapsed();
+    Ok(match answer {
+        herd_tests::Answer::Ok(v) => ("OK".into(), v.to_string(), took),
+        herd_tests::Answer::Err { code, message } => (code, message, took),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h_with_every_instance_of_a_service_gone_calls_fail_at_once_saying_why()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(1, &fixture()).await?;
+    let gateway = mesh.gateways[0].clone();
+    let (code, _, _) = quote_with_10_s_deadline(&gateway)?;
+    assert_eq!(code, "OK");
+    let pricing = mesh
+        .instances
+        .iter()
+        .find(|(service, _)| service == "pricing")
+        .map(|(_, proc)| proc)
+        .ok_or_else(|| anyhow::anyhow!("no pricing instance"))?;
+    pricing.signal("KILL")?;
+
+    // Still registered (its lease has up to 2 s to run), but unreachable: no waiting for the
+    // deadline.
+    let (code, message, took) = quote_with_10_s_deadline(&gateway)?;
+    println!("REPORT churn h: pricing killed, still registered: {code} after {took:?}: {message}");
+    assert_eq!(code, "Unavailable", "{message}");
+    assert!(
+        message.starts_with("pricing: 1 instance known, none serving (1 unreachable"),
+        "{message}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // Its lease expired: no instance at all, and still no waiting.
+    let (message, took) = eventually(
+        "the dead instance's lease to expire",
+        Duration::from_secs(10),
+        || async {
+            let (code, message, took) = quote_with_10_s_deadline(&gateway).ok()?;
+            (code == "Unavailable" && message == "pricing: no instance registered")
+                .then_some((message, took))
+        },
+    )
+    .await?;
+    println!("REPORT churn h: no pricing registered: {message} after {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    Ok(())
+}

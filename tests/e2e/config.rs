@@ -567,3 +567,313 @@ async fn herdctl_apply_diff_history_rollback() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&table.stdout).contains("REVISION"));
     Ok(())
 }
+
+/// The sections README.md's table documents under `/herd/config/`, in its order.
+fn documented_sections() -> Vec<String> {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `/herd/config/"))
+        .filter_map(|rest| rest.split('`').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `herdctl config sections --output json`: every section instances read, with a valid example.
+fn sections(mesh: &Mesh) -> anyhow::Result<Vec<(String, Value)>> {
+    let out = herdctl(&mesh.etcd, &["config", "sections", "--output", "json"])?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice::<Value>(&out.stdout)?
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| {
+            (
+                s["section"].as_str().unwrap_or_default().to_string(),
+                s["example"].clone(),
+            )
+        })
+        .collect())
+}
+
+/// The newest revision of any configuration key, from `herdctl config status`.
+fn config_revision(mesh: &Mesh) -> anyhow::Result<i64> {
+    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    Ok(serde_json::from_slice::<Value>(&out.stdout)?["revision"]
+        .as_i64()
+        .unwrap_or(0))
+}
+
+/// Waits until all `n` instances applied `revision` and none rejected or ignored anything.
+async fn all_applied_cleanly(mesh: &Mesh, n: usize, revision: i64) -> anyhow::Result<()> {
+    all_applied(mesh, n, revision).await?;
+    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    for instance in status["instances"].as_array().cloned().unwrap_or_default() {
+        assert!(
+            instance["config"]["rejected"].is_null() && instance["config"]["ignored"].is_null(),
+            "{instance}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start_seeded(1).await?;
+    let sections = sections(&mesh)?;
+    let names: Vec<String> = sections.iter().map(|(name, _)| name.clone()).collect();
+    assert_eq!(
+        documented_sections(),
+        names,
+        "README's table of /herd/config/ keys and the sections instances read differ"
+    );
+
+    // Every section written with plain etcdctl...
+    for (name, example) in &sections {
+        mesh.etcd
+            .put(&format!("/herd/config/{name}"), &example.to_string())?;
+    }
+    all_applied_cleanly(&mesh, 4, config_revision(&mesh)?).await?;
+    // ...and with herdctl.
+    for (name, example) in &sections {
+        let file = mesh.dir.path().join(format!("{name}.json"));
+        std::fs::write(&file, example.to_string())?;
+        let out = herdctl(
+            &mesh.etcd,
+            &["config", "put", name, &file.to_string_lossy()],
+        )?;
+        assert!(
+            out.status.success(),
+            "herdctl config put {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    all_applied_cleanly(&mesh, 4, config_revision(&mesh)?).await?;
+
+    // The catalog still changes everywhere, and quotes use it.
+    let mut catalog = sections
+        .iter()
+        .find(|(name, _)| name == "catalog")
+        .map(|(_, example)| example.clone())
+        .unwrap_or_default();
+    catalog["items"]["hammer"]["price_minor"] = json!(2345);
+    let file = mesh.dir.path().join("catalog.json");
+    std::fs::write(&file, catalog.to_string())?;
+    let out = herdctl(
+        &mesh.etcd,
+        &[
+            "config",
+            "put",
+            "catalog",
+            &file.to_string_lossy(),
+            "--output",
+            "json",
+        ],
+    )?;
+    let revision = serde_json::from_slice::<Value>(&out.stdout)?["revision"]
+        .as_i64()
+        .unwrap_or(0);
+    all_applied_cleanly(&mesh, 4, revision).await?;
+    let quote = call(
+        &mesh.gateways[0],
+        "herd.quote.v1.QuoteService/CreateQuote",
+        &json!({"context": {"tenantId": "acme"}, "items": [{"sku": "hammer", "quantity": 1}],
+                "currency": "USD", "region": "US-CA"}),
+    )?
+    .ok()?;
+    assert_eq!(quote["quote"]["configRevision"], revision.to_string());
+    assert_eq!(
+        quote["quote"]["lines"][0]["unitPrice"]["minorUnits"],
+        "2345"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h_an_instance_started_during_a_bad_rollout_serves_the_newest_valid_revision()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = Mesh::start(1, &fixture()).await?;
+    let good = config_revision(&mesh)?;
+    all_applied(&mesh, 4, good).await?;
+    mesh.etcd
+        .put("/herd/config/catalog", &catalog_with_widget_price(-1))?;
+    let bad = config_revision(&mesh)?;
+    eventually(
+        "every instance to reject the bad revision",
+        Duration::from_secs(10),
+        || async {
+            let s = status(&mesh).ok()?;
+            (s.len() == 4 && s.values().all(|(_, r, _)| *r == bad)).then_some(())
+        },
+    )
+    .await?;
+
+    // A gateway (re)started now registers and serves on the newest valid revision.
+    let index = mesh.add("gateway")?;
+    let (id, address) = mesh.wait_serving(index).await?;
+    let (applied, rejected, why) = status(&mesh)?.remove(&id).unwrap_or_default();
+    assert_eq!(
+        (applied, rejected),
+        (good, bad),
+        "the new instance reports what it applied and what it rejected"
+    );
+    assert!(why.contains("items.widget.price_minor"), "{why}");
+    let request = json!({"context": {"tenantId": "acme"}, "items": [{"sku": "widget", "quantity": 3}],
+                         "currency": "EUR", "region": "US-CA"});
+    let quote = call(&address, "herd.quote.v1.QuoteService/CreateQuote", &request)?.ok()?;
+    assert_eq!(quote["quote"]["configRevision"], good.to_string());
+    assert_eq!(
+        quote["quote"]["total"]["minorUnits"],
+        widget_total(1999).to_string()
+    );
+
+    // The rollout is fixed: every instance, the new one included, moves on.
+    mesh.etcd
+        .put("/herd/config/catalog", &catalog_with_widget_price(2100))?;
+    let fixed = config_revision(&mesh)?;
+    all_applied(&mesh, 5, fixed).await?;
+    let quote = call(&address, "herd.quote.v1.QuoteService/CreateQuote", &request)?.ok()?;
+    assert_eq!(
+        quote["quote"]["total"]["minorUnits"],
+        widget_total(2100).to_string()
+    );
+    Ok(())
+}
+
+/// A catalog of about `bytes` bytes of JSON whose widget costs `price`.
+fn big_catalog(bytes: usize, price: i64) -> String {
+    let mut catalog: Value =
+        serde_json::from_str(&catalog_with_widget_price(price)).unwrap_or_default();
+    let mut i = 0;
+    let mut size = catalog.to_string().len();
+    while size < bytes {
+        let item = json!({"name": format!("Filler item number {i}"), "price_minor": 100 + i, "category": "filler"});
+        size += item.to_string().len() + 20;
+        catalog["items"][format!("filler-{i:08}")] = item;
+        i += 1;
+    }
+    catalog.to_string()
+}
+
+/// Range requests etcd has served so far, from its Prometheus metrics.
+fn etcd_ranges(etcd: &herd_tests::Etcd) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let address = etcd.endpoint.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address)?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let ranges = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_started_total") && l.contains(r#"grpc_method="Range""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    anyhow::ensure!(
+        text.contains("grpc_server_started_total"),
+        "no gRPC metrics from etcd"
+    );
+    Ok(ranges as u64)
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn i_history_is_bounded_by_bytes_and_an_old_pin_is_read_once() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let etcd = herd_tests::Etcd::start().await?;
+    for (section, json) in fixture() {
+        etcd.put(&format!("/herd/config/{section}"), &json)?;
+    }
+    let dir = tempfile::tempdir()?;
+    let mut tax = herd_tests::start_instance("tax", &etcd, 0, dir.path(), &[])?;
+    let mut client = herd::etcd::connect(std::slice::from_ref(&etcd.endpoint)).await?;
+    let store = herd::ConfigStore::<herd_model::MeshConfig>::start(
+        client.clone(),
+        herd::keys::Keys::new("/herd/"),
+    );
+    tokio::time::timeout(Duration::from_secs(10), store.ready()).await?;
+    let first = store.current().map(|s| s.revision).unwrap_or(0);
+    let status_of_tax = || {
+        let out = herdctl(&etcd, &["config", "status", "--output", "json"]).ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["instances"][0]["config"]["applied"].as_i64()
+    };
+    eventually("tax to register", Duration::from_secs(20), || async {
+        status_of_tax()
+    })
+    .await?;
+    let rss_before = rss_mib(tax.pid());
+
+    // 70 writes of a 1.4 MB catalog.
+    let size = 1_400_000;
+    let mut last = 0;
+    for i in 0..70 {
+        last = put(
+            &mut client,
+            "/herd/config/catalog",
+            big_catalog(size, 2000 + i),
+        )
+        .await?;
+    }
+    tokio::time::timeout(Duration::from_secs(60), store.applied_at_least(last)).await?;
+    eventually(
+        "tax to apply the last write",
+        Duration::from_secs(60),
+        || async { status_of_tax().filter(|a| *a >= last) },
+    )
+    .await?;
+    let rss_after = rss_mib(tax.pid());
+    let history = store.history();
+    println!(
+        "REPORT config i: 70 writes of a {size} B catalog: {} revisions kept in memory; a tax instance's RSS {rss_before:.1} MiB before, {rss_after:.1} MiB after",
+        history.len()
+    );
+    let most = herd::config::HISTORY_BYTES / size + 1;
+    assert!(
+        history.len() <= most && history.len() >= 2,
+        "{} revisions kept, at most {most} fit the byte bound: {history:?}",
+        history.len()
+    );
+    assert_eq!(history.last(), Some(&last));
+    assert!(!history.contains(&first), "{history:?}");
+    // Without the byte bound this grew past 250 MiB.
+    assert!(rss_after < 110.0, "RSS grew to {rss_after:.1} MiB");
+    tax.signal("TERM")?;
+    tax.wait_exit(Duration::from_secs(20)).await?;
+
+    // A request pinned to a revision no longer in memory reads it from etcd once, however many
+    // ask at the same time or after.
+    let ranges = etcd_ranges(&etcd)?;
+    let concurrent = futures::future::join_all((0..50).map(|_| store.at(first))).await;
+    let mut pinned = Vec::new();
+    for answer in concurrent {
+        pinned.push(answer?);
+    }
+    for _ in 0..50 {
+        pinned.push(store.at(first).await?);
+    }
+    assert!(pinned.iter().all(|s| s.revision == first
+        && s.model.catalog.items["widget"].price_minor == 1999
+        && std::sync::Arc::ptr_eq(s, &pinned[0])));
+    assert_eq!(etcd_ranges(&etcd)? - ranges, 1, "reads of revision {first}");
+    Ok(())
+}

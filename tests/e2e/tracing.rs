@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use herd_tests::otlp::{CLIENT, Receiver, SERVER, Span};
-use herd_tests::{Mesh, call, eventually, fixture, grpcurl};
+use herd_tests::{Mesh, call, eventually, fixture, grpcurl, herdctl};
 use serde_json::{Value, json};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -309,17 +309,33 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
         })
         .collect();
     assert!(leaked.is_empty(), "spans exported at ratio 0: {leaked:?}");
-    // An invalid ratio is rejected and the one in force kept.
+    // An invalid ratio is rejected (the revision whole, as any invalid section) and the one in
+    // force kept.
     mesh.etcd
         .put("/herd/config/telemetry", r#"{"sampling_ratio":2}"#)?;
     eventually(
-        "the invalid ratio to be rejected",
+        "the invalid ratio to be rejected by every instance",
         Duration::from_secs(10),
         || async {
-            gateway_log(&mesh)
-                .contains("telemetry configuration rejected")
-                .then_some(())
+            let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"]).ok()?;
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let instances = status["instances"].as_array()?;
+            (instances.len() == 4
+                && instances.iter().all(|i| {
+                    i["config"]["rejected"]["error"]["section"] == "telemetry"
+                        && i["config"]["rejected"]["error"]["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("sampling_ratio"))
+                }))
+            .then_some(())
         },
+    )
+    .await?;
+    call(&mesh.gateways[0], CREATE, &basket("still-sampled"))?.ok()?;
+    eventually(
+        "a trace at the ratio in force",
+        Duration::from_secs(10),
+        || async { check_trace(&trace_of_request(&receiver, "still-sampled")?).ok() },
     )
     .await?;
     Ok(())

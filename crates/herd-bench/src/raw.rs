@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use herd::ConfigModel;
 use herd_model::MeshConfig;
 use herd_model::basket;
 use herd_model::money::{convert, tax_of};
@@ -38,7 +37,7 @@ pub fn load_config(dir: &str) -> anyhow::Result<Arc<MeshConfig>> {
             sections.insert(name.to_string(), std::fs::read(&path)?);
         }
     }
-    Ok(Arc::new(MeshConfig::from_sections(&sections)?))
+    Ok(Arc::new(MeshConfig::from_json(&sections)?))
 }
 
 /// The baseline tax service.

@@ -185,16 +185,14 @@ pub fn quote(
 mod tests {
     use std::collections::BTreeMap;
 
-    use herd::ConfigModel;
-
     use super::*;
 
     fn config() -> MeshConfig {
-        let sections: BTreeMap<String, Vec<u8>> = crate::demo::sections(&[1u8; 32])
+        let sections: BTreeMap<String, Vec<u8>> = crate::demo::sections()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.into_bytes()))
             .collect();
-        MeshConfig::from_sections(&sections).expect("demo config")
+        MeshConfig::from_json(&sections).expect("demo config")
     }
 
     fn item(sku: &str, quantity: i32) -> LineItem {

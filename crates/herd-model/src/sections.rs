@@ -1,33 +1,15 @@
 //! The configuration sections of the reference mesh, as stored in etcd (JSON, one key each), and
-//! the rules each must satisfy. Unknown fields are an error, never silently dropped.
+//! the rules each must satisfy. Unknown fields are an error, never silently dropped. The list of
+//! sections is [`MeshConfig`]'s [`ConfigModel::sections`]; the runtime adds its own to it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use herd::{ConfigError, ConfigModel};
+use herd::{ConfigError, ConfigModel, Section, SectionSpec, Sections};
 use rust_decimal::Decimal;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-
-/// A configuration section: its key name and its own rules.
-pub trait Section: DeserializeOwned + Serialize {
-    /// The section's name, the last part of its key (`/herd/config/<NAME>`).
-    const NAME: &'static str;
-    /// Checks the section's own rules, naming the field at fault.
-    fn validate(&self) -> Result<(), String>;
-}
-
-/// Every section name, in the order herdctl shows them.
-pub const SECTION_NAMES: &[&str] = &[
-    "catalog",
-    "promotions",
-    "tax",
-    "fx",
-    "quote",
-    "limits",
-    "keys",
-];
 
 /// `/herd/config/catalog`: what can be sold, at what price, in the base currency.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +153,17 @@ fn is_currency_code(code: &str) -> bool {
 
 impl Section for Catalog {
     const NAME: &'static str = "catalog";
+    const ABOUT: &'static str = "what can be sold, at what price, in the base currency";
+    fn example() -> String {
+        r#"{"currency":"USD","items":{
+  "apple":{"name":"Apple","price_minor":125,"category":"food"},
+  "bread":{"name":"Sourdough bread","price_minor":499,"category":"food"},
+  "hammer":{"name":"Claw hammer","price_minor":1999,"category":"tools"},
+  "drill":{"name":"Cordless drill","price_minor":8999,"category":"tools"},
+  "lamp":{"name":"Desk lamp","price_minor":3450,"category":"home"}
+}}"#
+        .into()
+    }
     fn validate(&self) -> Result<(), String> {
         if !is_currency_code(&self.currency) {
             return Err(format!(
@@ -201,6 +194,14 @@ impl Section for Catalog {
 
 impl Section for Promotions {
     const NAME: &'static str = "promotions";
+    const ABOUT: &'static str = "percentage discounts by SKU or category";
+    fn example() -> String {
+        r#"{"rules":[
+  {"id":"hammer-3-for-15","sku":"hammer","percent_off":15,"min_quantity":3},
+  {"id":"tools-5","category":"tools","percent_off":5,"min_quantity":1}
+]}"#
+        .into()
+    }
     fn validate(&self) -> Result<(), String> {
         let mut ids = HashSet::new();
         for (i, rule) in self.rules.iter().enumerate() {
@@ -237,6 +238,15 @@ impl Section for Promotions {
 
 impl Section for Tax {
     const NAME: &'static str = "tax";
+    const ABOUT: &'static str = "tax rates and exempt categories by region";
+    fn example() -> String {
+        r#"{"regions":{
+  "US-CA":{"rate_bps":725,"exempt_categories":["food"]},
+  "US-NY":{"rate_bps":400,"exempt_categories":[]},
+  "DE":{"rate_bps":1900,"exempt_categories":[]}
+}}"#
+        .into()
+    }
     fn validate(&self) -> Result<(), String> {
         for (code, region) in &self.regions {
             if code.trim().is_empty() {
@@ -255,6 +265,10 @@ impl Section for Tax {
 
 impl Section for Fx {
     const NAME: &'static str = "fx";
+    const ABOUT: &'static str = "exact conversion rates from the catalog currency";
+    fn example() -> String {
+        r#"{"base":"USD","rates":{"EUR":"0.92","GBP":"0.79","CHF":"0.885"}}"#.into()
+    }
     fn validate(&self) -> Result<(), String> {
         if !is_currency_code(&self.base) {
             return Err(format!("base: {:?} is not an ISO 4217 code", self.base));
@@ -280,6 +294,10 @@ impl Section for Fx {
 
 impl Section for QuoteSettings {
     const NAME: &'static str = "quote";
+    const ABOUT: &'static str = "how long a quote stays valid";
+    fn example() -> String {
+        r#"{"ttl_seconds":300}"#.into()
+    }
     fn validate(&self) -> Result<(), String> {
         if !(1..=86_400).contains(&self.ttl_seconds) {
             return Err(format!(
@@ -293,6 +311,10 @@ impl Section for QuoteSettings {
 
 impl Section for Limits {
     const NAME: &'static str = "limits";
+    const ABOUT: &'static str = "bounds on a basket";
+    fn example() -> String {
+        r#"{"max_items":100,"max_quantity":10000}"#.into()
+    }
     fn validate(&self) -> Result<(), String> {
         if !(1..=10_000).contains(&self.max_items) {
             return Err(format!(
@@ -312,6 +334,14 @@ impl Section for Limits {
 
 impl Section for Keys {
     const NAME: &'static str = "keys";
+    const ABOUT: &'static str = "Ed25519 keys that sign quote tokens";
+    fn example() -> String {
+        let secret: [u8; 32] = rand::random();
+        format!(
+            r#"{{"keys":[{{"id":"k1","secret":"{}","active":true}}]}}"#,
+            BASE64.encode(secret)
+        )
+    }
     fn validate(&self) -> Result<(), String> {
         KeyRing::from_section(self).map(|_| ())
     }
@@ -396,64 +426,42 @@ impl KeyRing {
     }
 }
 
-/// The whole configuration of the reference mesh at one revision.
+/// The whole configuration of the reference mesh at one revision. Each section is shared with
+/// every other revision that holds the same write of it.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     /// The catalog.
-    pub catalog: Catalog,
+    pub catalog: Arc<Catalog>,
     /// Promotions (none when the key is absent).
-    pub promotions: Promotions,
+    pub promotions: Arc<Promotions>,
     /// Tax regions.
-    pub tax: Tax,
+    pub tax: Arc<Tax>,
     /// Conversion rates.
-    pub fx: Fx,
+    pub fx: Arc<Fx>,
     /// Quote settings (defaults when absent).
-    pub quote: QuoteSettings,
+    pub quote: Arc<QuoteSettings>,
     /// Basket limits (defaults when absent).
-    pub limits: Limits,
+    pub limits: Arc<Limits>,
     /// Signing keys.
-    pub keys: KeyRing,
-}
-
-/// Parses and validates one section's JSON.
-pub fn parse_section<S: Section>(raw: &[u8]) -> Result<S, ConfigError> {
-    let section: S = serde_json::from_slice(raw)
-        .map_err(|e| ConfigError::new(S::NAME, format!("invalid JSON: {e}")))?;
-    section
-        .validate()
-        .map_err(|m| ConfigError::new(S::NAME, m))?;
-    Ok(section)
-}
-
-fn required<S: Section>(sections: &BTreeMap<String, Vec<u8>>) -> Result<S, ConfigError> {
-    match sections.get(S::NAME) {
-        Some(raw) => parse_section(raw),
-        None => Err(ConfigError::new(S::NAME, "missing")),
-    }
-}
-
-fn optional<S: Section + Default>(sections: &BTreeMap<String, Vec<u8>>) -> Result<S, ConfigError> {
-    match sections.get(S::NAME) {
-        Some(raw) => parse_section(raw),
-        None => Ok(S::default()),
-    }
+    pub keys: Arc<KeyRing>,
 }
 
 impl ConfigModel for MeshConfig {
-    fn from_sections(sections: &BTreeMap<String, Vec<u8>>) -> Result<Self, ConfigError> {
-        if let Some(unknown) = sections
-            .keys()
-            .find(|k| !SECTION_NAMES.contains(&k.as_str()))
-        {
-            return Err(ConfigError::new(unknown.as_str(), "unknown section"));
-        }
-        // The runtime applies telemetry itself; it must still be valid for the revision to be.
-        if let Some(raw) = sections.get(herd::telemetry::TelemetrySection::NAME) {
-            herd::telemetry::TelemetrySection::parse(raw)
-                .map_err(|m| ConfigError::new("telemetry", m))?;
-        }
-        let catalog: Catalog = required(sections)?;
-        let fx: Fx = required(sections)?;
+    fn sections() -> Vec<SectionSpec> {
+        vec![
+            SectionSpec::required::<Catalog>(),
+            SectionSpec::defaulted::<Promotions>(),
+            SectionSpec::required::<Tax>(),
+            SectionSpec::required::<Fx>(),
+            SectionSpec::defaulted::<QuoteSettings>(),
+            SectionSpec::defaulted::<Limits>(),
+            SectionSpec::required::<Keys>(),
+        ]
+    }
+
+    fn build(sections: &Sections) -> Result<Self, ConfigError> {
+        let catalog: Arc<Catalog> = sections.get()?;
+        let fx: Arc<Fx> = sections.get()?;
         if fx.base != catalog.currency {
             return Err(ConfigError::new(
                 "fx",
@@ -463,21 +471,29 @@ impl ConfigModel for MeshConfig {
                 ),
             ));
         }
-        let keys: Keys = required(sections)?;
+        let keys: Arc<Keys> = sections.get()?;
         let keys = KeyRing::from_section(&keys).map_err(|m| ConfigError::new("keys", m))?;
         Ok(Self {
             catalog,
-            promotions: optional(sections)?,
-            tax: required(sections)?,
+            promotions: sections.get()?,
+            tax: sections.get()?,
             fx,
-            quote: optional(sections)?,
-            limits: optional(sections)?,
-            keys,
+            quote: sections.get()?,
+            limits: sections.get()?,
+            keys: Arc::new(keys),
         })
     }
 }
 
 impl MeshConfig {
+    /// Checks a whole configuration given as section name → JSON (the runtime's sections
+    /// included) and builds it, as an instance would.
+    pub fn from_json(sections: &BTreeMap<String, Vec<u8>>) -> Result<Self, ConfigError> {
+        herd::Registry::of::<Self>()
+            .check_all::<Self>(sections)
+            .map(|checked| checked.model)
+    }
+
     /// The rate from the base currency to `currency`: 1 for the base itself.
     pub fn rate(&self, currency: &str) -> Option<Decimal> {
         if currency == self.fx.base {
@@ -488,33 +504,14 @@ impl MeshConfig {
     }
 }
 
-/// Checks one section's JSON by name with its own rules (used by `herdctl config put`).
-pub fn validate_section(name: &str, raw: &[u8]) -> Result<(), ConfigError> {
-    match name {
-        "catalog" => parse_section::<Catalog>(raw).map(|_| ()),
-        "promotions" => parse_section::<Promotions>(raw).map(|_| ()),
-        "tax" => parse_section::<Tax>(raw).map(|_| ()),
-        "fx" => parse_section::<Fx>(raw).map(|_| ()),
-        "quote" => parse_section::<QuoteSettings>(raw).map(|_| ()),
-        "limits" => parse_section::<Limits>(raw).map(|_| ()),
-        "keys" => parse_section::<Keys>(raw).map(|_| ()),
-        "telemetry" => herd::telemetry::TelemetrySection::parse(raw)
-            .map(|_| ())
-            .map_err(|m| ConfigError::new("telemetry", m)),
-        other => Err(ConfigError::new(
-            other,
-            format!("unknown section; known: {}", SECTION_NAMES.join(", ")),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::demo;
+    use herd::config::parse_section;
 
     fn demo_sections() -> BTreeMap<String, Vec<u8>> {
-        demo::sections(&[7u8; 32])
+        demo::sections()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.into_bytes()))
             .collect()
@@ -522,9 +519,28 @@ mod tests {
 
     #[test]
     fn demo_config_is_valid() {
-        let config = MeshConfig::from_sections(&demo_sections()).expect("demo is valid");
+        let config = MeshConfig::from_json(&demo_sections()).expect("demo is valid");
         assert_eq!(config.catalog.currency, "USD");
         assert_eq!(config.keys.active_id(), "k1");
+    }
+
+    #[test]
+    fn the_mesh_declares_its_sections_after_the_runtime_s() {
+        let mesh = [
+            "catalog",
+            "promotions",
+            "tax",
+            "fx",
+            "quote",
+            "limits",
+            "keys",
+        ];
+        let names = herd::Registry::of::<MeshConfig>().names();
+        assert_eq!(names[0], "telemetry");
+        assert_eq!(names[1..], mesh);
+        // Every section of the mesh has a demo value; the runtime's optional one is not seeded.
+        let seeded: Vec<&str> = demo::sections().iter().map(|(name, _)| *name).collect();
+        assert_eq!(seeded, mesh);
     }
 
     #[test]
@@ -564,7 +580,7 @@ mod tests {
             "fx".into(),
             br#"{"base":"EUR","rates":{"USD":"1.1"}}"#.to_vec(),
         );
-        let err = MeshConfig::from_sections(&sections).unwrap_err();
+        let err = MeshConfig::from_json(&sections).unwrap_err();
         assert_eq!(err.section, "fx");
     }
 

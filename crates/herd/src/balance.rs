@@ -5,8 +5,12 @@
 //! connection its calls use. Only endpoints whose watch says SERVING are offered to the balancer:
 //! one that reports NOT_SERVING (draining), whose connection breaks (killed), or whose HTTP/2
 //! keepalive goes unanswered (a silent peer) leaves the balancer at once, and is probed back in
-//! with jittered backoff for as long as discovery lists it. With no endpoint discovered at all,
-//! calls fail at once with `UNAVAILABLE`.
+//! with jittered backoff for as long as discovery lists it.
+//!
+//! A call never waits for an endpoint that cannot come (gRPC's wait-for-ready=false): while
+//! discovery has not answered yet, or some endpoint is still making its first connection, it
+//! waits (within its deadline); once no instance is registered, or every known one has failed
+//! (NOT_SERVING or unreachable), it fails at once with `UNAVAILABLE` naming the service and why.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -32,7 +36,7 @@ use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::{BoxError, Service};
 
 use crate::connection::{Answer, Connection, Outgoing, streamed};
-use crate::discovery::Endpoints;
+use crate::discovery::Discovered;
 
 /// Latency assumed for an endpoint before it has answered anything.
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
@@ -42,8 +46,67 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 const PROBE_BACKOFF_START: Duration = Duration::from_millis(50);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Endpoints ready for calls: instance id → the connection its calls use.
-type Ready = BTreeMap<String, Connection>;
+/// How one discovered endpoint stands, as its prober last saw it.
+#[derive(Clone)]
+enum State {
+    /// Its first connection and health answer are still to come.
+    Connecting,
+    /// SERVING: offered to the balancer over this connection.
+    Serving(Connection),
+    /// It answered NOT_SERVING (starting, or draining).
+    NotServing,
+    /// Its connection failed or broke, for this reason. Like gRPC's TRANSIENT_FAILURE it stays
+    /// so while the endpoint is probed again, until it answers SERVING.
+    Unreachable(String),
+}
+
+/// Every discovered endpoint's state, by instance id, once discovery has answered.
+#[derive(Clone, Default)]
+struct Pool {
+    /// Whether discovery has answered at least once.
+    resolved: bool,
+    endpoints: BTreeMap<String, State>,
+}
+
+impl Pool {
+    /// Why no call can be served now and none should wait: no instance registered, or every
+    /// known one failed. `None` while something may still come (discovery or a first connection
+    /// pending, or an endpoint serving).
+    fn hopeless(&self, service: &str) -> Option<tonic::Status> {
+        if !self.resolved {
+            return None;
+        }
+        if self.endpoints.is_empty() {
+            return Some(tonic::Status::unavailable(format!(
+                "{service}: no instance registered"
+            )));
+        }
+        let (mut not_serving, mut unreachable, mut why) = (0, 0, None);
+        for state in self.endpoints.values() {
+            match state {
+                State::Connecting | State::Serving(_) => return None,
+                State::NotServing => not_serving += 1,
+                State::Unreachable(reason) => {
+                    unreachable += 1;
+                    why.get_or_insert(reason.as_str());
+                }
+            }
+        }
+        let known = self.endpoints.len();
+        let plural = if known == 1 { "" } else { "s" };
+        let mut reasons = Vec::new();
+        if not_serving > 0 {
+            reasons.push(format!("{not_serving} not serving"));
+        }
+        if let Some(why) = why {
+            reasons.push(format!("{unreachable} unreachable: {why}"));
+        }
+        Some(tonic::Status::unavailable(format!(
+            "{service}: {known} instance{plural} known, none serving ({})",
+            reasons.join("; ")
+        )))
+    }
+}
 
 /// tower's power-of-two-choices balancer over peak-EWMA-weighted endpoint connections.
 type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover>, Outgoing>;
@@ -64,8 +127,8 @@ pub struct MeshChannel {
 struct Shared {
     service: Arc<str>,
     balancer: tokio::sync::Mutex<Balancer>,
-    discovered: watch::Receiver<Endpoints>,
-    ready: watch::Receiver<Ready>,
+    discovered: watch::Receiver<Discovered>,
+    pool: watch::Receiver<Pool>,
     budget: RetryBudget,
 }
 
@@ -80,11 +143,11 @@ impl std::fmt::Debug for MeshChannel {
 impl MeshChannel {
     /// A channel to `service` over the endpoint sets published by `endpoints`. Must be called from
     /// within a tokio runtime; the probing stops when every clone is dropped.
-    pub fn new(service: &str, endpoints: watch::Receiver<Endpoints>) -> Self {
-        let (ready_tx, ready) = watch::channel(Ready::new());
-        tokio::spawn(track(service.to_string(), endpoints.clone(), ready_tx));
+    pub fn new(service: &str, endpoints: watch::Receiver<Discovered>) -> Self {
+        let (pool_tx, pool) = watch::channel(Pool::default());
+        tokio::spawn(track(service.to_string(), endpoints.clone(), pool_tx));
         let discover = EndpointDiscover {
-            updates: WatchStream::new(ready.clone()),
+            updates: WatchStream::new(pool.clone()),
             current: HashMap::new(),
             pending: VecDeque::new(),
         };
@@ -99,7 +162,7 @@ impl MeshChannel {
                 service: service.into(),
                 balancer: tokio::sync::Mutex::new(Balance::new(loaded)),
                 discovered: endpoints,
-                ready,
+                pool,
                 budget: RetryBudget::default(),
             }),
         }
@@ -107,12 +170,23 @@ impl MeshChannel {
 
     /// The number of instances discovered.
     pub fn endpoint_count(&self) -> usize {
-        self.inner.discovered.borrow().len()
+        self.inner
+            .discovered
+            .borrow()
+            .as_ref()
+            .map_or(0, |e| e.len())
     }
 
     /// The instance ids currently offered to the balancer (discovered and SERVING).
     pub fn ready_instances(&self) -> Vec<String> {
-        self.inner.ready.borrow().keys().cloned().collect()
+        self.inner
+            .pool
+            .borrow()
+            .endpoints
+            .iter()
+            .filter(|(_, state)| matches!(state, State::Serving(_)))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The retry budget shared by every call over this channel.
@@ -123,18 +197,23 @@ impl MeshChannel {
 
 impl MeshChannel {
     /// Sends `request` to an endpoint the balancer picks; resolves once the answer's head arrives.
+    /// Fails at once with `UNAVAILABLE` when no endpoint can serve (see the module docs).
     pub(crate) async fn send(&self, request: Outgoing) -> Result<Answer, BoxError> {
         let shared = &self.inner;
-        if shared.discovered.borrow().is_empty() {
-            let status =
-                tonic::Status::unavailable(format!("no live instance of {}", shared.service));
+        if let Some(status) = shared.pool.borrow().hopeless(&shared.service) {
             return Err(Box::new(status));
         }
         let sending = {
             let mut balancer = shared.balancer.lock().await;
-            std::future::poll_fn(|cx| balancer.poll_ready(cx))
-                .await
-                .map_err(|e| not_processed(&shared.service, e))?;
+            let mut pool = shared.pool.clone();
+            tokio::select! {
+                biased;
+                ready = std::future::poll_fn(|cx| balancer.poll_ready(cx)) => {
+                    ready.map_err(|e| not_processed(&shared.service, e))?;
+                }
+                // Nothing is ready and nothing more may come: do not wait for the deadline.
+                status = hopeless(&mut pool, &shared.service) => return Err(Box::new(status)),
+            }
             balancer.call(request)
         };
         sending.await.map_err(|e| not_processed(&shared.service, e))
@@ -156,6 +235,24 @@ impl Service<http::Request<Body>> for MeshChannel {
         let channel = self.clone();
         Box::pin(async move { Ok(streamed(channel.send(request.into()).await?)) })
     }
+}
+
+/// Completes once the pool says no call can be served (see [`Pool::hopeless`]).
+async fn hopeless(pool: &mut watch::Receiver<Pool>, service: &str) -> tonic::Status {
+    let mut why = None;
+    // The sender lives as long as the channel's tracker; if it is gone, keep waiting (the
+    // caller's deadline bounds the call).
+    if pool
+        .wait_for(|p| {
+            why = p.hopeless(service);
+            why.is_some()
+        })
+        .await
+        .is_err()
+    {
+        std::future::pending::<()>().await;
+    }
+    why.unwrap_or_else(|| tonic::Status::unavailable(format!("{service}: no instance serving")))
 }
 
 /// Every error on this path came before any response: the connection failed or broke, or the
@@ -226,44 +323,55 @@ impl RetryBudget {
 /// Keeps one prober per discovered endpoint, until the channel is dropped.
 async fn track(
     service: String,
-    mut discovered: watch::Receiver<Endpoints>,
-    ready: watch::Sender<Ready>,
+    mut discovered: watch::Receiver<Discovered>,
+    pool: watch::Sender<Pool>,
 ) {
     let mut probers: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
     loop {
         let set = discovered.borrow_and_update().clone();
-        let gone: Vec<String> = probers
-            .iter()
-            .filter(|(id, (address, _))| set.get(*id).map(|i| &i.address) != Some(address))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            if let Some((address, task)) = probers.remove(&id) {
-                task.abort();
-                if ready.send_if_modified(|r| r.remove(&id).is_some()) {
-                    tracing::info!(%service, instance = %id, %address, "endpoint removed: deregistered");
+        if let Some(set) = set {
+            let gone: Vec<String> = probers
+                .iter()
+                .filter(|(id, (address, _))| set.get(*id).map(|i| &i.address) != Some(address))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                if let Some((address, task)) = probers.remove(&id) {
+                    task.abort();
+                    let was_serving = pool.send_if_modified(|p| {
+                        matches!(p.endpoints.remove(&id), Some(State::Serving(_)))
+                    });
+                    if was_serving {
+                        tracing::info!(%service, instance = %id, %address, "endpoint removed: deregistered");
+                    }
                 }
             }
-        }
-        for (id, info) in set.iter() {
-            if probers.contains_key(id) {
-                continue;
+            pool.send_modify(|p| {
+                p.resolved = true;
+                for id in set.keys() {
+                    p.endpoints.entry(id.clone()).or_insert(State::Connecting);
+                }
+            });
+            for (id, info) in set.iter() {
+                if probers.contains_key(id) {
+                    continue;
+                }
+                let task = tokio::spawn(probe(
+                    service.clone(),
+                    id.clone(),
+                    info.address.clone(),
+                    pool.clone(),
+                ));
+                probers.insert(id.clone(), (info.address.clone(), task));
             }
-            let task = tokio::spawn(probe(
-                service.clone(),
-                id.clone(),
-                info.address.clone(),
-                ready.clone(),
-            ));
-            probers.insert(id.clone(), (info.address.clone(), task));
         }
         tokio::select! {
             changed = discovered.changed() => if changed.is_err() {
                 // A fixed set: nothing more will change; probe until the channel is dropped.
-                ready.closed().await;
+                pool.closed().await;
                 break;
             },
-            _ = ready.closed() => break,
+            _ = pool.closed() => break,
         }
     }
     for (_, (_, task)) in probers {
@@ -273,25 +381,43 @@ async fn track(
 
 /// Watches one endpoint's health over the connection its calls use, and offers it to the balancer
 /// only while it reports SERVING. A broken connection is replaced by a new one.
-async fn probe(service: String, id: String, address: String, ready: watch::Sender<Ready>) {
+async fn probe(service: String, id: String, address: String, pool: watch::Sender<Pool>) {
+    let set = |state: State| {
+        let mut was_serving = false;
+        let changed = pool.send_if_modified(|p| {
+            // The tracker removes an endpoint that discovery dropped; never bring it back.
+            let Some(current) = p.endpoints.get_mut(&id) else {
+                return false;
+            };
+            was_serving = matches!(current, State::Serving(_));
+            let same = match (&*current, &state) {
+                (State::Serving(old), State::Serving(new)) => old.generation == new.generation,
+                (State::NotServing, State::NotServing) => true,
+                (State::Unreachable(_), State::Unreachable(_)) => true,
+                _ => false,
+            };
+            *current = state.clone();
+            !same
+        });
+        match (&state, changed) {
+            (State::Serving(_), true) => {
+                tracing::info!(%service, instance = %id, %address, "endpoint added: serving");
+            }
+            (State::NotServing, true) if was_serving => {
+                tracing::info!(%service, instance = %id, %address, reason = "not serving", "endpoint removed");
+            }
+            (State::Unreachable(why), true) if was_serving => {
+                tracing::info!(%service, instance = %id, %address, reason = %why, "endpoint removed");
+            }
+            _ => {}
+        }
+    };
     let authority: Authority = match address.parse() {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(%service, instance = %id, %address, error = %e, "unusable endpoint address");
+            set(State::Unreachable(format!("unusable address {address:?}")));
             return;
-        }
-    };
-    let set = |connection: Option<&Connection>, why: &str| {
-        let changed = ready.send_if_modified(|r| match connection {
-            Some(c) => r
-                .insert(id.clone(), c.clone())
-                .is_none_or(|old| old.generation != c.generation),
-            None => r.remove(&id).is_some(),
-        });
-        if changed && connection.is_some() {
-            tracing::info!(%service, instance = %id, %address, "endpoint added: serving");
-        } else if changed {
-            tracing::info!(%service, instance = %id, %address, reason = why, "endpoint removed");
         }
     };
     let mut backoff = PROBE_BACKOFF_START;
@@ -300,26 +426,37 @@ async fn probe(service: String, id: String, address: String, ready: watch::Sende
             Ok((connection, mut stream)) => loop {
                 match stream.message().await {
                     Ok(Some(r)) if r.status == ServingStatus::Serving as i32 => {
-                        set(Some(&connection), "");
+                        set(State::Serving(connection.clone()));
                         backoff = PROBE_BACKOFF_START;
                     }
-                    Ok(Some(_)) => set(None, "not serving"),
+                    Ok(Some(_)) => set(State::NotServing),
                     Ok(None) => {
-                        set(None, "health watch ended");
+                        set(State::Unreachable("health watch ended".into()));
                         break;
                     }
                     Err(e) => {
-                        set(None, &format!("unreachable: {}", e.message()));
+                        set(State::Unreachable(e.message().to_string()));
                         break;
                     }
                 }
             },
-            Err(e) => set(None, &format!("unreachable: {e}")),
+            Err(e) => set(State::Unreachable(unreachable(&*e))),
         }
         let jitter = rand::rng().random_range(0.5..1.5);
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
         backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
     }
+}
+
+/// Why a connection could not be made, with its causes (the innermost says the most).
+fn unreachable(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 /// A new connection to `authority` and the health Watch stream opened over it.
@@ -345,25 +482,32 @@ async fn watch_health(
 /// Turns published ready sets into the insert/remove changes tower's balancer consumes. It only
 /// holds the latest set, so it never blocks discovery while no calls flow.
 struct EndpointDiscover {
-    updates: WatchStream<Ready>,
+    updates: WatchStream<Pool>,
     /// Instance id → generation of the connection the balancer holds.
     current: HashMap<String, u64>,
     pending: VecDeque<Change<String, Connection>>,
 }
 
 impl EndpointDiscover {
-    fn diff(&mut self, next: &Ready) {
+    fn diff(&mut self, next: &Pool) {
+        let serving = |id: &str| match next.endpoints.get(id) {
+            Some(State::Serving(connection)) => Some(connection),
+            _ => None,
+        };
         let gone: Vec<String> = self
             .current
             .keys()
-            .filter(|id| !next.contains_key(*id))
+            .filter(|id| serving(id).is_none())
             .cloned()
             .collect();
         for id in gone {
             self.current.remove(&id);
             self.pending.push_back(Change::Remove(id));
         }
-        for (id, connection) in next.iter() {
+        for (id, state) in next.endpoints.iter() {
+            let State::Serving(connection) = state else {
+                continue;
+            };
             if self.current.get(id) == Some(&connection.generation) {
                 continue;
             }
@@ -401,12 +545,19 @@ pub(crate) mod tests {
 
     /// A real health server on a loopback port; returns its address.
     pub(crate) async fn health_server(name: &'static str) -> String {
+        health_server_reporting(name, tonic_health::ServingStatus::Serving).await
+    }
+
+    /// A real health server whose "" and `name` report `status`; returns its address.
+    async fn health_server_reporting(
+        name: &'static str,
+        status: tonic_health::ServingStatus,
+    ) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (reporter, service) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
+        reporter.set_service_status(name, status).await;
+        reporter.set_service_status("", status).await;
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
@@ -459,7 +610,78 @@ pub(crate) mod tests {
             .await
             .expect_err("no endpoint");
         assert_eq!(err.code(), tonic::Code::Unavailable);
-        assert!(err.message().contains("nothing"), "{err:?}");
+        assert_eq!(err.message(), "nothing: no instance registered");
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    /// An address where nothing listens.
+    async fn closed_port() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn known_endpoints_that_all_failed_fail_calls_at_once_saying_why() {
+        let draining = health_server_reporting("a", tonic_health::ServingStatus::NotServing).await;
+        let gone = closed_port().await;
+        let resolver = Resolver::fixed([info("a", &draining), info("b", &gone)]);
+        let channel = MeshChannel::new("probe", resolver.subscribe());
+        let mut client = HealthClient::new(channel.clone());
+        let started = std::time::Instant::now();
+        let err = client
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err("nothing serves");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message().starts_with(
+                "probe: 2 instances known, none serving (1 not serving; 1 unreachable:"
+            ),
+            "{err:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(channel.ready_instances().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_while_an_endpoint_is_still_connecting() {
+        // Accepts connections and never says a word: the first connection is neither up nor
+        // failed until keepalive gives up on it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let resolver = Resolver::fixed([info("s", &silent)]);
+        let mut client = HealthClient::new(MeshChannel::new("probe", resolver.subscribe()));
+        let waited = tokio::time::timeout(
+            Duration::from_millis(300),
+            client.check(HealthCheckRequest::default()),
+        )
+        .await;
+        assert!(
+            waited.is_err(),
+            "a call did not wait for a connecting endpoint: {waited:?}"
+        );
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.check(HealthCheckRequest::default()),
+        )
+        .await
+        .expect("fails once the endpoint is found silent")
+        .expect_err("nothing serves");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message()
+                .starts_with("probe: 1 instance known, none serving (1 unreachable"),
+            "{err:?}"
+        );
     }
 }

@@ -9,22 +9,25 @@ use etcd_client::{Client, EventType};
 use tokio::sync::watch;
 
 use crate::keys::{InstanceInfo, Keys};
-use crate::watch::{Update, follow};
+use crate::watch::{Follower, Update};
 
 /// The instances of a service, by instance id.
 pub type Endpoints = Arc<BTreeMap<String, InstanceInfo>>;
 
+/// What discovery knows: `None` until its first snapshot of etcd, then the instances found.
+pub type Discovered = Option<Endpoints>;
+
 /// Watches one service's instances and publishes every change of the set.
 #[derive(Debug)]
 pub struct Resolver {
-    rx: watch::Receiver<Endpoints>,
+    rx: watch::Receiver<Discovered>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Resolver {
     /// Starts watching `service`'s registrations under `keys` in the background.
     pub fn start(client: Client, keys: &Keys, service: &str) -> Self {
-        let (tx, rx) = watch::channel(Endpoints::default());
+        let (tx, rx) = watch::channel(None);
         let prefix = keys.service_prefix(service);
         let task = tokio::spawn(run(client, prefix, tx));
         Self {
@@ -39,12 +42,12 @@ impl Resolver {
             .into_iter()
             .map(|i| (i.instance_id.clone(), i))
             .collect();
-        let (_tx, rx) = watch::channel(Arc::new(map));
+        let (_tx, rx) = watch::channel(Some(Arc::new(map)));
         Self { rx, task: None }
     }
 
     /// A receiver of the current endpoint set and every later one.
-    pub fn subscribe(&self) -> watch::Receiver<Endpoints> {
+    pub fn subscribe(&self) -> watch::Receiver<Discovered> {
         self.rx.clone()
     }
 }
@@ -57,28 +60,32 @@ impl Drop for Resolver {
     }
 }
 
-async fn run(client: Client, prefix: String, tx: watch::Sender<Endpoints>) {
+async fn run(client: Client, prefix: String, tx: watch::Sender<Discovered>) {
     let mut map = BTreeMap::new();
-    let key_prefix = prefix.clone();
-    follow(client, prefix, |update| {
+    let mut follower = Follower::new(client, prefix.clone());
+    loop {
+        let update = tokio::select! {
+            update = follower.next() => update,
+            _ = tx.closed() => return,
+        };
         match update {
             Update::Reset { kvs, .. } => {
                 map.clear();
-                for kv in kvs {
-                    if let Some(info) = parse(&key_prefix, kv.key(), kv.value()) {
+                for kv in &kvs {
+                    if let Some(info) = parse(&prefix, kv.key(), kv.value()) {
                         map.insert(info.instance_id.clone(), info);
                     }
                 }
             }
             Update::Events { events, .. } => {
-                for event in events {
+                for event in &events {
                     let Some(kv) = event.kv() else { continue };
-                    let Some(id) = instance_id(&key_prefix, kv.key()) else {
+                    let Some(id) = instance_id(&prefix, kv.key()) else {
                         continue;
                     };
                     match event.event_type() {
                         EventType::Put => {
-                            if let Some(info) = parse(&key_prefix, kv.key(), kv.value()) {
+                            if let Some(info) = parse(&prefix, kv.key(), kv.value()) {
                                 map.insert(id.to_string(), info);
                             }
                         }
@@ -90,17 +97,15 @@ async fn run(client: Client, prefix: String, tx: watch::Sender<Endpoints>) {
             }
         }
         publish(&tx, &map);
-        !tx.is_closed()
-    })
-    .await;
+    }
 }
 
-fn publish(tx: &watch::Sender<Endpoints>, map: &BTreeMap<String, InstanceInfo>) {
+fn publish(tx: &watch::Sender<Discovered>, map: &BTreeMap<String, InstanceInfo>) {
     tx.send_if_modified(|current| {
-        if **current == *map {
+        if current.as_deref() == Some(map) {
             false
         } else {
-            *current = Arc::new(map.clone());
+            *current = Some(Arc::new(map.clone()));
             true
         }
     });

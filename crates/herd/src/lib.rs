@@ -6,7 +6,8 @@
 //! - [`registry`]: registration of an instance under a lease that is kept alive and renewed.
 //! - [`discovery`]: a snapshot-then-watch view of a service's live instances.
 //! - [`balance`]: a client-side power-of-two-choices balancer over peak-EWMA latency.
-//! - [`config`]: typed shared configuration, loaded, watched, validated, and pinned by revision.
+//! - [`config`]: typed shared configuration: the registry of sections (the runtime's and the
+//!   application's), loaded, watched, validated, and pinned by revision.
 //! - [`context`]: request contexts and deadlines that travel with every call.
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
 //! - [`telemetry`]: logs, OpenTelemetry spans and W3C trace context on every hop.
@@ -26,7 +27,9 @@ pub mod telemetry;
 pub mod watch;
 
 pub use balance::MeshChannel;
-pub use config::{ConfigError, ConfigModel, ConfigStore, Snapshot};
+pub use config::{
+    ConfigError, ConfigModel, ConfigStore, Registry, Section, SectionSpec, Sections, Snapshot,
+};
 pub use context::Deadline;
 pub use server::{Mesh, Services};
 pub use settings::Settings;

@@ -83,6 +83,7 @@ pub struct Mesh {
     channels: Mutex<HashMap<String, (MeshChannel, Resolver)>>,
     ready: Vec<BoxFuture<'static, ()>>,
     config_status: Option<tokio::sync::watch::Receiver<crate::config::ConfigStatus>>,
+    runtime: Option<tokio::sync::watch::Receiver<crate::config::RuntimeConfig>>,
 }
 
 impl Mesh {
@@ -102,6 +103,7 @@ impl Mesh {
             channels: Mutex::new(HashMap::new()),
             ready: Vec::new(),
             config_status: None,
+            runtime: None,
         })
     }
 
@@ -126,14 +128,25 @@ impl Mesh {
         &self.keys
     }
 
-    /// The typed shared configuration. The instance reports SERVING only once it is loaded.
+    /// The typed shared configuration: the runtime's sections and `M`'s. The instance reports
+    /// SERVING only once it is loaded. Call it once per instance.
     pub fn config<M: ConfigModel>(&mut self) -> ConfigStore<M> {
         let store = ConfigStore::<M>::start(self.etcd.clone(), self.keys.clone());
         let waiter = store.clone();
         self.ready
             .push(Box::pin(async move { waiter.ready().await }));
         self.config_status = Some(store.subscribe_status());
+        self.runtime = Some(store.subscribe_runtime());
         store
+    }
+
+    /// The runtime's own settings as configuration revisions are applied; an instance whose
+    /// services read no configuration gets a store of the runtime's sections alone.
+    pub fn runtime_config(&mut self) -> tokio::sync::watch::Receiver<crate::config::RuntimeConfig> {
+        match &self.runtime {
+            Some(runtime) => runtime.clone(),
+            None => self.config::<()>().subscribe_runtime(),
+        }
     }
 
     /// A balanced channel to `service`, by name alone.
@@ -438,14 +451,14 @@ where
                 .await
                 .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.listen))?;
             let mut mesh = Mesh::connect(settings, service, instance_id).await?;
+            let services = build(&mut mesh).await?;
+            let runtime = mesh.runtime_config();
             if telemetry.exporting() {
                 tokio::spawn(crate::telemetry::follow_sampling(
-                    mesh.etcd().clone(),
-                    mesh.keys().clone(),
+                    runtime,
                     telemetry.ratio(),
                 ));
             }
-            let services = build(&mut mesh).await?;
             mesh.serve(listener, services, shutdown_signal()).await
         }
         .await;

@@ -51,21 +51,22 @@ pub struct TelemetrySection {
     pub sampling_ratio: f64,
 }
 
-impl TelemetrySection {
-    /// The section's name under `/herd/config/`.
-    pub const NAME: &'static str = "telemetry";
+impl crate::config::Section for TelemetrySection {
+    const NAME: &'static str = "telemetry";
+    const ABOUT: &'static str = "the share of new traces sampled, changed at run time";
 
-    /// Parses and checks the section.
-    pub fn parse(raw: &[u8]) -> Result<Self, String> {
-        let section: Self =
-            serde_json::from_slice(raw).map_err(|e| format!("invalid JSON: {e}"))?;
-        if !(0.0..=1.0).contains(&section.sampling_ratio) {
+    fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
             return Err(format!(
                 "sampling_ratio: must be 0 to 1, got {}",
-                section.sampling_ratio
+                self.sampling_ratio
             ));
         }
-        Ok(section)
+        Ok(())
+    }
+
+    fn example() -> String {
+        r#"{"sampling_ratio":0.01}"#.into()
     }
 }
 
@@ -544,37 +545,27 @@ pub fn record_quote_id(quote_id: &str) {
     tracing::Span::current().record("herd.quote_id", quote_id);
 }
 
-/// Follows `/herd/config/telemetry` and applies its sampling ratio; an invalid value is
-/// rejected and the ratio in force kept.
+/// Applies the sampling ratio of `/herd/config/telemetry` as each configuration revision is
+/// applied; without the section, the ratio the process started with.
 pub async fn follow_sampling(
-    client: etcd_client::Client,
-    keys: crate::keys::Keys,
+    mut runtime: tokio::sync::watch::Receiver<crate::config::RuntimeConfig>,
     ratio: SamplingRatio,
 ) {
-    let key = keys.config(TelemetrySection::NAME);
     let initial = ratio.get();
-    crate::watch::follow(client, key.clone(), |update| {
-        let value = match update {
-            crate::watch::Update::Reset { kvs, .. } => kvs.iter().find(|kv| kv.key() == key.as_bytes()).map(|kv| kv.value().to_vec()),
-            crate::watch::Update::Events { events, .. } => match events.iter().rev().find_map(|e| e.kv().filter(|kv| kv.key() == key.as_bytes()).map(|kv| (e.event_type(), kv.value().to_vec()))) {
-                Some((etcd_client::EventType::Put, v)) => Some(v),
-                Some((etcd_client::EventType::Delete, _)) => None,
-                None => return true,
-            },
-        };
-        match value.map(|v| TelemetrySection::parse(&v)) {
-            None => ratio.set(initial),
-            Some(Ok(section)) => {
-                if section.sampling_ratio != ratio.get() {
-                    tracing::info!(ratio = section.sampling_ratio, "sampling ratio applied");
-                }
-                ratio.set(section.sampling_ratio);
-            }
-            Some(Err(e)) => tracing::warn!(%key, reason = %e, "telemetry configuration rejected; keeping the sampling ratio in force"),
+    loop {
+        let wanted = runtime
+            .borrow_and_update()
+            .telemetry
+            .as_ref()
+            .map_or(initial, |t| t.sampling_ratio);
+        if wanted != ratio.get() {
+            tracing::info!(ratio = wanted, "sampling ratio applied");
+            ratio.set(wanted);
         }
-        true
-    })
-    .await;
+        if runtime.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A bounded span queue exported in batches from its own thread. A span that finds the queue full

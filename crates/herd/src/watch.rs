@@ -4,88 +4,117 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions};
+use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchStream};
 
 /// Pause before a fresh snapshot after a failure, so a down etcd is not hammered.
 const RESYNC_BACKOFF: Duration = Duration::from_millis(200);
 
 /// What a follower is told.
 #[derive(Debug)]
-pub enum Update<'a> {
+pub enum Update {
     /// Everything under the prefix at one revision: replace what is known.
     Reset {
         /// The revision of the snapshot.
         revision: i64,
         /// Every key-value under the prefix.
-        kvs: &'a [KeyValue],
+        kvs: Vec<KeyValue>,
     },
     /// Changes from one etcd response (one or more revisions), each newer than all before.
     Events {
         /// The new events, in order.
-        events: Vec<&'a Event>,
+        events: Vec<Event>,
         /// The newest revision among them.
         newest: i64,
     },
 }
 
-/// Follows `prefix` until `apply` returns `false`, resyncing after any failure.
-pub async fn follow(client: Client, prefix: String, mut apply: impl FnMut(Update<'_>) -> bool) {
-    loop {
-        match follow_once(client.clone(), &prefix, &mut apply).await {
-            Ok(()) => return,
-            Err(e) => tracing::warn!(%prefix, error = %e, "watch interrupted; resyncing"),
-        }
-        tokio::time::sleep(RESYNC_BACKOFF).await;
-    }
+/// Follows one prefix: each [`Follower::next`] is the next snapshot or batch of changes. Failures
+/// are logged and followed by a fresh snapshot, for as long as the follower lives.
+pub struct Follower {
+    client: Client,
+    prefix: String,
+    /// The watch after the last snapshot, and the newest revision passed on from it.
+    watching: Option<(WatchStream, i64)>,
 }
 
-/// One snapshot and the watch after it. `Ok` when `apply` asked to stop.
-async fn follow_once(
-    mut client: Client,
-    prefix: &str,
-    apply: &mut impl FnMut(Update<'_>) -> bool,
-) -> anyhow::Result<()> {
-    let resp = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    if !apply(Update::Reset {
-        revision,
-        kvs: resp.kvs(),
-    }) {
-        return Ok(());
-    }
-    let mut applied = revision;
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(revision + 1);
-    let mut stream = client.watch(prefix, Some(options)).await?;
-    while let Some(resp) = stream.message().await? {
-        if resp.canceled() || resp.compact_revision() > 0 {
-            anyhow::bail!(
-                "watch cancelled (compact revision {}, reason {:?})",
-                resp.compact_revision(),
-                resp.cancel_reason()
-            );
-        }
-        // etcd 3.4 can repeat events: anything at or below what is applied is old news.
-        let events: Vec<&Event> = resp
-            .events()
-            .iter()
-            .filter(|e| e.kv().is_some_and(|kv| kv.mod_revision() > applied))
-            .collect();
-        let Some(newest) = events
-            .iter()
-            .filter_map(|e| e.kv())
-            .map(|kv| kv.mod_revision())
-            .max()
-        else {
-            continue;
-        };
-        applied = newest;
-        if !apply(Update::Events { events, newest }) {
-            return Ok(());
+impl Follower {
+    /// A follower of `prefix`; nothing is read until the first [`Follower::next`].
+    pub fn new(client: Client, prefix: String) -> Self {
+        Self {
+            client,
+            prefix,
+            watching: None,
         }
     }
-    anyhow::bail!("watch stream ended")
+
+    /// The next update: a snapshot first (and after any failure), then changes as they happen.
+    pub async fn next(&mut self) -> Update {
+        loop {
+            let result = match self.watching.take() {
+                None => self.snapshot().await,
+                Some((stream, applied)) => self.changes(stream, applied).await,
+            };
+            match result {
+                Ok(update) => return update,
+                Err(e) => {
+                    tracing::warn!(prefix = %self.prefix, error = %e, "watch interrupted; resyncing");
+                    tokio::time::sleep(RESYNC_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    /// Everything under the prefix, and a watch from the revision after it.
+    async fn snapshot(&mut self) -> anyhow::Result<Update> {
+        let mut resp = self
+            .client
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let stream = self
+            .client
+            .watch(self.prefix.as_str(), Some(options))
+            .await?;
+        self.watching = Some((stream, revision));
+        Ok(Update::Reset {
+            revision,
+            kvs: resp.take_kvs(),
+        })
+    }
+
+    /// The next batch of new events from the watch; keeps the watch unless it failed.
+    async fn changes(&mut self, mut stream: WatchStream, applied: i64) -> anyhow::Result<Update> {
+        loop {
+            let Some(resp) = stream.message().await? else {
+                anyhow::bail!("watch stream ended");
+            };
+            if resp.canceled() || resp.compact_revision() > 0 {
+                anyhow::bail!(
+                    "watch cancelled (compact revision {}, reason {:?})",
+                    resp.compact_revision(),
+                    resp.cancel_reason()
+                );
+            }
+            // etcd 3.4 can repeat events: anything at or below what is applied is old news.
+            let events: Vec<Event> = resp
+                .events()
+                .iter()
+                .filter(|e| e.kv().is_some_and(|kv| kv.mod_revision() > applied))
+                .cloned()
+                .collect();
+            let Some(newest) = events
+                .iter()
+                .filter_map(|e| e.kv())
+                .map(|kv| kv.mod_revision())
+                .max()
+            else {
+                continue;
+            };
+            self.watching = Some((stream, newest));
+            return Ok(Update::Events { events, newest });
+        }
+    }
 }

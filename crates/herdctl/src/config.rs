@@ -8,10 +8,10 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
-use herd::ConfigModel;
+use herd::Registry;
+use herd::config::Presence;
 use herd::keys::{InstanceStatus, Keys};
 use herd_model::MeshConfig;
-use herd_model::sections::{SECTION_NAMES, validate_section};
 use serde::{Deserialize, Serialize};
 
 use crate::Output;
@@ -19,14 +19,19 @@ use crate::Output;
 /// The `config` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
+    /// List the sections: name, whether required, what each holds (with `--output json`, a valid
+    /// example of each too).
+    Sections,
     /// Print a section's JSON.
     Get {
-        /// catalog, promotions, tax, fx, quote, limits or keys.
+        /// The section (see `config sections`).
+        #[arg(value_parser = section_names())]
         section: String,
     },
     /// Validate FILE as SECTION with the services' own rules and write it if valid.
     Put {
-        /// catalog, promotions, tax, fx, quote, limits or keys.
+        /// The section (see `config sections`).
+        #[arg(value_parser = section_names())]
         section: String,
         /// A JSON file, or - for standard input.
         file: String,
@@ -47,6 +52,7 @@ pub enum ConfigCommand {
     /// List a section's past revisions: revision, when written, size.
     History {
         /// The section.
+        #[arg(value_parser = section_names())]
         section: String,
         /// At most this many revisions, newest first.
         #[arg(long, default_value_t = 20)]
@@ -55,6 +61,7 @@ pub enum ConfigCommand {
     /// Write a section's value as it was at revision REV (validated like any write).
     Rollback {
         /// The section.
+        #[arg(value_parser = section_names())]
         section: String,
         /// The revision whose value to restore (see `config history`).
         #[arg(long = "to", value_name = "REV")]
@@ -91,13 +98,19 @@ pub struct Ctl {
     pub output: Output,
 }
 
+/// Every section herdctl reads and writes: the runtime's and the reference mesh's, declared
+/// where each is owned.
+fn registry() -> Registry {
+    Registry::of::<MeshConfig>()
+}
+
+/// The section names as clap's possible values, so that help and errors list them.
+fn section_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(registry().names())
+}
+
 fn known(section: &str) -> anyhow::Result<()> {
-    if !SECTION_NAMES.contains(&section) {
-        bail!(
-            "unknown section {section:?}; known: {}",
-            SECTION_NAMES.join(", ")
-        );
-    }
+    registry().spec(section)?;
     Ok(())
 }
 
@@ -144,6 +157,7 @@ impl Ctl {
     /// Runs one `config` subcommand.
     pub async fn run(mut self, command: ConfigCommand) -> anyhow::Result<()> {
         match command {
+            ConfigCommand::Sections => self.sections(),
             ConfigCommand::Get { section } => self.get(&section).await,
             ConfigCommand::Put { section, file } => {
                 known(&section)?;
@@ -194,6 +208,45 @@ impl Ctl {
         Ok((sections, header))
     }
 
+    fn sections(&self) -> anyhow::Result<()> {
+        let registry = registry();
+        let presence = |p: Presence| match p {
+            Presence::Required => "required",
+            Presence::Defaulted => "default applies when absent",
+            Presence::Optional => "optional",
+        };
+        match self.output {
+            Output::Json => {
+                let list: Vec<serde_json::Value> = registry
+                    .specs()
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "section": s.name(), "key": self.keys.config(s.name()),
+                            "presence": presence(s.presence()), "about": s.about(),
+                            "seeded": s.seeded(),
+                            "example": serde_json::from_str::<serde_json::Value>(&s.example())
+                                .unwrap_or(serde_json::Value::Null),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            }
+            Output::Table => {
+                println!("{:<12} {:<28} ABOUT", "SECTION", "PRESENCE");
+                for s in registry.specs() {
+                    println!(
+                        "{:<12} {:<28} {}",
+                        s.name(),
+                        presence(s.presence()),
+                        s.about()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn get(&mut self, section: &str) -> anyhow::Result<()> {
         known(section)?;
         let (current, _) = self.current().await?;
@@ -225,11 +278,14 @@ impl Ctl {
             .iter()
             .map(|(k, s)| (k.clone(), s.value.clone()))
             .collect();
+        let registry = registry();
         for (section, raw) in &changes {
-            validate_section(section, raw).map_err(|e| anyhow::anyhow!("refused: {e}"))?;
+            registry
+                .check(section, raw)
+                .map_err(|e| anyhow::anyhow!("refused: {e}"))?;
             merged.insert(section.clone(), raw.clone());
         }
-        if let Err(e) = MeshConfig::from_sections(&merged) {
+        if let Err(e) = registry.check_all::<MeshConfig>(&merged) {
             // A configuration still being built up may lack other sections; anything else is a
             // conflict with what is there.
             let building_up =
@@ -454,12 +510,19 @@ impl Ctl {
                     "SERVICE", "INSTANCE", "APPLIED", "REJECTED"
                 );
                 for s in statuses {
-                    let (rejected, reason) = s
+                    let (rejected, mut reason) = s
                         .config
                         .rejected
                         .map_or((String::from("-"), String::new()), |r| {
                             (r.revision.to_string(), r.error.to_string())
                         });
+                    if !s.config.ignored.is_empty() {
+                        if !reason.is_empty() {
+                            reason.push_str("; ");
+                        }
+                        reason
+                            .push_str(&format!("ignored unknown: {}", s.config.ignored.join(", ")));
+                    }
                     println!(
                         "{:<10} {:<24} {:>8} {:>9}  {}",
                         s.service, s.instance_id, s.config.applied, rejected, reason
@@ -471,8 +534,7 @@ impl Ctl {
     }
 
     async fn seed(&mut self) -> anyhow::Result<()> {
-        let secret: [u8; 32] = rand::random();
-        for (section, value) in herd_model::demo::sections(&secret) {
+        for (section, value) in herd_model::demo::sections() {
             let key = self.keys.config(section);
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
