@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Runs the whole mesh on this machine: a single-node etcd on loopback (data in .run/), the demo
 # configuration where absent, two instances of each service, gateways on 127.0.0.1:50051 and
-# 127.0.0.1:50052. Ctrl-C stops everything gracefully.
+# 127.0.0.1:50052. Ctrl-C stops everything gracefully: the instances first (they drain, deregister
+# and exit), etcd last, so that no instance loses etcd while it drains.
+#
+# Settings (environment): HERD_ETCD_PORT and HERD_ETCD_PEER_PORT (2379, 2380), HERD_GATEWAY_PORTS
+# ("50051 50052"), HERD_RUN_DIR (.run: etcd's data, logs, and the pids of what was started),
+# HERD_BIN_DIR (the debug binaries of the build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-BIN="${CARGO_TARGET_DIR:-target}/debug"
-RUN=.run
+BIN="${HERD_BIN_DIR:-${CARGO_TARGET_DIR:-target}/debug}"
+RUN="${HERD_RUN_DIR:-.run}"
 ETCD_PORT="${HERD_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${HERD_ETCD_PEER_PORT:-2380}"
+read -r -a GATEWAY_PORTS <<<"${HERD_GATEWAY_PORTS:-50051 50052}"
 ETCD="http://127.0.0.1:${ETCD_PORT}"
 mkdir -p "$RUN/logs"
 
@@ -21,6 +27,7 @@ stop() {
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     if [ -n "$etcd_pid" ]; then
+        echo "stopping etcd..."
         kill -TERM "$etcd_pid" 2>/dev/null || true
         wait "$etcd_pid" 2>/dev/null || true
     fi
@@ -32,7 +39,9 @@ if (exec 3<>"/dev/tcp/127.0.0.1/${ETCD_PORT}") 2>/dev/null; then
     echo "error: something already listens on 127.0.0.1:${ETCD_PORT}; set HERD_ETCD_PORT" >&2
     exit 1
 fi
-etcd --name herd-local --data-dir "$RUN/etcd" \
+# In a session of its own: Ctrl-C signals the terminal's process group, and etcd must outlive the
+# instances' drain; stop() ends it once they have exited.
+setsid etcd --name herd-local --data-dir "$RUN/etcd" \
     --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
     --listen-peer-urls "http://127.0.0.1:${ETCD_PEER_PORT}" \
     --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER_PORT}" \
@@ -62,11 +71,13 @@ for i in 1 2; do
     start currency 127.0.0.1:0 "currency-$i"
     start pricing 127.0.0.1:0 "pricing-$i"
 done
-start gateway 127.0.0.1:50051 gateway-1
-start gateway 127.0.0.1:50052 gateway-2
+for i in "${!GATEWAY_PORTS[@]}"; do
+    start gateway "127.0.0.1:${GATEWAY_PORTS[$i]}" "gateway-$((i + 1))"
+done
+printf '%s\n' "$etcd_pid" "${pids[@]}" >"$RUN/pids"
 
 deadline=$((SECONDS + 30))
-for port in 50051 50052; do
+for port in "${GATEWAY_PORTS[@]}"; do
     until grpcurl -plaintext -d '{"service":"herd.quote.v1.QuoteService"}' "127.0.0.1:$port" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; do
         if [ $SECONDS -ge $deadline ]; then
             echo "error: the gateway on port $port is not SERVING; see $RUN/logs/" >&2
@@ -81,9 +92,9 @@ cat <<MSG
 
 The mesh is up. Logs are in $RUN/logs/. Try:
 
-  grpcurl -plaintext 127.0.0.1:50051 list
-  grpcurl -plaintext -d '{"context":{"tenantId":"acme"},"items":[{"sku":"hammer","quantity":3},{"sku":"apple","quantity":4}],"currency":"EUR","region":"US-CA"}' 127.0.0.1:50051 herd.quote.v1.QuoteService/CreateQuote
-  grpcurl -plaintext -d '{"context":{"tenantId":"acme"},"token":"<token from CreateQuote>"}' 127.0.0.1:50052 herd.quote.v1.QuoteService/VerifyQuote
+  grpcurl -plaintext 127.0.0.1:${GATEWAY_PORTS[0]} list
+  grpcurl -plaintext -d '{"context":{"tenantId":"acme"},"items":[{"sku":"hammer","quantity":3},{"sku":"apple","quantity":4}],"currency":"EUR","region":"US-CA"}' 127.0.0.1:${GATEWAY_PORTS[0]} herd.quote.v1.QuoteService/CreateQuote
+  grpcurl -plaintext -d '{"context":{"tenantId":"acme"},"token":"<token from CreateQuote>"}' 127.0.0.1:${GATEWAY_PORTS[-1]} herd.quote.v1.QuoteService/VerifyQuote
   $BIN/herdctl --etcd $ETCD instances
 
 Press Ctrl-C to stop everything.

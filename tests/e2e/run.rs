@@ -1,0 +1,106 @@
+//! `make run` as a user runs it: `deploy/local/run.sh` starts etcd and the whole mesh, and Ctrl-C
+//! (SIGINT to the terminal's process group) stops every instance first and etcd last, leaving no
+//! process behind.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use herd_tests::{Proc, bin_dir, eventually, free_port};
+
+/// Whether a process with this pid still exists (a zombie counts as gone).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn make_run_starts_the_mesh_and_ctrl_c_stops_it_etcd_last() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run_dir = dir.path().join("run");
+    let gateways = [free_port(), free_port()];
+    let mut cmd = Command::new("bash");
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/local/run.sh"
+    ))
+    .env("HERD_RUN_DIR", &run_dir)
+    .env("HERD_BIN_DIR", bin_dir())
+    .env("HERD_ETCD_PORT", free_port().to_string())
+    .env("HERD_ETCD_PEER_PORT", free_port().to_string())
+    .env(
+        "HERD_GATEWAY_PORTS",
+        format!("{} {}", gateways[0], gateways[1]),
+    )
+    // Its own process group, as a shell gives a foreground job: Ctrl-C signals the group.
+    .process_group(0);
+    let mut run = Proc::spawn("run.sh", cmd, dir.path().join("run.log"))?;
+    eventually("the mesh to be up", Duration::from_secs(90), || async {
+        run.log_text().contains("The mesh is up").then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", run.log_text()))?;
+    let pids: Vec<String> = std::fs::read_to_string(run_dir.join("pids"))?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(pids.len(), 9, "etcd and eight instances: {pids:?}");
+    assert!(pids.iter().all(|p| alive(p)), "{pids:?}");
+    for port in gateways {
+        let address = format!("127.0.0.1:{port}");
+        assert_eq!(herd_tests::health(&address, "").as_deref(), Some("SERVING"));
+    }
+
+    // Ctrl-C.
+    let status = Command::new("kill")
+        .args(["-INT", "--", &format!("-{}", run.pid())])
+        .status()?;
+    assert!(status.success());
+    run.wait_exit(Duration::from_secs(60)).await?;
+    let log = run.log_text();
+    assert!(
+        log.contains("stopping etcd...") && log.ends_with("stopped.\n"),
+        "{log}"
+    );
+    let left: Vec<&String> = pids.iter().filter(|p| alive(p)).collect();
+    assert!(left.is_empty(), "still running: {left:?}\n{log}");
+
+    // Every instance drained and stopped while etcd was still there: nothing it logged on the way
+    // out is a warning (a lost watch, a failed deregistration).
+    let logs = std::fs::read_dir(run_dir.join("logs"))?;
+    let mut instances = 0;
+    for entry in logs {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if name == "etcd.log" {
+            continue;
+        }
+        instances += 1;
+        let text = std::fs::read_to_string(&path)?;
+        assert!(
+            text.contains("stopped"),
+            "{name} did not stop cleanly:\n{text}"
+        );
+        let complaints: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        assert!(complaints.is_empty(), "{name}: {complaints:#?}");
+    }
+    assert_eq!(instances, 8);
+    Ok(())
+}
