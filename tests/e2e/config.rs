@@ -694,6 +694,41 @@ async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
         quote["quote"]["lines"][0]["unitPrice"]["minorUnits"],
         "2345"
     );
+
+    // A key that no section claims: herdctl refuses it naming the known ones; instances ignore
+    // it, say so, and go on applying the rest.
+    let colour = mesh.dir.path().join("colour.json");
+    std::fs::write(&colour, r#"{"name":"teal"}"#)?;
+    let known = names.join(", ");
+    for args in [
+        vec!["config", "put", "colour", &*colour.to_string_lossy()],
+        vec!["config", "apply", &*colour.to_string_lossy()],
+    ] {
+        let out = herdctl(&mesh.etcd, &args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("colour") && stderr.contains(&known),
+            "{args:?}: {stderr}"
+        );
+    }
+    mesh.etcd.put("/herd/config/colour", r#"{"name":"teal"}"#)?;
+    catalog["items"]["hammer"]["price_minor"] = json!(2346);
+    mesh.etcd
+        .put("/herd/config/catalog", &catalog.to_string())?;
+    let revision = config_revision(&mesh)?;
+    all_applied(&mesh, 4, revision).await?;
+    let status = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let status: Value = serde_json::from_slice(&status.stdout)?;
+    for instance in status["instances"].as_array().cloned().unwrap_or_default() {
+        assert_eq!(
+            instance["config"]["ignored"],
+            json!(["colour"]),
+            "{instance}"
+        );
+        assert!(instance["config"]["rejected"].is_null(), "{instance}");
+    }
+    let table = herdctl(&mesh.etcd, &["config", "status"])?;
+    assert!(String::from_utf8_lossy(&table.stdout).contains("ignored unknown: colour"));
     Ok(())
 }
 
