@@ -200,20 +200,23 @@ impl MeshChannel {
     /// Fails at once with `UNAVAILABLE` when no endpoint can serve (see the module docs).
     pub(crate) async fn send(&self, request: Outgoing) -> Result<Answer, BoxError> {
         let shared = &self.inner;
-        if let Some(status) = shared.pool.borrow().hopeless(&shared.service) {
-            return Err(Box::new(status));
-        }
         let sending = {
             let mut balancer = shared.balancer.lock().await;
-            let mut pool = shared.pool.clone();
-            tokio::select! {
-                biased;
-                ready = std::future::poll_fn(|cx| balancer.poll_ready(cx)) => {
-                    ready.map_err(|e| not_processed(&shared.service, e))?;
+            // The common case costs one poll: an endpoint is ready.
+            let now = std::future::poll_fn(|cx| Poll::Ready(balancer.poll_ready(cx))).await;
+            let ready = match now {
+                Poll::Ready(ready) => ready,
+                Poll::Pending => {
+                    let mut pool = shared.pool.clone();
+                    tokio::select! {
+                        biased;
+                        ready = std::future::poll_fn(|cx| balancer.poll_ready(cx)) => ready,
+                        // Nothing is ready and nothing more may come: do not wait for the deadline.
+                        status = hopeless(&mut pool, &shared.service) => return Err(Box::new(status)),
+                    }
                 }
-                // Nothing is ready and nothing more may come: do not wait for the deadline.
-                status = hopeless(&mut pool, &shared.service) => return Err(Box::new(status)),
-            }
+            };
+            ready.map_err(|e| not_processed(&shared.service, e))?;
             balancer.call(request)
         };
         sending.await.map_err(|e| not_processed(&shared.service, e))
