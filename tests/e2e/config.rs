@@ -489,8 +489,16 @@ async fn herdctl_apply_diff_history_rollback() -> anyhow::Result<()> {
     let out = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"max_items\": 5"));
 
-    // diff shows what would change.
+    // diff shows what would change, and says when the write would be refused.
+    let out = herdctl(&mesh.etcd, &["config", "diff", &path("quote.json")])?;
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("+  \"ttl_seconds\": 0")
+            && String::from_utf8_lossy(&out.stderr).contains("refused: quote: ttl_seconds"),
+        "{out:?}"
+    );
     let out = herdctl(&mesh.etcd, &["config", "diff", &path("limits.json")])?;
+    assert!(out.status.success(), "{out:?}");
     let diff = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         diff.contains("-  \"max_items\": 5") && diff.contains("+  \"max_items\": 9"),

@@ -132,6 +132,34 @@ fn read_spec(spec: &str) -> anyhow::Result<(String, Vec<u8>)> {
     Ok((section, read_file(&path)?))
 }
 
+/// Checks `changes` as a write would: each section by its own rules, then the configuration they
+/// would make with the rest of what etcd holds.
+fn validate(
+    current: &BTreeMap<String, Stored>,
+    changes: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let registry = registry();
+    let mut merged: BTreeMap<String, Vec<u8>> = current
+        .iter()
+        .map(|(k, s)| (k.clone(), s.value.clone()))
+        .collect();
+    for (section, raw) in changes {
+        registry
+            .check(section, raw)
+            .map_err(|e| anyhow::anyhow!("refused: {e}"))?;
+        merged.insert(section.clone(), raw.clone());
+    }
+    if let Err(e) = registry.check_all::<MeshConfig>(&merged) {
+        // A configuration still being built up may lack other sections; anything else is a
+        // conflict with what is there.
+        let building_up = e.message == "missing" && !changes.iter().any(|(s, _)| *s == e.section);
+        if !building_up {
+            bail!("refused: {e}");
+        }
+    }
+    Ok(())
+}
+
 fn read_file(path: &str) -> anyhow::Result<Vec<u8>> {
     if path == "-" {
         let mut s = Vec::new();
@@ -274,26 +302,7 @@ impl Ctl {
     /// transaction guarded by the revisions that were validated.
     async fn change(&mut self, changes: Vec<(String, Vec<u8>)>, by: &str) -> anyhow::Result<()> {
         let (current, _) = self.current().await?;
-        let mut merged: BTreeMap<String, Vec<u8>> = current
-            .iter()
-            .map(|(k, s)| (k.clone(), s.value.clone()))
-            .collect();
-        let registry = registry();
-        for (section, raw) in &changes {
-            registry
-                .check(section, raw)
-                .map_err(|e| anyhow::anyhow!("refused: {e}"))?;
-            merged.insert(section.clone(), raw.clone());
-        }
-        if let Err(e) = registry.check_all::<MeshConfig>(&merged) {
-            // A configuration still being built up may lack other sections; anything else is a
-            // conflict with what is there.
-            let building_up =
-                e.message == "missing" && !changes.iter().any(|(s, _)| *s == e.section);
-            if !building_up {
-                bail!("refused: {e}");
-            }
-        }
+        validate(&current, &changes)?;
         let note = serde_json::to_string(&WriteNote {
             written_at: now_rfc3339(),
             by: by.to_string(),
@@ -340,14 +349,17 @@ impl Ctl {
 
     async fn diff(&mut self, files: &[String]) -> anyhow::Result<()> {
         let (current, _) = self.current().await?;
+        let changes = files
+            .iter()
+            .map(|f| read_spec(f))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut out = Vec::new();
-        for spec in files {
-            let (section, raw) = read_spec(spec)?;
+        for (spec, (section, raw)) in files.iter().zip(&changes) {
             let (old, revision) = current
-                .get(&section)
+                .get(section)
                 .map(|s| (pretty(&s.value), s.mod_revision))
                 .unwrap_or_default();
-            let new = pretty(&raw);
+            let new = pretty(raw);
             let diff = similar::TextDiff::from_lines(&old, &new)
                 .unified_diff()
                 .context_radius(3)
@@ -356,13 +368,14 @@ impl Ctl {
                     &format!("{section} ({spec})"),
                 )
                 .to_string();
-            out.push((section, revision, diff));
+            out.push((section.clone(), revision, diff));
         }
+        let verdict = validate(&current, &changes);
         match self.output {
             Output::Json => {
                 let list: Vec<serde_json::Value> = out
                     .iter()
-                    .map(|(s, r, d)| serde_json::json!({"section": s, "revision": r, "changed": !d.is_empty(), "diff": d}))
+                    .map(|(s, r, d)| serde_json::json!({"section": s, "revision": r, "changed": !d.is_empty(), "diff": d, "refused": verdict.as_ref().err().map(|e| e.to_string())}))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             }
@@ -376,7 +389,8 @@ impl Ctl {
                 }
             }
         }
-        Ok(())
+        // What would be refused is shown, and said by the exit status.
+        verdict
     }
 
     async fn history(&mut self, section: &str, limit: usize) -> anyhow::Result<()> {
