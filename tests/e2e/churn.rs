@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use herd_tests::{
-    Load, Mesh, Report, eventually, first_line_time, fixture, log_time, now_secs,
+    Load, Report, TestMesh, eventually, first_line_time, fixture, log_time, now_secs,
     start_instance_with_env,
 };
 
@@ -22,8 +22,8 @@ fn say(scenario: &str, report: &Report, converged: &str) {
 
 /// A mesh of `per_service` instances of each service under a steady load whose calls have
 /// `deadline`, once the load is flowing.
-async fn under_load(per_service: usize, deadline: Duration) -> anyhow::Result<(Mesh, Load)> {
-    let mesh = Mesh::start(per_service, &fixture()).await?;
+async fn under_load(per_service: usize, deadline: Duration) -> anyhow::Result<(TestMesh, Load)> {
+    let mesh = TestMesh::start(per_service, &fixture()).await?;
     let load = Load::start(&mesh.etcd, WORKERS, PACE, deadline).await?;
     calls(&load, 50).await?;
     Ok((mesh, load))
@@ -326,7 +326,7 @@ async fn e_a_lease_revoked_behind_its_back_is_replaced_within_one_ttl() -> anyho
 }
 
 /// The lease a key is attached to.
-fn lease_of(mesh: &Mesh, key: &str) -> anyhow::Result<i64> {
+fn lease_of(mesh: &TestMesh, key: &str) -> anyhow::Result<i64> {
     let out = mesh.etcd.ctl(&["get", key, "-w", "json"])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     v["kvs"][0]["lease"]
@@ -510,7 +510,7 @@ fn quote_with_10_s_deadline(gateway: &str) -> anyhow::Result<(String, String, Du
 async fn h_with_every_instance_of_a_service_gone_calls_fail_at_once_saying_why()
 -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(1, &fixture()).await?;
+    let mesh = TestMesh::start(1, &fixture()).await?;
     let gateway = mesh.gateways[0].clone();
     let (code, _, _) = quote_with_10_s_deadline(&gateway)?;
     assert_eq!(code, "OK");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 use herd_proto::quote::quote_service_client::QuoteServiceClient;
 use herd_proto::quote::{CreateQuoteRequest, Quote, VerifyQuoteRequest};
-use herd_tests::{Answer, Load, Mesh, call, eventually, fixture, herdctl, now_secs};
+use herd_tests::{Answer, Load, TestMesh, call, eventually, fixture, herdctl, now_secs};
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -50,7 +50,7 @@ fn widget_request(context: Option<herd_proto::context::RequestContext>) -> Creat
 }
 
 /// `herdctl config status --output json`, as (instance id → (applied, rejected revision, reason)).
-fn status(mesh: &Mesh) -> anyhow::Result<BTreeMap<String, (i64, i64, String)>> {
+fn status(mesh: &TestMesh) -> anyhow::Result<BTreeMap<String, (i64, i64, String)>> {
     let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
     let v: Value = serde_json::from_slice(&out.stdout)?;
     Ok(v["instances"]
@@ -77,7 +77,7 @@ fn status(mesh: &Mesh) -> anyhow::Result<BTreeMap<String, (i64, i64, String)>> {
 }
 
 /// Waits until all `n` instances report `revision` applied.
-async fn all_applied(mesh: &Mesh, n: usize, revision: i64) -> anyhow::Result<()> {
+async fn all_applied(mesh: &TestMesh, n: usize, revision: i64) -> anyhow::Result<()> {
     eventually(
         &format!("{n} instances to apply revision {revision}"),
         Duration::from_secs(10),
@@ -97,7 +97,7 @@ async fn put(etcd: &mut etcd_client::Client, key: &str, value: String) -> anyhow
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fifty_price_changes_under_load_never_mix_revisions() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(2, &fixture()).await?;
+    let mesh = TestMesh::start(2, &fixture()).await?;
     let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
     let load = Load::start(
         &mesh.etcd,
@@ -159,7 +159,7 @@ async fn a_fifty_price_changes_under_load_never_mix_revisions() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread")]
 async fn b_a_retry_after_a_change_is_byte_identical_on_another_gateway() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(2, &fixture()).await?;
+    let mesh = TestMesh::start(2, &fixture()).await?;
     let mut g1 = client(&mesh.gateways[0]).await?;
     let mut g2 = client(&mesh.gateways[1]).await?;
     let first = g1.create_quote(widget_request(None)).await?.into_inner();
@@ -190,7 +190,7 @@ async fn b_a_retry_after_a_change_is_byte_identical_on_another_gateway() -> anyh
 #[tokio::test(flavor = "multi_thread")]
 async fn c_an_invalid_value_is_rejected_everywhere_reported_and_harmless() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(2, &fixture()).await?;
+    let mesh = TestMesh::start(2, &fixture()).await?;
     let load = Load::start(
         &mesh.etcd,
         8,
@@ -252,7 +252,7 @@ async fn c_an_invalid_value_is_rejected_everywhere_reported_and_harmless() -> an
 #[tokio::test(flavor = "multi_thread")]
 async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(2, &fixture()).await?;
+    let mesh = TestMesh::start(2, &fixture()).await?;
     let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
     let mut delays = Vec::new();
     for i in 0..100 {
@@ -311,7 +311,7 @@ fn keys_json(keys: &[(&str, u8, bool)]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn e_key_rotation_under_load_fails_no_verification() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(2, &fixture()).await?;
+    let mesh = TestMesh::start(2, &fixture()).await?;
     let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
     let old_token = client(&mesh.gateways[0])
         .await?
@@ -424,7 +424,7 @@ async fn e_key_rotation_under_load_fails_no_verification() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn f_a_compacted_revision_is_failed_precondition() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut mesh = Mesh::start(1, &fixture()).await?;
+    let mut mesh = TestMesh::start(1, &fixture()).await?;
     let first = call(&mesh.gateways[0], "herd.quote.v1.QuoteService/CreateQuote", &json!({
         "context": {"tenantId": "acme"}, "items": [{"sku": "widget", "quantity": 3}], "currency": "EUR", "region": "US-CA"
     }))?
@@ -472,7 +472,7 @@ async fn f_a_compacted_revision_is_failed_precondition() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn herdctl_apply_diff_history_rollback() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start(1, &fixture()).await?;
+    let mesh = TestMesh::start(1, &fixture()).await?;
     let dir = mesh.dir.path();
     let path = |name: &str| dir.join(name).to_string_lossy().to_string();
     std::fs::write(
@@ -588,7 +588,7 @@ fn documented_sections() -> Vec<String> {
 }
 
 /// `herdctl config sections --output json`: every section instances read, with a valid example.
-fn sections(mesh: &Mesh) -> anyhow::Result<Vec<(String, Value)>> {
+fn sections(mesh: &TestMesh) -> anyhow::Result<Vec<(String, Value)>> {
     let out = herdctl(&mesh.etcd, &["config", "sections", "--output", "json"])?;
     anyhow::ensure!(
         out.status.success(),
@@ -610,7 +610,7 @@ fn sections(mesh: &Mesh) -> anyhow::Result<Vec<(String, Value)>> {
 }
 
 /// The newest revision of any configuration key, from `herdctl config status`.
-fn config_revision(mesh: &Mesh) -> anyhow::Result<i64> {
+fn config_revision(mesh: &TestMesh) -> anyhow::Result<i64> {
     let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
     Ok(serde_json::from_slice::<Value>(&out.stdout)?["revision"]
         .as_i64()
@@ -618,7 +618,7 @@ fn config_revision(mesh: &Mesh) -> anyhow::Result<i64> {
 }
 
 /// Waits until all `n` instances applied `revision` and none rejected or ignored anything.
-async fn all_applied_cleanly(mesh: &Mesh, n: usize, revision: i64) -> anyhow::Result<()> {
+async fn all_applied_cleanly(mesh: &TestMesh, n: usize, revision: i64) -> anyhow::Result<()> {
     all_applied(mesh, n, revision).await?;
     let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
     let status: Value = serde_json::from_slice(&out.stdout)?;
@@ -635,7 +635,7 @@ async fn all_applied_cleanly(mesh: &Mesh, n: usize, revision: i64) -> anyhow::Re
 async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
 -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = Mesh::start_seeded(1).await?;
+    let mesh = TestMesh::start_seeded(1).await?;
     let sections = sections(&mesh)?;
     let names: Vec<String> = sections.iter().map(|(name, _)| name.clone()).collect();
     assert_eq!(
@@ -744,7 +744,7 @@ async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
 async fn h_an_instance_started_during_a_bad_rollout_serves_the_newest_valid_revision()
 -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mut mesh = Mesh::start(1, &fixture()).await?;
+    let mut mesh = TestMesh::start(1, &fixture()).await?;
     let good = config_revision(&mesh)?;
     all_applied(&mesh, 4, good).await?;
     mesh.etcd
@@ -851,7 +851,7 @@ async fn i_history_is_bounded_by_bytes_and_an_old_pin_is_read_once() -> anyhow::
     let mut client = herd::etcd::connect(std::slice::from_ref(&etcd.endpoint)).await?;
     let store = herd::ConfigStore::<herd_model::MeshConfig>::start(
         client.clone(),
-        herd::keys::Keys::new("/herd/"),
+        herd::layout::Layout::new("/herd/"),
     );
     tokio::time::timeout(Duration::from_secs(10), store.ready()).await?;
     let first = store.current().map(|s| s.revision).unwrap_or(0);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use herd_tests::{Answer, Mesh, Proc, call, eventually, fixture, grpcurl, health};
+use herd_tests::{Answer, Proc, TestMesh, call, eventually, fixture, grpcurl, health};
 use serde_json::{Value, json};
 
 const QUOTE: &str = "herd.quote.v1.QuoteService";
@@ -85,7 +85,7 @@ fn lamp_unit_price(quote: &Value) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn quotes_are_exact_identical_on_retry_and_verifiable_anywhere() -> anyhow::Result<()> {
-    let mesh = Mesh::start(2, &fixture()).await?;
+    let mesh = TestMesh::start(2, &fixture()).await?;
     let (g1, g2) = (mesh.gateways[0].as_str(), mesh.gateways[1].as_str());
 
     // Reflection: every service, health and reflection are listed; describe works.
@@ -209,7 +209,7 @@ async fn quotes_are_exact_identical_on_retry_and_verifiable_anywhere() -> anyhow
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
-    let mesh = Mesh::start(1, &fixture()).await?;
+    let mesh = TestMesh::start(1, &fixture()).await?;
     let g = mesh.gateways[0].as_str();
     let with = |f: &dyn Fn(&mut Value)| {
         let mut b = basket();
@@ -375,7 +375,7 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> anyhow::Result<()> {
-    let mesh = Mesh::start(2, &fixture()).await?;
+    let mesh = TestMesh::start(2, &fixture()).await?;
     let before = call(
         &mesh.gateways[0],
         &format!("{QUOTE}/CreateQuote"),
@@ -489,7 +489,7 @@ async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_deregisters_first_then_exits_zero() -> anyhow::Result<()> {
-    let mut mesh = Mesh::start(1, &fixture()).await?;
+    let mut mesh = TestMesh::start(1, &fixture()).await?;
     let port = herd_tests::free_port();
     let extra = herd_tests::start_instance(
         "pricing",

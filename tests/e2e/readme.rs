@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use herd_tests::{Mesh, bin_dir, eventually, herdctl};
+use herd_tests::{TestMesh, bin_dir, eventually, herdctl};
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
@@ -40,7 +40,7 @@ fn run(bash: &mut Command, line: &str) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
-    let mesh = Mesh::start_seeded(1).await?;
+    let mesh = TestMesh::start_seeded(1).await?;
     // A second gateway stands in for 127.0.0.1:50052.
     let port = herd_tests::free_port();
     let second = herd_tests::start_instance("gateway", &mesh.etcd, port, mesh.dir.path(), &[])?;
@@ -82,7 +82,7 @@ async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> {
-    let mesh = Mesh::start_seeded(1).await?;
+    let mesh = TestMesh::start_seeded(1).await?;
     let dir = mesh.dir.path();
     let limits = dir.join("limits.json");
     std::fs::write(&limits, r#"{"max_items":7,"max_quantity":70}"#)?;

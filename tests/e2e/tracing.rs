@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use herd_tests::otlp::{CLIENT, Receiver, SERVER, Span};
-use herd_tests::{Mesh, call, eventually, fixture, grpcurl, herdctl};
+use herd_tests::{TestMesh, call, eventually, fixture, grpcurl, herdctl};
 use serde_json::{Value, json};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -22,7 +22,7 @@ fn basket(request_id: &str) -> Value {
 }
 
 /// Everything the (first) gateway logged.
-fn gateway_log(mesh: &Mesh) -> String {
+fn gateway_log(mesh: &TestMesh) -> String {
     mesh.logs_of(&["gateway"])
         .into_iter()
         .next()
@@ -31,7 +31,7 @@ fn gateway_log(mesh: &Mesh) -> String {
 }
 
 /// Sets the sampling ratio through etcd and waits until the gateway applies it.
-async fn set_ratio(mesh: &Mesh, ratio: &str) -> anyhow::Result<()> {
+async fn set_ratio(mesh: &TestMesh, ratio: &str) -> anyhow::Result<()> {
     let value = format!(r#"{{"sampling_ratio":{ratio}}}"#);
     mesh.etcd.put("/herd/config/telemetry", &value)?;
     let applied = format!("sampling ratio applied ratio={ratio}");
@@ -144,7 +144,7 @@ fn trace_of_request(receiver: &Receiver, request_id: &str) -> Option<Vec<Span>> 
 async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
-    let mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
     call(&mesh.gateways[0], CREATE, &basket("trace-a"))?.ok()?;
     let found = eventually(
         "the quote's trace, complete",
@@ -216,7 +216,7 @@ async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
 async fn b_fifty_quotes_over_two_instances_each_are_all_complete() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
-    let mesh = Mesh::start_traced(2, &fixture(), &receiver.endpoint).await?;
+    let mesh = TestMesh::start_traced(2, &fixture(), &receiver.endpoint).await?;
     let ids: Vec<String> = (0..50).map(|i| format!("trace-b-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
         call(&mesh.gateways[i % 2], CREATE, &basket(id))?.ok()?;
@@ -246,7 +246,7 @@ async fn b_fifty_quotes_over_two_instances_each_are_all_complete() -> anyhow::Re
 async fn c_a_callers_traceparent_is_honoured() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
-    let mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
     let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let header = format!("traceparent: 00-{trace}-{parent}-01");
     let body = basket("trace-c").to_string();
@@ -281,7 +281,7 @@ async fn c_a_callers_traceparent_is_honoured() -> anyhow::Result<()> {
 async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
-    let mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
     set_ratio(&mesh, "0").await?;
     for i in 0..10 {
         call(
@@ -362,12 +362,12 @@ async fn median_latency(gateway: &str, n: usize) -> anyhow::Result<Duration> {
 async fn e_a_collector_that_is_down_costs_requests_nothing() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
-    let up = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let up = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
     let with_collector = median_latency(&up.gateways[0], 300).await?;
     drop(up);
     // Nothing listens on this port: every export fails.
     let down_endpoint = format!("http://127.0.0.1:{}", herd_tests::free_port());
-    let down = Mesh::start_traced(1, &fixture(), &down_endpoint).await?;
+    let down = TestMesh::start_traced(1, &fixture(), &down_endpoint).await?;
     let without = median_latency(&down.gateways[0], 300).await?;
     println!(
         "REPORT tracing e: median CreateQuote latency over 300 calls: collector up {:.3} ms, collector down {:.3} ms",
@@ -386,7 +386,7 @@ async fn e_a_collector_that_is_down_costs_requests_nothing() -> anyhow::Result<(
 async fn f_spans_of_calls_served_before_sigterm_reach_the_collector() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
-    let mut mesh = Mesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    let mut mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
     let index = mesh
         .instances
         .iter()

@@ -367,7 +367,7 @@ pub fn health(address: &str, service: &str) -> Option<String> {
 pub const SERVICES: [&str; 4] = ["tax", "currency", "pricing", "gateway"];
 
 /// A whole mesh: etcd, configuration, and `per_service` instances of each service.
-pub struct Mesh {
+pub struct TestMesh {
     /// The etcd every instance uses.
     pub etcd: Etcd,
     /// Running instances by service.
@@ -380,7 +380,7 @@ pub struct Mesh {
     pub env: Vec<(String, String)>,
 }
 
-impl Mesh {
+impl TestMesh {
     /// Starts etcd, writes `config` (section, JSON) with etcdctl, starts the instances (tax and
     /// currency on port 0, the others on free ports) and waits until every one is registered and
     /// every gateway reports SERVING.
@@ -392,7 +392,7 @@ impl Mesh {
         Self::launch(etcd, per_service, Vec::new()).await
     }
 
-    /// As [`Mesh::start`], every instance exporting spans to `otlp_endpoint`.
+    /// As [`TestMesh::start`], every instance exporting spans to `otlp_endpoint`.
     pub async fn start_traced(
         per_service: usize,
         config: &[(&str, String)],
@@ -410,7 +410,7 @@ impl Mesh {
     }
 
     /// Starts etcd, seeds the demo configuration with `herdctl config seed` (as `make run` does),
-    /// and starts the instances as [`Mesh::start`] does.
+    /// and starts the instances as [`TestMesh::start`] does.
     pub async fn start_seeded(per_service: usize) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
         let out = herdctl(&etcd, &["config", "seed"])?;
@@ -553,7 +553,7 @@ pub fn first_line_time(log: &str, since: f64, needles: &[&str]) -> Option<f64> {
         .find(|t| *t >= since)
 }
 
-impl Mesh {
+impl TestMesh {
     /// The registration (`instance_id`, `address`) of the process with `pid`, from etcd.
     pub fn registration_of(&self, pid: u32) -> Option<(String, String)> {
         self.etcd
@@ -653,8 +653,11 @@ impl Load {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let client = herd::etcd::connect(std::slice::from_ref(&etcd.endpoint)).await?;
-        let resolver =
-            herd::discovery::Resolver::start(client, &herd::keys::Keys::new("/herd/"), "gateway");
+        let resolver = herd::discovery::Resolver::start(
+            client,
+            &herd::layout::Layout::new("/herd/"),
+            "gateway",
+        );
         let channel = herd::MeshChannel::new("gateway", resolver.subscribe());
         eventually(
             "a gateway to be ready for the load",

@@ -129,7 +129,7 @@ impl Default for Limits {
 /// `/herd/config/keys`: Ed25519 signing keys for quote tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Keys {
+pub struct SigningKeys {
     /// The keys; exactly one is active (signs), the others still verify until removed.
     pub keys: Vec<KeyEntry>,
 }
@@ -332,7 +332,7 @@ impl Section for Limits {
     }
 }
 
-impl Section for Keys {
+impl Section for SigningKeys {
     const NAME: &'static str = "keys";
     const ABOUT: &'static str = "Ed25519 keys that sign quote tokens";
     fn example() -> String {
@@ -367,7 +367,7 @@ impl std::fmt::Debug for KeyRing {
 
 impl KeyRing {
     /// Decodes and checks the keys section: unique ids, 32-byte secrets, exactly one active.
-    pub fn from_section(section: &Keys) -> Result<Self, String> {
+    pub fn from_section(section: &SigningKeys) -> Result<Self, String> {
         let mut keys = HashMap::new();
         let mut active = Vec::new();
         for (i, entry) in section.keys.iter().enumerate() {
@@ -455,7 +455,7 @@ impl ConfigModel for MeshConfig {
             SectionSpec::required::<Fx>(),
             SectionSpec::defaulted::<QuoteSettings>(),
             SectionSpec::defaulted::<Limits>(),
-            SectionSpec::required::<Keys>(),
+            SectionSpec::required::<SigningKeys>(),
         ]
     }
 
@@ -471,7 +471,7 @@ impl ConfigModel for MeshConfig {
                 ),
             ));
         }
-        let keys: Arc<Keys> = sections.get()?;
+        let keys: Arc<SigningKeys> = sections.get()?;
         let keys = KeyRing::from_section(&keys).map_err(|m| ConfigError::new("keys", m))?;
         Ok(Self {
             catalog,
@@ -591,7 +591,7 @@ mod tests {
             s = BASE64.encode([1u8; 32])
         );
         assert!(
-            parse_section::<Keys>(two.as_bytes())
+            parse_section::<SigningKeys>(two.as_bytes())
                 .unwrap_err()
                 .message
                 .contains("exactly one")
@@ -600,6 +600,6 @@ mod tests {
             r#"{{"keys":[{{"id":"a","secret":"{}"}}]}}"#,
             BASE64.encode([1u8; 32])
         );
-        assert!(parse_section::<Keys>(none.as_bytes()).is_err());
+        assert!(parse_section::<SigningKeys>(none.as_bytes()).is_err());
     }
 }

@@ -134,11 +134,11 @@ pub fn quote_id(tenant_id: &str, request_id: &str, accepted_at: &prost_types::Ti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sections::{KeyEntry, Keys};
+    use crate::sections::{KeyEntry, SigningKeys};
     use base64::engine::general_purpose::STANDARD;
 
     fn ring(active: &str, ids: &[&str]) -> KeyRing {
-        let keys = Keys {
+        let keys = SigningKeys {
             keys: ids
                 .iter()
                 .enumerate()

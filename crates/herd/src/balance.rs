@@ -542,7 +542,7 @@ impl Stream for EndpointDiscover {
 pub(crate) mod tests {
     use super::*;
     use crate::discovery::Resolver;
-    use crate::keys::InstanceInfo;
+    use crate::instance::InstanceInfo;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
 

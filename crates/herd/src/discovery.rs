@@ -8,7 +8,8 @@ use std::sync::Arc;
 use etcd_client::{Client, EventType};
 use tokio::sync::watch;
 
-use crate::keys::{InstanceInfo, Keys};
+use crate::instance::InstanceInfo;
+use crate::layout::Layout;
 use crate::watch::{Follower, Update};
 
 /// The instances of a service, by instance id.
@@ -25,10 +26,10 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Starts watching `service`'s registrations under `keys` in the background.
-    pub fn start(client: Client, keys: &Keys, service: &str) -> Self {
+    /// Starts watching `service`'s registrations under `layout` in the background.
+    pub fn start(client: Client, layout: &Layout, service: &str) -> Self {
         let (tx, rx) = watch::channel(None);
-        let prefix = keys.service_prefix(service);
+        let prefix = layout.service_prefix(service);
         let task = tokio::spawn(run(client, prefix, tx));
         Self {
             rx,

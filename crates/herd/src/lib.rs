@@ -1,7 +1,8 @@
 //! herd's runtime: everything that turns a tonic service into a stateless mesh worker.
 //!
 //! - [`settings`]: the process interface every herd binary shares (`--listen`, `--etcd`, `--prefix`).
-//! - [`keys`]: the layout of herd's keys in etcd.
+//! - [`layout`]: where herd's keys are in etcd.
+//! - [`instance`]: what an instance says about itself there (registration, status).
 //! - [`etcd`]: connecting to etcd with the keepalive settings etcd tolerates.
 //! - [`registry`]: registration of an instance under a lease that is kept alive and renewed.
 //! - [`discovery`]: a snapshot-then-watch view of a service's live instances.
@@ -19,7 +20,8 @@ mod connection;
 pub mod context;
 pub mod discovery;
 pub mod etcd;
-pub mod keys;
+pub mod instance;
+pub mod layout;
 pub mod registry;
 pub mod server;
 pub mod settings;

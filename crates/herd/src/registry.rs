@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::keys::InstanceInfo;
+use crate::instance::InstanceInfo;
 
 /// Bound on one etcd call made while registering or deregistering.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);

@@ -27,7 +27,8 @@ use crate::balance::MeshChannel;
 use crate::config::ConfigStatus;
 use crate::config::{ConfigModel, ConfigStore};
 use crate::discovery::Resolver;
-use crate::keys::{InstanceInfo, InstanceStatus, Keys};
+use crate::instance::{InstanceInfo, InstanceStatus};
+use crate::layout::Layout;
 use crate::registry::Registration;
 use crate::settings::Settings;
 
@@ -78,7 +79,7 @@ pub struct Mesh {
     settings: Settings,
     service: String,
     instance_id: String,
-    keys: Keys,
+    layout: Layout,
     etcd: Client,
     channels: Mutex<HashMap<String, (MeshChannel, Resolver)>>,
     ready: Vec<BoxFuture<'static, ()>>,
@@ -95,7 +96,7 @@ impl Mesh {
     ) -> anyhow::Result<Self> {
         let etcd = crate::etcd::connect(&settings.etcd_endpoints).await?;
         Ok(Self {
-            keys: Keys::new(settings.prefix.clone()),
+            layout: Layout::new(settings.prefix.clone()),
             settings,
             service: service.to_string(),
             instance_id,
@@ -123,15 +124,15 @@ impl Mesh {
         &self.etcd
     }
 
-    /// The key layout.
-    pub fn keys(&self) -> &Keys {
-        &self.keys
+    /// Where herd's keys are in etcd.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// The typed shared configuration: the runtime's sections and `M`'s. The instance reports
     /// SERVING only once it is loaded. Call it once per instance.
     pub fn config<M: ConfigModel>(&mut self) -> ConfigStore<M> {
-        let store = ConfigStore::<M>::start(self.etcd.clone(), self.keys.clone());
+        let store = ConfigStore::<M>::start(self.etcd.clone(), self.layout.clone());
         let waiter = store.clone();
         self.ready
             .push(Box::pin(async move { waiter.ready().await }));
@@ -158,7 +159,7 @@ impl Mesh {
         channels
             .entry(service.to_string())
             .or_insert_with(|| {
-                let resolver = Resolver::start(self.etcd.clone(), &self.keys, service);
+                let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
                 (MeshChannel::new(service, resolver.subscribe()), resolver)
             })
             .0
@@ -213,7 +214,7 @@ impl Mesh {
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            let key = self.keys.instance(&self.service, &self.instance_id);
+            let key = self.layout.instance(&self.service, &self.instance_id);
             let mut backoff = Duration::from_millis(100);
             loop {
                 match Registration::start(
@@ -247,7 +248,7 @@ impl Mesh {
             let mirror = mirror_registration(health.clone(), registration.subscribe());
             let status = publish_status(
                 registration,
-                self.keys.status(&self.service, &self.instance_id),
+                self.layout.status(&self.service, &self.instance_id),
                 InstanceStatus {
                     service: self.service.clone(),
                     instance_id: self.instance_id.clone(),

@@ -10,7 +10,8 @@ use clap::Subcommand;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use herd::Registry;
 use herd::config::Presence;
-use herd::keys::{InstanceStatus, Keys};
+use herd::instance::InstanceStatus;
+use herd::layout::Layout;
 use herd_model::MeshConfig;
 use serde::{Deserialize, Serialize};
 
@@ -93,7 +94,7 @@ pub struct Ctl {
     /// etcd.
     pub client: Client,
     /// The key layout.
-    pub keys: Keys,
+    pub layout: Layout,
     /// How to print.
     pub output: Output,
 }
@@ -212,7 +213,7 @@ impl Ctl {
         let resp = self
             .client
             .get(
-                self.keys.config_prefix(),
+                self.layout.config_prefix(),
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
@@ -223,7 +224,7 @@ impl Ctl {
             .filter_map(|kv| {
                 let name = std::str::from_utf8(kv.key())
                     .ok()
-                    .and_then(|k| self.keys.section_of(k))?;
+                    .and_then(|k| self.layout.section_of(k))?;
                 Some((
                     name.to_string(),
                     Stored {
@@ -250,7 +251,7 @@ impl Ctl {
                     .iter()
                     .map(|s| {
                         serde_json::json!({
-                            "section": s.name(), "key": self.keys.config(s.name()),
+                            "section": s.name(), "key": self.layout.config(s.name()),
                             "presence": presence(s.presence()), "about": s.about(),
                             "seeded": s.seeded(),
                             "example": serde_json::from_str::<serde_json::Value>(&s.example())
@@ -280,9 +281,9 @@ impl Ctl {
         let (current, _) = self.current().await?;
         let stored = current
             .get(section)
-            .with_context(|| format!("{} is not set", self.keys.config(section)))?;
+            .with_context(|| format!("{} is not set", self.layout.config(section)))?;
         let value: serde_json::Value = serde_json::from_slice(&stored.value)
-            .with_context(|| format!("{} holds invalid JSON", self.keys.config(section)))?;
+            .with_context(|| format!("{} holds invalid JSON", self.layout.config(section)))?;
         match self.output {
             Output::Json => println!(
                 "{}",
@@ -310,14 +311,14 @@ impl Ctl {
         let mut guards = Vec::new();
         let mut ops = Vec::new();
         for (section, raw) in &changes {
-            let key = self.keys.config(section);
+            let key = self.layout.config(section);
             guards.push(match current.get(section) {
                 Some(s) => Compare::mod_revision(key.as_str(), CompareOp::Equal, s.mod_revision),
                 None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
             });
             ops.push(TxnOp::put(key.as_str(), raw.clone(), None));
             ops.push(TxnOp::put(
-                self.keys.config_meta(section),
+                self.layout.config_meta(section),
                 note.as_str(),
                 None,
             ));
@@ -340,7 +341,7 @@ impl Ctl {
             ),
             Output::Table => {
                 for name in names {
-                    println!("wrote {} at revision {revision}", self.keys.config(name));
+                    println!("wrote {} at revision {revision}", self.layout.config(name));
                 }
             }
         }
@@ -395,8 +396,8 @@ impl Ctl {
 
     async fn history(&mut self, section: &str, limit: usize) -> anyhow::Result<()> {
         known(section)?;
-        let key = self.keys.config(section);
-        let meta = self.keys.config_meta(section);
+        let key = self.layout.config(section);
+        let meta = self.layout.config_meta(section);
         let mut rows = Vec::new();
         let mut at = 0; // 0 reads the newest
         let mut end = None;
@@ -469,7 +470,7 @@ impl Ctl {
 
     async fn rollback(&mut self, section: &str, to: i64) -> anyhow::Result<()> {
         known(section)?;
-        let key = self.keys.config(section);
+        let key = self.layout.config(section);
         let resp = self
             .client
             .get(key.as_str(), Some(GetOptions::new().with_revision(to)))
@@ -501,7 +502,7 @@ impl Ctl {
         let resp = self
             .client
             .get(
-                self.keys.status_prefix(),
+                self.layout.status_prefix(),
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
@@ -549,7 +550,7 @@ impl Ctl {
 
     async fn seed(&mut self) -> anyhow::Result<()> {
         for (section, value) in herd_model::demo::sections() {
-            let key = self.keys.config(section);
+            let key = self.layout.config(section);
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.as_str(), value, None)]);

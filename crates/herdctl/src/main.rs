@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use etcd_client::{Client, GetOptions};
-use herd::keys::{InstanceInfo, Keys};
+use herd::instance::InstanceInfo;
+use herd::layout::Layout;
 
 /// Operate a herd mesh: shared configuration and live instances.
 #[derive(Debug, Parser)]
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     use anyhow::Context;
-    let keys = Keys::new(cli.prefix.clone());
+    let layout = Layout::new(cli.prefix.clone());
     let client = herd::etcd::connect(&cli.etcd_endpoints)
         .await
         .with_context(|| format!("connecting to etcd at {}", cli.etcd_endpoints.join(",")))?;
@@ -64,27 +65,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config { command } => {
             config::Ctl {
                 client,
-                keys,
+                layout,
                 output: cli.output,
             }
             .run(command)
             .await
         }
         Command::Instances { service } => {
-            instances(client, &keys, service.as_deref(), cli.output).await
+            instances(client, &layout, service.as_deref(), cli.output).await
         }
     }
 }
 
 async fn instances(
     mut client: Client,
-    keys: &Keys,
+    layout: &Layout,
     service: Option<&str>,
     output: Output,
 ) -> anyhow::Result<()> {
     let prefix = match service {
-        Some(s) => keys.service_prefix(s),
-        None => keys.services_prefix(),
+        Some(s) => layout.service_prefix(s),
+        None => layout.services_prefix(),
     };
     let resp = client
         .get(prefix, Some(GetOptions::new().with_prefix()))

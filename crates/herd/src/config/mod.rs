@@ -29,7 +29,7 @@ pub use section::{
     parse_section, runtime_sections,
 };
 
-use crate::keys::Keys;
+use crate::layout::Layout;
 use crate::watch::{Follower, Update};
 
 /// Most recent snapshots kept in memory for requests pinned to them...
@@ -135,12 +135,12 @@ struct Inner<M> {
     status: watch::Sender<ConfigStatus>,
     runtime: watch::Sender<RuntimeConfig>,
     client: Client,
-    keys: Keys,
+    layout: Layout,
 }
 
 impl<M: ConfigModel> ConfigStore<M> {
-    /// Starts loading and watching the configuration under `keys` in the background.
-    pub fn start(client: Client, keys: Keys) -> Self {
+    /// Starts loading and watching the configuration under `layout` in the background.
+    pub fn start(client: Client, layout: Layout) -> Self {
         let inner = Arc::new(Inner {
             registry: Registry::of::<M>(),
             current: ArcSwapOption::empty(),
@@ -149,7 +149,7 @@ impl<M: ConfigModel> ConfigStore<M> {
             status: watch::Sender::new(ConfigStatus::default()),
             runtime: watch::Sender::new(RuntimeConfig::default()),
             client,
-            keys,
+            layout,
         });
         tokio::spawn(run(Arc::downgrade(&inner)));
         Self { inner }
@@ -269,7 +269,7 @@ impl<M: ConfigModel> Inner<M> {
         let mut client = self.client.clone();
         let resp = client
             .get(
-                self.keys.config_prefix(),
+                self.layout.config_prefix(),
                 Some(GetOptions::new().with_prefix().with_revision(revision)),
             )
             .await
@@ -301,7 +301,7 @@ impl<M: ConfigModel> Inner<M> {
         let history = self.history.load();
         let raw = kvs.iter().filter_map(|kv| {
             let key = std::str::from_utf8(kv.key()).ok()?;
-            Some((self.keys.section_of(key)?, kv.value(), kv.mod_revision()))
+            Some((self.layout.section_of(key)?, kv.value(), kv.mod_revision()))
         });
         let sections = self.registry.parse(raw, |name, mod_revision| {
             history
@@ -375,7 +375,7 @@ impl<M: ConfigModel> Inner<M> {
             Err(error) => {
                 tracing::warn!(
                     revision,
-                    key = %self.keys.config(&error.section),
+                    key = %self.layout.config(&error.section),
                     reason = %error.message,
                     "configuration rejected; keeping the last good one"
                 );
@@ -397,7 +397,7 @@ impl<M: ConfigModel> Inner<M> {
             .with_prefix()
             .with_count_only()
             .with_revision(newest);
-        match client.get(self.keys.config_prefix(), Some(options)).await {
+        match client.get(self.layout.config_prefix(), Some(options)).await {
             Ok(resp) if usize::try_from(resp.count()).ok() == Some(keys) => newest,
             _ => read_at,
         }
@@ -407,7 +407,7 @@ impl<M: ConfigModel> Inner<M> {
     /// still holds, so that an instance starting during a bad rollout can serve.
     async fn walk_back(&self, rejected: i64) -> Option<Snapshot<M>> {
         let mut client = self.client.clone();
-        let prefix = self.keys.config_prefix();
+        let prefix = self.layout.config_prefix();
         let mut at = rejected - 1;
         for _ in 0..WALK_BACK_STEPS {
             if at <= 0 {
@@ -455,16 +455,19 @@ fn held_bytes<M>(snapshots: &[Arc<Snapshot<M>>]) -> usize {
 type Raw = BTreeMap<String, (Vec<u8>, i64)>;
 
 async fn run<M: ConfigModel>(inner: Weak<Inner<M>>) {
-    let Some((client, keys)) = inner.upgrade().map(|i| (i.client.clone(), i.keys.clone())) else {
+    let Some((client, layout)) = inner
+        .upgrade()
+        .map(|i| (i.client.clone(), i.layout.clone()))
+    else {
         return;
     };
     let section_of = |key: &[u8]| {
         std::str::from_utf8(key)
             .ok()
-            .and_then(|k| keys.section_of(k))
+            .and_then(|k| layout.section_of(k))
             .map(str::to_string)
     };
-    let mut follower = Follower::new(client, keys.config_prefix());
+    let mut follower = Follower::new(client, layout.config_prefix());
     let mut raw = Raw::new();
     loop {
         let update = follower.next().await;

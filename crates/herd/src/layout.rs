@@ -3,15 +3,13 @@
 //! `<prefix>services/<service>/<instance-id>` for registrations and
 //! `<prefix>status/<service>/<instance-id>` for what each instance has applied.
 
-use serde::{Deserialize, Serialize};
-
-/// Key layout under one prefix.
+/// Where herd's keys are, under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Keys {
+pub struct Layout {
     prefix: String,
 }
 
-impl Keys {
+impl Layout {
     /// A layout under `prefix`, which must end with `/`.
     pub fn new(prefix: impl Into<String>) -> Self {
         let mut prefix = prefix.into();
@@ -74,39 +72,13 @@ impl Keys {
     }
 }
 
-/// What an instance writes under its registration key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceInfo {
-    /// Service name, for example `pricing`.
-    pub service: String,
-    /// Unique id of this instance.
-    pub instance_id: String,
-    /// The address the instance actually bound, `host:port`.
-    pub address: String,
-    /// Process id, to help operators.
-    pub pid: u32,
-    /// Version of the binary.
-    pub version: String,
-}
-
-/// What an instance publishes about itself under its status key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceStatus {
-    /// Service name.
-    pub service: String,
-    /// Instance id.
-    pub instance_id: String,
-    /// The configuration revision applied and the latest one rejected.
-    pub config: crate::config::ConfigStatus,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn layout() {
-        let k = Keys::new("/herd");
+        let k = Layout::new("/herd");
         assert_eq!(k.config("catalog"), "/herd/config/catalog");
         assert_eq!(k.instance("tax", "i1"), "/herd/services/tax/i1");
         assert_eq!(k.section_of("/herd/config/fx"), Some("fx"));
