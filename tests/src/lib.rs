@@ -698,7 +698,7 @@ impl Load {
                             if let Err(status) = result {
                                 *r.failed.entry(format!("{:?}", status.code())).or_default() += 1;
                                 if r.samples.len() < 5 {
-                                    r.samples.push(status.message().to_string());
+                                    r.samples.push(status.to_string());
                                 }
                             }
                         }

@@ -53,7 +53,7 @@ impl Gateway {
                 .config
                 .current()
                 .map(|s| s.revision)
-                .ok_or_else(|| Status::unavailable("configuration not loaded yet"))?;
+                .ok_or(herd::error::RevisionError::NotLoaded)?;
         }
         Ok(ctx)
     }
@@ -110,7 +110,7 @@ impl Gateway {
         };
         let lines = herd::context::call(deadline, &self.pricing, PRICE_ITEMS, &pricing_request)
             .await
-            .map_err(|s| herd::context::relay("pricing", s))?
+            .map_err(|s| herd::error::relay("pricing", s))?
             .lines;
 
         let quote = basket::quote(
@@ -148,7 +148,7 @@ impl Gateway {
         let snapshot = self
             .config
             .current()
-            .ok_or_else(|| Status::unavailable("configuration not loaded yet"))?;
+            .ok_or(herd::error::RevisionError::NotLoaded)?;
         let now = now().seconds;
         let quote = match token::verify(&req.token, &snapshot.model.keys, now) {
             // Signed with a key from a revision this instance has not applied yet (a rotation

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    herd::server::run_binary("gateway", "127.0.0.1:50051", |mesh| {
+    herd::binary::run_binary("gateway", "127.0.0.1:50051", |mesh| {
         let config = mesh.config();
         let gateway = herd_gateway::Gateway::new(config, mesh.channel("pricing"));
         async move { Ok(herd::Services::new().with(gateway.into_server())) }

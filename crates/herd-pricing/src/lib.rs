@@ -74,7 +74,7 @@ impl Pricing {
         };
         let taxes = herd::context::call(deadline, &self.tax, COMPUTE_TAX, &tax_request)
             .await
-            .map_err(|s| herd::context::relay("tax", s))?
+            .map_err(|s| herd::error::relay("tax", s))?
             .taxes;
         // unit price, gross, discount and tax of every line, converted in one call.
         let amounts = basket::to_convert(&priced, &taxes, &config.catalog.currency)?;
@@ -85,7 +85,7 @@ impl Pricing {
         };
         let converted = herd::context::call(deadline, &self.currency, CONVERT, &convert_request)
             .await
-            .map_err(|s| herd::context::relay("currency", s))?
+            .map_err(|s| herd::error::relay("currency", s))?
             .amounts;
         let lines = basket::quote_lines(&req.items, priced, &converted, &req.currency)?;
         Ok(Response::new(PriceItemsResponse { lines }))

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    herd::server::run_binary("pricing", "127.0.0.1:0", |mesh| {
+    herd::binary::run_binary("pricing", "127.0.0.1:0", |mesh| {
         let config = mesh.config();
         let pricing =
             herd_pricing::Pricing::new(config, mesh.channel("tax"), mesh.channel("currency"));

@@ -37,6 +37,7 @@ use tower::{BoxError, Service};
 
 use crate::connection::{Answer, Connection, Outgoing, streamed};
 use crate::discovery::Discovered;
+use crate::error::{CallError, with_causes};
 
 /// Latency assumed for an endpoint before it has answered anything.
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
@@ -72,14 +73,14 @@ impl Pool {
     /// Why no call can be served now and none should wait: no instance registered, or every
     /// known one failed. `None` while something may still come (discovery or a first connection
     /// pending, or an endpoint serving).
-    fn hopeless(&self, service: &str) -> Option<tonic::Status> {
+    fn hopeless(&self, service: &Arc<str>) -> Option<CallError> {
         if !self.resolved {
             return None;
         }
         if self.endpoints.is_empty() {
-            return Some(tonic::Status::unavailable(format!(
-                "{service}: no instance registered"
-            )));
+            return Some(CallError::NoInstance {
+                service: service.clone(),
+            });
         }
         let (mut not_serving, mut unreachable, mut why) = (0, 0, None);
         for state in self.endpoints.values() {
@@ -92,8 +93,6 @@ impl Pool {
                 }
             }
         }
-        let known = self.endpoints.len();
-        let plural = if known == 1 { "" } else { "s" };
         let mut reasons = Vec::new();
         if not_serving > 0 {
             reasons.push(format!("{not_serving} not serving"));
@@ -101,10 +100,11 @@ impl Pool {
         if let Some(why) = why {
             reasons.push(format!("{unreachable} unreachable: {why}"));
         }
-        Some(tonic::Status::unavailable(format!(
-            "{service}: {known} instance{plural} known, none serving ({})",
-            reasons.join("; ")
-        )))
+        Some(CallError::NoneServing {
+            service: service.clone(),
+            known: self.endpoints.len(),
+            why: reasons.join("; "),
+        })
     }
 }
 
@@ -198,7 +198,7 @@ impl MeshChannel {
 impl MeshChannel {
     /// Sends `request` to an endpoint the balancer picks; resolves once the answer's head arrives.
     /// Fails at once with `UNAVAILABLE` when no endpoint can serve (see the module docs).
-    pub(crate) async fn send(&self, request: Outgoing) -> Result<Answer, BoxError> {
+    pub(crate) async fn send(&self, request: Outgoing) -> Result<Answer, CallError> {
         let shared = &self.inner;
         let sending = {
             let mut balancer = shared.balancer.lock().await;
@@ -212,14 +212,16 @@ impl MeshChannel {
                         biased;
                         ready = std::future::poll_fn(|cx| balancer.poll_ready(cx)) => ready,
                         // Nothing is ready and nothing more may come: do not wait for the deadline.
-                        status = hopeless(&mut pool, &shared.service) => return Err(Box::new(status)),
+                        error = hopeless(&mut pool, &shared.service) => return Err(error),
                     }
                 }
             };
-            ready.map_err(|e| not_processed(&shared.service, e))?;
+            ready.map_err(|e| CallError::not_sent(&shared.service, &*e))?;
             balancer.call(request)
         };
-        sending.await.map_err(|e| not_processed(&shared.service, e))
+        sending
+            .await
+            .map_err(|e| CallError::not_sent(&shared.service, &*e))
     }
 }
 
@@ -236,12 +238,17 @@ impl Service<http::Request<Body>> for MeshChannel {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let channel = self.clone();
-        Box::pin(async move { Ok(streamed(channel.send(request.into()).await?)) })
+        Box::pin(async move {
+            match channel.send(request.into()).await {
+                Ok(answer) => Ok(streamed(answer)),
+                Err(e) => Err(Box::new(tonic::Status::from(e)) as BoxError),
+            }
+        })
     }
 }
 
 /// Completes once the pool says no call can be served (see [`Pool::hopeless`]).
-async fn hopeless(pool: &mut watch::Receiver<Pool>, service: &str) -> tonic::Status {
+async fn hopeless(pool: &mut watch::Receiver<Pool>, service: &Arc<str>) -> CallError {
     let mut why = None;
     // The sender lives as long as the channel's tracker; if it is gone, keep waiting (the
     // caller's deadline bounds the call).
@@ -255,23 +262,9 @@ async fn hopeless(pool: &mut watch::Receiver<Pool>, service: &str) -> tonic::Sta
     {
         std::future::pending::<()>().await;
     }
-    why.unwrap_or_else(|| tonic::Status::unavailable(format!("{service}: no instance serving")))
-}
-
-/// Every error on this path came before any response: the connection failed or broke, or the
-/// balancer is gone. gRPC calls that UNAVAILABLE, which callers may retry; statuses the server
-/// sent arrive as responses and are not touched.
-fn not_processed(service: &str, error: BoxError) -> BoxError {
-    if error.is::<tonic::Status>() {
-        return error;
-    }
-    let mut message = format!("{service}: no response: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    Box::new(tonic::Status::unavailable(message))
+    why.unwrap_or_else(|| CallError::NoInstance {
+        service: service.clone(),
+    })
 }
 
 /// gRPC A6's retry throttle: every retryable failure costs a token, every success earns back a
@@ -443,23 +436,12 @@ async fn probe(service: String, id: String, address: String, pool: watch::Sender
                     }
                 }
             },
-            Err(e) => set(State::Unreachable(unreachable(&*e))),
+            Err(e) => set(State::Unreachable(with_causes(&*e))),
         }
         let jitter = rand::rng().random_range(0.5..1.5);
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
         backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
     }
-}
-
-/// Why a connection could not be made, with its causes (the innermost says the most).
-fn unreachable(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    message
 }
 
 /// A new connection to `authority` and the health Watch stream opened over it.

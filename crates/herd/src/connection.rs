@@ -23,6 +23,8 @@ use http_body::Frame;
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
+
+use crate::error::CallError;
 use tower::{BoxError, Service};
 
 /// Bound on establishing a connection to one endpoint.
@@ -349,28 +351,29 @@ impl http_body::Body for AnswerBody {
 
 /// Reads a unary call's answer to its end: the message's bytes (without the frame header), or
 /// the status that ended the call.
-pub(crate) async fn read_unary(answer: Answer) -> Result<Bytes, Status> {
+pub(crate) async fn read_unary(answer: Answer) -> Result<Bytes, CallError> {
     let (head, mut body) = answer.into_parts();
     if head.status != StatusCode::OK {
-        return Err(from_http_status(head.status));
+        return Err(CallError::HttpStatus(head.status));
     }
     // A "trailers-only" answer: the status is in the head, and nothing follows.
     if let Some(end) = grpc_status(&head.headers) {
-        return Err(end
-            .err()
-            .unwrap_or_else(|| Status::internal("the answer has no message")));
+        return Err(end.err().map_or_else(
+            || CallError::Malformed("the answer has no message".into()),
+            CallError::Refused,
+        ));
     }
     let mut received = Received::Nothing;
     while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(broken)?;
+        let chunk = chunk?;
         let _ = body.flow_control().release_capacity(chunk.len());
         received.push(chunk)?;
     }
-    let trailers = body.trailers().await.map_err(broken)?;
+    let trailers = body.trailers().await?;
     match trailers.as_ref().and_then(grpc_status) {
         Some(Ok(())) => unframe(received.into_bytes()),
-        Some(Err(status)) => Err(status),
-        None => Err(Status::unknown("the answer ended without a grpc-status")),
+        Some(Err(status)) => Err(CallError::Refused(status)),
+        None => Err(CallError::NoStatus),
     }
 }
 
@@ -382,16 +385,14 @@ enum Received {
 }
 
 impl Received {
-    fn push(&mut self, chunk: Bytes) -> Result<(), Status> {
+    fn push(&mut self, chunk: Bytes) -> Result<(), CallError> {
         let len = match self {
             Received::Nothing => 0,
             Received::One(b) => b.len(),
             Received::Many(b) => b.len(),
         };
         if len + chunk.len() > MAX_ANSWER + FRAME_HEADER {
-            return Err(Status::resource_exhausted(format!(
-                "answer larger than {MAX_ANSWER} bytes"
-            )));
+            return Err(CallError::TooLarge { limit: MAX_ANSWER });
         }
         match self {
             Received::Nothing => *self = Received::One(chunk),
@@ -416,19 +417,19 @@ impl Received {
 }
 
 /// The single message of a unary answer, without its frame header.
-fn unframe(frame: Bytes) -> Result<Bytes, Status> {
+fn unframe(frame: Bytes) -> Result<Bytes, CallError> {
     let Some(header) = frame.get(..FRAME_HEADER) else {
-        return Err(Status::internal("the answer has no message"));
+        return Err(CallError::Malformed("the answer has no message".into()));
     };
     if header[0] != 0 {
-        return Err(Status::internal(
-            "the answer is compressed, though no compression was offered",
+        return Err(CallError::Malformed(
+            "the answer is compressed, though no compression was offered".into(),
         ));
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
     let arrived = frame.len() - FRAME_HEADER;
     if arrived != len {
-        return Err(Status::internal(format!(
+        return Err(CallError::Malformed(format!(
             "the answer's frame announces {len} bytes but {arrived} arrived"
         )));
     }
@@ -507,36 +508,6 @@ const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::n
         .with_encode_padding(false)
         .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
 );
-
-/// gRPC's mapping of an HTTP status that is not 200 (from something that is not a gRPC server).
-fn from_http_status(status: StatusCode) -> Status {
-    let code = match status {
-        StatusCode::BAD_REQUEST => Code::Internal,
-        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
-        StatusCode::FORBIDDEN => Code::PermissionDenied,
-        StatusCode::NOT_FOUND => Code::Unimplemented,
-        StatusCode::TOO_MANY_REQUESTS
-        | StatusCode::BAD_GATEWAY
-        | StatusCode::SERVICE_UNAVAILABLE
-        | StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
-        _ => Code::Unknown,
-    };
-    Status::new(code, format!("the answer has HTTP status {status}"))
-}
-
-/// A stream that broke off after its answer began, as gRPC maps HTTP/2 errors; a connection that
-/// is gone is `UNAVAILABLE`.
-fn broken(error: h2::Error) -> Status {
-    let code = match error.reason() {
-        _ if error.is_io() || error.is_go_away() => Code::Unavailable,
-        Some(Reason::REFUSED_STREAM) => Code::Unavailable,
-        Some(Reason::CANCEL) => Code::Cancelled,
-        Some(Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
-        Some(_) => Code::Internal,
-        None => Code::Unknown,
-    };
-    Status::new(code, format!("the answer broke off: {error}"))
-}
 
 #[cfg(test)]
 mod tests {

@@ -12,11 +12,11 @@ use herd_proto::{Method, WithContext};
 use http::uri::PathAndQuery;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
-use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::balance::{MeshChannel, RetryBudget};
 use crate::connection::{Outgoing, OutgoingBody, frame, read_unary, unary_head};
+use crate::error::{CallError, ContextError, Expired};
 use crate::telemetry::PeerSpan;
 
 /// Attempts of one call in all, first included, when the failure means "not processed".
@@ -44,13 +44,11 @@ impl Deadline {
         Self::after(timeout)
     }
 
-    /// Time left, or `DEADLINE_EXCEEDED` when none is.
-    pub fn remaining(&self) -> Result<Duration, Status> {
+    /// Time left, or [`Expired`] (`DEADLINE_EXCEEDED`) when none is.
+    pub fn remaining(&self) -> Result<Duration, Expired> {
         let left = self.0.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            Err(Status::deadline_exceeded(
-                "deadline exceeded before the work started",
-            ))
+            Err(Expired)
         } else {
             Ok(left)
         }
@@ -75,11 +73,11 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The context of a request, or `INVALID_ARGUMENT` naming what is missing.
-pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, Status> {
-    let ctx = context.ok_or_else(|| Status::invalid_argument("context: required"))?;
+/// The context of a request, or what is missing from it (`INVALID_ARGUMENT` naming the field).
+pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, ContextError> {
+    let ctx = context.ok_or(ContextError::Missing)?;
     if ctx.tenant_id.trim().is_empty() {
-        return Err(Status::invalid_argument("context.tenant_id: required"));
+        return Err(ContextError::NoTenant);
     }
     Ok(ctx)
 }
@@ -99,7 +97,7 @@ pub async fn call<Req, Res>(
     channel: &MeshChannel,
     method: Method<Req, Res>,
     message: &Req,
-) -> Result<Res, Status>
+) -> Result<Res, CallError>
 where
     Req: prost::Message + Clone + WithContext,
     Res: prost::Message + Default,
@@ -121,12 +119,12 @@ where
                 body: OutgoingBody::Frame(frame),
             };
             async move {
-                let answer = channel.send(request).await.map_err(Status::from_error)?;
+                let answer = channel.send(request).await?;
                 let bytes = read_unary(answer).await?;
-                let answer = Res::decode(bytes).map_err(|e| {
-                    Status::internal(format!("malformed answer from {}: {e}", method.name()))
-                })?;
-                Ok(tonic::Response::new(answer))
+                Res::decode(bytes).map_err(|e| CallError::Undecodable {
+                    method: method.name(),
+                    cause: e.to_string(),
+                })
             }
         },
     )
@@ -140,11 +138,11 @@ async fn attempts<Req, Res, F, Fut>(
     name: &'static str,
     message: &Req,
     mut attempt: F,
-) -> Result<Res, Status>
+) -> Result<Res, CallError>
 where
     Req: prost::Message + Clone + WithContext,
     F: FnMut(tonic::Request<Bytes>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<Res>, Status>>,
+    Fut: Future<Output = Result<Res, CallError>>,
 {
     let encoded = frame(message);
     let mut number = 1;
@@ -169,61 +167,33 @@ where
             request.extensions_mut().insert(PeerSpan(span.clone()));
         }
         let outcome = tokio::time::timeout(left, attempt(request).instrument(span.clone())).await;
-        let status = match outcome {
+        let error = match outcome {
             Ok(Ok(response)) => {
                 crate::telemetry::client_result(&span, None);
                 budget.success();
-                return Ok(response.into_inner());
+                return Ok(response);
             }
-            Ok(Err(status)) => status,
-            Err(_) => {
-                Status::deadline_exceeded("deadline exceeded waiting for a downstream answer")
-            }
+            Ok(Err(error)) => error,
+            Err(_) => CallError::DeadlineExceeded,
         };
-        crate::telemetry::client_result(&span, Some(&status));
-        if status.code() == Code::DeadlineExceeded {
-            return Err(status);
-        }
-        if status.code() != Code::Unavailable {
-            return Err(normalize(status));
+        crate::telemetry::client_result(&span, Some(&error));
+        if !error.retryable() {
+            return Err(error);
         }
         budget.failure();
         if number >= MAX_ATTEMPTS || !budget.can_retry() {
-            return Err(status);
+            return Err(error);
         }
-        tracing::debug!(attempt = number, error = %status.message(), "retrying a call that was not processed");
+        tracing::debug!(attempt = number, %error, "retrying a call that was not processed");
         number += 1;
         tokio::time::sleep(RETRY_PAUSE.min(deadline.remaining()?)).await;
-    }
-}
-
-/// A downstream failure as this hop's caller should see it: statuses that describe the request
-/// (bad input, not found, pinned revision gone, deadline, retryable) pass through unchanged so the
-/// field names reach the caller; anything else keeps its code and says which service failed.
-pub fn relay(service: &str, status: Status) -> Status {
-    match status.code() {
-        Code::InvalidArgument
-        | Code::NotFound
-        | Code::FailedPrecondition
-        | Code::DeadlineExceeded
-        | Code::Unavailable => status,
-        code => Status::new(code, format!("{service}: {}", status.message())),
-    }
-}
-
-/// tonic reports an expired `grpc-timeout` as CANCELLED("Timeout expired"); callers rely on
-/// DEADLINE_EXCEEDED.
-pub fn normalize(status: Status) -> Status {
-    if status.code() == Code::Cancelled && status.message().contains("Timeout expired") {
-        Status::deadline_exceeded(status.message().to_string())
-    } else {
-        status
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::{Code, Status};
 
     fn msg() -> herd_proto::tax::ComputeTaxRequest {
         herd_proto::tax::ComputeTaxRequest::default()
@@ -241,12 +211,12 @@ mod tests {
 
     #[test]
     fn context_needs_a_tenant() {
-        assert!(require(None).unwrap_err().message().contains("context"));
+        assert_eq!(require(None).unwrap_err().to_string(), "context: required");
         let ctx = RequestContext::default();
         assert!(
             require(Some(&ctx))
                 .unwrap_err()
-                .message()
+                .to_string()
                 .contains("context.tenant_id")
         );
     }
@@ -255,20 +225,20 @@ mod tests {
     async fn retries_only_unavailable() {
         let deadline = Deadline::after(Duration::from_secs(5));
         let mut tries = 0;
-        let r: Result<(), Status> =
+        let r: Result<(), CallError> =
             attempts(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
                 tries += 1;
-                async { Err(Status::unavailable("down")) }
+                async { Err(CallError::Refused(Status::unavailable("down"))) }
             })
             .await;
         assert_eq!(r.unwrap_err().code(), Code::Unavailable);
         assert_eq!(tries, 3);
 
         let mut tries = 0;
-        let r: Result<(), Status> =
+        let r: Result<(), CallError> =
             attempts(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
                 tries += 1;
-                async { Err(Status::invalid_argument("bad")) }
+                async { Err(CallError::Refused(Status::invalid_argument("bad"))) }
             })
             .await;
         assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
@@ -281,9 +251,9 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(5));
         let mut tries = 0;
         for _ in 0..10 {
-            let _: Result<(), Status> = attempts(deadline, &budget, "t.S/M", &msg(), |_| {
+            let _: Result<(), CallError> = attempts(deadline, &budget, "t.S/M", &msg(), |_| {
                 tries += 1;
-                async { Err(Status::unavailable("down")) }
+                async { Err(CallError::Refused(Status::unavailable("down"))) }
             })
             .await;
         }
@@ -299,12 +269,12 @@ mod tests {
     #[tokio::test]
     async fn expired_deadline_refuses_work() {
         let deadline = Deadline::after(Duration::ZERO);
-        let r: Result<(), Status> = attempts(
+        let r: Result<(), CallError> = attempts(
             deadline,
             &RetryBudget::default(),
             "t.S/M",
             &msg(),
-            |_| async { Ok(tonic::Response::new(())) },
+            |_| async { Ok(()) },
         )
         .await;
         assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);

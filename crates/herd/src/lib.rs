@@ -10,18 +10,24 @@
 //! - [`config`]: typed shared configuration: the registry of sections (the runtime's and the
 //!   application's), loaded, watched, validated, and pinned by revision.
 //! - [`context`]: request contexts and deadlines that travel with every call.
+//! - [`mesh`]: one instance's link to the mesh: identity, etcd, configuration, channels.
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
+//! - [`binary`]: the life of a service binary or tool: settings, logs, signals, exit code.
+//! - [`error`]: what can go wrong, typed, and the one place each becomes a gRPC status.
 //! - [`telemetry`]: logs, OpenTelemetry spans and W3C trace context on every hop.
 //! - [`watch`]: following an etcd prefix through compactions and broken watches.
 
 pub mod balance;
+pub mod binary;
 pub mod config;
 mod connection;
 pub mod context;
 pub mod discovery;
+pub mod error;
 pub mod etcd;
 pub mod instance;
 pub mod layout;
+pub mod mesh;
 pub mod registry;
 pub mod server;
 pub mod settings;
@@ -33,5 +39,7 @@ pub use config::{
     ConfigError, ConfigModel, ConfigStore, Registry, Section, SectionSpec, Sections, Snapshot,
 };
 pub use context::Deadline;
-pub use server::{Mesh, Services};
+pub use error::CallError;
+pub use mesh::Mesh;
+pub use server::Services;
 pub use settings::Settings;

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::error::{EtcdError, LeaseLost};
 use crate::instance::InstanceInfo;
 
 /// Bound on one etcd call made while registering or deregistering.
@@ -50,8 +51,9 @@ impl Registration {
         key: String,
         info: &InstanceInfo,
         ttl: i64,
-    ) -> anyhow::Result<Self> {
-        let value = serde_json::to_string(info)?;
+    ) -> Result<Self, EtcdError> {
+        // Cannot fail: the record is strings and numbers.
+        let value = serde_json::to_string(info).unwrap_or_default();
         let state = Arc::new(State {
             key,
             value,
@@ -136,9 +138,11 @@ impl Registration {
 }
 
 /// Grants a lease and puts the key under it. Returns the granted TTL.
-async fn register_once(client: &Client, state: &State, ttl: i64) -> anyhow::Result<i64> {
+async fn register_once(client: &Client, state: &State, ttl: i64) -> Result<i64, EtcdError> {
     let mut client = client.clone();
-    let grant = tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(ttl, None)).await??;
+    let grant = tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(ttl, None))
+        .await
+        .map_err(|_| EtcdError::Timeout(CALL_TIMEOUT))??;
     let lease = grant.id();
     let with_lease = || Some(PutOptions::new().with_lease(lease));
     let mut ops = vec![TxnOp::put(
@@ -153,7 +157,9 @@ async fn register_once(client: &Client, state: &State, ttl: i64) -> anyhow::Resu
                 .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), with_lease())),
         );
     }
-    tokio::time::timeout(CALL_TIMEOUT, client.txn(Txn::new().and_then(ops))).await??;
+    tokio::time::timeout(CALL_TIMEOUT, client.txn(Txn::new().and_then(ops)))
+        .await
+        .map_err(|_| EtcdError::Timeout(CALL_TIMEOUT))??;
     state.lease.store(lease, Ordering::Release);
     state.registered.send_replace(true);
     tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl = grant.ttl(), "registered");
@@ -199,13 +205,13 @@ async fn maintain(
 }
 
 /// Keeps the current lease alive and the key present; returns why the registration was lost.
-async fn keep_alive(client: &Client, state: &State, ttl: i64) -> String {
+async fn keep_alive(client: &Client, state: &State, ttl: i64) -> LeaseLost {
     let mut client = client.clone();
     let lease = state.lease.load(Ordering::Acquire);
     let ttl = Duration::from_secs(ttl as u64);
     let (mut keeper, mut responses) = match client.lease_keep_alive(lease).await {
         Ok(pair) => pair,
-        Err(e) => return format!("keepalive stream could not start: {e}"),
+        Err(e) => return LeaseLost::Stream(format!("could not start: {e}")),
     };
     // Someone deleting the key (by hand or by tooling) must not leave the instance unlisted.
     let mut key_watch = client
@@ -219,24 +225,24 @@ async fn keep_alive(client: &Client, state: &State, ttl: i64) -> String {
         tokio::select! {
             _ = tick.tick() => {
                 if last_good.elapsed() >= ttl {
-                    return "no keepalive answer within one TTL".into();
+                    return LeaseLost::Silent;
                 }
                 if let Err(e) = keeper.keep_alive().await {
-                    return format!("keepalive send failed: {e}");
+                    return LeaseLost::Stream(format!("send failed: {e}"));
                 }
             }
             msg = responses.message() => match msg {
                 Ok(Some(r)) if r.ttl() > 0 => last_good = Instant::now(),
-                Ok(Some(_)) => return "lease expired or was revoked (TTL 0)".into(),
-                Ok(None) => return "keepalive stream ended".into(),
-                Err(e) => return format!("keepalive stream broke: {e}"),
+                Ok(Some(_)) => return LeaseLost::Expired,
+                Ok(None) => return LeaseLost::Stream("ended".into()),
+                Err(e) => return LeaseLost::Stream(format!("broke: {e}")),
             },
             msg = next_watch(&mut key_watch) => match msg {
                 Some(deleted) if deleted => {
                     tracing::warn!(key = %state.key, "registration key deleted by someone else; putting it back");
                     let put = client.put(state.key.as_str(), state.value.as_str(), Some(PutOptions::new().with_lease(lease)));
                     if let Err(e) = tokio::time::timeout(CALL_TIMEOUT, put).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                        return format!("putting the key back failed: {e}");
+                        return LeaseLost::KeyNotRestored(e);
                     }
                 }
                 Some(_) => {}

@@ -1,34 +1,34 @@
 //! Serving a herd instance: health, reflection, registration and graceful drain around a set of
-//! tonic services.
+//! tonic services, in four steps.
 //!
-//! Start-up: bind, serve with health NOT_SERVING, wait for a valid configuration, register in etcd
-//! with the address actually bound, then report SERVING. Shutdown (SIGTERM, SIGINT or the given
-//! signal): NOT_SERVING, deregister, keep serving for the drain delay so that watchers see the
-//! instance leave, end health watches, stop accepting, and give in-flight calls a bounded time.
+//! 1. **Start**: serve on the bound listener with health NOT_SERVING.
+//! 2. **Register**: once the configuration is loaded, register in etcd with the address actually
+//!    bound, retrying with backoff.
+//! 3. **Run**: report SERVING; mirror the registration's state into health and publish the
+//!    configuration status under the lease, until the shutdown signal.
+//! 4. **Drain**: NOT_SERVING, deregister, keep serving for the drain delay so that watchers see
+//!    the instance leave, end health watches, stop accepting, and give in-flight calls a bounded
+//!    time.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use etcd_client::Client;
-use futures::future::BoxFuture;
 use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
-use crate::balance::MeshChannel;
 use crate::config::ConfigStatus;
-use crate::config::{ConfigModel, ConfigStore};
-use crate::discovery::Resolver;
+use crate::error::ServeError;
 use crate::instance::{InstanceInfo, InstanceStatus};
-use crate::layout::Layout;
+use crate::mesh::Mesh;
 use crate::registry::Registration;
 use crate::settings::Settings;
 
@@ -40,12 +40,21 @@ use crate::settings::Settings;
 const TCP_KEEPALIVE_TIME: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// Backoff between attempts to register at start: starts here, doubles, capped below.
+const REGISTER_BACKOFF_START: Duration = Duration::from_millis(100);
+const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// The tonic services an instance serves, with their names for health reporting.
+/// The health "service" that says whether the instance is registered in etcd: SERVING while it
+/// is, NOT_SERVING while it registers again. Operators and probes can watch it; callers use "".
+pub const REGISTRATION_HEALTH: &str = "herd.registration";
+
+/// The tonic services an instance serves, with their names for health reporting and the
+/// descriptor sets reflection describes them with.
 #[derive(Default)]
 pub struct Services {
     routes: Routes,
     names: Vec<&'static str>,
+    descriptors: Vec<&'static [u8]>,
 }
 
 impl Services {
@@ -72,116 +81,128 @@ impl Services {
         self.routes = self.routes.add_service(svc);
         self
     }
-}
 
-/// One instance's link to the mesh: its identity, etcd, configuration and balanced channels.
-pub struct Mesh {
-    settings: Settings,
-    service: String,
-    instance_id: String,
-    layout: Layout,
-    etcd: Client,
-    channels: Mutex<HashMap<String, (MeshChannel, Resolver)>>,
-    ready: Vec<BoxFuture<'static, ()>>,
-    config_status: Option<tokio::sync::watch::Receiver<crate::config::ConfigStatus>>,
-    runtime: Option<tokio::sync::watch::Receiver<crate::config::RuntimeConfig>>,
+    /// Adds an encoded `FileDescriptorSet` for reflection, so that `grpcurl` sees contracts
+    /// compiled outside `herd-proto` (herd's own and health's are always there).
+    pub fn with_descriptors(mut self, set: &'static [u8]) -> Self {
+        self.descriptors.push(set);
+        self
+    }
 }
 
 impl Mesh {
-    /// Connects to etcd for an instance of `service` (a name such as `pricing`).
-    pub async fn connect(
-        settings: Settings,
-        service: &str,
-        instance_id: String,
-    ) -> anyhow::Result<Self> {
-        let etcd = crate::etcd::connect(&settings.etcd_endpoints).await?;
-        Ok(Self {
-            layout: Layout::new(settings.prefix.clone()),
-            settings,
-            service: service.to_string(),
-            instance_id,
-            etcd,
-            channels: Mutex::new(HashMap::new()),
-            ready: Vec::new(),
-            config_status: None,
-            runtime: None,
-        })
-    }
-
-    /// A new instance id for `service`: the service name and 12 random hex digits.
-    pub fn new_instance_id(service: &str) -> String {
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
-        format!("{service}-{}", &suffix[..12])
-    }
-
-    /// This instance's id, as registered in etcd.
-    pub fn instance_id(&self) -> &str {
-        &self.instance_id
-    }
-
-    /// The etcd client.
-    pub fn etcd(&self) -> &Client {
-        &self.etcd
-    }
-
-    /// Where herd's keys are in etcd.
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
-    /// The typed shared configuration: the runtime's sections and `M`'s. The instance reports
-    /// SERVING only once it is loaded. Call it once per instance.
-    pub fn config<M: ConfigModel>(&mut self) -> ConfigStore<M> {
-        let store = ConfigStore::<M>::start(self.etcd.clone(), self.layout.clone());
-        let waiter = store.clone();
-        self.ready
-            .push(Box::pin(async move { waiter.ready().await }));
-        self.config_status = Some(store.subscribe_status());
-        self.runtime = Some(store.subscribe_runtime());
-        store
-    }
-
-    /// The runtime's own settings as configuration revisions are applied; an instance whose
-    /// services read no configuration gets a store of the runtime's sections alone.
-    pub fn runtime_config(&mut self) -> tokio::sync::watch::Receiver<crate::config::RuntimeConfig> {
-        match &self.runtime {
-            Some(runtime) => runtime.clone(),
-            None => self.config::<()>().subscribe_runtime(),
-        }
-    }
-
-    /// A balanced channel to `service`, by name alone.
-    pub fn channel(&self, service: &str) -> MeshChannel {
-        let mut channels = match self.channels.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        channels
-            .entry(service.to_string())
-            .or_insert_with(|| {
-                let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
-                (MeshChannel::new(service, resolver.subscribe()), resolver)
-            })
-            .0
-            .clone()
-    }
-
     /// Serves `services` on `listener` until `shutdown` completes, then drains. See the module docs.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         services: Services,
         shutdown: impl Future<Output = ()>,
-    ) -> anyhow::Result<()> {
-        let address = listener.local_addr()?;
-        let (mut health, health_service) = tonic_health::server::health_reporter();
-        let mut names: Vec<&str> = vec!["", REGISTRATION_HEALTH];
+    ) -> Result<(), ServeError> {
+        let mut started = Started::start(listener, services).await?;
+        tracing::info!(service = %self.service, instance = %self.instance_id, address = %started.address, "listening");
+        tokio::pin!(shutdown);
+        let registration = tokio::select! {
+            registration = self.register(started.address) => Some(registration),
+            _ = &mut shutdown => None,
+            error = started.failed() => return Err(error),
+        };
+        if let Some(registration) = &registration {
+            tokio::select! {
+                _ = self.run(started.address, started.health.clone(), registration) => {}
+                _ = &mut shutdown => {}
+                error = started.failed() => return Err(error),
+            }
+        }
+        started.drain(registration, &self.settings).await
+    }
+
+    /// Step 2: waits until the instance is ready (its configuration loaded), then registers,
+    /// retrying for as long as it takes.
+    async fn register(&mut self, address: SocketAddr) -> Registration {
+        for ready in std::mem::take(&mut self.ready) {
+            ready.await;
+        }
+        tracing::info!("configuration loaded");
+        let info = InstanceInfo {
+            service: self.service.clone(),
+            instance_id: self.instance_id.clone(),
+            address: advertised(address),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let key = self.layout.instance(&self.service, &self.instance_id);
+        let mut backoff = REGISTER_BACKOFF_START;
+        loop {
+            let ttl = self.settings.lease_ttl;
+            match Registration::start(self.etcd.clone(), key.clone(), &info, ttl).await {
+                Ok(registration) => return registration,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(REGISTER_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Step 3: SERVING, and the registration's state mirrored into health and etcd, until the
+    /// caller stops it.
+    async fn run(&self, address: SocketAddr, health: Health, registration: &Registration) {
+        health.set_all(ServingStatus::Serving).await;
+        tracing::info!(service = %self.service, instance = %self.instance_id, %address, "serving");
+        let status = InstanceStatus {
+            service: self.service.clone(),
+            instance_id: self.instance_id.clone(),
+            config: ConfigStatus::default(),
+        };
+        let key = self.layout.status(&self.service, &self.instance_id);
+        tokio::join!(
+            mirror_registration(health.reporter, registration.subscribe()),
+            publish_status(registration, key, status, self.config_status.clone()),
+        );
+    }
+}
+
+/// The instance's health statuses.
+#[derive(Clone)]
+struct Health {
+    reporter: HealthReporter,
+    /// Every name the instance reports: "", the registration, and each service.
+    names: Vec<&'static str>,
+}
+
+impl Health {
+    async fn set_all(&self, status: ServingStatus) {
+        for name in &self.names {
+            self.reporter.set_service_status(*name, status).await;
+        }
+    }
+}
+
+/// Step 1's result: a server running on its own task, its health, and how to stop it.
+struct Started {
+    address: SocketAddr,
+    health: Health,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Started {
+    /// Step 1: serves `services` with health (NOT_SERVING) and reflection on `listener`.
+    async fn start(listener: TcpListener, services: Services) -> Result<Self, ServeError> {
+        let address = listener.local_addr().map_err(|source| ServeError::Bind {
+            address: "the listener".into(),
+            source,
+        })?;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let mut names: Vec<&'static str> = vec!["", REGISTRATION_HEALTH];
         names.extend(services.names.iter().copied());
-        set_all(&health, &names, ServingStatus::NotServing).await;
-
-        let routes = with_health_and_reflection(services.routes, health_service)?;
-
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let health = Health { reporter, names };
+        // Before the server answers anything: tonic-health reports "" SERVING by default.
+        health.set_all(ServingStatus::NotServing).await;
+        let routes =
+            with_health_and_reflection(services.routes, health_service, &services.descriptors)?;
+        let (stop, stopped) = oneshot::channel::<()>();
         let server = Server::builder()
             .tcp_nodelay(true)
             .layer(tower::util::MapRequestLayer::new(access_log))
@@ -195,97 +216,55 @@ impl Mesh {
                     .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
                     .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
                 async {
-                    let _ = stop_rx.await;
+                    let _ = stopped.await;
                 },
             );
-        let mut server = tokio::spawn(server);
-        tracing::info!(service = %self.service, instance = %self.instance_id, %address, "listening");
+        let server = tokio::spawn(server);
+        Ok(Self {
+            address,
+            health,
+            server,
+            stop: Some(stop),
+        })
+    }
 
-        tokio::pin!(shutdown);
-        let startup = async {
-            for ready in self.ready {
-                ready.await;
-            }
-            tracing::info!("configuration loaded");
-            let info = InstanceInfo {
-                service: self.service.clone(),
-                instance_id: self.instance_id.clone(),
-                address: advertised(address),
-                pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-            };
-            let key = self.layout.instance(&self.service, &self.instance_id);
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match Registration::start(
-                    self.etcd.clone(),
-                    key.clone(),
-                    &info,
-                    self.settings.lease_ttl,
-                )
-                .await
-                {
-                    Ok(r) => return r,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "registering failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-        };
-        let registration = tokio::select! {
-            r = startup => Some(r),
-            _ = &mut shutdown => None,
-            r = &mut server => {
-                r??;
-                anyhow::bail!("server stopped unexpectedly");
-            }
-        };
-        if let Some(registration) = &registration {
-            set_all(&health, &names, ServingStatus::Serving).await;
-            tracing::info!(service = %self.service, instance = %self.instance_id, %address, "serving");
-            let mirror = mirror_registration(health.clone(), registration.subscribe());
-            let status = publish_status(
-                registration,
-                self.layout.status(&self.service, &self.instance_id),
-                InstanceStatus {
-                    service: self.service.clone(),
-                    instance_id: self.instance_id.clone(),
-                    config: ConfigStatus::default(),
-                },
-                self.config_status.clone(),
-            );
-            tokio::select! {
-                _ = &mut shutdown => {}
-                _ = mirror => {}
-                _ = status => {}
-                r = &mut server => {
-                    r??;
-                    anyhow::bail!("server stopped unexpectedly");
-                }
-            }
+    /// Completes only if the server stops on its own: why.
+    async fn failed(&mut self) -> ServeError {
+        match (&mut self.server).await {
+            Ok(Ok(())) => ServeError::Stopped,
+            Ok(Err(e)) => ServeError::Transport(e),
+            Err(e) => ServeError::Task(e),
         }
+    }
 
+    /// Step 4: NOT_SERVING, deregister, keep serving for the drain delay, end health watches, stop
+    /// accepting, and wait for in-flight calls within the drain timeout.
+    async fn drain(
+        mut self,
+        registration: Option<Registration>,
+        settings: &Settings,
+    ) -> Result<(), ServeError> {
         tracing::info!("shutting down: NOT_SERVING, deregistering, draining");
-        set_all(&health, &names, ServingStatus::NotServing).await;
+        self.health.set_all(ServingStatus::NotServing).await;
         if let Some(registration) = registration {
             registration.deregister().await;
             // Callers learn of the departure through their watches; keep serving meanwhile.
-            tokio::time::sleep(self.settings.drain_delay()).await;
+            tokio::time::sleep(settings.drain_delay()).await;
         }
         // Open health Watch streams would hold the server open: clearing the statuses ends them.
-        for name in &names {
-            health.clear_service_status(name).await;
+        for name in &self.health.names {
+            self.health.reporter.clear_service_status(name).await;
         }
-        let _ = stop_tx.send(());
-        match tokio::time::timeout(self.settings.drain_timeout(), &mut server).await {
-            Ok(r) => r??,
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(settings.drain_timeout(), &mut self.server).await {
+            Ok(served) => served??,
             Err(_) => {
                 tracing::warn!(
                     "in-flight calls did not finish within the drain bound; stopping anyway"
                 );
-                server.abort();
+                self.server.abort();
             }
         }
         tracing::info!("stopped");
@@ -293,15 +272,8 @@ impl Mesh {
     }
 }
 
-/// The health "service" that says whether the instance is registered in etcd: SERVING while it
-/// is, NOT_SERVING while it registers again. Operators and probes can watch it; callers use "".
-pub const REGISTRATION_HEALTH: &str = "herd.registration";
-
 /// Reports registration changes through health until the registration ends.
-async fn mirror_registration(
-    health: tonic_health::server::HealthReporter,
-    mut registered: tokio::sync::watch::Receiver<bool>,
-) {
+async fn mirror_registration(health: HealthReporter, mut registered: watch::Receiver<bool>) {
     loop {
         let status = if *registered.borrow_and_update() {
             ServingStatus::Serving
@@ -321,7 +293,7 @@ async fn publish_status(
     registration: &Registration,
     key: String,
     mut status: InstanceStatus,
-    feed: Option<tokio::sync::watch::Receiver<ConfigStatus>>,
+    feed: Option<watch::Receiver<ConfigStatus>>,
 ) {
     let Some(mut feed) = feed else {
         return std::future::pending().await;
@@ -350,32 +322,26 @@ fn access_log(req: http::Request<tonic::body::Body>) -> http::Request<tonic::bod
 }
 
 /// Adds health and reflection (v1 for new grpcurl, v1alpha for old) to `routes`; reflection knows
-/// herd's contracts and health's.
+/// herd's contracts, health's, and `extra`.
 fn with_health_and_reflection(
     routes: Routes,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> anyhow::Result<Routes> {
+    extra: &[&'static [u8]],
+) -> Result<Routes, ServeError> {
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(herd_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        extra.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(herd_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
     };
     Ok(routes
         .add_service(health)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?))
-}
-
-async fn set_all(
-    health: &tonic_health::server::HealthReporter,
-    names: &[&str],
-    status: ServingStatus,
-) {
-    for name in names {
-        health.set_service_status(*name, status).await;
-    }
 }
 
 /// The address to register: the bound one, with an unspecified IP replaced by loopback's.
@@ -391,92 +357,6 @@ fn advertised(bound: SocketAddr) -> String {
     SocketAddr::new(ip, bound.port()).to_string()
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = term => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
-}
-
-/// Runs a command-line program's `main` on a multi-thread tokio runtime: an error is printed with
-/// its causes and the process exits 1.
-pub fn block_on_main<F: Future<Output = anyhow::Result<()>>>(main: F) -> ExitCode {
-    match block_on(main) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-        Err(code) => code,
-    }
-}
-
-/// Runs `main` to completion on a new multi-threaded runtime; a runtime that cannot start is
-/// reported and gives the exit code.
-fn block_on<F: Future>(main: F) -> Result<F::Output, ExitCode> {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => Ok(runtime.block_on(main)),
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            Err(ExitCode::FAILURE)
-        }
-    }
-}
-
-/// The whole life of a service binary: parse settings (usage errors exit 64), set up logs, connect,
-/// bind, build the services with `build`, serve until SIGTERM/SIGINT, drain, exit 0.
-pub fn run_binary<F, Fut>(service: &'static str, default_listen: &'static str, build: F) -> ExitCode
-where
-    F: FnOnce(&mut Mesh) -> Fut,
-    Fut: Future<Output = anyhow::Result<Services>>,
-{
-    let settings = Settings::for_service(service, default_listen);
-    // A failure is logged once (in the log format chosen), not printed again.
-    let served = block_on(async move {
-        let instance_id = Mesh::new_instance_id(service);
-        let telemetry = crate::telemetry::init(&settings.log_format, service, &instance_id);
-        let served = async {
-            let listener = TcpListener::bind(settings.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("binding {}: {e}", settings.listen))?;
-            let mut mesh = Mesh::connect(settings, service, instance_id).await?;
-            let services = build(&mut mesh).await?;
-            let runtime = mesh.runtime_config();
-            if telemetry.exporting() {
-                tokio::spawn(crate::telemetry::follow_sampling(
-                    runtime,
-                    telemetry.ratio(),
-                ));
-            }
-            mesh.serve(listener, services, shutdown_signal()).await
-        }
-        .await;
-        if let Err(e) = &served {
-            tracing::error!(error = %format!("{e:#}"), "exiting");
-        }
-        // Spans of every call served before exit are exported before the process ends.
-        telemetry.shutdown().await;
-        served.is_ok()
-    });
-    match served {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(code) => code,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,7 +368,7 @@ mod tests {
     #[tokio::test]
     async fn old_grpcurl_reflection_v1alpha_sees_herd_and_health() {
         let (_reporter, health) = tonic_health::server::health_reporter();
-        let routes = with_health_and_reflection(Routes::default(), health).unwrap();
+        let routes = with_health_and_reflection(Routes::default(), health, &[]).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(

@@ -208,7 +208,10 @@ pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
     Telemetry { provider, ratio }
 }
 
-fn build_provider(service: &str, instance_id: &str) -> anyhow::Result<SdkTracerProvider> {
+fn build_provider(
+    service: &str,
+    instance_id: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .build()?;
@@ -531,12 +534,12 @@ impl PeerSpan {
 }
 
 /// Records how an outgoing attempt ended on its span.
-pub(crate) fn client_result(span: &tracing::Span, status: Option<&tonic::Status>) {
-    let code = status.map_or(tonic::Code::Ok, |s| s.code());
+pub(crate) fn client_result(span: &tracing::Span, error: Option<&crate::error::CallError>) {
+    let code = error.map_or(tonic::Code::Ok, |e| e.code());
     span.record("rpc.grpc.status_code", code as i64);
-    if let Some(status) = status {
+    if let Some(error) = error {
         span.record("otel.status_code", "ERROR");
-        tracing::warn!(parent: span, rpc.grpc.status_code = code as i64, error = status.message(), "outgoing call failed");
+        tracing::warn!(parent: span, rpc.grpc.status_code = code as i64, %error, "outgoing call failed");
     }
 }
 

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchStream};
 
+use crate::error::EtcdError;
+
 /// Pause before a fresh snapshot after a failure, so a down etcd is not hammered.
 const RESYNC_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -65,7 +67,7 @@ impl Follower {
     }
 
     /// Everything under the prefix, and a watch from the revision after it.
-    async fn snapshot(&mut self) -> anyhow::Result<Update> {
+    async fn snapshot(&mut self) -> Result<Update, EtcdError> {
         let mut resp = self
             .client
             .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
@@ -86,17 +88,20 @@ impl Follower {
     }
 
     /// The next batch of new events from the watch; keeps the watch unless it failed.
-    async fn changes(&mut self, mut stream: WatchStream, applied: i64) -> anyhow::Result<Update> {
+    async fn changes(
+        &mut self,
+        mut stream: WatchStream,
+        applied: i64,
+    ) -> Result<Update, EtcdError> {
         loop {
             let Some(resp) = stream.message().await? else {
-                anyhow::bail!("watch stream ended");
+                return Err(EtcdError::WatchEnded);
             };
             if resp.canceled() || resp.compact_revision() > 0 {
-                anyhow::bail!(
-                    "watch cancelled (compact revision {}, reason {:?})",
-                    resp.compact_revision(),
-                    resp.cancel_reason()
-                );
+                return Err(EtcdError::WatchCancelled {
+                    compact_revision: resp.compact_revision(),
+                    reason: resp.cancel_reason().to_string(),
+                });
             }
             // etcd 3.4 can repeat events: anything at or below what is applied is old news.
             let events: Vec<Event> = resp

@@ -10,6 +10,7 @@ use clap::Subcommand;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use herd::Registry;
 use herd::config::Presence;
+use herd::error::EtcdError;
 use herd::instance::InstanceStatus;
 use herd::layout::Layout;
 use herd_model::MeshConfig;
@@ -409,11 +410,13 @@ impl Ctl {
             };
             let resp = match self.client.get(key.as_str(), options.clone()).await {
                 Ok(r) => r,
-                Err(e) if e.to_string().contains("compacted") => {
-                    end = Some("older revisions are compacted");
-                    break;
-                }
-                Err(e) => return Err(e.into()),
+                Err(e) => match EtcdError::at(at, e) {
+                    EtcdError::Compacted { .. } => {
+                        end = Some("older revisions are compacted");
+                        break;
+                    }
+                    other => return Err(other.into()),
+                },
             };
             let Some(kv) = resp.kvs().first() else {
                 end = Some(if at == 0 { "not set" } else { "created here" });
@@ -475,14 +478,11 @@ impl Ctl {
             .client
             .get(key.as_str(), Some(GetOptions::new().with_revision(to)))
             .await
-            .map_err(|e| {
-                if e.to_string().contains("compacted") {
-                    anyhow::anyhow!(
-                        "revision {to} has been compacted; see `herdctl config history {section}`"
-                    )
-                } else {
-                    e.into()
-                }
+            .map_err(|e| match EtcdError::at(to, e) {
+                EtcdError::Compacted { .. } => anyhow::anyhow!(
+                    "revision {to} has been compacted; see `herdctl config history {section}`"
+                ),
+                other => other.into(),
             })?;
         let kv = resp
             .kvs()

@@ -52,7 +52,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    herd::server::block_on_main(run(Cli::parse()))
+    herd::binary::block_on_main(run(Cli::parse()))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
         progress: args.output == Output::Text,
     };
     let output = args.output;
-    herd::server::block_on_main(async move {
+    herd::binary::block_on_main(async move {
         let s = run(config).await?;
         match output {
             Output::Json => println!("{}", serde_json::to_string(&s)?),
@@ -93,6 +93,6 @@ fn main() -> ExitCode {
                 s.max_us
             ),
         }
-        Ok(())
+        anyhow::Ok(())
     })
 }

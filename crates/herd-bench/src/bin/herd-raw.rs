@@ -74,5 +74,5 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    herd::server::block_on_main(serve(Args::parse()))
+    herd::binary::block_on_main(serve(Args::parse()))
 }

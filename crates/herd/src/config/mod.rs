@@ -22,13 +22,13 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use etcd_client::{Client, EventType, GetOptions, KeyValue};
 use tokio::sync::{OnceCell, watch};
-use tonic::{Code, Status};
 
 pub use section::{
     Checked, ConfigModel, Presence, Registry, RuntimeConfig, Section, SectionSpec, Sections,
     parse_section, runtime_sections,
 };
 
+use crate::error::RevisionError;
 use crate::layout::Layout;
 use crate::watch::{Follower, Update};
 
@@ -123,7 +123,7 @@ impl<M> Clone for ConfigStore<M> {
 }
 
 /// A pinned revision read from etcd, shared by every request that asked for it meanwhile.
-type Pinned<M> = Arc<OnceCell<Result<Arc<Snapshot<M>>, Status>>>;
+type Pinned<M> = Arc<OnceCell<Result<Arc<Snapshot<M>>, RevisionError>>>;
 
 struct Inner<M> {
     registry: Registry,
@@ -204,17 +204,13 @@ impl<M: ConfigModel> ConfigStore<M> {
     /// The configuration to evaluate a request at. `revision` 0 means the current one; any other is
     /// the pinned revision, served from memory when recent and read from etcd otherwise (once,
     /// however many requests ask for it meanwhile). A compacted revision is `FAILED_PRECONDITION`.
-    pub async fn at(&self, revision: i64) -> Result<Arc<Snapshot<M>>, Status> {
-        let current = self
-            .current()
-            .ok_or_else(|| Status::unavailable("configuration not loaded yet"))?;
+    pub async fn at(&self, revision: i64) -> Result<Arc<Snapshot<M>>, RevisionError> {
+        let current = self.current().ok_or(RevisionError::NotLoaded)?;
         if revision == 0 || revision == current.revision {
             return Ok(current);
         }
         if revision < 0 {
-            return Err(Status::invalid_argument(format!(
-                "context.config_revision: must not be negative, got {revision}"
-            )));
+            return Err(RevisionError::Negative(revision));
         }
         if let Some(found) = self.inner.recent(revision) {
             return Ok(found);
@@ -239,7 +235,7 @@ impl<M: ConfigModel> Inner<M> {
 
     /// An older revision, read from etcd by the first request that asks and shared with the rest.
     /// A failure that may pass (etcd unreachable) is not kept: the next request reads again.
-    async fn pinned(&self, revision: i64) -> Result<Arc<Snapshot<M>>, Status> {
+    async fn pinned(&self, revision: i64) -> Result<Arc<Snapshot<M>>, RevisionError> {
         let cell = {
             let mut pinned = lock(&self.pinned);
             let found = pinned
@@ -258,14 +254,14 @@ impl<M: ConfigModel> Inner<M> {
             .get_or_init(|| self.load_revision(revision))
             .await
             .clone();
-        if matches!(&result, Err(s) if s.code() == Code::Unavailable) {
+        if matches!(&result, Err(RevisionError::Unreadable { .. })) {
             lock(&self.pinned).retain(|(r, c)| !(*r == revision && Arc::ptr_eq(c, &cell)));
         }
         result
     }
 
     /// The configuration as etcd held it at `revision`.
-    async fn load_revision(&self, revision: i64) -> Result<Arc<Snapshot<M>>, Status> {
+    async fn load_revision(&self, revision: i64) -> Result<Arc<Snapshot<M>>, RevisionError> {
         let mut client = self.client.clone();
         let resp = client
             .get(
@@ -273,25 +269,10 @@ impl<M: ConfigModel> Inner<M> {
                 Some(GetOptions::new().with_prefix().with_revision(revision)),
             )
             .await
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("compacted") {
-                    Status::failed_precondition(format!(
-                        "context.config_revision: revision {revision} has been compacted; retry without a pinned revision"
-                    ))
-                } else if text.contains("future revision") {
-                    Status::invalid_argument(format!(
-                        "context.config_revision: revision {revision} does not exist yet"
-                    ))
-                } else {
-                    Status::unavailable(format!("reading configuration at revision {revision}: {text}"))
-                }
-            })?;
-        let snapshot = self.snapshot_of(resp.kvs(), revision).map_err(|e| {
-            Status::failed_precondition(format!(
-                "context.config_revision: configuration at revision {revision} is not valid ({e})"
-            ))
-        })?;
+            .map_err(|e| RevisionError::reading(revision, e))?;
+        let snapshot = self
+            .snapshot_of(resp.kvs(), revision)
+            .map_err(|error| RevisionError::Invalid { revision, error })?;
         Ok(Arc::new(snapshot))
     }
 

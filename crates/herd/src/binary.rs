@@ -1,0 +1,110 @@
+//! The life of a herd binary: settings, logs, a runtime, signals, and an exit code.
+//!
+//! A service's `main` is one call to [`run_binary`]; a command-line tool's is one call to
+//! [`block_on_main`].
+
+use std::fmt::Display;
+use std::future::Future;
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+use tower::BoxError;
+
+use crate::error::ServeError;
+use crate::mesh::Mesh;
+use crate::server::Services;
+use crate::settings::Settings;
+
+/// The whole life of a service binary: parse settings (usage errors exit 64), set up logs, connect,
+/// bind, build the services with `build`, serve until SIGTERM/SIGINT, drain, exit 0.
+pub fn run_binary<F, Fut>(service: &'static str, default_listen: &'static str, build: F) -> ExitCode
+where
+    F: FnOnce(&mut Mesh) -> Fut,
+    Fut: Future<Output = Result<Services, BoxError>>,
+{
+    let settings = Settings::for_service(service, default_listen);
+    // A failure is logged once (in the log format chosen), not printed again.
+    let served = block_on(async move {
+        let instance_id = Mesh::new_instance_id(service);
+        let telemetry = crate::telemetry::init(&settings.log_format, service, &instance_id);
+        let served = async {
+            let listener =
+                TcpListener::bind(settings.listen)
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        address: settings.listen.to_string(),
+                        source,
+                    })?;
+            let mut mesh = Mesh::connect(settings, service, instance_id).await?;
+            let services = build(&mut mesh).await.map_err(ServeError::Services)?;
+            let runtime = mesh.runtime_config();
+            if telemetry.exporting() {
+                tokio::spawn(crate::telemetry::follow_sampling(
+                    runtime,
+                    telemetry.ratio(),
+                ));
+            }
+            mesh.serve(listener, services, shutdown_signal()).await
+        }
+        .await;
+        if let Err(e) = &served {
+            tracing::error!(error = %e, "exiting");
+        }
+        // Spans of every call served before exit are exported before the process ends.
+        telemetry.shutdown().await;
+        served.is_ok()
+    });
+    match served {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(code) => code,
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Runs a command-line program's `main` on a multi-thread tokio runtime: an error is printed
+/// (with its causes, for errors that print them under `{:#}`) and the process exits 1.
+pub fn block_on_main<F, E>(main: F) -> ExitCode
+where
+    F: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    match block_on(main) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
+/// Runs `main` to completion on a new multi-threaded runtime; a runtime that cannot start is
+/// reported and gives the exit code.
+fn block_on<F: Future>(main: F) -> Result<F::Output, ExitCode> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Ok(runtime.block_on(main)),
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! One instance's link to the mesh: its identity, etcd, shared configuration and balanced
+//! channels to the services it calls. [`Mesh::serve`](crate::server) serves it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use etcd_client::Client;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use crate::balance::MeshChannel;
+use crate::config::{ConfigModel, ConfigStatus, ConfigStore, RuntimeConfig};
+use crate::discovery::Resolver;
+use crate::error::ServeError;
+use crate::layout::Layout;
+use crate::settings::Settings;
+
+/// One instance's link to the mesh: its identity, etcd, configuration and balanced channels.
+pub struct Mesh {
+    pub(crate) settings: Settings,
+    pub(crate) service: String,
+    pub(crate) instance_id: String,
+    pub(crate) layout: Layout,
+    pub(crate) etcd: Client,
+    channels: Mutex<HashMap<String, (MeshChannel, Resolver)>>,
+    /// What must be true before the instance registers (its configuration loaded).
+    pub(crate) ready: Vec<BoxFuture<'static, ()>>,
+    pub(crate) config_status: Option<watch::Receiver<ConfigStatus>>,
+    runtime: Option<watch::Receiver<RuntimeConfig>>,
+}
+
+impl Mesh {
+    /// Connects to etcd for an instance of `service` (a name such as `pricing`).
+    pub async fn connect(
+        settings: Settings,
+        service: &str,
+        instance_id: String,
+    ) -> Result<Self, ServeError> {
+        let etcd = crate::etcd::connect(&settings.etcd_endpoints).await?;
+        Ok(Self {
+            layout: Layout::new(settings.prefix.clone()),
+            settings,
+            service: service.to_string(),
+            instance_id,
+            etcd,
+            channels: Mutex::new(HashMap::new()),
+            ready: Vec::new(),
+            config_status: None,
+            runtime: None,
+        })
+    }
+
+    /// A new instance id for `service`: the service name and 12 random hex digits.
+    pub fn new_instance_id(service: &str) -> String {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        format!("{service}-{}", &suffix[..12])
+    }
+
+    /// This instance's id, as registered in etcd.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The etcd client.
+    pub fn etcd(&self) -> &Client {
+        &self.etcd
+    }
+
+    /// Where herd's keys are in etcd.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The typed shared configuration: the runtime's sections and `M`'s. The instance reports
+    /// SERVING only once it is loaded. Call it once per instance.
+    pub fn config<M: ConfigModel>(&mut self) -> ConfigStore<M> {
+        let store = ConfigStore::<M>::start(self.etcd.clone(), self.layout.clone());
+        let waiter = store.clone();
+        self.ready
+            .push(Box::pin(async move { waiter.ready().await }));
+        self.config_status = Some(store.subscribe_status());
+        self.runtime = Some(store.subscribe_runtime());
+        store
+    }
+
+    /// The runtime's own settings as configuration revisions are applied; an instance whose
+    /// services read no configuration gets a store of the runtime's sections alone.
+    pub fn runtime_config(&mut self) -> watch::Receiver<RuntimeConfig> {
+        match &self.runtime {
+            Some(runtime) => runtime.clone(),
+            None => self.config::<()>().subscribe_runtime(),
+        }
+    }
+
+    /// A balanced channel to `service`, by name alone.
+    pub fn channel(&self, service: &str) -> MeshChannel {
+        let mut channels = match self.channels.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        channels
+            .entry(service.to_string())
+            .or_insert_with(|| {
+                let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
+                (MeshChannel::new(service, resolver.subscribe()), resolver)
+            })
+            .0
+            .clone()
+    }
+}
