@@ -681,7 +681,7 @@ impl Load {
                 tokio::spawn(async move {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let deadline = herd::Deadline::after(timeout);
-                        let result = herd::context::call(
+                        let result = herd::client::call(
                             deadline,
                             &channel,
                             herd_proto::methods::CREATE_QUOTE,

@@ -108,7 +108,7 @@ impl Gateway {
             currency: req.currency.clone(),
             region: req.region,
         };
-        let lines = herd::context::call(deadline, &self.pricing, PRICE_ITEMS, &pricing_request)
+        let lines = herd::client::call(deadline, &self.pricing, PRICE_ITEMS, &pricing_request)
             .await
             .map_err(|s| herd::error::relay("pricing", s))?
             .lines;

@@ -72,7 +72,7 @@ impl Pricing {
             region: req.region.clone(),
             lines: taxable,
         };
-        let taxes = herd::context::call(deadline, &self.tax, COMPUTE_TAX, &tax_request)
+        let taxes = herd::client::call(deadline, &self.tax, COMPUTE_TAX, &tax_request)
             .await
             .map_err(|s| herd::error::relay("tax", s))?
             .taxes;
@@ -83,7 +83,7 @@ impl Pricing {
             target_currency: req.currency.clone(),
             amounts,
         };
-        let converted = herd::context::call(deadline, &self.currency, CONVERT, &convert_request)
+        let converted = herd::client::call(deadline, &self.currency, CONVERT, &convert_request)
             .await
             .map_err(|s| herd::error::relay("currency", s))?
             .amounts;

@@ -10,6 +10,8 @@
 //! - [`config`]: typed shared configuration: the registry of sections (the runtime's and the
 //!   application's), loaded, watched, validated, and pinned by revision.
 //! - [`context`]: request contexts and deadlines that travel with every call.
+//! - [`client`]: unary calls over a balanced channel, retried within a budget, on HTTP/2 over a
+//!   pluggable transport.
 //! - [`mesh`]: one instance's link to the mesh: identity, etcd, configuration, channels.
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
 //! - [`binary`]: the life of a service binary or tool: settings, logs, signals, exit code.
@@ -19,8 +21,8 @@
 
 pub mod balance;
 pub mod binary;
+pub mod client;
 pub mod config;
-mod connection;
 pub mod context;
 pub mod discovery;
 pub mod error;

@@ -376,9 +376,12 @@ mod tests {
                 .add_routes(routes)
                 .serve_with_incoming(TcpIncoming::from(listener)),
         );
-        let channel = crate::connection::Connection::open(address.to_string().parse().unwrap())
-            .await
-            .unwrap();
+        let channel = crate::client::connection::Connection::open(
+            &crate::client::TcpConnector::default(),
+            address.to_string().parse().unwrap(),
+        )
+        .await
+        .unwrap();
         let mut client = ServerReflectionClient::new(channel);
         let requests = [
             MessageRequest::ListServices(String::new()),

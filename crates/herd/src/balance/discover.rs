@@ -1,0 +1,80 @@
+//! Published endpoint sets turned into the insert/remove changes tower's balancer consumes.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use tokio_stream::wrappers::WatchStream;
+use tower::discover::Change;
+
+use super::pool::{Pool, State};
+use crate::client::connection::Connection;
+
+/// Turns published ready sets into the insert/remove changes tower's balancer consumes. It only
+/// holds the latest set, so it never blocks discovery while no calls flow.
+pub(super) struct EndpointDiscover {
+    updates: WatchStream<Pool>,
+    /// Instance id → generation of the connection the balancer holds.
+    current: HashMap<String, u64>,
+    pending: VecDeque<Change<String, Connection>>,
+}
+
+impl EndpointDiscover {
+    fn diff(&mut self, next: &Pool) {
+        let serving = |id: &str| match next.endpoints.get(id) {
+            Some(State::Serving(connection)) => Some(connection),
+            _ => None,
+        };
+        let gone: Vec<String> = self
+            .current
+            .keys()
+            .filter(|id| serving(id).is_none())
+            .cloned()
+            .collect();
+        for id in gone {
+            self.current.remove(&id);
+            self.pending.push_back(Change::Remove(id));
+        }
+        for (id, state) in next.endpoints.iter() {
+            let State::Serving(connection) = state else {
+                continue;
+            };
+            if self.current.get(id) == Some(&connection.generation) {
+                continue;
+            }
+            self.current.insert(id.clone(), connection.generation);
+            self.pending
+                .push_back(Change::Insert(id.clone(), connection.clone()));
+        }
+    }
+}
+
+impl Stream for EndpointDiscover {
+    type Item = Result<Change<String, Connection>, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(change)));
+            }
+            match Pin::new(&mut self.updates).poll_next(cx) {
+                Poll::Ready(Some(next)) => self.diff(&next),
+                // The publisher is gone: keep serving the last known set.
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl EndpointDiscover {
+    /// Follows the endpoint states `pool` publishes.
+    pub(super) fn new(pool: tokio::sync::watch::Receiver<Pool>) -> Self {
+        Self {
+            updates: WatchStream::new(pool),
+            current: HashMap::new(),
+            pending: VecDeque::new(),
+        }
+    }
+}

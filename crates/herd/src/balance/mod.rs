@@ -1,0 +1,519 @@
+//! A client-side balanced channel to one service: power of two choices over peak-EWMA latency
+//! (tower's p2c with `PeakEwmaDiscover`), fed by herd's own [`discovery`](crate::discovery).
+//!
+//! Every discovered endpoint is probed with a `grpc.health.v1.Health/Watch` stream over the same
+//! connection its calls use. Only endpoints whose watch says SERVING are offered to the balancer:
+//! one that reports NOT_SERVING (draining), whose connection breaks (killed), or whose HTTP/2
+//! keepalive goes unanswered (a silent peer) leaves the balancer at once, and is probed back in
+//! with jittered backoff for as long as discovery lists it.
+//!
+//! A call never waits for an endpoint that cannot come (gRPC's wait-for-ready=false): while
+//! discovery has not answered yet, or some endpoint is still making its first connection, it
+//! waits (within its deadline); once no instance is registered, or every known one has failed
+//! (NOT_SERVING or unreachable), it fails at once with `UNAVAILABLE` naming the service and why.
+//!
+//! Parts: `pool` (the probers and each endpoint's state), `discover` (endpoint states as the
+//! balancer's changes).
+
+mod discover;
+mod pool;
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use tonic::body::Body;
+use tower::balance::p2c::Balance;
+use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
+use tower::{BoxError, Service};
+
+use crate::client::connection::{Request, Response, streamed};
+use crate::client::{Connector, DEFAULT_MAX_RESPONSE, RetryBudget, TcpConnector};
+use crate::discovery::Discovered;
+use crate::error::CallError;
+use discover::EndpointDiscover;
+use pool::{Pool, State, hopeless, track};
+
+/// Latency assumed for an endpoint before it has answered anything.
+const DEFAULT_RTT: Duration = Duration::from_millis(5);
+/// How fast peak-EWMA forgets a slow answer.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// tower's power-of-two-choices balancer over peak-EWMA-weighted endpoint connections.
+type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover>, Request>;
+
+/// A cloneable gRPC channel that balances each call over a service's live, serving instances.
+///
+/// The balancer is shared behind an async lock rather than a queue with a worker task: each
+/// caller picks its endpoint itself (holding the lock only while an endpoint is chosen, never
+/// while the call is in flight), and writes the call straight into that endpoint's HTTP/2
+/// connection. No task hop between the caller and the connection.
+///
+/// Clones share everything (one reference count), so a clone per call costs next to nothing.
+#[derive(Clone)]
+pub struct MeshChannel {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    service: Arc<str>,
+    balancer: tokio::sync::Mutex<Balancer>,
+    discovered: watch::Receiver<Discovered>,
+    pool: watch::Receiver<Pool>,
+    budget: RetryBudget,
+    max_response: usize,
+}
+
+impl std::fmt::Debug for MeshChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshChannel")
+            .field("service", &self.inner.service)
+            .finish()
+    }
+}
+
+impl MeshChannel {
+    /// A channel to `service` over the endpoint sets published by `endpoints`, over plaintext TCP
+    /// with the default limits (see [`MeshChannel::builder`] for others). Must be called from
+    /// within a tokio runtime; the probing stops when every clone is dropped.
+    pub fn new(service: &str, endpoints: watch::Receiver<Discovered>) -> Self {
+        Self::builder(service).build(endpoints)
+    }
+
+    /// A channel to `service` with settings of its own: its transport, its response size limit.
+    pub fn builder(service: &str) -> ChannelBuilder {
+        ChannelBuilder {
+            service: service.into(),
+            connector: Arc::new(TcpConnector::default()),
+            max_response: DEFAULT_MAX_RESPONSE,
+        }
+    }
+
+    /// The largest response message accepted, in bytes.
+    pub fn max_response(&self) -> usize {
+        self.inner.max_response
+    }
+
+    /// The number of instances discovered.
+    pub fn endpoint_count(&self) -> usize {
+        self.inner
+            .discovered
+            .borrow()
+            .as_ref()
+            .map_or(0, |e| e.len())
+    }
+
+    /// The instance ids currently offered to the balancer (discovered and SERVING).
+    pub fn ready_instances(&self) -> Vec<String> {
+        self.inner
+            .pool
+            .borrow()
+            .endpoints
+            .iter()
+            .filter(|(_, state)| matches!(state, State::Serving(_)))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The retry budget shared by every call over this channel.
+    pub fn budget(&self) -> &RetryBudget {
+        &self.inner.budget
+    }
+}
+
+impl MeshChannel {
+    /// Sends `request` to an endpoint the balancer picks; resolves once the response's head
+    /// arrives.
+    /// Fails at once with `UNAVAILABLE` when no endpoint can serve (see the module docs).
+    pub(crate) async fn send(&self, request: Request) -> Result<Response, CallError> {
+        let shared = &self.inner;
+        let response = {
+            let mut balancer = shared.balancer.lock().await;
+            // The common case costs one poll: an endpoint is ready.
+            let now = std::future::poll_fn(|cx| Poll::Ready(balancer.poll_ready(cx))).await;
+            let ready = match now {
+                Poll::Ready(ready) => ready,
+                Poll::Pending => {
+                    let mut pool = shared.pool.clone();
+                    tokio::select! {
+                        biased;
+                        ready = std::future::poll_fn(|cx| balancer.poll_ready(cx)) => ready,
+                        // Nothing is ready and nothing more may come: do not wait for the deadline.
+                        error = hopeless(&mut pool, &shared.service) => return Err(error),
+                    }
+                }
+            };
+            ready.map_err(|e| CallError::not_sent(&shared.service, &*e))?;
+            balancer.call(request)
+        };
+        response
+            .await
+            .map_err(|e| CallError::not_sent(&shared.service, &*e))
+    }
+}
+
+/// Generated tonic clients over the balanced channel.
+impl Service<http::Request<Body>> for MeshChannel {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;
+
+    /// Always ready: each call waits for an endpoint itself, within its own deadline.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let channel = self.clone();
+        Box::pin(async move {
+            match channel.send(request.into()).await {
+                Ok(response) => Ok(streamed(response)),
+                Err(e) => Err(Box::new(tonic::Status::from(e)) as BoxError),
+            }
+        })
+    }
+}
+
+/// A [`MeshChannel`] with settings of its own.
+#[derive(Clone)]
+pub struct ChannelBuilder {
+    service: String,
+    connector: Arc<dyn Connector>,
+    max_response: usize,
+}
+
+impl std::fmt::Debug for ChannelBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelBuilder")
+            .field("service", &self.service)
+            .field("max_response", &self.max_response)
+            .finish()
+    }
+}
+
+impl ChannelBuilder {
+    /// Opens connections with `connector` (TLS, Unix sockets, in-memory streams for tests)
+    /// instead of plaintext TCP.
+    pub fn connector(mut self, connector: impl Connector) -> Self {
+        self.connector = Arc::new(connector);
+        self
+    }
+
+    /// Accepts responses of up to `bytes` (default [`DEFAULT_MAX_RESPONSE`], 4 MiB); a larger one
+    /// fails its call with `RESOURCE_EXHAUSTED`.
+    pub fn max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response = bytes;
+        self
+    }
+
+    /// The channel, over the endpoint sets published by `endpoints`. Must be called from within
+    /// a tokio runtime; the probing stops when every clone is dropped.
+    pub fn build(self, endpoints: watch::Receiver<Discovered>) -> MeshChannel {
+        let (pool_tx, pool) = watch::channel(Pool::default());
+        tokio::spawn(track(
+            self.service.clone(),
+            self.connector,
+            endpoints.clone(),
+            pool_tx,
+        ));
+        let loaded = PeakEwmaDiscover::new::<Request>(
+            EndpointDiscover::new(pool.clone()),
+            DEFAULT_RTT,
+            EWMA_DECAY,
+            CompleteOnResponse::default(),
+        );
+        MeshChannel {
+            inner: Arc::new(Shared {
+                service: self.service.into(),
+                balancer: tokio::sync::Mutex::new(Balance::new(loaded)),
+                discovered: endpoints,
+                pool,
+                budget: RetryBudget::default(),
+                max_response: self.max_response,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::discovery::Resolver;
+    use crate::instance::InstanceInfo;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    /// A real health server on a loopback port; returns its address.
+    pub(crate) async fn health_server(name: &'static str) -> String {
+        health_server_reporting(name, tonic_health::ServingStatus::Serving).await
+    }
+
+    /// A real health server whose "" and `name` report `status`; returns its address.
+    async fn health_server_reporting(
+        name: &'static str,
+        status: tonic_health::ServingStatus,
+    ) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter.set_service_status(name, status).await;
+        reporter.set_service_status("", status).await;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        address
+    }
+
+    fn info(id: &str, address: &str) -> InstanceInfo {
+        InstanceInfo {
+            service: "probe".into(),
+            instance_id: id.into(),
+            address: address.into(),
+            pid: 0,
+            version: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn spreads_calls_over_every_endpoint() {
+        let a = health_server("a").await;
+        let b = health_server("b").await;
+        let resolver = Resolver::fixed([info("a", &a), info("b", &b)]);
+        let mut client = HealthClient::new(MeshChannel::new("probe", resolver.subscribe()));
+        let (mut on_a, mut on_b) = (0, 0);
+        for _ in 0..200 {
+            // Each server knows only its own name, so the answer tells which one served.
+            if client
+                .check(HealthCheckRequest {
+                    service: "a".into(),
+                })
+                .await
+                .is_ok()
+            {
+                on_a += 1;
+            } else {
+                on_b += 1;
+            }
+        }
+        assert!(on_a > 20 && on_b > 20, "a={on_a} b={on_b}");
+    }
+
+    #[tokio::test]
+    async fn no_endpoint_fails_fast_with_unavailable() {
+        let resolver = Resolver::fixed([]);
+        let mut client = HealthClient::new(MeshChannel::new("nothing", resolver.subscribe()));
+        let started = std::time::Instant::now();
+        let err = client
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err("no endpoint");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert_eq!(err.message(), "nothing: no instance registered");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    /// An address where nothing listens.
+    async fn closed_port() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn known_endpoints_that_all_failed_fail_calls_at_once_saying_why() {
+        let draining = health_server_reporting("a", tonic_health::ServingStatus::NotServing).await;
+        let gone = closed_port().await;
+        let resolver = Resolver::fixed([info("a", &draining), info("b", &gone)]);
+        let channel = MeshChannel::new("probe", resolver.subscribe());
+        let mut client = HealthClient::new(channel.clone());
+        let started = std::time::Instant::now();
+        let err = client
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err("nothing serves");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message().starts_with(
+                "probe: 2 instances known, none serving (1 not serving; 1 unreachable:"
+            ),
+            "{err:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(channel.ready_instances().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_while_an_endpoint_is_still_connecting() {
+        // Accepts connections and never says a word: the first connection is neither up nor
+        // failed until keepalive gives up on it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let resolver = Resolver::fixed([info("s", &silent)]);
+        let mut client = HealthClient::new(MeshChannel::new("probe", resolver.subscribe()));
+        let waited = tokio::time::timeout(
+            Duration::from_millis(300),
+            client.check(HealthCheckRequest::default()),
+        )
+        .await;
+        assert!(
+            waited.is_err(),
+            "a call did not wait for a connecting endpoint: {waited:?}"
+        );
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.check(HealthCheckRequest::default()),
+        )
+        .await
+        .expect("fails once the endpoint is found silent")
+        .expect_err("nothing serves");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message()
+                .starts_with("probe: 1 instance known, none serving (1 unreachable"),
+            "{err:?}"
+        );
+    }
+
+    /// Endpoints in memory: each address names a health server fed by in-memory streams.
+    #[derive(Clone, Default)]
+    struct InMemory(
+        Arc<
+            std::sync::Mutex<
+                std::collections::HashMap<
+                    String,
+                    tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
+                >,
+            >,
+        >,
+    );
+
+    impl InMemory {
+        /// A health server at `address` that knows the service `name` only.
+        async fn serve(&self, address: &str, name: &'static str) {
+            let (streams, incoming) = tokio::sync::mpsc::unbounded_channel();
+            self.0.lock().unwrap().insert(address.into(), streams);
+            let (reporter, service) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(incoming),
+                Ok::<_, std::io::Error>,
+            );
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(incoming),
+            );
+        }
+    }
+
+    impl Connector for InMemory {
+        fn connect(
+            &self,
+            authority: &http::uri::Authority,
+        ) -> BoxFuture<'static, Result<Box<dyn crate::client::Io>, BoxError>> {
+            let server = self.0.lock().unwrap().get(authority.as_str()).cloned();
+            Box::pin(async move {
+                let server = server.ok_or("nothing listens there")?;
+                let (client, far_end) = tokio::io::duplex(64 * 1024);
+                server.send(far_end).map_err(|_| "the server is gone")?;
+                Ok(Box::new(client) as Box<dyn crate::client::Io>)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn any_transport_plugs_in_without_touching_the_balancer() {
+        let memory = InMemory::default();
+        memory.serve("a.memory:1", "a").await;
+        memory.serve("b.memory:1", "b").await;
+        let resolver = Resolver::fixed([info("a", "a.memory:1"), info("b", "b.memory:1")]);
+        let channel = MeshChannel::builder("probe")
+            .connector(memory)
+            .build(resolver.subscribe());
+        let mut client = HealthClient::new(channel.clone());
+        let (mut on_a, mut on_b) = (0, 0);
+        for _ in 0..100 {
+            match client
+                .check(HealthCheckRequest {
+                    service: "a".into(),
+                })
+                .await
+            {
+                Ok(_) => on_a += 1,
+                Err(_) => on_b += 1,
+            }
+        }
+        assert!(on_a > 10 && on_b > 10, "a={on_a} b={on_b}");
+        let mut ready = channel.ready_instances();
+        ready.sort();
+        assert_eq!(ready, ["a", "b"]);
+    }
+
+    /// A tax service that answers every call with the same ten taxes.
+    struct FixedTax;
+
+    #[tonic::async_trait]
+    impl herd_proto::tax::tax_service_server::TaxService for FixedTax {
+        async fn compute_tax(
+            &self,
+            _: tonic::Request<herd_proto::tax::ComputeTaxRequest>,
+        ) -> Result<tonic::Response<herd_proto::tax::ComputeTaxResponse>, tonic::Status> {
+            let tax = herd_proto::types::Money {
+                currency_code: "USD".into(),
+                minor_units: 1,
+            };
+            Ok(tonic::Response::new(herd_proto::tax::ComputeTaxResponse {
+                taxes: vec![tax; 10],
+                rate_bps: 725,
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_larger_than_the_channel_accepts_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(herd_proto::tax::tax_service_server::TaxServiceServer::new(
+                    FixedTax,
+                ))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let resolver = Resolver::fixed([info("t", &address)]);
+        let request = herd_proto::tax::ComputeTaxRequest::default();
+        let deadline = crate::Deadline::after(Duration::from_secs(5));
+        let small = MeshChannel::builder("tax")
+            .max_response_bytes(16)
+            .build(resolver.subscribe());
+        let error =
+            crate::client::call(deadline, &small, herd_proto::methods::COMPUTE_TAX, &request)
+                .await
+                .expect_err("ten taxes take more than 16 bytes");
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted, "{error}");
+        assert_eq!(small.max_response(), 16);
+        let roomy = MeshChannel::new("tax", resolver.subscribe());
+        let answer =
+            crate::client::call(deadline, &roomy, herd_proto::methods::COMPUTE_TAX, &request)
+                .await
+                .expect("the default limit is 4 MiB");
+        assert_eq!(answer.taxes.len(), 10);
+    }
+}

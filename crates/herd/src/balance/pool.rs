@@ -1,0 +1,262 @@
+//! The endpoints of one channel as their probers see them: each discovered endpoint is probed
+//! with a `grpc.health.v1.Health/Watch` stream over the connection its calls use, and offered to
+//! the balancer only while it says SERVING.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use rand::Rng;
+use tokio::sync::watch;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tower::BoxError;
+
+use crate::client::Connector;
+use crate::client::connection::Connection;
+use crate::discovery::Discovered;
+use crate::error::{CallError, with_causes};
+
+/// Backoff between probes of an endpoint that is not serving: starts here, doubles, capped below.
+const PROBE_BACKOFF_START: Duration = Duration::from_millis(50);
+const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How one discovered endpoint stands, as its prober last saw it.
+#[derive(Clone)]
+pub(super) enum State {
+    /// Its first connection and health answer are still to come.
+    Connecting,
+    /// SERVING: offered to the balancer over this connection.
+    Serving(Connection),
+    /// It answered NOT_SERVING (starting, or draining).
+    NotServing,
+    /// Its connection failed or broke, for this reason. Like gRPC's TRANSIENT_FAILURE it stays
+    /// so while the endpoint is probed again, until it answers SERVING.
+    Unreachable(String),
+}
+
+/// Every discovered endpoint's state, by instance id, once discovery has answered.
+#[derive(Clone, Default)]
+pub(super) struct Pool {
+    /// Whether discovery has answered at least once.
+    pub(super) resolved: bool,
+    pub(super) endpoints: BTreeMap<String, State>,
+}
+
+impl Pool {
+    /// Why no call can be served now and none should wait: no instance registered, or every
+    /// known one failed. `None` while something may still come (discovery or a first connection
+    /// pending, or an endpoint serving).
+    pub(super) fn hopeless(&self, service: &Arc<str>) -> Option<CallError> {
+        if !self.resolved {
+            return None;
+        }
+        if self.endpoints.is_empty() {
+            return Some(CallError::NoInstance {
+                service: service.clone(),
+            });
+        }
+        let (mut not_serving, mut unreachable, mut why) = (0, 0, None);
+        for state in self.endpoints.values() {
+            match state {
+                State::Connecting | State::Serving(_) => return None,
+                State::NotServing => not_serving += 1,
+                State::Unreachable(reason) => {
+                    unreachable += 1;
+                    why.get_or_insert(reason.as_str());
+                }
+            }
+        }
+        let mut reasons = Vec::new();
+        if not_serving > 0 {
+            reasons.push(format!("{not_serving} not serving"));
+        }
+        if let Some(why) = why {
+            reasons.push(format!("{unreachable} unreachable: {why}"));
+        }
+        Some(CallError::NoneServing {
+            service: service.clone(),
+            known: self.endpoints.len(),
+            why: reasons.join("; "),
+        })
+    }
+}
+
+/// Completes once the pool says no call can be served (see [`Pool::hopeless`]).
+pub(super) async fn hopeless(pool: &mut watch::Receiver<Pool>, service: &Arc<str>) -> CallError {
+    let mut why = None;
+    // The sender lives as long as the channel's tracker; if it is gone, keep waiting (the
+    // caller's deadline bounds the call).
+    if pool
+        .wait_for(|p| {
+            why = p.hopeless(service);
+            why.is_some()
+        })
+        .await
+        .is_err()
+    {
+        std::future::pending::<()>().await;
+    }
+    why.unwrap_or_else(|| CallError::NoInstance {
+        service: service.clone(),
+    })
+}
+
+/// Keeps one prober per discovered endpoint, until the channel is dropped.
+pub(super) async fn track(
+    service: String,
+    connector: Arc<dyn Connector>,
+    mut discovered: watch::Receiver<Discovered>,
+    pool: watch::Sender<Pool>,
+) {
+    let mut probers: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    loop {
+        let set = discovered.borrow_and_update().clone();
+        if let Some(set) = set {
+            let gone: Vec<String> = probers
+                .iter()
+                .filter(|(id, (address, _))| set.get(*id).map(|i| &i.address) != Some(address))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                if let Some((address, task)) = probers.remove(&id) {
+                    task.abort();
+                    let was_serving = pool.send_if_modified(|p| {
+                        matches!(p.endpoints.remove(&id), Some(State::Serving(_)))
+                    });
+                    if was_serving {
+                        tracing::info!(%service, instance = %id, %address, "endpoint removed: deregistered");
+                    }
+                }
+            }
+            pool.send_modify(|p| {
+                p.resolved = true;
+                for id in set.keys() {
+                    p.endpoints.entry(id.clone()).or_insert(State::Connecting);
+                }
+            });
+            for (id, info) in set.iter() {
+                if probers.contains_key(id) {
+                    continue;
+                }
+                let task = tokio::spawn(probe(
+                    service.clone(),
+                    connector.clone(),
+                    id.clone(),
+                    info.address.clone(),
+                    pool.clone(),
+                ));
+                probers.insert(id.clone(), (info.address.clone(), task));
+            }
+        }
+        tokio::select! {
+            changed = discovered.changed() => if changed.is_err() {
+                // A fixed set: nothing more will change; probe until the channel is dropped.
+                pool.closed().await;
+                break;
+            },
+            _ = pool.closed() => break,
+        }
+    }
+    for (_, (_, task)) in probers {
+        task.abort();
+    }
+}
+
+/// Watches one endpoint's health over the connection its calls use, and offers it to the balancer
+/// only while it reports SERVING. A broken connection is replaced by a new one.
+async fn probe(
+    service: String,
+    connector: Arc<dyn Connector>,
+    id: String,
+    address: String,
+    pool: watch::Sender<Pool>,
+) {
+    let set = |state: State| {
+        let mut was_serving = false;
+        let changed = pool.send_if_modified(|p| {
+            // The tracker removes an endpoint that discovery dropped; never bring it back.
+            let Some(current) = p.endpoints.get_mut(&id) else {
+                return false;
+            };
+            was_serving = matches!(current, State::Serving(_));
+            let same = match (&*current, &state) {
+                (State::Serving(old), State::Serving(new)) => old.generation == new.generation,
+                (State::NotServing, State::NotServing) => true,
+                (State::Unreachable(_), State::Unreachable(_)) => true,
+                _ => false,
+            };
+            *current = state.clone();
+            !same
+        });
+        match (&state, changed) {
+            (State::Serving(_), true) => {
+                tracing::info!(%service, instance = %id, %address, "endpoint added: serving");
+            }
+            (State::NotServing, true) if was_serving => {
+                tracing::info!(%service, instance = %id, %address, reason = "not serving", "endpoint removed");
+            }
+            (State::Unreachable(why), true) if was_serving => {
+                tracing::info!(%service, instance = %id, %address, reason = %why, "endpoint removed");
+            }
+            _ => {}
+        }
+    };
+    let authority: Authority = match address.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(%service, instance = %id, %address, error = %e, "unusable endpoint address");
+            set(State::Unreachable(format!("unusable address {address:?}")));
+            return;
+        }
+    };
+    let mut backoff = PROBE_BACKOFF_START;
+    loop {
+        match watch_health(&*connector, authority.clone()).await {
+            Ok((connection, mut stream)) => loop {
+                match stream.message().await {
+                    Ok(Some(r)) if r.status == ServingStatus::Serving as i32 => {
+                        set(State::Serving(connection.clone()));
+                        backoff = PROBE_BACKOFF_START;
+                    }
+                    Ok(Some(_)) => set(State::NotServing),
+                    Ok(None) => {
+                        set(State::Unreachable("health watch ended".into()));
+                        break;
+                    }
+                    Err(e) => {
+                        set(State::Unreachable(e.message().to_string()));
+                        break;
+                    }
+                }
+            },
+            Err(e) => set(State::Unreachable(with_causes(&*e))),
+        }
+        let jitter = rand::rng().random_range(0.5..1.5);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+    }
+}
+
+/// A new connection to `authority` and the health Watch stream opened over it.
+async fn watch_health(
+    connector: &dyn Connector,
+    authority: Authority,
+) -> Result<
+    (
+        Connection,
+        tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    ),
+    BoxError,
+> {
+    let connection = Connection::open(connector, authority).await?;
+    let stream = HealthClient::new(connection.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok((connection, stream))
+}

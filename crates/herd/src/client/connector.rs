@@ -1,0 +1,66 @@
+//! The transport under herd's HTTP/2 client: how a byte stream to an endpoint is opened. The
+//! balancer and the HTTP/2 connection never see more than this trait, so that TLS, Unix sockets
+//! or in-memory streams for tests plug in without touching them (as tonic's
+//! `Endpoint::connect_with_connector` and h2's examples take any IO).
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::uri::{Authority, Scheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tower::BoxError;
+
+/// A byte stream HTTP/2 can run over.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Opens byte streams to endpoints named by `host:port`.
+pub trait Connector: Send + Sync + 'static {
+    /// A new stream to `authority`, or why not (a refusal, a timeout, a failed handshake).
+    fn connect(&self, authority: &Authority) -> BoxFuture<'static, Result<Box<dyn Io>, BoxError>>;
+
+    /// The scheme requests over these streams carry (`http` in plaintext, `https` over TLS).
+    fn scheme(&self) -> Scheme {
+        Scheme::HTTP
+    }
+}
+
+/// Bound on establishing a TCP connection to one endpoint.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Plaintext TCP with `TCP_NODELAY` (small gRPC messages must not wait for Nagle's algorithm),
+/// within a connect timeout.
+#[derive(Debug, Clone)]
+pub struct TcpConnector {
+    timeout: Duration,
+}
+
+impl Default for TcpConnector {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+impl TcpConnector {
+    /// A connector that gives up on a connection after `timeout`.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+}
+
+impl Connector for TcpConnector {
+    fn connect(&self, authority: &Authority) -> BoxFuture<'static, Result<Box<dyn Io>, BoxError>> {
+        let address = authority.to_string();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&address))
+                .await
+                .map_err(|_| format!("connecting to {address} took longer than {timeout:?}"))??;
+            tcp.set_nodelay(true)?;
+            Ok(Box::new(tcp) as Box<dyn Io>)
+        })
+    }
+}

@@ -1,0 +1,216 @@
+//! herd's client side: unary calls over a balanced channel, retried within a budget, written on
+//! HTTP/2 directly over a pluggable transport.
+//!
+//! - [`call`]: one call of a typed method: deadline forwarded, trace context carried, the message
+//!   encoded once, not-processed failures retried within the channel's [`RetryBudget`].
+//! - [`budget`]: gRPC A6's retry throttle.
+//! - [`connector`]: the transport seam ([`Connector`]; [`TcpConnector`] by default).
+//! - `connection`: one HTTP/2 connection on `h2`, with keepalive.
+//! - `unary`: framing a request and reading a unary response within a size limit.
+
+pub mod budget;
+pub(crate) mod connection;
+pub mod connector;
+pub(crate) mod unary;
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use herd_proto::{Method, WithContext};
+use http::uri::PathAndQuery;
+use tonic::metadata::MetadataMap;
+use tracing::Instrument;
+
+pub use budget::RetryBudget;
+pub use connector::{Connector, Io, TcpConnector};
+pub use unary::DEFAULT_MAX_RESPONSE;
+
+use crate::balance::MeshChannel;
+use crate::context::Deadline;
+use crate::error::CallError;
+use crate::telemetry::PeerSpan;
+use connection::{Request, RequestBody};
+use unary::{frame, read_unary, unary_head};
+
+/// Attempts of one call in all, first included, when the failure means "not processed".
+const MAX_ATTEMPTS: u32 = 3;
+/// Pause before a retry, so a restarting endpoint is not hammered.
+const RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+/// Makes one unary call of `method` over `channel` with the remaining time as its timeout,
+/// retrying only failures that mean the call was not processed (`UNAVAILABLE`), at most three
+/// attempts in all, within the deadline and while the channel's retry budget allows. Each attempt
+/// runs in its own `rpc.client` span whose trace context travels in the metadata and in the
+/// message.
+///
+/// The message is encoded once; every attempt sends the same bytes (re-encoded only when a
+/// sampled attempt must carry its own trace context), so a retry costs no copy of the message.
+/// The call is written to the chosen endpoint's HTTP/2 connection directly and its response
+/// read from it, without tonic's generic client machinery.
+pub async fn call<Req, Res>(
+    deadline: Deadline,
+    channel: &MeshChannel,
+    method: Method<Req, Res>,
+    message: &Req,
+) -> Result<Res, CallError>
+where
+    Req: prost::Message + Clone + WithContext,
+    Res: prost::Message + Default,
+{
+    // Cannot fail: `Method::new` admits only paths that parse.
+    let path = PathAndQuery::from_static(method.path());
+    attempts(
+        deadline,
+        channel.budget(),
+        method.name(),
+        message,
+        |request| {
+            let (metadata, extensions, frame) = request.into_parts();
+            let mut head = unary_head(&path, metadata);
+            // The sampled attempt's span, to record the endpoint picked.
+            head.extensions = extensions;
+            let request = Request {
+                head,
+                body: RequestBody::Frame(frame),
+            };
+            async move {
+                let response = channel.send(request).await?;
+                let bytes = read_unary(response, channel.max_response()).await?;
+                Res::decode(bytes).map_err(|e| CallError::Undecodable {
+                    method: method.name(),
+                    cause: e.to_string(),
+                })
+            }
+        },
+    )
+    .await
+}
+
+/// The retry loop of [`call`]; `attempt` sends one request, already a gRPC frame.
+async fn attempts<Req, Res, F, Fut>(
+    deadline: Deadline,
+    budget: &RetryBudget,
+    name: &'static str,
+    message: &Req,
+    mut attempt: F,
+) -> Result<Res, CallError>
+where
+    Req: prost::Message + Clone + WithContext,
+    F: FnMut(tonic::Request<Bytes>) -> Fut,
+    Fut: Future<Output = Result<Res, CallError>>,
+{
+    let encoded = frame(message);
+    let mut number = 1;
+    loop {
+        let left = deadline.remaining()?;
+        let mut metadata = MetadataMap::new();
+        let (span, trace) = crate::telemetry::client_span(name, message.context(), &mut metadata);
+        let sampled = trace.is_some();
+        let body = match trace {
+            None => encoded.clone(),
+            Some(trace) => {
+                let mut traced = message.clone();
+                if let Some(ctx) = traced.context_mut().as_mut() {
+                    ctx.trace = Some(trace);
+                }
+                frame(&traced)
+            }
+        };
+        let mut request = tonic::Request::from_parts(metadata, Default::default(), body);
+        request.set_timeout(left);
+        if sampled {
+            request.extensions_mut().insert(PeerSpan(span.clone()));
+        }
+        let outcome = tokio::time::timeout(left, attempt(request).instrument(span.clone())).await;
+        let error = match outcome {
+            Ok(Ok(response)) => {
+                crate::telemetry::client_result(&span, None);
+                budget.success();
+                return Ok(response);
+            }
+            Ok(Err(error)) => error,
+            Err(_) => CallError::DeadlineExceeded,
+        };
+        crate::telemetry::client_result(&span, Some(&error));
+        if !error.retryable() {
+            return Err(error);
+        }
+        budget.failure();
+        if number >= MAX_ATTEMPTS || !budget.can_retry() {
+            return Err(error);
+        }
+        tracing::debug!(attempt = number, %error, "retrying a call that was not processed");
+        number += 1;
+        tokio::time::sleep(RETRY_PAUSE.min(deadline.remaining()?)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    fn msg() -> herd_proto::tax::ComputeTaxRequest {
+        herd_proto::tax::ComputeTaxRequest::default()
+    }
+
+    #[tokio::test]
+    async fn retries_only_unavailable() {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mut tries = 0;
+        let r: Result<(), CallError> =
+            attempts(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
+                tries += 1;
+                async { Err(CallError::Refused(Status::unavailable("down"))) }
+            })
+            .await;
+        assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(tries, 3);
+
+        let mut tries = 0;
+        let r: Result<(), CallError> =
+            attempts(deadline, &RetryBudget::default(), "t.S/M", &msg(), |_| {
+                tries += 1;
+                async { Err(CallError::Refused(Status::invalid_argument("bad"))) }
+            })
+            .await;
+        assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(tries, 1);
+    }
+
+    #[tokio::test]
+    async fn the_budget_stops_retry_storms() {
+        let budget = RetryBudget::default();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mut tries = 0;
+        for _ in 0..10 {
+            let _: Result<(), CallError> = attempts(deadline, &budget, "t.S/M", &msg(), |_| {
+                tries += 1;
+                async { Err(CallError::Refused(Status::unavailable("down"))) }
+            })
+            .await;
+        }
+        // Three attempts while the budget lasts (half of ten tokens), then one each.
+        assert!(tries < 20, "{tries} attempts for 10 calls");
+        assert!(!budget.can_retry());
+        for _ in 0..60 {
+            budget.success();
+        }
+        assert!(budget.can_retry());
+    }
+
+    #[tokio::test]
+    async fn expired_deadline_refuses_work() {
+        let deadline = Deadline::after(Duration::ZERO);
+        let r: Result<(), CallError> = attempts(
+            deadline,
+            &RetryBudget::default(),
+            "t.S/M",
+            &msg(),
+            |_| async { Ok(()) },
+        )
+        .await;
+        assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
+    }
+}
