@@ -1,0 +1,136 @@
+//! Following one request across every instance it touches: logs with `tracing`, spans exported
+//! with OpenTelemetry over OTLP/gRPC, W3C trace context on every hop.
+//!
+//! Configured by the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns export on; `OTEL_SERVICE_NAME` and
+//! `OTEL_RESOURCE_ATTRIBUTES` shape the resource; `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`
+//! set the initial ratio of the parent-based ratio sampler, which `/herd/config/telemetry` changes
+//! at run time. With no endpoint, no OpenTelemetry layer is installed: nothing is exported and
+//! nothing is paid beyond plain `tracing` spans.
+//!
+//! Every server call runs in a `rpc.server` span ([`serve`]) whose parent is the caller's
+//! `traceparent` header, or the one carried in the message's `RequestContext`; every outgoing call
+//! ([`client::call`](crate::client::call)) runs in a `rpc.client` span whose context is injected into both the
+//! metadata and the message. Span names and attributes follow the OpenTelemetry RPC conventions.
+//!
+//! Parts: `sampling` (the ratio and `/herd/config/telemetry`), `server` (server spans),
+//! `propagation` (trace context between hops, client spans), `export` (the span queue and the
+//! OTLP exporter); this module installs logs and export.
+
+mod export;
+mod propagation;
+mod sampling;
+mod server;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+pub(crate) use propagation::{PeerSpan, client_result, client_span};
+pub use sampling::{SamplingRatio, TelemetrySection, follow_sampling};
+pub use server::{record_context, record_quote_id, serve};
+
+/// Bound on flushing pending spans at shutdown.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether spans are exported: when not, no trace context is extracted or created, only passed on.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The ratio new traces are sampled at, once telemetry is initialised.
+static SAMPLING: std::sync::OnceLock<SamplingRatio> = std::sync::OnceLock::new();
+
+/// The process's telemetry: flush it at exit.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+    ratio: SamplingRatio,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// The run-time sampling ratio.
+    pub fn ratio(&self) -> SamplingRatio {
+        self.ratio.clone()
+    }
+
+    /// Exports what is pending and stops the exporter, within a bound. The SDK blocks while
+    /// flushing, so it runs on a blocking thread, never on the async runtime.
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        let flush =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(FLUSH_TIMEOUT));
+        match tokio::time::timeout(FLUSH_TIMEOUT + Duration::from_secs(1), flush).await {
+            Ok(Ok(Ok(()))) => tracing::info!("pending spans exported"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "exporting pending spans failed"),
+            _ => tracing::warn!("exporting pending spans timed out"),
+        }
+    }
+}
+
+/// Installs logging (text or JSON on stderr, level from `RUST_LOG`) and, when an OTLP endpoint is
+/// configured, span export for `service` with `instance_id` as `service.instance.id`. Must run
+/// inside the tokio runtime. Calling it twice keeps the first.
+pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let ratio = SamplingRatio::from_env();
+    let provider = if export::exporter_configured() {
+        match export::build_provider(service, instance_id) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("warning: span export disabled: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=info")
+    });
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    type Boxed = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let logs: Boxed = if log_format == "json" {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    };
+    // Only herd's own spans are exported: the exporter's transport (tonic, h2, hyper) must not
+    // trace its own exports.
+    let spans: Option<Boxed> = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("herd"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                m.target().starts_with("herd") && !m.target().starts_with("herd::unsampled")
+            }))
+            .boxed()
+    });
+    EXPORTING.store(provider.is_some(), Ordering::Relaxed);
+    let _ = SAMPLING.set(ratio.clone());
+    let mut layers = vec![logs];
+    layers.extend(spans);
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Telemetry { provider, ratio }
+}
