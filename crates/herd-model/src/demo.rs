@@ -16,3 +16,9 @@ pub fn sections() -> Vec<(&'static str, String)> {
         .map(|spec| (spec.name(), spec.example()))
         .collect()
 }
+
+/// The demo configuration as a fixed store, for tests and tools that need no etcd.
+pub fn fixed() -> Result<herd::ConfigStore<MeshConfig>, herd::ConfigError> {
+    let sections = sections();
+    herd::ConfigStore::fixed(sections.iter().map(|(name, json)| (*name, json.as_str())))
+}

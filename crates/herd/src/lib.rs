@@ -13,6 +13,7 @@
 //! - [`client`]: unary calls over a balanced channel, retried within a budget, on HTTP/2 over a
 //!   pluggable transport.
 //! - [`mesh`]: one instance's link to the mesh: identity, etcd, configuration, channels.
+//! - [`handler`]: the opening every handler shares (span, deadline, context, pinned config).
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
 //! - [`binary`]: the life of a service binary or tool: settings, logs, signals, exit code.
 //! - [`error`]: what can go wrong, typed, and the one place each becomes a gRPC status.
@@ -27,6 +28,7 @@ pub mod context;
 pub mod discovery;
 pub mod error;
 pub mod etcd;
+pub mod handler;
 pub mod instance;
 pub mod layout;
 pub mod mesh;

@@ -88,6 +88,25 @@ impl Services {
         self.descriptors.push(set);
         self
     }
+
+    /// Serves these services on `listener` on their own — health SERVING, reflection, no etcd,
+    /// no registration — until the task is dropped: for tests and tools that need a real server
+    /// on `127.0.0.1:0`.
+    pub async fn serve_standalone(self, listener: TcpListener) -> Result<(), ServeError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        for name in &self.names {
+            reporter
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
+        let routes = with_health_and_reflection(self.routes, health, &self.descriptors)?;
+        Server::builder()
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            .await?;
+        Ok(())
+    }
 }
 
 impl Mesh {

@@ -564,3 +564,102 @@ impl Ctl {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(sections: &[(&str, &str)]) -> BTreeMap<String, Stored> {
+        sections
+            .iter()
+            .map(|(name, json)| {
+                (
+                    name.to_string(),
+                    Stored {
+                        value: json.as_bytes().to_vec(),
+                        mod_revision: 1,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn demo() -> BTreeMap<String, Stored> {
+        let sections = herd_model::demo::sections();
+        let pairs: Vec<(&str, &str)> = sections.iter().map(|(n, j)| (*n, j.as_str())).collect();
+        stored(&pairs)
+    }
+
+    fn change(section: &str, json: &str) -> Vec<(String, Vec<u8>)> {
+        vec![(section.to_string(), json.as_bytes().to_vec())]
+    }
+
+    #[test]
+    fn files_name_their_section_or_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = dir.path().join("limits.json");
+        std::fs::write(&limits, "{}").unwrap();
+        let (section, raw) = read_spec(&limits.to_string_lossy()).unwrap();
+        assert_eq!(
+            (section.as_str(), raw.as_slice()),
+            ("limits", b"{}".as_slice())
+        );
+        let (section, _) = read_spec(&format!("quote={}", limits.to_string_lossy())).unwrap();
+        assert_eq!(section, "quote");
+        let colour = dir.path().join("colour.json");
+        std::fs::write(&colour, "{}").unwrap();
+        let err = read_spec(&colour.to_string_lossy()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown section; known: telemetry, catalog"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_write_is_checked_by_its_own_rules_and_against_the_rest() {
+        assert!(
+            validate(
+                &demo(),
+                &change("limits", r#"{"max_items":7,"max_quantity":70}"#)
+            )
+            .is_ok()
+        );
+        assert!(validate(&demo(), &change("telemetry", r#"{"sampling_ratio":0.5}"#)).is_ok());
+        let err = validate(
+            &demo(),
+            &change("limits", r#"{"max_items":0,"max_quantity":70}"#),
+        );
+        assert!(format!("{:#}", err.unwrap_err()).contains("refused: limits: max_items"));
+        // An fx base that is not the catalog's currency contradicts what etcd holds.
+        let err = validate(
+            &demo(),
+            &change("fx", r#"{"base":"EUR","rates":{"USD":"1.08"}}"#),
+        );
+        assert!(format!("{:#}", err.unwrap_err()).contains("catalog currency"));
+        let err = validate(&demo(), &change("colour", "{}")).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown section"));
+    }
+
+    #[test]
+    fn a_configuration_may_be_built_up_a_section_at_a_time() {
+        let empty = BTreeMap::new();
+        // The other required sections are still missing: that is not this write's fault.
+        assert!(
+            validate(
+                &empty,
+                &change("limits", r#"{"max_items":7,"max_quantity":70}"#)
+            )
+            .is_ok()
+        );
+        // A key already in etcd that no section claims does not block a write either.
+        let mut with_unknown = demo();
+        with_unknown.extend(stored(&[("colour", "{}")]));
+        assert!(validate(&with_unknown, &change("quote", r#"{"ttl_seconds":60}"#)).is_ok());
+    }
+
+    #[test]
+    fn json_is_shown_pretty_and_anything_else_as_it_is() {
+        assert_eq!(pretty(br#"{"a":1}"#), "{\n  \"a\": 1\n}\n");
+        assert_eq!(pretty(b"not json"), "not json");
+    }
+}

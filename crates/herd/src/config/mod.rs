@@ -14,13 +14,15 @@
 //! shared, not parsed or held twice. An instance that starts while the newest revision is invalid
 //! starts on the newest valid one etcd still holds.
 
+mod follow;
+mod history;
 mod section;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use etcd_client::{Client, EventType, GetOptions, KeyValue};
+use etcd_client::Client;
 use tokio::sync::{OnceCell, watch};
 
 pub use section::{
@@ -28,9 +30,8 @@ pub use section::{
     parse_section, runtime_sections,
 };
 
-use crate::error::RevisionError;
+use crate::error::{EtcdError, RevisionError};
 use crate::layout::Layout;
-use crate::watch::{Follower, Update};
 
 /// Most recent snapshots kept in memory for requests pinned to them...
 pub const HISTORY_COUNT: usize = 64;
@@ -134,25 +135,34 @@ struct Inner<M> {
     pinned: Mutex<VecDeque<(i64, Pinned<M>)>>,
     status: watch::Sender<ConfigStatus>,
     runtime: watch::Sender<RuntimeConfig>,
-    client: Client,
+    /// etcd, where the configuration comes from (`None` for a fixed one).
+    client: Option<Client>,
     layout: Layout,
 }
 
 impl<M: ConfigModel> ConfigStore<M> {
     /// Starts loading and watching the configuration under `layout` in the background.
     pub fn start(client: Client, layout: Layout) -> Self {
-        let inner = Arc::new(Inner {
-            registry: Registry::of::<M>(),
-            current: ArcSwapOption::empty(),
-            history: ArcSwap::from_pointee(Vec::new()),
-            pinned: Mutex::new(VecDeque::new()),
-            status: watch::Sender::new(ConfigStatus::default()),
-            runtime: watch::Sender::new(RuntimeConfig::default()),
-            client,
-            layout,
-        });
-        tokio::spawn(run(Arc::downgrade(&inner)));
+        let inner = Arc::new(Inner::new(Some(client), layout));
+        tokio::spawn(follow::run(Arc::downgrade(&inner)));
         Self { inner }
+    }
+
+    /// A configuration that never changes, from `(section, JSON)` pairs, at revision 1: for unit
+    /// tests of services and for tools, with no etcd behind it. Fails as an instance would
+    /// reject it.
+    pub fn fixed<'a>(
+        sections: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
+        let inner = Inner::new(None, Layout::new(crate::settings::DEFAULT_PREFIX));
+        let raw = sections
+            .into_iter()
+            .map(|(name, json)| (name, json.as_bytes(), 1));
+        let sections = inner.registry.parse(raw, |_, _| None)?;
+        inner.apply(1, Ok(Snapshot::build(1, sections)?));
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The sections this store reads: the runtime's and the model's.
@@ -219,287 +229,29 @@ impl<M: ConfigModel> ConfigStore<M> {
     }
 }
 
+impl<M: ConfigModel> Inner<M> {
+    fn new(client: Option<Client>, layout: Layout) -> Self {
+        Self {
+            registry: Registry::of::<M>(),
+            current: ArcSwapOption::empty(),
+            history: ArcSwap::from_pointee(Vec::new()),
+            pinned: Mutex::new(VecDeque::new()),
+            status: watch::Sender::new(ConfigStatus::default()),
+            runtime: watch::Sender::new(RuntimeConfig::default()),
+            client,
+            layout,
+        }
+    }
+
+    /// etcd, or why a fixed configuration cannot read another revision.
+    fn etcd(&self, revision: i64) -> Result<Client, RevisionError> {
+        self.client.clone().ok_or(RevisionError::Unreadable {
+            revision,
+            cause: EtcdError::Unavailable("a fixed configuration holds one revision only".into()),
+        })
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl<M: ConfigModel> Inner<M> {
-    fn recent(&self, revision: i64) -> Option<Arc<Snapshot<M>>> {
-        self.history
-            .load()
-            .iter()
-            .rev()
-            .find(|s| s.revision == revision)
-            .cloned()
-    }
-
-    /// An older revision, read from etcd by the first request that asks and shared with the rest.
-    /// A failure that may pass (etcd unreachable) is not kept: the next request reads again.
-    async fn pinned(&self, revision: i64) -> Result<Arc<Snapshot<M>>, RevisionError> {
-        let cell = {
-            let mut pinned = lock(&self.pinned);
-            let found = pinned
-                .iter()
-                .position(|(r, _)| *r == revision)
-                .and_then(|i| pinned.remove(i));
-            let entry = found.unwrap_or_else(|| (revision, Arc::new(OnceCell::new())));
-            let cell = entry.1.clone();
-            pinned.push_back(entry);
-            while pinned.len() > PINNED_COUNT {
-                pinned.pop_front();
-            }
-            cell
-        };
-        let result = cell
-            .get_or_init(|| self.load_revision(revision))
-            .await
-            .clone();
-        if matches!(&result, Err(RevisionError::Unreadable { .. })) {
-            lock(&self.pinned).retain(|(r, c)| !(*r == revision && Arc::ptr_eq(c, &cell)));
-        }
-        result
-    }
-
-    /// The configuration as etcd held it at `revision`.
-    async fn load_revision(&self, revision: i64) -> Result<Arc<Snapshot<M>>, RevisionError> {
-        let mut client = self.client.clone();
-        let resp = client
-            .get(
-                self.layout.config_prefix(),
-                Some(GetOptions::new().with_prefix().with_revision(revision)),
-            )
-            .await
-            .map_err(|e| RevisionError::reading(revision, e))?;
-        let snapshot = self
-            .snapshot_of(resp.kvs(), revision)
-            .map_err(|error| RevisionError::Invalid { revision, error })?;
-        Ok(Arc::new(snapshot))
-    }
-
-    /// Builds the configuration of `kvs` (read at one revision), sharing every section value a
-    /// snapshot in memory already holds.
-    fn snapshot_of(&self, kvs: &[KeyValue], revision: i64) -> Result<Snapshot<M>, ConfigError> {
-        let history = self.history.load();
-        let raw = kvs.iter().filter_map(|kv| {
-            let key = std::str::from_utf8(kv.key()).ok()?;
-            Some((self.layout.section_of(key)?, kv.value(), kv.mod_revision()))
-        });
-        let sections = self.registry.parse(raw, |name, mod_revision| {
-            history
-                .iter()
-                .rev()
-                .find_map(|s| s.sections.entry(name, mod_revision))
-        })?;
-        Snapshot::build(revision, sections)
-    }
-
-    /// The configuration of the sections the watcher holds, sharing unchanged sections with the
-    /// current snapshot.
-    fn snapshot_of_raw(&self, raw: &Raw, revision: i64) -> Result<Snapshot<M>, ConfigError> {
-        let current = self.current.load();
-        let sections = self.registry.parse(
-            raw.iter()
-                .map(|(name, (value, rev))| (name.as_str(), value.as_slice(), *rev)),
-            |name, mod_revision| current.as_ref()?.sections.entry(name, mod_revision),
-        )?;
-        Snapshot::build(revision, sections)
-    }
-
-    fn remember(&self, snapshot: Arc<Snapshot<M>>) {
-        self.history.rcu(|history| {
-            let mut next: Vec<Arc<Snapshot<M>>> = history
-                .iter()
-                .filter(|s| s.revision != snapshot.revision)
-                .cloned()
-                .collect();
-            next.push(snapshot.clone());
-            next.sort_by_key(|s| s.revision);
-            while next.len() > 1
-                && (next.len() > HISTORY_COUNT || held_bytes(&next) > HISTORY_BYTES)
-            {
-                next.remove(0);
-            }
-            next
-        });
-    }
-
-    fn apply(&self, revision: i64, result: Result<Snapshot<M>, ConfigError>) {
-        match result {
-            Ok(snapshot) => {
-                if self
-                    .current
-                    .load()
-                    .as_ref()
-                    .is_some_and(|c| c.revision == revision)
-                {
-                    return;
-                }
-                let snapshot = Arc::new(snapshot);
-                let ignored = snapshot.sections.ignored().to_vec();
-                if !ignored.is_empty() && ignored != self.status.borrow().ignored {
-                    tracing::warn!(
-                        revision,
-                        ignored = %ignored.join(", "),
-                        known = %self.registry.names().join(", "),
-                        "configuration keys that no section claims are ignored"
-                    );
-                }
-                self.remember(snapshot.clone());
-                self.runtime.send_replace(snapshot.runtime.clone());
-                self.current.store(Some(snapshot));
-                self.status.send_modify(|s| {
-                    s.applied = revision;
-                    s.ignored = ignored;
-                });
-                tracing::info!(revision, "configuration applied");
-            }
-            Err(error) => {
-                tracing::warn!(
-                    revision,
-                    key = %self.layout.config(&error.section),
-                    reason = %error.message,
-                    "configuration rejected; keeping the last good one"
-                );
-                self.status
-                    .send_modify(|s| s.rejected = Some(Rejection { revision, error }));
-            }
-        }
-    }
-
-    /// The name of a configuration of `keys` keys read whole at `read_at`, whose newest write is
-    /// `newest`: the write's revision when etcd held as many keys then (so none was deleted
-    /// since, and the two revisions hold the same), otherwise the revision it was read at.
-    async fn name_of_reset(&self, newest: i64, read_at: i64, keys: usize) -> i64 {
-        if newest == 0 {
-            return read_at;
-        }
-        let mut client = self.client.clone();
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_count_only()
-            .with_revision(newest);
-        match client.get(self.layout.config_prefix(), Some(options)).await {
-            Ok(resp) if usize::try_from(resp.count()).ok() == Some(keys) => newest,
-            _ => read_at,
-        }
-    }
-
-    /// Looks back from the invalid revision `rejected` for the newest valid configuration etcd
-    /// still holds, so that an instance starting during a bad rollout can serve.
-    async fn walk_back(&self, rejected: i64) -> Option<Snapshot<M>> {
-        let mut client = self.client.clone();
-        let prefix = self.layout.config_prefix();
-        let mut at = rejected - 1;
-        for _ in 0..WALK_BACK_STEPS {
-            if at <= 0 {
-                break;
-            }
-            let options = GetOptions::new().with_prefix().with_revision(at);
-            let resp = match client.get(prefix.as_str(), Some(options)).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    tracing::warn!(revision = at, error = %e, "no older configuration to start on");
-                    return None;
-                }
-            };
-            let newest = resp.kvs().iter().map(|kv| kv.mod_revision()).max()?;
-            // Named as instances that applied it when it was written name it, when it is the same.
-            let name = self.name_of_reset(newest, at, resp.kvs().len()).await;
-            match self.snapshot_of(resp.kvs(), name) {
-                Ok(snapshot) => return Some(snapshot),
-                Err(e) => {
-                    tracing::debug!(revision = at, reason = %e, "older configuration not valid either");
-                    at = newest - 1;
-                }
-            }
-        }
-        tracing::warn!(
-            rejected,
-            "no valid configuration found in etcd's history; waiting for a valid write"
-        );
-        None
-    }
-}
-
-/// Bytes of distinct section values (each write counted once) held by `snapshots`.
-fn held_bytes<M>(snapshots: &[Arc<Snapshot<M>>]) -> usize {
-    let mut seen = HashSet::new();
-    snapshots
-        .iter()
-        .flat_map(|s| s.sections.sizes())
-        .filter(|(name, rev, _)| seen.insert((*name, *rev)))
-        .map(|(_, _, bytes)| bytes)
-        .sum()
-}
-
-/// Raw sections with the revision each was last written at.
-type Raw = BTreeMap<String, (Vec<u8>, i64)>;
-
-async fn run<M: ConfigModel>(inner: Weak<Inner<M>>) {
-    let Some((client, layout)) = inner
-        .upgrade()
-        .map(|i| (i.client.clone(), i.layout.clone()))
-    else {
-        return;
-    };
-    let section_of = |key: &[u8]| {
-        std::str::from_utf8(key)
-            .ok()
-            .and_then(|k| layout.section_of(k))
-            .map(str::to_string)
-    };
-    let mut follower = Follower::new(client, layout.config_prefix());
-    let mut raw = Raw::new();
-    loop {
-        let update = follower.next().await;
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let revision = match update {
-            Update::Reset { revision, kvs } => {
-                raw = kvs
-                    .iter()
-                    .filter_map(|kv| {
-                        let section = section_of(kv.key())?;
-                        Some((section, (kv.value().to_vec(), kv.mod_revision())))
-                    })
-                    .collect();
-                let newest = raw.values().map(|(_, rev)| *rev).max().unwrap_or(0);
-                inner.name_of_reset(newest, revision, kvs.len()).await
-            }
-            Update::Events { events, newest } => {
-                for event in &events {
-                    let Some(kv) = event.kv() else { continue };
-                    let Some(section) = section_of(kv.key()) else {
-                        continue;
-                    };
-                    match event.event_type() {
-                        EventType::Put => {
-                            raw.insert(section, (kv.value().to_vec(), kv.mod_revision()));
-                        }
-                        EventType::Delete => {
-                            raw.remove(&section);
-                        }
-                    }
-                }
-                // A configuration is named by its newest write (a deletion included).
-                newest
-            }
-        };
-        let result = inner.snapshot_of_raw(&raw, revision);
-        let invalid = result.is_err();
-        inner.apply(revision, result);
-        if invalid
-            && inner.current.load().is_none()
-            && let Some(older) = inner.walk_back(revision).await
-        {
-            let at = older.revision;
-            inner.apply(at, Ok(older));
-            tracing::info!(
-                applied = at,
-                rejected = revision,
-                "started on the newest valid configuration etcd holds; the newest one is rejected"
-            );
-        }
-    }
 }
