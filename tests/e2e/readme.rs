@@ -137,3 +137,53 @@ async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> 
     assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));
     Ok(())
 }
+
+/// The fenced `rust` blocks of one README section.
+fn rust_blocks(section: &str) -> Vec<Vec<String>> {
+    let text = readme();
+    let start = text.find(section).unwrap_or(text.len());
+    let rest = &text[start..];
+    let end = rest[section.len()..]
+        .find("\n## ")
+        .map_or(rest.len(), |i| i + section.len());
+    let mut blocks = Vec::new();
+    let mut current: Option<Vec<String>> = None;
+    for line in rest[..end].lines() {
+        match (&mut current, line.trim()) {
+            (None, "```rust") => current = Some(Vec::new()),
+            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(block), code) if !code.is_empty() => block.push(code.to_string()),
+            _ => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn readme_code_for_adding_a_service_is_the_example_s() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/thing");
+    let sources: Vec<Vec<String>> = ["build.rs", "src/lib.rs", "src/main.rs"]
+        .iter()
+        .map(|file| {
+            std::fs::read_to_string(format!("{root}/{file}"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
+    let blocks = rust_blocks("## Adding a service of your own");
+    assert!(blocks.len() >= 5, "{blocks:?}");
+    for block in blocks {
+        let found = sources
+            .iter()
+            .any(|lines| lines.windows(block.len()).any(|w| w == block.as_slice()));
+        assert!(
+            found,
+            "README shows code that examples/thing does not hold:\n{}",
+            block.join("\n")
+        );
+    }
+}

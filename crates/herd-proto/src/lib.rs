@@ -35,13 +35,17 @@ pub trait WithContext {
     fn context_mut(&mut self) -> &mut Option<context::RequestContext>;
 }
 
+/// Implements [`WithContext`] for request messages whose field `context` (field 1) is a
+/// `herd.context.v1.RequestContext`: `herd_proto::with_context!(my::DescribeRequest);` in the
+/// crate that generates them.
+#[macro_export]
 macro_rules! with_context {
     ($($t:ty),* $(,)?) => {
-        $(impl WithContext for $t {
-            fn context(&self) -> Option<&context::RequestContext> {
+        $(impl $crate::WithContext for $t {
+            fn context(&self) -> Option<&$crate::context::RequestContext> {
                 self.context.as_ref()
             }
-            fn context_mut(&mut self) -> &mut Option<context::RequestContext> {
+            fn context_mut(&mut self) -> &mut Option<$crate::context::RequestContext> {
                 &mut self.context
             }
         })*
@@ -98,6 +102,47 @@ impl<Req, Res> Method<Req, Res> {
     }
 }
 
+impl<Req, Res> Method<Req, Res> {
+    /// Checks that the encoded `FileDescriptorSet` `set` holds this method as a unary method
+    /// taking `Req` and returning `Res` (by message name): a test of every `Method` constant
+    /// against the contracts it was written for.
+    pub fn described_by(&self, set: &[u8]) -> Result<(), String> {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(set).map_err(|e| e.to_string())?;
+        let (service, name) = self
+            .name()
+            .rsplit_once('/')
+            .ok_or_else(|| format!("{self:?} names no method"))?;
+        let (package, service) = service
+            .rsplit_once('.')
+            .ok_or_else(|| format!("{self:?} names no package"))?;
+        let last = |t: &str| t.rsplit(['.', ':']).next().unwrap_or_default().to_string();
+        let found = set
+            .file
+            .iter()
+            .filter(|f| f.package() == package)
+            .flat_map(|f| &f.service)
+            .filter(|s| s.name() == service)
+            .flat_map(|s| &s.method)
+            .find(|m| m.name() == name)
+            .ok_or_else(|| format!("{self:?} is not in the contracts"))?;
+        let types = (last(found.input_type()), last(found.output_type()));
+        let ours = (
+            last(std::any::type_name::<Req>()),
+            last(std::any::type_name::<Res>()),
+        );
+        if types != ours {
+            return Err(format!(
+                "{self:?} takes and returns {types:?}, not {ours:?}"
+            ));
+        }
+        if found.client_streaming() || found.server_streaming() {
+            return Err(format!("{self:?} streams"));
+        }
+        Ok(())
+    }
+}
+
 impl<Req, Res> Clone for Method<Req, Res> {
     fn clone(&self) -> Self {
         *self
@@ -135,29 +180,11 @@ pub mod methods {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use prost::Message;
 
-        /// The path names a method of the contracts whose input and output are the types.
         fn check<Req, Res>(method: Method<Req, Res>) {
-            let set = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET).unwrap();
-            let (service, name) = method.name().rsplit_once('/').unwrap();
-            let (package, service) = service.rsplit_once('.').unwrap();
-            let last = |t: &str| t.rsplit(['.', ':']).next().unwrap().to_string();
-            let found = set
-                .file
-                .iter()
-                .filter(|f| f.package() == package)
-                .flat_map(|f| &f.service)
-                .filter(|s| s.name() == service)
-                .flat_map(|s| &s.method)
-                .find(|m| m.name() == name)
-                .unwrap_or_else(|| panic!("{method:?} is not in the contracts"));
-            assert_eq!(last(found.input_type()), last(std::any::type_name::<Req>()));
-            assert_eq!(
-                last(found.output_type()),
-                last(std::any::type_name::<Res>())
-            );
-            assert!(!found.client_streaming() && !found.server_streaming());
+            if let Err(e) = method.described_by(crate::FILE_DESCRIPTOR_SET) {
+                panic!("{e}");
+            }
         }
 
         #[test]
