@@ -315,11 +315,11 @@ async fn e_a_lease_revoked_behind_its_back_is_replaced_within_one_ttl() -> anyho
         ),
     );
     assert!(took < 2.0, "registered again only after {took} s (TTL 2 s)");
-    assert!(
-        mesh.instances[index]
-            .1
-            .log_text()
-            .contains("registration lost")
+    // The instance says so itself: its registration health is SERVING again.
+    let (_, address) = mesh.registration_of(pid).unwrap_or_default();
+    assert_eq!(
+        herd_tests::health(&address, "herd.registration").as_deref(),
+        Some("SERVING")
     );
     assert_eq!(report.failures(), 0, "{report}");
     Ok(())
