@@ -107,14 +107,27 @@ impl MeshChannel {
 
     /// The instance ids currently offered to the balancer (discovered and SERVING).
     pub fn ready_instances(&self) -> Vec<String> {
-        self.inner
-            .pool
-            .borrow()
-            .endpoints
-            .iter()
-            .filter(|(_, state)| matches!(state, State::Serving(_)))
-            .map(|(id, _)| id.clone())
-            .collect()
+        ready_of(&self.inner.pool.borrow())
+    }
+
+    /// Follows the instance ids offered to the balancer as they change.
+    pub fn subscribe_ready(&self) -> watch::Receiver<Vec<String>> {
+        let (tx, rx) = watch::channel(self.ready_instances());
+        let mut pool = self.inner.pool.clone();
+        tokio::spawn(async move {
+            while pool.changed().await.is_ok() {
+                let ready = ready_of(&pool.borrow_and_update());
+                tx.send_if_modified(|r| {
+                    let changed = *r != ready;
+                    *r = ready;
+                    changed
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        rx
     }
 
     /// The retry budget shared by every call over this channel.
@@ -174,6 +187,15 @@ impl Service<http::Request<Body>> for MeshChannel {
             }
         })
     }
+}
+
+/// The instance ids of the endpoints in `pool` that are SERVING.
+fn ready_of(pool: &Pool) -> Vec<String> {
+    pool.endpoints
+        .iter()
+        .filter(|(_, state)| matches!(state, State::Serving(_)))
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 /// A [`MeshChannel`] with settings of its own.
@@ -445,23 +467,24 @@ pub(crate) mod tests {
         let channel = MeshChannel::builder("probe")
             .connector(memory)
             .build(resolver.subscribe());
-        let mut client = HealthClient::new(channel.clone());
-        let (mut on_a, mut on_b) = (0, 0);
-        for _ in 0..100 {
-            match client
-                .check(HealthCheckRequest {
-                    service: "a".into(),
-                })
-                .await
-            {
-                Ok(_) => on_a += 1,
-                Err(_) => on_b += 1,
-            }
-        }
-        assert!(on_a > 10 && on_b > 10, "a={on_a} b={on_b}");
+        // Ready means each endpoint answered a health watch over a connection the connector made.
+        let mut ready = channel.subscribe_ready();
+        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == 2))
+            .await
+            .expect("both endpoints ready in time")
+            .expect("the channel lives");
         let mut ready = channel.ready_instances();
         ready.sort();
         assert_eq!(ready, ["a", "b"]);
+        // And calls go the same way.
+        let answer = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("served in memory");
+        assert_eq!(
+            answer.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
 
     /// A tax service that answers every call with the same ten taxes.
