@@ -115,6 +115,11 @@ impl CallError {
         }
     }
 
+    /// The callee answered with `status` (an expired `grpc-timeout` is read as the deadline it is).
+    pub(crate) fn refused(status: Status) -> Self {
+        Self::Refused(normalize(status))
+    }
+
     /// Whether the call was certainly not processed, so another attempt may be made.
     pub fn retryable(&self) -> bool {
         self.code() == Code::Unavailable
@@ -151,7 +156,7 @@ impl From<h2::Error> for CallError {
 impl From<CallError> for Status {
     fn from(error: CallError) -> Self {
         match error {
-            CallError::Refused(status) => normalize(status),
+            CallError::Refused(status) => status,
             other => Status::new(other.code(), other.to_string()),
         }
     }
@@ -430,8 +435,9 @@ mod tests {
             assert_eq!((status.code(), status.message()), (code, message));
             assert_eq!(retryable, code == Code::Unavailable);
         }
-        let status = Status::from(CallError::Refused(Status::cancelled("Timeout expired")));
-        assert_eq!(status.code(), Code::DeadlineExceeded);
+        let expired = CallError::refused(Status::cancelled("Timeout expired"));
+        assert_eq!(expired.code(), Code::DeadlineExceeded);
+        assert_eq!(Status::from(expired).code(), Code::DeadlineExceeded);
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub(crate) async fn read_unary(response: Response, limit: usize) -> Result<Bytes
     if let Some(end) = grpc_status(&head.headers) {
         return Err(end.err().map_or_else(
             || CallError::Malformed("the answer has no message".into()),
-            CallError::Refused,
+            CallError::refused,
         ));
     }
     let mut collected = Collected::new(limit);
@@ -40,7 +40,7 @@ pub(crate) async fn read_unary(response: Response, limit: usize) -> Result<Bytes
     let trailers = body.trailers().await?;
     match trailers.as_ref().and_then(grpc_status) {
         Some(Ok(())) => unframe(collected.into_bytes()),
-        Some(Err(status)) => Err(CallError::Refused(status)),
+        Some(Err(status)) => Err(CallError::refused(status)),
         None => Err(CallError::NoStatus),
     }
 }
