@@ -30,15 +30,39 @@ fn gateway_log(mesh: &TestMesh) -> String {
         .unwrap_or_default()
 }
 
-/// Sets the sampling ratio through etcd and waits until the gateway applies it.
+/// Each instance's `config status`: (applied revision, rejected section).
+fn statuses(mesh: &TestMesh) -> Option<(i64, Vec<(i64, String)>)> {
+    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"]).ok()?;
+    let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let instances = status["instances"].as_array()?;
+    Some((
+        status["revision"].as_i64()?,
+        instances
+            .iter()
+            .map(|i| {
+                let rejected = i["config"]["rejected"]["error"]["section"].as_str();
+                (
+                    i["config"]["applied"].as_i64().unwrap_or(0),
+                    rejected.unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+    ))
+}
+
+/// Sets the sampling ratio through etcd and waits until every instance has applied the revision
+/// that carries it (the ratio is in force before an instance reports its revision applied).
 async fn set_ratio(mesh: &TestMesh, ratio: &str) -> anyhow::Result<()> {
     let value = format!(r#"{{"sampling_ratio":{ratio}}}"#);
     mesh.etcd.put("/herd/config/telemetry", &value)?;
-    let applied = format!("sampling ratio applied ratio={ratio}");
     eventually(
-        &format!("the gateway to apply ratio {ratio}"),
+        &format!("every instance to apply ratio {ratio}"),
         Duration::from_secs(10),
-        || async { gateway_log(mesh).contains(&applied).then_some(()) },
+        || async {
+            let (revision, instances) = statuses(mesh)?;
+            (instances.len() == 4 && instances.iter().all(|(applied, _)| *applied >= revision))
+                .then_some(())
+        },
     )
     .await
 }
@@ -317,16 +341,11 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
         "the invalid ratio to be rejected by every instance",
         Duration::from_secs(10),
         || async {
-            let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"]).ok()?;
-            let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            let instances = status["instances"].as_array()?;
+            let (_, instances) = statuses(&mesh)?;
             (instances.len() == 4
-                && instances.iter().all(|i| {
-                    i["config"]["rejected"]["error"]["section"] == "telemetry"
-                        && i["config"]["rejected"]["error"]["message"]
-                            .as_str()
-                            .is_some_and(|m| m.contains("sampling_ratio"))
-                }))
+                && instances
+                    .iter()
+                    .all(|(_, rejected)| rejected == "telemetry"))
             .then_some(())
         },
     )

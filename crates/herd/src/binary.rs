@@ -37,13 +37,9 @@ where
                     })?;
             let mut mesh = Mesh::connect(settings, service, instance_id).await?;
             let services = build(&mut mesh).await.map_err(ServeError::Services)?;
-            let runtime = mesh.runtime_config();
-            if telemetry.exporting() {
-                tokio::spawn(crate::telemetry::follow_sampling(
-                    runtime,
-                    telemetry.ratio(),
-                ));
-            }
+            // The runtime's own sections (the sampling ratio) apply even to an instance whose
+            // services read no configuration.
+            let _ = mesh.runtime_config();
             mesh.serve(listener, services, shutdown_signal()).await
         }
         .await;

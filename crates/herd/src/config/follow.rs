@@ -71,6 +71,7 @@ impl<M: ConfigModel> Inner<M> {
                     );
                 }
                 self.remember(snapshot.clone());
+                crate::telemetry::apply_sampling(&snapshot.runtime);
                 self.runtime.send_replace(snapshot.runtime.clone());
                 self.current.store(Some(snapshot));
                 self.status.send_modify(|s| {

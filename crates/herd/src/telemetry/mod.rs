@@ -33,7 +33,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 pub(crate) use propagation::{PeerSpan, client_result, client_span};
-pub use sampling::{SamplingRatio, TelemetrySection, follow_sampling};
+pub(crate) use sampling::apply as apply_sampling;
+pub use sampling::{SamplingRatio, TelemetrySection};
 pub use server::{record_context, record_quote_id, serve};
 
 /// Bound on flushing pending spans at shutdown.

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::RuntimeConfig;
+
 /// `/herd/config/telemetry`: telemetry settings shared by every instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,21 +39,29 @@ impl crate::config::Section for TelemetrySection {
 /// The sampling ratio in force, shared with the sampler; changing it takes effect for the next
 /// trace.
 #[derive(Debug, Clone)]
-pub struct SamplingRatio(Arc<AtomicU64>);
+pub struct SamplingRatio {
+    current: Arc<AtomicU64>,
+    /// The ratio the process started with, in force while no configuration sets one.
+    initial: f64,
+}
 
 impl SamplingRatio {
     pub(super) fn new(ratio: f64) -> Self {
-        Self(Arc::new(AtomicU64::new(ratio.to_bits())))
+        let ratio = ratio.clamp(0.0, 1.0);
+        Self {
+            current: Arc::new(AtomicU64::new(ratio.to_bits())),
+            initial: ratio,
+        }
     }
 
     /// The ratio in force.
     pub fn get(&self) -> f64 {
-        f64::from_bits(self.0.load(Ordering::Relaxed))
+        f64::from_bits(self.current.load(Ordering::Relaxed))
     }
 
     /// Sets the ratio, clamped to 0..=1.
     pub fn set(&self, ratio: f64) {
-        self.0
+        self.current
             .store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
     }
 
@@ -70,25 +80,20 @@ impl SamplingRatio {
     }
 }
 
-/// Applies the sampling ratio of `/herd/config/telemetry` as each configuration revision is
-/// applied; without the section, the ratio the process started with.
-pub async fn follow_sampling(
-    mut runtime: tokio::sync::watch::Receiver<crate::config::RuntimeConfig>,
-    ratio: SamplingRatio,
-) {
-    let initial = ratio.get();
-    loop {
-        let wanted = runtime
-            .borrow_and_update()
-            .telemetry
-            .as_ref()
-            .map_or(initial, |t| t.sampling_ratio);
-        if wanted != ratio.get() {
-            tracing::info!(ratio = wanted, "sampling ratio applied");
-            ratio.set(wanted);
-        }
-        if runtime.changed().await.is_err() {
-            return;
-        }
+/// Puts the sampling ratio of an applied configuration in force: its `telemetry` section's, or
+/// the one the process started with. The configuration store calls it as it applies a revision,
+/// so the ratio changes with the revision that carries it, before the instance reports that
+/// revision applied. Nothing happens before telemetry is initialised.
+pub(crate) fn apply(runtime: &RuntimeConfig) {
+    let Some(ratio) = super::SAMPLING.get() else {
+        return;
+    };
+    let wanted = runtime
+        .telemetry
+        .as_ref()
+        .map_or(ratio.initial, |t| t.sampling_ratio);
+    if wanted != ratio.get() {
+        tracing::info!(ratio = wanted, "sampling ratio applied");
+        ratio.set(wanted);
     }
 }
