@@ -44,6 +44,11 @@ impl CurrencyService for Currency {
 /// Every amount of `req` (in the base currency) in its target currency, at `config`'s exact rate.
 fn convert_amounts(req: &ConvertRequest, config: &MeshConfig) -> Result<ConvertResponse, Status> {
     herd_model::request::check_currency("target_currency", &req.target_currency, config)?;
+    herd_model::request::check_count(
+        "amounts",
+        req.amounts.len(),
+        config.limits.max_items as usize * herd_model::request::AMOUNTS_PER_LINE,
+    )?;
     let rate = config
         .rate(&req.target_currency)
         .ok_or_else(|| Status::invalid_argument("target_currency: unsupported"))?;
@@ -54,8 +59,9 @@ fn convert_amounts(req: &ConvertRequest, config: &MeshConfig) -> Result<ConvertR
         .map(|(i, m)| {
             if m.currency_code != config.fx.base {
                 return Err(Status::invalid_argument(format!(
-                    "amounts[{i}].currency_code: must be the base currency {}, got {:?}",
-                    config.fx.base, m.currency_code
+                    "amounts[{i}].currency_code: must be the base currency {}, got {}",
+                    config.fx.base,
+                    herd::error::quoted(&m.currency_code)
                 )));
             }
             let minor_units = convert(m.minor_units, rate).ok_or_else(|| {
@@ -133,6 +139,14 @@ mod tests {
             (request("JPY", &[]), "target_currency"),
             (request("EUR", &[("EUR", 5)]), "amounts[0].currency_code"),
             (request("", &[]), "target_currency"),
+            (
+                request("eur", &[]),
+                "target_currency: an ISO 4217 code is 3 capital letters",
+            ),
+            (
+                request("EUR", &[("USD", 1); 401]),
+                "amounts: 401 exceed the limit of 400",
+            ),
         ] {
             let status = currency.convert(req).await.expect_err(field);
             assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");

@@ -16,6 +16,11 @@ use herd_proto::quote::{
 };
 use tonic::{Request, Response, Status};
 
+/// The largest request the public API takes (the internal services take up to
+/// [`herd::door::DEFAULT_MAX_REQUEST`]): a basket of the most items a configuration may allow
+/// fits, nothing much larger is read.
+pub const MAX_REQUEST: usize = 256 * 1024;
+
 /// The service's handler.
 #[derive(Clone)]
 pub struct Gateway {
@@ -170,8 +175,8 @@ impl Gateway {
         herd::telemetry::record_quote_id(&quote.quote_id);
         if quote.tenant_id != ctx.tenant_id {
             return Err(Status::permission_denied(format!(
-                "token: the quote belongs to another tenant than {:?}",
-                ctx.tenant_id
+                "token: the quote belongs to another tenant than {}",
+                herd::error::quoted(&ctx.tenant_id)
             )));
         }
         Ok(VerifyQuoteResponse {
@@ -193,7 +198,7 @@ mod tests {
     async fn serve(service: &str, services: herd::Services) -> Resolver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(services.serve_standalone(listener));
+        tokio::spawn(services.serve_standalone(service.to_string(), listener));
         Resolver::fixed([InstanceInfo {
             service: service.into(),
             instance_id: format!("{service}-1"),

@@ -39,7 +39,10 @@ pub fn price_lines(
     let mut taxable = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let entry = config.catalog.items.get(&item.sku).ok_or_else(|| {
-            Status::not_found(format!("items[{i}].sku: unknown SKU {:?}", item.sku))
+            Status::not_found(format!(
+                "items[{i}].sku: unknown SKU {}",
+                herd::error::quoted(&item.sku)
+            ))
         })?;
         let promotion = best_promotion(
             &config.promotions,

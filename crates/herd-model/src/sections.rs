@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use herd::error::quoted;
 use herd::{ConfigError, ConfigModel, Section, SectionSpec, Sections};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -167,8 +168,8 @@ impl Section for Catalog {
     fn validate(&self) -> Result<(), String> {
         if !is_currency_code(&self.currency) {
             return Err(format!(
-                "currency: {:?} is not an ISO 4217 code",
-                self.currency
+                "currency: {} is not an ISO 4217 code",
+                quoted(&self.currency)
             ));
         }
         if self.items.is_empty() {
@@ -209,7 +210,7 @@ impl Section for Promotions {
                 return Err(format!("rules[{i}].id: required"));
             }
             if !ids.insert(rule.id.as_str()) {
-                return Err(format!("rules[{i}].id: duplicate id {:?}", rule.id));
+                return Err(format!("rules[{i}].id: duplicate id {}", quoted(&rule.id)));
             }
             match (&rule.sku, &rule.category) {
                 (Some(_), None) | (None, Some(_)) => {}
@@ -271,11 +272,14 @@ impl Section for Fx {
     }
     fn validate(&self) -> Result<(), String> {
         if !is_currency_code(&self.base) {
-            return Err(format!("base: {:?} is not an ISO 4217 code", self.base));
+            return Err(format!(
+                "base: {} is not an ISO 4217 code",
+                quoted(&self.base)
+            ));
         }
         for (code, rate) in &self.rates {
             if !is_currency_code(code) {
-                return Err(format!("rates: {code:?} is not an ISO 4217 code"));
+                return Err(format!("rates: {} is not an ISO 4217 code", quoted(code)));
             }
             if *rate <= Decimal::ZERO {
                 return Err(format!(
@@ -378,8 +382,8 @@ impl KeyRing {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
                 return Err(format!(
-                    "keys[{i}].id: must be non-empty letters, digits, '-' or '_', got {:?}",
-                    entry.id
+                    "keys[{i}].id: must be non-empty letters, digits, '-' or '_', got {}",
+                    quoted(&entry.id)
                 ));
             }
             let bytes = BASE64
@@ -395,7 +399,7 @@ impl KeyRing {
                 )
                 .is_some()
             {
-                return Err(format!("keys[{i}].id: duplicate id {:?}", entry.id));
+                return Err(format!("keys[{i}].id: duplicate id {}", quoted(&entry.id)));
             }
             if entry.active {
                 active.push(entry.id.clone());

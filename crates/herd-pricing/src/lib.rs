@@ -105,10 +105,10 @@ mod tests {
     use tonic::Code;
 
     /// Serves `services` on a loopback port; returns the address.
-    async fn serve(services: herd::Services) -> String {
+    async fn serve(service: &str, services: herd::Services) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(services.serve_standalone(listener));
+        tokio::spawn(services.serve_standalone(service.to_string(), listener));
         address
     }
 
@@ -125,11 +125,16 @@ mod tests {
     /// Pricing over real tax and currency services, all three on the demo configuration.
     async fn pricing() -> (Pricing, Vec<Resolver>) {
         let config = || herd_model::demo::fixed().expect("the demo configuration is valid");
-        let tax =
-            serve(herd::Services::new().with(herd_tax::Tax::new(config()).into_server())).await;
-        let currency =
-            serve(herd::Services::new().with(herd_currency::Currency::new(config()).into_server()))
-                .await;
+        let tax = serve(
+            "tax",
+            herd::Services::new().with(herd_tax::Tax::new(config()).into_server()),
+        )
+        .await;
+        let currency = serve(
+            "currency",
+            herd::Services::new().with(herd_currency::Currency::new(config()).into_server()),
+        )
+        .await;
         let (tax, currency) = (endpoint("tax", &tax), endpoint("currency", &currency));
         let pricing = Pricing::new(
             config(),

@@ -1,8 +1,10 @@
 //! The tax service: the tax on each line's net amount in a region, at the pinned config revision.
 
 use herd::ConfigStore;
+use herd::error::quoted;
 use herd_model::MeshConfig;
 use herd_model::money::tax_of;
+use herd_model::request::{MAX_SKU_BYTES, check_count, check_region, check_text};
 use herd_proto::methods::COMPUTE_TAX;
 use herd_proto::tax::tax_service_server::{TaxService, TaxServiceServer};
 use herd_proto::tax::{ComputeTaxRequest, ComputeTaxResponse};
@@ -45,25 +47,34 @@ impl TaxService for Tax {
 
 /// The tax of every line of `req` in its region, by `config`'s rates and exemptions.
 fn compute(req: &ComputeTaxRequest, config: &MeshConfig) -> Result<ComputeTaxResponse, Status> {
-    if req.region.is_empty() {
-        return Err(Status::invalid_argument("region: required"));
-    }
+    check_region(&req.region, config)?;
+    check_count("lines", req.lines.len(), config.limits.max_items as usize)?;
     let region = config.tax.regions.get(&req.region).ok_or_else(|| {
-        Status::invalid_argument(format!("region: unknown tax region {:?}", req.region))
+        Status::invalid_argument(format!(
+            "region: unknown tax region {}",
+            quoted(&req.region)
+        ))
     })?;
     let taxes = req
         .lines
         .iter()
         .enumerate()
         .map(|(i, line)| {
+            check_text(&format!("lines[{i}].sku"), &line.sku, MAX_SKU_BYTES)?;
+            check_text(
+                &format!("lines[{i}].category"),
+                &line.category,
+                MAX_SKU_BYTES,
+            )?;
             let net = line
                 .net
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument(format!("lines[{i}].net: required")))?;
             if net.currency_code != config.catalog.currency {
                 return Err(Status::invalid_argument(format!(
-                    "lines[{i}].net.currency_code: must be {}, got {:?}",
-                    config.catalog.currency, net.currency_code
+                    "lines[{i}].net.currency_code: must be {}, got {}",
+                    config.catalog.currency,
+                    quoted(&net.currency_code)
                 )));
             }
             let minor_units = if region.exempt_categories.contains(&line.category) {

@@ -60,13 +60,116 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The context of a request, or what is missing from it (`INVALID_ARGUMENT` naming the field).
+/// The most bytes of `request_id`, `tenant_id` and `idempotency_key`.
+pub const MAX_ID_BYTES: usize = 128;
+/// The most bytes of `principal`.
+pub const MAX_PRINCIPAL_BYTES: usize = 256;
+/// The most bytes of `trace.tracestate` (W3C: at most 32 list members).
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+/// The most `baggage` entries...
+pub const MAX_BAGGAGE_ENTRIES: usize = 64;
+/// ...and the most bytes of their keys and values together.
+pub const MAX_BAGGAGE_BYTES: usize = 8192;
+
+/// The context of a request, checked against every bound (see `context.proto`): present, with a
+/// tenant, every id within [`MAX_ID_BYTES`] and free of control characters, the trace context
+/// in W3C format, the baggage within [`MAX_BAGGAGE_ENTRIES`] and [`MAX_BAGGAGE_BYTES`]. A
+/// violation is `INVALID_ARGUMENT` naming the field and the bound. Every hop checks it, so no
+/// field travels further than the first instance that receives it.
 pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, ContextError> {
     let ctx = context.ok_or(ContextError::Missing)?;
     if ctx.tenant_id.trim().is_empty() {
         return Err(ContextError::NoTenant);
     }
+    text("tenant_id", &ctx.tenant_id, MAX_ID_BYTES)?;
+    text("request_id", &ctx.request_id, MAX_ID_BYTES)?;
+    text("idempotency_key", &ctx.idempotency_key, MAX_ID_BYTES)?;
+    text("principal", &ctx.principal, MAX_PRINCIPAL_BYTES)?;
+    if ctx.config_revision < 0 {
+        return Err(invalid(
+            "config_revision",
+            format!("must not be negative, got {}", ctx.config_revision),
+        ));
+    }
+    if let Some(trace) = &ctx.trace {
+        if !trace.traceparent.is_empty() && !valid_traceparent(&trace.traceparent) {
+            return Err(invalid(
+                "trace.traceparent",
+                "not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)".into(),
+            ));
+        }
+        if !valid_tracestate(&trace.tracestate) {
+            return Err(invalid(
+                "trace.tracestate",
+                format!(
+                    "at most {MAX_TRACESTATE_BYTES} bytes of printable ASCII in at most 32 members"
+                ),
+            ));
+        }
+    }
+    if ctx.baggage.len() > MAX_BAGGAGE_ENTRIES {
+        return Err(invalid(
+            "baggage",
+            format!(
+                "at most {MAX_BAGGAGE_ENTRIES} entries, got {}",
+                ctx.baggage.len()
+            ),
+        ));
+    }
+    let bytes: usize = ctx.baggage.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_BAGGAGE_BYTES {
+        return Err(invalid(
+            "baggage",
+            format!("at most {MAX_BAGGAGE_BYTES} bytes of keys and values, got {bytes}"),
+        ));
+    }
     Ok(ctx)
+}
+
+fn invalid(field: &'static str, reason: String) -> ContextError {
+    ContextError::Invalid { field, reason }
+}
+
+/// A text field of at most `max` bytes with no control characters.
+fn text(field: &'static str, value: &str, max: usize) -> Result<(), ContextError> {
+    if value.len() > max {
+        return Err(invalid(
+            field,
+            format!("at most {max} bytes, got {}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "must not hold control characters".into()));
+    }
+    Ok(())
+}
+
+/// Whether `value` is a W3C `traceparent` of version 00: `00-<trace id>-<parent id>-<flags>`, in
+/// lowercase hex, neither id all zeros.
+pub fn valid_traceparent(value: &str) -> bool {
+    let b = value.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b[r].iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    let zero = |r: std::ops::Range<usize>| b[r].iter().all(|c| *c == b'0');
+    b.len() == 55
+        && b.starts_with(b"00-")
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(3..35)
+        && hex(36..52)
+        && hex(53..55)
+        && !zero(3..35)
+        && !zero(36..52)
+}
+
+/// Whether `value` is a `tracestate` herd forwards: at most [`MAX_TRACESTATE_BYTES`] bytes of
+/// printable ASCII in at most 32 comma-separated members.
+pub fn valid_tracestate(value: &str) -> bool {
+    value.len() <= MAX_TRACESTATE_BYTES
+        && value.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && value.split(',').count() <= 32
 }
 
 #[cfg(test)]
@@ -81,6 +184,68 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
         assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    fn tenant(id: &str) -> RequestContext {
+        RequestContext {
+            tenant_id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_field_has_a_bound_named_when_broken() {
+        assert!(require(Some(&tenant("acme"))).is_ok());
+        let refused = |ctx: RequestContext| require(Some(&ctx)).unwrap_err().to_string();
+        assert_eq!(
+            refused(tenant(&"t".repeat(129))),
+            "context.tenant_id: at most 128 bytes, got 129"
+        );
+        let mut ctx = tenant("acme");
+        ctx.request_id = "a\nb".into();
+        assert_eq!(
+            refused(ctx),
+            "context.request_id: must not hold control characters"
+        );
+        let mut ctx = tenant("acme");
+        ctx.principal = "p".repeat(257);
+        assert!(refused(ctx).starts_with("context.principal: at most 256 bytes"));
+        let mut ctx = tenant("acme");
+        ctx.baggage = (0..65).map(|i| (i.to_string(), String::new())).collect();
+        assert_eq!(refused(ctx), "context.baggage: at most 64 entries, got 65");
+        let mut ctx = tenant("acme");
+        ctx.baggage.insert("k".into(), "v".repeat(9000));
+        assert!(refused(ctx).starts_with("context.baggage: at most 8192 bytes"));
+        let mut ctx = tenant("acme");
+        ctx.config_revision = -1;
+        assert!(refused(ctx).starts_with("context.config_revision"));
+        let mut ctx = tenant("acme");
+        ctx.trace = Some(herd_proto::context::TraceContext {
+            traceparent: "x".repeat(100_000),
+            tracestate: String::new(),
+        });
+        assert!(refused(ctx).starts_with("context.trace.traceparent: not a W3C traceparent"));
+    }
+
+    #[test]
+    fn traceparents_are_w3c_or_refused() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(good));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736x00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473é-00f067aa0ba902b7-0",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
+        assert!(valid_tracestate("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"));
+        assert!(!valid_tracestate(&"a=b,".repeat(40)));
+        assert!(!valid_tracestate("a=\u{7f}"));
     }
 
     #[test]

@@ -156,8 +156,8 @@ impl From<h2::Error> for CallError {
 impl From<CallError> for Status {
     fn from(error: CallError) -> Self {
         match error {
-            CallError::Refused(status) => status,
-            other => Status::new(other.code(), other.to_string()),
+            CallError::Refused(status) => bounded(status),
+            other => bounded(Status::new(other.code(), other.to_string())),
         }
     }
 }
@@ -183,6 +183,46 @@ fn normalize(status: Status) -> Status {
     }
 }
 
+/// The most bytes of a status message herd sends or relays: far below any peer's header limit
+/// (16 KiB for herd's client, hyper's and tonic's alike), so that no input makes a hop send a
+/// header the next one refuses.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+/// The most characters of a caller's input a message quotes.
+pub const MAX_QUOTED_CHARS: usize = 32;
+
+/// `status` as herd answers it: its code, its message cut to [`MAX_STATUS_MESSAGE`] bytes (at a
+/// character boundary, `…` marking the cut), and nothing else a peer may have attached.
+pub fn bounded(status: Status) -> Status {
+    if status.message().len() <= MAX_STATUS_MESSAGE
+        && status.details().is_empty()
+        && status.metadata().is_empty()
+    {
+        return status;
+    }
+    Status::new(status.code(), cut(status.message(), MAX_STATUS_MESSAGE))
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, with `…` (3 bytes) marking a cut.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// A caller's input as a status message quotes it: in quotes and escaped, at most
+/// [`MAX_QUOTED_CHARS`] characters of it, `…` marking a cut.
+pub fn quoted(input: &str) -> String {
+    match input.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => format!("{input:?}"),
+        Some((end, _)) => format!("{:?}…", &input[..end]),
+    }
+}
+
 /// A downstream failure as this hop's caller should see it: statuses that describe the request
 /// (bad input, not found, pinned revision gone, deadline, retryable) pass through unchanged so the
 /// field names reach the caller; anything else keeps its code and says which service failed.
@@ -193,8 +233,11 @@ pub fn relay(service: &str, error: impl Into<Status>) -> Status {
         | Code::NotFound
         | Code::FailedPrecondition
         | Code::DeadlineExceeded
-        | Code::Unavailable => status,
-        code => Status::new(code, format!("{service}: {}", status.message())),
+        | Code::Unavailable => bounded(status),
+        code => bounded(Status::new(
+            code,
+            format!("{service}: {}", status.message()),
+        )),
     }
 }
 
@@ -342,7 +385,7 @@ impl From<Expired> for Status {
 }
 
 /// A request whose context is missing what every request needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ContextError {
     /// No context at all.
     #[error("context: required")]
@@ -350,6 +393,14 @@ pub enum ContextError {
     /// No tenant in it.
     #[error("context.tenant_id: required")]
     NoTenant,
+    /// A field out of its bounds.
+    #[error("context.{field}: {reason}")]
+    Invalid {
+        /// The field, under `context.`.
+        field: &'static str,
+        /// The bound it breaks.
+        reason: String,
+    },
 }
 
 impl From<ContextError> for Status {
@@ -459,6 +510,24 @@ mod tests {
             Status::from(RevisionError::reading(9, down)).code(),
             Code::Unavailable
         );
+    }
+
+    #[test]
+    fn statuses_are_bounded_and_quote_input_briefly() {
+        let long = Status::not_found(format!("items[0].sku: unknown SKU {}", "é".repeat(100_000)));
+        let status = bounded(long);
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE);
+        assert!(status.message().ends_with('…'));
+        assert_eq!(status.code(), Code::NotFound);
+        let mut detailed = Status::with_details(Code::Internal, "x", vec![0; 100_000].into());
+        detailed.metadata_mut().insert("big", "y".parse().unwrap());
+        let status = bounded(detailed);
+        assert!(status.details().is_empty() && status.metadata().is_empty());
+        assert_eq!(quoted("unicorn"), "\"unicorn\"");
+        assert_eq!(quoted(&"a".repeat(40)), format!("\"{}\"…", "a".repeat(32)));
+        assert_eq!(quoted("a\nb"), "\"a\\nb\"");
+        let relayed = relay("pricing", Status::internal("x".repeat(5000)));
+        assert!(relayed.message().starts_with("pricing: xxx") && relayed.message().len() <= 1024);
     }
 
     #[test]

@@ -62,7 +62,8 @@ impl<Req: WithContext> Call<Req> {
 
 /// Runs `handler` for one call of `method`, inside the call's server span, once the caller's
 /// deadline (default [`DEFAULT_TIMEOUT`]) is known not to be spent and the request's context is
-/// present with a tenant. Whatever fails is answered with its status.
+/// present and within its bounds ([`require`]). Whatever fails is answered with its status, its
+/// message bounded ([`crate::error::bounded`]).
 pub async fn serve<Req, Res, F, Fut>(
     method: Method<Req, Res>,
     request: tonic::Request<Req>,
@@ -78,7 +79,11 @@ where
         deadline.remaining()?;
         let message = request.into_inner();
         require(message.context())?;
-        handler(Call { deadline, message }).await.map(Response::new)
+        handler(Call { deadline, message })
+            .await
+            .map(Response::new)
+            // Whatever the handler says, no answer carries more than a bounded message.
+            .map_err(crate::error::bounded)
     })
     .await
 }

@@ -14,6 +14,7 @@
 //!   pluggable transport.
 //! - [`mesh`]: one instance's link to the mesh: identity, etcd, configuration, channels.
 //! - [`handler`]: the opening every handler shares (span, deadline, context, pinned config).
+//! - [`door`]: what every request passes before it is decoded (timeout, frame, size).
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
 //! - [`binary`]: the life of a service binary or tool: settings, logs, signals, exit code.
 //! - [`error`]: what can go wrong, typed, and the one place each becomes a gRPC status.
@@ -26,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod context;
 pub mod discovery;
+pub mod door;
 pub mod error;
 pub mod etcd;
 pub mod handler;

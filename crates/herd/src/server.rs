@@ -10,6 +10,7 @@
 //!    the instance leave, end health watches, stop accepting, and give in-flight calls a bounded
 //!    time.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::ConfigStatus;
+use crate::door::{DEFAULT_MAX_REQUEST, DoorLayer};
 use crate::error::ServeError;
 use crate::instance::{InstanceInfo, InstanceStatus};
 use crate::mesh::Mesh;
@@ -55,6 +57,8 @@ pub struct Services {
     routes: Routes,
     names: Vec<&'static str>,
     descriptors: Vec<&'static [u8]>,
+    /// Each service's largest request message, checked at the door.
+    limits: HashMap<&'static str, usize>,
 }
 
 impl Services {
@@ -63,8 +67,27 @@ impl Services {
         Self::default()
     }
 
-    /// Adds a generated tonic server.
-    pub fn with<S>(mut self, svc: S) -> Self
+    /// Adds a generated tonic server, whose requests may be up to [`DEFAULT_MAX_REQUEST`].
+    pub fn with<S>(self, svc: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.with_max_request(svc, DEFAULT_MAX_REQUEST)
+    }
+
+    /// Adds a generated tonic server whose request messages may be at most `bytes` (a larger
+    /// one is `INVALID_ARGUMENT` before it is read whole): a public API takes far less than an
+    /// internal one.
+    pub fn with_max_request<S>(mut self, svc: S, bytes: usize) -> Self
     where
         S: tower::Service<
                 http::Request<tonic::body::Body>,
@@ -78,6 +101,7 @@ impl Services {
         S::Future: Send + 'static,
     {
         self.names.push(S::NAME);
+        self.limits.insert(S::NAME, bytes);
         self.routes = self.routes.add_service(svc);
         self
     }
@@ -89,19 +113,25 @@ impl Services {
         self
     }
 
-    /// Serves these services on `listener` on their own — health SERVING, reflection, no etcd,
-    /// no registration — until the task is dropped: for tests and tools that need a real server
-    /// on `127.0.0.1:0`.
-    pub async fn serve_standalone(self, listener: TcpListener) -> Result<(), ServeError> {
+    /// Serves these services on `listener` on their own, as an instance of `service` (the name
+    /// callers' channels use) — health SERVING, reflection, no etcd, no registration — until the
+    /// task is dropped: for tests and tools that need a real server on `127.0.0.1:0`.
+    pub async fn serve_standalone(
+        self,
+        service: impl Into<String>,
+        listener: TcpListener,
+    ) -> Result<(), ServeError> {
+        let service = service.into();
         let (reporter, health) = tonic_health::server::health_reporter();
-        for name in &self.names {
+        for name in self.names.iter().copied().chain([service.as_str()]) {
             reporter
-                .set_service_status(*name, ServingStatus::Serving)
+                .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
         let routes = with_health_and_reflection(self.routes, health, &self.descriptors)?;
         Server::builder()
             .tcp_nodelay(true)
+            .layer(DoorLayer::new(self.limits))
             .add_routes(routes)
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await?;
@@ -117,7 +147,7 @@ impl Mesh {
         services: Services,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let mut started = Started::start(listener, services).await?;
+        let mut started = Started::start(listener, services, &self.service).await?;
         tracing::info!(service = %self.service, instance = %self.instance_id, address = %started.address, "listening");
         tokio::pin!(shutdown);
         let registration = tokio::select! {
@@ -186,14 +216,15 @@ impl Mesh {
 #[derive(Clone)]
 struct Health {
     reporter: HealthReporter,
-    /// Every name the instance reports: "", the registration, and each service.
-    names: Vec<&'static str>,
+    /// Every name the instance reports: "", the registration, the service it is registered as
+    /// (which callers' probes watch), and each gRPC service.
+    names: Vec<String>,
 }
 
 impl Health {
     async fn set_all(&self, status: ServingStatus) {
         for name in &self.names {
-            self.reporter.set_service_status(*name, status).await;
+            self.reporter.set_service_status(name, status).await;
         }
     }
 }
@@ -208,14 +239,22 @@ struct Started {
 
 impl Started {
     /// Step 1: serves `services` with health (NOT_SERVING) and reflection on `listener`.
-    async fn start(listener: TcpListener, services: Services) -> Result<Self, ServeError> {
+    async fn start(
+        listener: TcpListener,
+        services: Services,
+        service: &str,
+    ) -> Result<Self, ServeError> {
         let address = listener.local_addr().map_err(|source| ServeError::Bind {
             address: "the listener".into(),
             source,
         })?;
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let mut names: Vec<&'static str> = vec!["", REGISTRATION_HEALTH];
-        names.extend(services.names.iter().copied());
+        let mut names = vec![
+            String::new(),
+            REGISTRATION_HEALTH.into(),
+            service.to_string(),
+        ];
+        names.extend(services.names.iter().map(|n| n.to_string()));
         let health = Health { reporter, names };
         // Before the server answers anything: tonic-health reports "" SERVING by default.
         health.set_all(ServingStatus::NotServing).await;
@@ -225,6 +264,7 @@ impl Started {
         let server = Server::builder()
             .tcp_nodelay(true)
             .layer(tower::util::MapRequestLayer::new(access_log))
+            .layer(DoorLayer::new(services.limits))
             .add_routes(routes)
             // The builder's TCP settings do not apply to an incoming stream: set them on it, or
             // Nagle's algorithm holds small responses back by tens of milliseconds.

@@ -272,7 +272,8 @@ pub(crate) mod tests {
         health_server_reporting(name, tonic_health::ServingStatus::Serving).await
     }
 
-    /// A real health server whose "" and `name` report `status`; returns its address.
+    /// A real health server whose "", `name` and "probe" (the service the tests' channels call)
+    /// report `status`; returns its address.
     async fn health_server_reporting(
         name: &'static str,
         status: tonic_health::ServingStatus,
@@ -280,8 +281,9 @@ pub(crate) mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (reporter, service) = tonic_health::server::health_reporter();
-        reporter.set_service_status(name, status).await;
-        reporter.set_service_status("", status).await;
+        for service in [name, "", "probe"] {
+            reporter.set_service_status(service, status).await;
+        }
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
@@ -428,9 +430,11 @@ pub(crate) mod tests {
             let (streams, incoming) = tokio::sync::mpsc::unbounded_channel();
             self.0.lock().unwrap().insert(address.into(), streams);
             let (reporter, service) = tonic_health::server::health_reporter();
-            reporter
-                .set_service_status(name, tonic_health::ServingStatus::Serving)
-                .await;
+            for service in [name, "probe"] {
+                reporter
+                    .set_service_status(service, tonic_health::ServingStatus::Serving)
+                    .await;
+            }
             let incoming = tokio_stream::StreamExt::map(
                 tokio_stream::wrappers::UnboundedReceiverStream::new(incoming),
                 Ok::<_, std::io::Error>,
@@ -511,7 +515,10 @@ pub(crate) mod tests {
     async fn a_response_larger_than_the_channel_accepts_is_refused() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let (_reporter, health) = tonic_health::server::health_reporter();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("tax", tonic_health::ServingStatus::Serving)
+            .await;
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health)
@@ -538,5 +545,34 @@ pub(crate) mod tests {
                 .await
                 .expect("the default limit is 4 MiB");
         assert_eq!(answer.taxes.len(), 10);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_registered_as_another_service_is_never_offered() {
+        // A live health server that knows "tax" only, listed as an instance of "pricing".
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("tax", tonic_health::ServingStatus::Serving)
+            .await;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let resolver = Resolver::fixed([info("wrong", &address)]);
+        let channel = MeshChannel::new("pricing", resolver.subscribe());
+        let err = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err("nothing serves pricing");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message()
+                .starts_with("pricing: 1 instance known, none serving (1 unreachable"),
+            "{err:?}"
+        );
+        assert!(channel.ready_instances().is_empty());
     }
 }

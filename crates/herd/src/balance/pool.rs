@@ -214,7 +214,7 @@ async fn probe(
     };
     let mut backoff = PROBE_BACKOFF_START;
     loop {
-        match watch_health(&*connector, authority.clone()).await {
+        match watch_health(&*connector, authority.clone(), &service).await {
             Ok((connection, mut stream)) => loop {
                 match stream.message().await {
                     Ok(Some(r)) if r.status == ServingStatus::Serving as i32 => {
@@ -240,10 +240,13 @@ async fn probe(
     }
 }
 
-/// A new connection to `authority` and the health Watch stream opened over it.
+/// A new connection to `authority` and the health Watch stream opened over it, for the service
+/// the endpoint is registered as: an instance of another service answers NOT_FOUND, and is never
+/// offered to the balancer.
 async fn watch_health(
     connector: &dyn Connector,
     authority: Authority,
+    service: &str,
 ) -> Result<
     (
         Connection,
@@ -254,7 +257,7 @@ async fn watch_health(
     let connection = Connection::open(connector, authority).await?;
     let stream = HealthClient::new(connection.clone())
         .watch(HealthCheckRequest {
-            service: String::new(),
+            service: service.to_string(),
         })
         .await?
         .into_inner();

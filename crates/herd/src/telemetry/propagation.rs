@@ -135,17 +135,19 @@ fn inject_own(span: &tracing::Span, metadata: &mut MetadataMap) -> Option<TraceC
     })
 }
 
-/// Copies the message's own trace context, if any, into the headers.
+/// Copies the message's own trace context, if any and well formed, into the headers.
 fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
+    // Only a well-formed trace context becomes a header: nothing a message carries can make a
+    // header the next hop refuses.
     let Some(trace) = context
         .and_then(|c| c.trace.as_ref())
-        .filter(|t| !t.traceparent.is_empty())
+        .filter(|t| crate::context::valid_traceparent(&t.traceparent))
     else {
         return;
     };
     let mut injector = MetadataInjector(metadata);
     injector.set("traceparent", trace.traceparent.clone());
-    if !trace.tracestate.is_empty() {
+    if !trace.tracestate.is_empty() && crate::context::valid_tracestate(&trace.tracestate) {
         injector.set("tracestate", trace.tracestate.clone());
     }
 }
