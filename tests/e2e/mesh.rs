@@ -295,17 +295,42 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
     }
 
     // Not a valid message at all: raw bytes that do not decode as CreateQuoteRequest.
-    let status = raw::call(
+    let status = herd_tests::raw::call(
         g,
         "/herd.quote.v1.QuoteService/CreateQuote",
-        vec![0x0a, 0xff, 0xff, 0xff],
+        &[0x0a, 0xff, 0xff, 0xff],
     )
-    .await;
+    .await?;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message.contains("CreateQuoteRequest"), "{status:?}");
+    // Not a gRPC message either: a JSON body where a frame should be, and a zero deadline.
+    let status = herd_tests::raw::post(
+        g,
+        "/herd.quote.v1.QuoteService/CreateQuote",
+        &[],
+        bytes::Bytes::from_static(br#"{"items":[]}"#),
+    )
+    .await?;
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(
-        status.message().contains("CreateQuoteRequest"),
-        "{status:?}"
+        status
+            .message
+            .starts_with("request: not an uncompressed gRPC message")
     );
+    for timeout in ["0n", "-1S"] {
+        let status = herd_tests::raw::post(
+            g,
+            "/herd.quote.v1.QuoteService/CreateQuote",
+            &[("grpc-timeout", timeout)],
+            herd_tests::raw::framed(&[]),
+        )
+        .await?;
+        assert_eq!(
+            status.code(),
+            tonic::Code::DeadlineExceeded,
+            "{timeout}: {status:?}"
+        );
+    }
 
     // The instances survived all of it.
     assert_eq!(health(g, "").as_deref(), Some("SERVING"));
@@ -571,67 +596,6 @@ async fn sigterm_deregisters_first_then_exits_zero() -> anyhow::Result<()> {
     .ok()?;
     mesh.instances.clear();
     Ok(())
-}
-
-/// A gRPC call with a raw body, for requests that are not valid messages at all.
-mod raw {
-    use bytes::{Buf, BufMut, Bytes};
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-
-    #[derive(Default)]
-    struct RawCodec;
-    struct RawEncoder;
-    struct RawDecoder;
-
-    impl Encoder for RawEncoder {
-        type Item = Vec<u8>;
-        type Error = tonic::Status;
-        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-            dst.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for RawDecoder {
-        type Item = Bytes;
-        type Error = tonic::Status;
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-            Ok(Some(src.copy_to_bytes(src.remaining())))
-        }
-    }
-
-    impl Codec for RawCodec {
-        type Encode = Vec<u8>;
-        type Decode = Bytes;
-        type Encoder = RawEncoder;
-        type Decoder = RawDecoder;
-        fn encoder(&mut self) -> RawEncoder {
-            RawEncoder
-        }
-        fn decoder(&mut self) -> RawDecoder {
-            RawDecoder
-        }
-    }
-
-    /// Sends `body` as the message of `path` on `address` and returns the status.
-    pub async fn call(address: &str, path: &'static str, body: Vec<u8>) -> tonic::Status {
-        let channel = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
-            Ok(e) => match e.connect().await {
-                Ok(c) => c,
-                Err(e) => return tonic::Status::unknown(format!("connect: {e}")),
-            },
-            Err(e) => return tonic::Status::unknown(format!("endpoint: {e}")),
-        };
-        let mut grpc = tonic::client::Grpc::new(channel);
-        if let Err(e) = grpc.ready().await {
-            return tonic::Status::unknown(format!("ready: {e}"));
-        }
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-        match grpc.unary(tonic::Request::new(body), path, RawCodec).await {
-            Ok(_) => tonic::Status::ok("accepted"),
-            Err(s) => s,
-        }
-    }
 }
 
 #[test]

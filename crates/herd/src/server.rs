@@ -50,6 +50,35 @@ const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// is, NOT_SERVING while it registers again. Operators and probes can watch it; callers use "".
 pub const REGISTRATION_HEALTH: &str = "herd.registration";
 
+/// A generated tonic server, as [`Services`] takes it.
+pub trait GrpcServer:
+    tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcServer for S where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// The tonic services an instance serves, with their names for health reporting and the
 /// descriptor sets reflection describes them with.
 #[derive(Default)]
@@ -68,38 +97,14 @@ impl Services {
     }
 
     /// Adds a generated tonic server, whose requests may be up to [`DEFAULT_MAX_REQUEST`].
-    pub fn with<S>(self, svc: S) -> Self
-    where
-        S: tower::Service<
-                http::Request<tonic::body::Body>,
-                Response = http::Response<tonic::body::Body>,
-                Error = Infallible,
-            > + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    pub fn with<S: GrpcServer>(self, svc: S) -> Self {
         self.with_max_request(svc, DEFAULT_MAX_REQUEST)
     }
 
     /// Adds a generated tonic server whose request messages may be at most `bytes` (a larger
     /// one is `INVALID_ARGUMENT` before it is read whole): a public API takes far less than an
     /// internal one.
-    pub fn with_max_request<S>(mut self, svc: S, bytes: usize) -> Self
-    where
-        S: tower::Service<
-                http::Request<tonic::body::Body>,
-                Response = http::Response<tonic::body::Body>,
-                Error = Infallible,
-            > + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    pub fn with_max_request<S: GrpcServer>(mut self, svc: S, bytes: usize) -> Self {
         self.names.push(S::NAME);
         self.limits.insert(S::NAME, bytes);
         self.routes = self.routes.add_service(svc);
