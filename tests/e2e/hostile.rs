@@ -274,3 +274,159 @@ async fn poison_requests_get_their_status_and_cost_other_callers_nothing() -> an
     assert_eq!(report.failures(), 0, "{report}");
     Ok(())
 }
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Whether the server has closed `stream` by now (what it sent before is read and dropped).
+fn closed_now(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Whether the server has closed `stream` (end of stream or a reset), waiting at most `wait`.
+async fn closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // The server's own SETTINGS after a preface: keep reading.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_nobody_uses_are_bounded_and_closed_and_memory_comes_back() -> anyhow::Result<()>
+{
+    use tokio::io::AsyncWriteExt;
+    let etcd = herd_tests::Etcd::start().await?;
+    for (section, json) in fixture() {
+        etcd.put(&format!("/herd/config/{section}"), &json)?;
+    }
+    let dir = tempfile::tempdir()?;
+    let port = herd_tests::free_port();
+    let tax = herd_tests::start_instance(
+        "tax",
+        &etcd,
+        port,
+        dir.path(),
+        &[
+            "--max-connections",
+            "1500",
+            "--handshake-timeout-ms",
+            "3000",
+            "--idle-timeout-ms",
+            "4000",
+        ],
+    )?;
+    let address = format!("127.0.0.1:{port}");
+    herd_tests::eventually("tax to serve", Duration::from_secs(20), || async {
+        (herd_tests::health(&address, "").as_deref() == Some("SERVING")).then_some(())
+    })
+    .await?;
+    let before = rss_mib(tax.pid());
+    let opening = Instant::now();
+
+    // 2000 connections that never speak and 1000 that send only the HTTP/2 preface.
+    let mut silent = Vec::new();
+    for _ in 0..2000 {
+        silent.push(tokio::net::TcpStream::connect(&address).await?);
+    }
+    let mut preface = Vec::new();
+    for _ in 0..1000 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await?;
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await?;
+        preface.push(stream);
+    }
+    let during = rss_mib(tax.pid());
+    // At most 1500 are kept: the others were closed as soon as they were accepted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let opened_in = opening.elapsed();
+    let refused = silent
+        .iter()
+        .chain(preface.iter())
+        .filter(|stream| closed_now(stream))
+        .count();
+    assert!(
+        opened_in < Duration::from_secs(3),
+        "opening took {opened_in:?}, past the handshake timeout: the count would mix the two"
+    );
+    assert_eq!(
+        refused, 1500,
+        "connections closed at once over a bound of 1500"
+    );
+
+    // Every one of them is closed once silent for its timeout...
+    let started = Instant::now();
+    for stream in silent.iter_mut().chain(preface.iter_mut()) {
+        assert!(closed(stream, Duration::from_secs(10)).await, "still open");
+    }
+    let all_closed = started.elapsed();
+    drop((silent, preface));
+    // ...and the instance still serves.
+    let answer = call(
+        &address,
+        TAX,
+        &ComputeTaxRequest {
+            context: context("acme"),
+            region: "US-CA".into(),
+            lines: Vec::new(),
+        }
+        .encode_to_vec(),
+    )
+    .await?;
+    assert_eq!(answer.code(), Code::Ok, "{answer:?}");
+
+    // One connection may carry at most MAX_CONCURRENT_STREAMS calls at once.
+    let tcp = tokio::net::TcpStream::connect(&address).await?;
+    let (send, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut send = send.ready().await?;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{address}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .body(())?;
+    let (response, mut stream) = send.send_request(request, false)?;
+    stream.send_data(framed(&[]), true)?;
+    response.await?;
+    assert_eq!(
+        send.current_max_send_streams(),
+        herd::server::MAX_CONCURRENT_STREAMS as usize
+    );
+
+    let after = herd_tests::eventually("memory to come back", Duration::from_secs(10), || async {
+        let now = rss_mib(tax.pid());
+        (now <= before + (during - before) / 2.0 + 2.0).then_some(now)
+    })
+    .await;
+    println!(
+        "REPORT hostile connections: 3000 opened, {refused} refused over the bound of 1500, all closed within {all_closed:?}; tax RSS {before:.1} MiB before, {during:.1} during, {} after",
+        after
+            .as_ref()
+            .map_or("not back".to_string(), |a| format!("{a:.1}"))
+    );
+    after?;
+    Ok(())
+}

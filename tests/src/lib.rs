@@ -155,16 +155,26 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it answers.
+    /// Starts etcd and waits until it answers. A free port can be taken by another process
+    /// between the moment it is found and etcd's bind: then etcd starts again on other ports.
     pub async fn start() -> anyhow::Result<Self> {
-        let mut etcd = Self {
-            endpoint: format!("http://127.0.0.1:{}", free_port()),
-            peer_url: format!("http://127.0.0.1:{}", free_port()),
-            proc: None,
-            dir: tempfile::tempdir()?,
-        };
-        etcd.resume().await?;
-        Ok(etcd)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut etcd = Self {
+                endpoint: format!("http://127.0.0.1:{}", free_port()),
+                peer_url: format!("http://127.0.0.1:{}", free_port()),
+                proc: None,
+                dir: tempfile::tempdir()?,
+            };
+            match etcd.resume().await {
+                Ok(()) => return Ok(etcd),
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Stops etcd (SIGTERM) and waits for it to exit; its data stays.
@@ -198,14 +208,25 @@ impl Etcd {
         let proc = Proc::spawn("etcd", cmd, log)?;
         let text = proc.log.clone();
         self.proc = Some(proc);
-        eventually("etcd to answer", Duration::from_secs(20), || async {
+        let answered = eventually("etcd to answer", Duration::from_secs(20), || async {
+            // An etcd that could not bind its ports has exited: no use waiting for it.
+            let log = std::fs::read_to_string(&text).unwrap_or_default();
+            if log.contains("address already in use") {
+                return Some(false);
+            }
             self.ctl(&["endpoint", "health"])
                 .ok()
                 .filter(|o| o.status.success())
-                .map(|_| ())
+                .map(|_| true)
         })
         .await
         .with_context(|| std::fs::read_to_string(&text).unwrap_or_default())?;
+        if !answered {
+            bail!(
+                "etcd could not bind: {}",
+                std::fs::read_to_string(&text).unwrap_or_default()
+            );
+        }
         Ok(())
     }
 

@@ -15,6 +15,7 @@
 //! - [`mesh`]: one instance's link to the mesh: identity, etcd, configuration, channels.
 //! - [`handler`]: the opening every handler shares (span, deadline, context, pinned config).
 //! - [`door`]: what every request passes before it is decoded (timeout, frame, size).
+//! - [`incoming`]: connections as an instance accepts them: bounded, closed when silent.
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
 //! - [`binary`]: the life of a service binary or tool: settings, logs, signals, exit code.
 //! - [`error`]: what can go wrong, typed, and the one place each becomes a gRPC status.
@@ -31,6 +32,7 @@ pub mod door;
 pub mod error;
 pub mod etcd;
 pub mod handler;
+pub mod incoming;
 pub mod instance;
 pub mod layout;
 pub mod mesh;

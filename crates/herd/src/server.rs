@@ -29,6 +29,7 @@ use tonic_health::server::HealthReporter;
 use crate::config::ConfigStatus;
 use crate::door::{DEFAULT_MAX_REQUEST, DoorLayer};
 use crate::error::ServeError;
+use crate::incoming::{Hygiene, guarded};
 use crate::instance::{InstanceInfo, InstanceStatus};
 use crate::mesh::Mesh;
 use crate::registry::Registration;
@@ -42,6 +43,9 @@ use crate::settings::Settings;
 const TCP_KEEPALIVE_TIME: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// The most calls one connection may have in flight at once (HTTP/2 `MAX_CONCURRENT_STREAMS`):
+/// a caller with more waits for a stream, or uses another instance.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Backoff between attempts to register at start: starts here, doubles, capped below.
 const REGISTER_BACKOFF_START: Duration = Duration::from_millis(100);
 const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -136,9 +140,13 @@ impl Services {
         let routes = with_health_and_reflection(self.routes, health, &self.descriptors)?;
         Server::builder()
             .tcp_nodelay(true)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .layer(DoorLayer::new(self.limits))
             .add_routes(routes)
-            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            .serve_with_incoming(guarded(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                Hygiene::default(),
+            ))
             .await?;
         Ok(())
     }
@@ -152,7 +160,8 @@ impl Mesh {
         services: Services,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let mut started = Started::start(listener, services, &self.service).await?;
+        let hygiene = self.settings.hygiene();
+        let mut started = Started::start(listener, services, &self.service, hygiene).await?;
         tracing::info!(service = %self.service, instance = %self.instance_id, address = %started.address, "listening");
         tokio::pin!(shutdown);
         let registration = tokio::select! {
@@ -248,6 +257,7 @@ impl Started {
         listener: TcpListener,
         services: Services,
         service: &str,
+        hygiene: Hygiene,
     ) -> Result<Self, ServeError> {
         let address = listener.local_addr().map_err(|source| ServeError::Bind {
             address: "the listener".into(),
@@ -268,17 +278,21 @@ impl Started {
         let (stop, stopped) = oneshot::channel::<()>();
         let server = Server::builder()
             .tcp_nodelay(true)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .layer(tower::util::MapRequestLayer::new(access_log))
             .layer(DoorLayer::new(services.limits))
             .add_routes(routes)
             // The builder's TCP settings do not apply to an incoming stream: set them on it, or
             // Nagle's algorithm holds small responses back by tens of milliseconds.
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(TCP_KEEPALIVE_TIME))
-                    .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
-                    .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
+                guarded(
+                    TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(TCP_KEEPALIVE_TIME))
+                        .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+                        .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
+                    hygiene,
+                ),
                 async {
                     let _ = stopped.await;
                 },

@@ -51,6 +51,20 @@ pub struct Settings {
     /// On shutdown, the most time in-flight calls get to finish (milliseconds).
     #[arg(long, env = "HERD_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+
+    /// The most connections the instance keeps open at once; one more is closed as soon as it
+    /// is accepted.
+    #[arg(long, env = "HERD_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// How long a new connection may take to send its first bytes (milliseconds).
+    #[arg(long, env = "HERD_HANDSHAKE_TIMEOUT_MS", default_value_t = 5_000)]
+    pub handshake_timeout_ms: u64,
+
+    /// How long a connection may send nothing before it is closed (milliseconds); herd's own
+    /// callers ping every half second while idle.
+    #[arg(long, env = "HERD_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
+    pub idle_timeout_ms: u64,
 }
 
 impl Settings {
@@ -91,6 +105,12 @@ impl Settings {
                 self.prefix
             ));
         }
+        if self.max_connections == 0 {
+            return Err("--max-connections: at least 1".into());
+        }
+        if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
+            return Err("--handshake-timeout-ms, --idle-timeout-ms: at least 1".into());
+        }
         if !(1..=3600).contains(&self.lease_ttl) {
             return Err(format!(
                 "--lease-ttl: must be 1..=3600 seconds, got {}",
@@ -98,6 +118,15 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// What the instance tolerates of the connections it accepts.
+    pub fn hygiene(&self) -> crate::incoming::Hygiene {
+        crate::incoming::Hygiene {
+            max_connections: self.max_connections,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+        }
     }
 
     /// How long to keep serving after deregistering.
