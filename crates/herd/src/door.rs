@@ -10,9 +10,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
-use futures::future::BoxFuture;
-use http_body::{Body as _, Frame};
+use bytes::{Buf, Bytes};
+use futures::future::{Either, Ready};
+use http_body::Frame;
 use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -25,14 +25,18 @@ const FRAME_HEADER: usize = 5;
 /// The door of every service with a request limit: gRPC service name → largest request message.
 #[derive(Debug, Clone, Default)]
 pub struct DoorLayer {
-    limits: Arc<HashMap<&'static str, usize>>,
+    /// `/pkg.Service/` → largest request message; a handful, so a scan beats a hash.
+    limits: Arc<[(String, usize)]>,
 }
 
 impl DoorLayer {
     /// A door for the services in `limits` (name → largest request message, in bytes).
     pub fn new(limits: HashMap<&'static str, usize>) -> Self {
         Self {
-            limits: Arc::new(limits),
+            limits: limits
+                .into_iter()
+                .map(|(name, limit)| (format!("/{name}/"), limit))
+                .collect(),
         }
     }
 }
@@ -52,48 +56,41 @@ impl<S> Layer<S> for DoorLayer {
 #[derive(Debug, Clone)]
 pub struct Door<S> {
     inner: S,
-    limits: Arc<HashMap<&'static str, usize>>,
-}
-
-/// `path`'s gRPC service: `pkg.Service` of `/pkg.Service/Method`.
-fn service_of(path: &str) -> &str {
-    path.trim_start_matches('/')
-        .split_once('/')
-        .map_or("", |(service, _)| service)
+    limits: Arc<[(String, usize)]>,
 }
 
 impl<S> Service<http::Request<Body>> for Door<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<http::Response<Body>, S::Error>>;
+    type Future = Either<Ready<Result<http::Response<Body>, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let Some(&limit) = self.limits.get(service_of(request.uri().path())) else {
-            return Box::pin(self.inner.call(request));
+        let path = request.uri().path();
+        let Some(limit) = self
+            .limits
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map(|(_, limit)| *limit)
+        else {
+            return Either::Right(self.inner.call(request));
         };
         // Answered before anything is awaited, so before tonic's own timer can answer CANCELLED.
         if let Err(status) = check_timeout(request.headers()) {
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+            return Either::Left(futures::future::ready(Ok(status.into_http())));
         }
-        // The service that was polled ready serves this request; a clone waits for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let (parts, body) = request.into_parts();
-            match first_message(body, limit).await {
-                Ok(body) => inner.call(http::Request::from_parts(parts, body)).await,
-                Err(status) => Ok(status.into_http()),
-            }
-        })
+        // The first message is checked as the service reads it: a refusal is the status the
+        // service answers with, and what is not a message is not read further.
+        Either::Right(
+            self.inner
+                .call(request.map(|body| Body::new(Checked::new(body, limit)))),
+        )
     }
 }
 
@@ -120,57 +117,62 @@ fn check_timeout(headers: &http::HeaderMap) -> Result<(), Status> {
     }
 }
 
-/// Reads `body` until its first gRPC message is whole, checking its frame; gives back a body
-/// that replays what was read, then the rest.
-async fn first_message(mut body: Body, limit: usize) -> Result<Body, Status> {
-    let mut read = BytesMut::new();
-    let mut first: Option<Bytes> = None;
-    loop {
-        let have = first.as_ref().map_or(read.len(), Bytes::len);
-        if have >= FRAME_HEADER {
-            let head = first.as_ref().map_or(&read[..], |f| &f[..]);
-            let len = check_frame(head, limit)?;
-            if have >= FRAME_HEADER + len {
-                break;
-            }
-        }
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
-        match frame {
-            None => {
-                return Err(Status::invalid_argument(if have == 0 {
-                    "request: no message"
-                } else {
-                    "request: the message ends before its frame says"
-                }));
-            }
-            Some(Err(status)) => return Err(status),
-            Some(Ok(frame)) => match frame.into_data() {
-                // Most requests arrive in one piece: keep it as it came, no copy.
-                Ok(data) if first.is_none() && read.is_empty() => first = Some(data),
-                Ok(data) => {
-                    if let Some(piece) = first.take() {
-                        read.extend_from_slice(&piece);
-                    }
-                    read.extend_from_slice(&data);
-                }
-                Err(_) => {
-                    return Err(Status::invalid_argument(
-                        "request: trailers before the whole message",
-                    ));
-                }
-            },
+/// A request body whose first gRPC message is checked as it passes: an uncompressed frame of at
+/// most `limit` bytes, whole. Bytes pass through untouched; a violation ends the body with
+/// `INVALID_ARGUMENT`.
+struct Checked {
+    body: Body,
+    limit: usize,
+    /// The first frame's header as it arrives.
+    header: [u8; FRAME_HEADER],
+    seen: usize,
+    /// Bytes of the first message still to come, once its header is known.
+    remaining: Option<usize>,
+}
+
+impl Checked {
+    fn new(body: Body, limit: usize) -> Self {
+        Self {
+            body,
+            limit,
+            header: [0; FRAME_HEADER],
+            seen: 0,
+            remaining: None,
         }
     }
-    let head = first.unwrap_or_else(|| read.freeze());
-    Ok(Body::new(Replay {
-        head: Some(head),
-        rest: body,
-    }))
+
+    /// Whether the first message has passed whole.
+    fn done(&self) -> bool {
+        self.remaining == Some(0)
+    }
+
+    /// Takes note of `data`, part of the body; fails on a frame that is not acceptable.
+    fn observe(&mut self, mut data: &[u8]) -> Result<(), Status> {
+        while !self.done() && !data.is_empty() {
+            match self.remaining.as_mut() {
+                None => {
+                    let take = (FRAME_HEADER - self.seen).min(data.len());
+                    self.header[self.seen..self.seen + take].copy_from_slice(&data[..take]);
+                    self.seen += take;
+                    data = &data[take..];
+                    if self.seen == FRAME_HEADER {
+                        self.remaining = Some(check_frame(&self.header, self.limit)?);
+                    }
+                }
+                Some(remaining) => {
+                    let take = (*remaining).min(data.len());
+                    *remaining -= take;
+                    data = &data[take..];
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The length of the message whose frame begins `head`, if its flag and length are acceptable.
-fn check_frame(head: &[u8], limit: usize) -> Result<usize, Status> {
-    let mut header = &head[..FRAME_HEADER];
+fn check_frame(head: &[u8; FRAME_HEADER], limit: usize) -> Result<usize, Status> {
+    let mut header = &head[..];
     let flag = header.get_u8();
     let len = header.get_u32() as usize;
     if flag != 0 {
@@ -186,13 +188,7 @@ fn check_frame(head: &[u8], limit: usize) -> Result<usize, Status> {
     Ok(len)
 }
 
-/// A request body: what the door read, then the rest as it arrives.
-struct Replay {
-    head: Option<Bytes>,
-    rest: Body,
-}
-
-impl http_body::Body for Replay {
+impl http_body::Body for Checked {
     type Data = Bytes;
     type Error = Status;
 
@@ -200,31 +196,41 @@ impl http_body::Body for Replay {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if let Some(head) = self.head.take() {
-            return Poll::Ready(Some(Ok(Frame::data(head))));
+        let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if self.done() {
+            return Poll::Ready(frame);
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
+        Poll::Ready(match frame {
+            Some(Ok(frame)) => match frame.data_ref().map(|data| self.observe(data)) {
+                Some(Ok(())) => Some(Ok(frame)),
+                Some(Err(status)) => Some(Err(status)),
+                None => Some(Err(Status::invalid_argument(
+                    "request: trailers before the whole message",
+                ))),
+            },
+            Some(Err(status)) => Some(Err(status)),
+            None if self.seen == 0 => Some(Err(Status::invalid_argument("request: no message"))),
+            None => Some(Err(Status::invalid_argument(
+                "request: the message ends before its frame says",
+            ))),
+        })
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_none() && self.rest.is_end_stream()
+        // Never report the end before the first message has been checked: an empty body must
+        // be read, to be refused.
+        self.done() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
-        let rest = self.rest.size_hint();
-        let mut hint = http_body::SizeHint::new();
-        hint.set_lower(rest.lower() + head);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + head);
-        }
-        hint
+        self.body.size_hint()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
     use tonic::Code;
 
     /// A body of `chunks`, one frame each.
@@ -238,17 +244,18 @@ mod tests {
         )))
     }
 
-    async fn collect(body: Body) -> Vec<u8> {
-        let mut body = body;
+    /// Everything the checked body gives, or the status it ends with.
+    async fn read(chunks: &[&[u8]], limit: usize) -> Result<Vec<u8>, Status> {
+        let mut checked = Checked::new(body(chunks), limit);
         let mut all = Vec::new();
-        while let Some(Ok(frame)) =
-            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        while let Some(frame) =
+            std::future::poll_fn(|cx| Pin::new(&mut checked).poll_frame(cx)).await
         {
-            if let Ok(data) = frame.into_data() {
+            if let Ok(data) = frame?.into_data() {
                 all.extend_from_slice(&data);
             }
         }
-        all
+        Ok(all)
     }
 
     fn framed(message: &[u8]) -> Vec<u8> {
@@ -263,10 +270,10 @@ mod tests {
         let frame = framed(b"hello");
         for split in 0..=frame.len() {
             let (a, b) = frame.split_at(split);
-            let passed = first_message(body(&[a, b, b"more"]), 16).await.unwrap();
+            let passed = read(&[a, b, b"more"], 16).await.expect("accepted");
             let mut expected = frame.clone();
             expected.extend_from_slice(b"more");
-            assert_eq!(collect(passed).await, expected, "split at {split}");
+            assert_eq!(passed, expected, "split at {split}");
         }
     }
 
@@ -274,9 +281,7 @@ mod tests {
     async fn what_is_not_a_bounded_grpc_message_is_invalid_argument() {
         let refused = |chunks: Vec<Vec<u8>>, limit| async move {
             let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-            let Err(status) = first_message(body(&chunks), limit).await else {
-                panic!("accepted");
-            };
+            let status = read(&chunks, limit).await.expect_err("refused");
             assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
             status.message().to_string()
         };
@@ -294,9 +299,13 @@ mod tests {
         let mut short = framed(b"hello");
         short.pop();
         assert!(refused(vec![short], 16).await.contains("ends before"));
-        // The door reads no further than the header of a message over the limit.
+        // Refused at the header of a message over the limit, whatever follows.
         let huge = [0u8, 0xff, 0xff, 0xff, 0xff];
-        assert!(refused(vec![huge.to_vec()], 16).await.contains("exceeds"));
+        assert!(
+            refused(vec![huge.to_vec(), vec![0; 64]], 16)
+                .await
+                .contains("exceeds")
+        );
     }
 
     #[test]
@@ -318,14 +327,5 @@ mod tests {
                 "{value}"
             );
         }
-    }
-
-    #[test]
-    fn services_are_named_by_their_paths() {
-        assert_eq!(
-            service_of("/herd.tax.v1.TaxService/ComputeTax"),
-            "herd.tax.v1.TaxService"
-        );
-        assert_eq!(service_of("/nonsense"), "");
     }
 }
