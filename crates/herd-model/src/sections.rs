@@ -606,4 +606,24 @@ mod tests {
         );
         assert!(parse_section::<SigningKeys>(none.as_bytes()).is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// Any bytes written to any key: every section parses or is refused, without panic.
+        #[test]
+        fn any_value_of_any_section_is_parsed_or_refused(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            json in "\\{\"[a-z_]{1,12}\":(\\[|\\{|\"|-?[0-9]{1,20}|true|null)\\PC{0,40}\\}",
+        ) {
+            let registry = herd::Registry::of::<MeshConfig>();
+            for spec in registry.specs() {
+                let _ = spec.check(&raw);
+                let _ = spec.check(json.as_bytes());
+            }
+            let mut sections = demo_sections();
+            sections.insert("catalog".into(), raw.clone());
+            let _ = MeshConfig::from_json(&sections);
+        }
+    }
 }

@@ -207,4 +207,31 @@ mod tests {
         assert!(verify(&t, &rotated, 0).is_ok());
         assert_eq!(rotated.active_id(), "k2");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any string offered as a token: no panic, and nothing verifies but a signed quote.
+        #[test]
+        fn any_token_is_refused_without_panic(token in "\\PC{0,200}") {
+            let keys = ring("a", &["a"]);
+            proptest::prop_assert!(verify(&token, &keys, 0).is_err());
+            let _ = claimed_revision(&token);
+        }
+
+        /// A genuine token with any one byte changed does not verify as another quote.
+        #[test]
+        fn an_altered_token_never_verifies_as_another_quote(at in 0usize..400, byte in 0u8..128) {
+            let keys = ring("a", &["a"]);
+            let token = sign(&quote(), &keys);
+            let mut bytes = token.clone().into_bytes();
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            if let Ok(altered) = String::from_utf8(bytes)
+                && let Ok(q) = verify(&altered, &keys, 0)
+            {
+                proptest::prop_assert_eq!(q, quote());
+            }
+        }
+    }
 }

@@ -44,7 +44,7 @@ impl Deadline {
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
+    if value.len() < 2 || value.len() > 9 || !value.is_ascii() {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
@@ -258,5 +258,53 @@ mod tests {
                 .to_string()
                 .contains("context.tenant_id")
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any context: no panic, and what is accepted is within every bound.
+        #[test]
+        fn any_context_is_judged_and_what_passes_is_bounded(
+            tenant in "\\PC{0,140}",
+            request_id in ".{0,140}",
+            principal in ".{0,300}",
+            traceparent in "[0-9a-f-]{0,60}",
+            tracestate in ".{0,600}",
+            baggage in proptest::collection::btree_map(".{0,20}", ".{0,200}", 0..70),
+            revision in -2i64..3,
+        ) {
+            let ctx = RequestContext {
+                tenant_id: tenant,
+                request_id,
+                principal,
+                config_revision: revision,
+                trace: Some(herd_proto::context::TraceContext { traceparent, tracestate }),
+                baggage: baggage.into_iter().collect(),
+                ..Default::default()
+            };
+            if let Ok(ctx) = require(Some(&ctx)) {
+                proptest::prop_assert!(ctx.tenant_id.len() <= MAX_ID_BYTES && !ctx.tenant_id.trim().is_empty());
+                proptest::prop_assert!(ctx.request_id.len() <= MAX_ID_BYTES);
+                proptest::prop_assert!(ctx.principal.len() <= MAX_PRINCIPAL_BYTES);
+                proptest::prop_assert!(ctx.baggage.len() <= MAX_BAGGAGE_ENTRIES);
+                proptest::prop_assert!(ctx.config_revision >= 0);
+                let trace = ctx.trace.as_ref().map(|t| (t.traceparent.as_str(), t.tracestate.as_str()));
+                if let Some((parent, state)) = trace {
+                    proptest::prop_assert!(parent.is_empty() || valid_traceparent(parent));
+                    proptest::prop_assert!(state.len() <= MAX_TRACESTATE_BYTES);
+                }
+            }
+        }
+
+        /// Any grpc-timeout: no panic, and only digits and a unit are read.
+        #[test]
+        fn any_grpc_timeout_is_parsed_or_refused(value in "\\PC{0,12}") {
+            if parse_grpc_timeout(&value).is_some() {
+                let (digits, unit) = value.split_at(value.len() - 1);
+                proptest::prop_assert!(digits.bytes().all(|b| b.is_ascii_digit()));
+                proptest::prop_assert!(["H", "M", "S", "m", "u", "n"].contains(&unit));
+            }
+        }
     }
 }

@@ -328,4 +328,43 @@ mod tests {
             );
         }
     }
+
+    /// `bytes` cut at `cuts` (positions, any order, any number).
+    fn split(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for cut in cuts.into_iter().chain([bytes.len()]) {
+            pieces.push(bytes[at..cut].to_vec());
+            at = cut;
+        }
+        pieces
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever arrives, however it is split: no panic, the same verdict, and what passes
+        /// passes unchanged.
+        #[test]
+        fn any_body_however_split_gets_one_verdict(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            cuts in proptest::collection::vec(0usize..64, 0..6),
+            limit in 0usize..32,
+            framed_first in proptest::prelude::any::<bool>(),
+        ) {
+            // Half the time a real frame, so that bodies that pass are exercised too.
+            let body = if framed_first { [framed(&body[..body.len().min(limit)]), body.clone()].concat() } else { body };
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let whole = runtime.block_on(read(&[&body], limit)).map_err(|s| s.message().to_string());
+            let pieces = split(&body, &cuts);
+            let pieces: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+            let parts = runtime.block_on(read(&pieces, limit)).map_err(|s| s.message().to_string());
+            proptest::prop_assert_eq!(&whole, &parts);
+            if let Ok(passed) = whole {
+                proptest::prop_assert_eq!(passed, body);
+            }
+        }
+    }
 }

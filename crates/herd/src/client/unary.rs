@@ -247,4 +247,60 @@ mod tests {
         let error = small.push(Bytes::from(vec![0; 16])).unwrap_err();
         assert_eq!(error.to_string(), "answer larger than 10 bytes");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// A response body, however it arrives: no panic, never more than the limit held, the
+        /// same message or error whatever the pieces.
+        #[test]
+        fn any_response_body_however_split_gets_one_result(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+            cuts in proptest::collection::vec(0usize..80, 0..6),
+            limit in 0usize..48,
+        ) {
+            let collect = |pieces: Vec<Bytes>| {
+                let mut collected = Collected::new(limit);
+                for piece in pieces {
+                    collected.push(piece).map_err(|e| e.to_string())?;
+                    let held = match &collected.bytes {
+                        Pieces::Nothing => 0,
+                        Pieces::One(b) => b.len(),
+                        Pieces::Many(b) => b.len(),
+                    };
+                    assert!(held <= limit + FRAME_HEADER);
+                }
+                unframe(collected.into_bytes()).map_err(|e| e.to_string())
+            };
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([body.len()]) {
+                pieces.push(Bytes::copy_from_slice(&body[at..cut]));
+                at = cut;
+            }
+            proptest::prop_assert_eq!(collect(vec![Bytes::copy_from_slice(&body)]), collect(pieces));
+        }
+
+        /// Any status headers a peer sends: no panic (tonic's own parser panics on bad details).
+        #[test]
+        fn any_status_headers_are_read_without_panic(
+            code in "[0-9]{0,3}",
+            message in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            details in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = http::HeaderValue::from_str(&code) {
+                headers.insert("grpc-status", value);
+            }
+            if let Ok(value) = http::HeaderValue::from_bytes(&message) {
+                headers.insert("grpc-message", value);
+            }
+            if let Ok(value) = http::HeaderValue::from_bytes(&details) {
+                headers.insert("grpc-status-details-bin", value);
+            }
+            let _ = grpc_status(&headers);
+        }
+    }
 }
