@@ -435,3 +435,42 @@ async fn connections_nobody_uses_are_bounded_and_closed_and_memory_comes_back() 
     after?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registration_pointing_at_another_service_is_never_used() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = TestMesh::start(1, &fixture()).await?;
+    let load = Load::start(
+        &mesh.etcd,
+        8,
+        Duration::from_millis(10),
+        Duration::from_secs(5),
+    )
+    .await?;
+    // A pricing registration whose address is a live tax instance (a stale key, a typo, a
+    // hostile write): its health answers SERVING for "" and for tax, but not for pricing.
+    let tax = mesh
+        .addresses("tax")?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let record = serde_json::json!({
+        "service": "pricing", "instance_id": "pricing-impostor", "address": tax,
+        "pid": 0, "version": "0",
+    });
+    mesh.etcd.put(
+        "/herd/services/pricing/pricing-impostor",
+        &record.to_string(),
+    )?;
+    let before = load.report().sent;
+    herd_tests::eventually(
+        "500 calls with the impostor listed",
+        Duration::from_secs(30),
+        || async { (load.report().sent >= before + 500).then_some(()) },
+    )
+    .await?;
+    let report = load.stop().await;
+    println!("REPORT hostile impostor: {report}");
+    assert_eq!(report.failures(), 0, "{report}");
+    Ok(())
+}
