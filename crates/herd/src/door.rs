@@ -1,42 +1,58 @@
-//! What every request to a herd service passes before it is decoded: its `grpc-timeout` is read
-//! (a zero or negative one is `DEADLINE_EXCEEDED` at once, a malformed one `INVALID_ARGUMENT`),
-//! and its first message's frame is checked — an uncompressed gRPC frame of at most the service's
-//! limit, whole — so that a body that is not a gRPC message, or one too large, is
-//! `INVALID_ARGUMENT` naming the bound, and costs the instance no more than the limit to find out.
-//! Health and reflection pass untouched.
+//! What every request to a herd service passes before it is decoded, cheapest first:
+//!
+//! 1. its `grpc-timeout`: zero or negative is `DEADLINE_EXCEEDED` at once, malformed
+//!    `INVALID_ARGUMENT`, and less time than a call takes here now is `DEADLINE_EXCEEDED` too —
+//!    work that cannot finish in time is not started;
+//! 2. admission: past the instance's concurrency limit ([`crate::limit`]) the call is answered at
+//!    once with `UNAVAILABLE` and a `grpc-retry-pushback-ms` header (so the caller retries
+//!    elsewhere, after about one call's time), costing the instance a few microseconds;
+//! 3. its first message's frame, checked as the service reads it: an uncompressed gRPC frame of
+//!    at most the service's limit, whole — a body that is not a gRPC message, or one too large, is
+//!    `INVALID_ARGUMENT` naming the bound, and costs no more than the limit to find out.
+//!
+//! An admitted call's latency, from the door to its answer, is what the limit learns from. A call
+//! whose caller goes away is dropped, its work with it. Health and reflection pass untouched.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures::future::{Either, Ready};
 use http_body::Frame;
+use pin_project_lite::pin_project;
 use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
+
+use crate::limit::{Limiter, Permit};
 
 /// The largest request message a service takes unless it says otherwise.
 pub const DEFAULT_MAX_REQUEST: usize = 2 * 1024 * 1024;
 /// Bytes in front of every gRPC message: a compression flag and a 4-byte length.
 const FRAME_HEADER: usize = 5;
 
-/// The door of every service with a request limit: gRPC service name → largest request message.
-#[derive(Debug, Clone, Default)]
+/// The door of an instance's services: each one's largest request message, and the instance's
+/// concurrency limit, shared by all of them and every connection.
+#[derive(Debug, Clone)]
 pub struct DoorLayer {
     /// `/pkg.Service/` → largest request message; a handful, so a scan beats a hash.
     limits: Arc<[(String, usize)]>,
+    limiter: Arc<Limiter>,
 }
 
 impl DoorLayer {
-    /// A door for the services in `limits` (name → largest request message, in bytes).
-    pub fn new(limits: HashMap<&'static str, usize>) -> Self {
+    /// A door for the services in `limits` (name → largest request message, in bytes), letting
+    /// in what `limiter` admits.
+    pub fn new(limits: HashMap<&'static str, usize>, limiter: Arc<Limiter>) -> Self {
         Self {
             limits: limits
                 .into_iter()
                 .map(|(name, limit)| (format!("/{name}/"), limit))
                 .collect(),
+            limiter,
         }
     }
 }
@@ -48,6 +64,7 @@ impl<S> Layer<S> for DoorLayer {
         Door {
             inner,
             limits: self.limits.clone(),
+            limiter: self.limiter.clone(),
         }
     }
 }
@@ -57,6 +74,7 @@ impl<S> Layer<S> for DoorLayer {
 pub struct Door<S> {
     inner: S,
     limits: Arc<[(String, usize)]>,
+    limiter: Arc<Limiter>,
 }
 
 impl<S> Service<http::Request<Body>> for Door<S>
@@ -65,7 +83,7 @@ where
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = Either<Ready<Result<http::Response<Body>, S::Error>>, S::Future>;
+    type Future = Either<Ready<Result<http::Response<Body>, S::Error>>, Admitted<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -79,25 +97,86 @@ where
             .find(|(prefix, _)| path.starts_with(prefix.as_str()))
             .map(|(_, limit)| *limit)
         else {
-            return Either::Right(self.inner.call(request));
+            return Either::Right(Admitted {
+                inner: self.inner.call(request),
+                permit: None,
+            });
         };
+        let refuse = |status: Status| Either::Left(futures::future::ready(Ok(status.into_http())));
         // Answered before anything is awaited, so before tonic's own timer can answer CANCELLED.
-        if let Err(status) = check_timeout(request.headers()) {
-            return Either::Left(futures::future::ready(Ok(status.into_http())));
+        let timeout = match check_timeout(request.headers()) {
+            Ok(timeout) => timeout,
+            Err(status) => return refuse(status),
+        };
+        let typical = self.limiter.typical_latency();
+        if let (Some(left), Some(typical)) = (timeout, typical)
+            && left < typical
+        {
+            return refuse(Status::deadline_exceeded(format!(
+                "grpc-timeout: {left:?} left, a call takes {typical:?} here now"
+            )));
         }
+        let now = tokio::time::Instant::now();
+        let Some(permit) = self.limiter.try_acquire(now) else {
+            return Either::Left(futures::future::ready(Ok(shed(&self.limiter, typical))));
+        };
         // The first message is checked as the service reads it: a refusal is the status the
         // service answers with, and what is not a message is not read further.
-        Either::Right(
-            self.inner
+        Either::Right(Admitted {
+            inner: self
+                .inner
                 .call(request.map(|body| Body::new(Checked::new(body, limit)))),
-        )
+            permit: Some(permit),
+        })
     }
 }
 
-/// A `grpc-timeout` the call can run under: none, or a well-formed positive one.
-fn check_timeout(headers: &http::HeaderMap) -> Result<(), Status> {
+/// The answer to a call over the limit: `UNAVAILABLE`, and when to try again (about one call's
+/// time, at least a millisecond) in `grpc-retry-pushback-ms`.
+fn shed(limiter: &Limiter, typical: Option<Duration>) -> http::Response<Body> {
+    let mut response = Status::unavailable(format!(
+        "overloaded: {} calls in flight, the limit is {}",
+        limiter.in_flight(),
+        limiter.limit()
+    ))
+    .into_http::<Body>();
+    let pushback = typical.map_or(1, |t| t.as_millis().max(1));
+    if let Ok(value) = http::HeaderValue::from_str(&pushback.to_string()) {
+        response.headers_mut().insert(PUSHBACK, value);
+    }
+    response
+}
+
+/// gRFC A6's header: after how many milliseconds the caller may try again.
+pub const PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+pin_project! {
+    /// An admitted call's answer: when it comes, the call's latency goes to the limiter.
+    pub struct Admitted<F> {
+        #[pin]
+        inner: F,
+        permit: Option<Permit>,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Admitted<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let Some(permit) = this.permit.take() {
+            permit.done(tokio::time::Instant::now());
+        }
+        Poll::Ready(output)
+    }
+}
+
+/// The time a call has (`None`: no deadline), or why it cannot run: a zero or negative
+/// `grpc-timeout`, or one that is not well formed.
+fn check_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, Status> {
     let Some(value) = headers.get("grpc-timeout") else {
-        return Ok(());
+        return Ok(None);
     };
     let value = value.to_str().unwrap_or_default();
     if value.starts_with('-') {
@@ -109,7 +188,7 @@ fn check_timeout(headers: &http::HeaderMap) -> Result<(), Status> {
         Some(timeout) if timeout.is_zero() => Err(Status::deadline_exceeded(
             "grpc-timeout: zero, the deadline has passed",
         )),
-        Some(_) => Ok(()),
+        Some(timeout) => Ok(Some(timeout)),
         None => Err(Status::invalid_argument(format!(
             "grpc-timeout: not up to 8 digits and a unit (H, M, S, m, u, n), got {}",
             crate::error::quoted(value)

@@ -120,6 +120,22 @@ impl CallError {
         Self::Refused(normalize(status))
     }
 
+    /// How long the callee asked the caller to wait before trying again (`grpc-retry-pushback-ms`
+    /// on a shed call), if it did.
+    pub fn pushback(&self) -> Option<Duration> {
+        let Self::Refused(status) = self else {
+            return None;
+        };
+        let millis = status
+            .metadata()
+            .get(crate::door::PUSHBACK)?
+            .to_str()
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        Some(Duration::from_millis(millis))
+    }
+
     /// Whether the call was certainly not processed, so another attempt may be made.
     pub fn retryable(&self) -> bool {
         self.code() == Code::Unavailable

@@ -16,6 +16,7 @@
 //! - [`handler`]: the opening every handler shares (span, deadline, context, pinned config).
 //! - [`door`]: what every request passes before it is decoded (timeout, frame, size).
 //! - [`incoming`]: connections as an instance accepts them: bounded, closed when silent.
+//! - [`limit`]: how many calls an instance serves at once: an adaptive concurrency limit.
 //! - [`server`]: serving with health, reflection, registration and graceful drain.
 //! - [`binary`]: the life of a service binary or tool: settings, logs, signals, exit code.
 //! - [`error`]: what can go wrong, typed, and the one place each becomes a gRPC status.
@@ -35,6 +36,7 @@ pub mod handler;
 pub mod incoming;
 pub mod instance;
 pub mod layout;
+pub mod limit;
 pub mod mesh;
 pub mod registry;
 pub mod server;

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -31,6 +32,7 @@ use crate::door::{DEFAULT_MAX_REQUEST, DoorLayer};
 use crate::error::ServeError;
 use crate::incoming::{Hygiene, guarded};
 use crate::instance::{InstanceInfo, InstanceStatus};
+use crate::limit::{LimitSettings, Limiter};
 use crate::mesh::Mesh;
 use crate::registry::Registration;
 use crate::settings::Settings;
@@ -141,7 +143,10 @@ impl Services {
         Server::builder()
             .tcp_nodelay(true)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .layer(DoorLayer::new(self.limits))
+            .layer(DoorLayer::new(
+                self.limits,
+                Arc::new(Limiter::new(LimitSettings::default())),
+            ))
             .add_routes(routes)
             .serve_with_incoming(guarded(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -161,7 +166,9 @@ impl Mesh {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let hygiene = self.settings.hygiene();
-        let mut started = Started::start(listener, services, &self.service, hygiene).await?;
+        let limits = self.settings.limit_settings();
+        let mut started =
+            Started::start(listener, services, &self.service, hygiene, limits).await?;
         tracing::info!(service = %self.service, instance = %self.instance_id, address = %started.address, "listening");
         tokio::pin!(shutdown);
         let registration = tokio::select! {
@@ -258,7 +265,9 @@ impl Started {
         services: Services,
         service: &str,
         hygiene: Hygiene,
+        limits: LimitSettings,
     ) -> Result<Self, ServeError> {
+        let limiter = Arc::new(Limiter::new(limits));
         let address = listener.local_addr().map_err(|source| ServeError::Bind {
             address: "the listener".into(),
             source,
@@ -280,7 +289,7 @@ impl Started {
             .tcp_nodelay(true)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .layer(tower::util::MapRequestLayer::new(access_log))
-            .layer(DoorLayer::new(services.limits))
+            .layer(DoorLayer::new(services.limits, limiter))
             .add_routes(routes)
             // The builder's TCP settings do not apply to an incoming stream: set them on it, or
             // Nagle's algorithm holds small responses back by tens of milliseconds.

@@ -65,6 +65,11 @@ pub struct Settings {
     /// callers ping every half second while idle.
     #[arg(long, env = "HERD_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
     pub idle_timeout_ms: u64,
+
+    /// The most calls the instance serves at once, whatever its adaptive limit says; calls over
+    /// the limit are answered UNAVAILABLE at once.
+    #[arg(long, env = "HERD_MAX_IN_FLIGHT", default_value_t = 512)]
+    pub max_in_flight: u32,
 }
 
 impl Settings {
@@ -105,6 +110,9 @@ impl Settings {
                 self.prefix
             ));
         }
+        if self.max_in_flight == 0 {
+            return Err("--max-in-flight: at least 1".into());
+        }
         if self.max_connections == 0 {
             return Err("--max-connections: at least 1".into());
         }
@@ -118,6 +126,17 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The instance's concurrency limit: adaptive, under `--max-in-flight`.
+    pub fn limit_settings(&self) -> crate::limit::LimitSettings {
+        let defaults = crate::limit::LimitSettings::default();
+        crate::limit::LimitSettings {
+            max: self.max_in_flight,
+            initial: defaults.initial.min(self.max_in_flight),
+            min: defaults.min.min(self.max_in_flight),
+            ..defaults
+        }
     }
 
     /// What the instance tolerates of the connections it accepts.

@@ -26,7 +26,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tonic::body::Body;
 use tower::balance::p2c::Balance;
-use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
+use tower::load::{PeakEwmaDiscover, TrackCompletion};
 use tower::{BoxError, Service};
 
 use crate::client::connection::{Request, Response, streamed};
@@ -42,7 +42,7 @@ const DEFAULT_RTT: Duration = Duration::from_millis(5);
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
 /// tower's power-of-two-choices balancer over peak-EWMA-weighted endpoint connections.
-type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover>, Request>;
+type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover, PenalizeShed>, Request>;
 
 /// A cloneable gRPC channel that balances each call over a service's live, serving instances.
 ///
@@ -189,6 +189,48 @@ impl Service<http::Request<Body>> for MeshChannel {
     }
 }
 
+/// The least and most an instance that shed a call counts as busy for, in the balancer's eyes.
+const SHED_PENALTY_MIN: Duration = Duration::from_millis(10);
+const SHED_PENALTY_MAX: Duration = Duration::from_millis(250);
+
+/// Completes a call's load measurement when its response's head arrives, as tower's
+/// `CompleteOnResponse` does — except for a call the instance shed (`UNAVAILABLE` with a
+/// pushback): a fast refusal would make it look like the least loaded instance and draw more
+/// calls to it. Its measurement is held open for twice the pushback, so peak-EWMA counts it as a
+/// call that long, and in flight meanwhile: p2c sends it less until it serves again.
+#[derive(Debug, Clone, Copy, Default)]
+struct PenalizeShed;
+
+impl<H: Send + 'static> TrackCompletion<H, Response> for PenalizeShed {
+    type Output = Response;
+
+    fn track_completion(&self, handle: H, response: Response) -> Response {
+        if let Some(pushback) = shed_pushback(response.headers()) {
+            let hold = (pushback * 2).clamp(SHED_PENALTY_MIN, SHED_PENALTY_MAX);
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                drop(handle);
+            });
+        }
+        response
+    }
+}
+
+/// The pushback of a shed call's trailers-only response: `grpc-status` 14 and
+/// `grpc-retry-pushback-ms`.
+fn shed_pushback(headers: &http::HeaderMap) -> Option<Duration> {
+    if headers.get("grpc-status")?.as_bytes() != b"14" {
+        return None;
+    }
+    let millis = headers
+        .get(crate::door::PUSHBACK)?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_millis(millis))
+}
+
 /// The instance ids of the endpoints in `pool` that are SERVING.
 fn ready_of(pool: &Pool) -> Vec<String> {
     pool.endpoints
@@ -244,7 +286,7 @@ impl ChannelBuilder {
             EndpointDiscover::new(pool.clone()),
             DEFAULT_RTT,
             EWMA_DECAY,
-            CompleteOnResponse::default(),
+            PenalizeShed,
         );
         MeshChannel {
             inner: Arc::new(Shared {

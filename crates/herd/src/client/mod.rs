@@ -140,9 +140,15 @@ where
         if number >= MAX_ATTEMPTS || !budget.can_retry() {
             return Err(error);
         }
+        // An instance that shed the call says when to come back (gRPC A6); a wait the deadline
+        // cannot afford is no retry.
+        let pause = error.pushback().unwrap_or(RETRY_PAUSE);
+        if pause >= deadline.remaining()? {
+            return Err(error);
+        }
         tracing::debug!(attempt = number, %error, "retrying a call that was not processed");
         number += 1;
-        tokio::time::sleep(RETRY_PAUSE.min(deadline.remaining()?)).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
