@@ -78,10 +78,16 @@ pub struct Summary {
     pub p999_us: u64,
     /// Slowest.
     pub max_us: u64,
+    /// Median latency of the calls that failed, microseconds (0 without failures): a refusal
+    /// should be fast.
+    pub failed_p50_us: u64,
+    /// 99th percentile of the calls that failed.
+    pub failed_p99_us: u64,
 }
 
 struct Shared {
     histogram: std::sync::Mutex<Histogram<u64>>,
+    failed_histogram: std::sync::Mutex<Histogram<u64>>,
     failed: std::sync::Mutex<BTreeMap<String, u64>>,
     calls: AtomicU64,
     progress_calls: AtomicU64,
@@ -152,18 +158,21 @@ fn record(shared: &Shared, measuring: bool, started: Instant, result: Result<(),
         return;
     }
     shared.calls.fetch_add(1, Ordering::Relaxed);
+    let us = u64::try_from(started.elapsed().as_micros())
+        .unwrap_or(u64::MAX)
+        .clamp(1, 60_000_000);
     match result {
         Ok(()) => {
-            let us = u64::try_from(started.elapsed().as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1);
             if let Ok(mut h) = shared.histogram.lock() {
-                let _ = h.record(us.min(60_000_000));
+                let _ = h.record(us);
             }
         }
         Err(status) => {
             if let Ok(mut f) = shared.failed.lock() {
                 *f.entry(format!("{:?}", status.code())).or_default() += 1;
+            }
+            if let Ok(mut h) = shared.failed_histogram.lock() {
+                let _ = h.record(us);
             }
         }
     }
@@ -178,6 +187,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
     let channels = connect(&config).await?;
     let shared = Arc::new(Shared {
         histogram: std::sync::Mutex::new(histogram()),
+        failed_histogram: std::sync::Mutex::new(histogram()),
         failed: std::sync::Mutex::new(BTreeMap::new()),
         calls: AtomicU64::new(0),
         progress_calls: AtomicU64::new(0),
@@ -264,6 +274,11 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         .map(|h| h.clone())
         .unwrap_or_else(|_| histogram());
     let failed = shared.failed.lock().map(|f| f.clone()).unwrap_or_default();
+    let fh = shared
+        .failed_histogram
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
     let seconds = config.duration.as_secs_f64();
     Ok(Summary {
         mode,
@@ -276,6 +291,8 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         p99_us: h.value_at_quantile(0.99),
         p999_us: h.value_at_quantile(0.999),
         max_us: h.max(),
+        failed_p50_us: fh.value_at_quantile(0.50),
+        failed_p99_us: fh.value_at_quantile(0.99),
     })
 }
 
