@@ -229,7 +229,8 @@ async fn poison_requests_get_their_status_and_cost_other_callers_nothing() -> an
     };
     let poisons = poisons();
     let started = Instant::now();
-    let mut sent = 0;
+    let (mut sent, mut shed) = (0, 0);
+    let mut judged = std::collections::BTreeMap::new();
     while started.elapsed() < Duration::from_secs(6) {
         // Eight at a time, every instance of the target service in turn.
         for batch in poisons.chunks(8) {
@@ -255,12 +256,22 @@ async fn poison_requests_get_their_status_and_cost_other_callers_nothing() -> an
                         message: String::new(),
                     }))?;
                     sent += 1;
+                    assert!(answer.message.len() <= 1024, "{}: {answer:?}", poison.name);
+                    // An instance at its concurrency limit may shed a poison before looking at
+                    // it: that is overload, answered as such. Anything else is the poison's own.
+                    if answer.code() == Code::Unavailable
+                        && answer.message.starts_with("overloaded:")
+                    {
+                        shed += 1;
+                        continue;
+                    }
                     assert_eq!(answer.code(), poison.code, "{}: {answer:?}", poison.name);
                     assert!(
-                        answer.message.contains(poison.says) && answer.message.len() <= 1024,
+                        answer.message.contains(poison.says),
                         "{}: {answer:?}",
                         poison.name
                     );
+                    *judged.entry(poison.name).or_insert(0) += 1;
                 }
             }
         }
@@ -271,8 +282,16 @@ async fn poison_requests_get_their_status_and_cost_other_callers_nothing() -> an
         assert_eq!(answer.code(), Code::Ok, "{answer:?}");
     }
     let report = load.stop().await;
+    // Every kind of poison was looked at and answered for what it is, again and again.
+    for poison in &poisons {
+        assert!(
+            judged.get(poison.name).copied().unwrap_or(0) >= 3,
+            "{}: {judged:?}",
+            poison.name
+        );
+    }
     println!(
-        "REPORT hostile: {sent} poison requests answered with their own status; other callers: {report}"
+        "REPORT hostile: {sent} poison requests, {shed} shed as overload, the rest answered with their own status; other callers: {report}"
     );
     assert!(report.sent > 100, "{report}");
     assert_eq!(report.failures(), 0, "{report}");

@@ -85,10 +85,11 @@ async fn three_times_the_capacity_is_shed_fast_and_goodput_comes_back() -> anyho
         ],
     )?;
     let peak_rss = watcher.await?;
-    // Right after: full speed again.
+    // Right after: a load the mesh can carry is carried again, at once.
+    let after_rate = (capacity * 0.7).round().to_string();
     let after = bench(
         &gateway,
-        &["--concurrency", "32", "--duration", "1", "--warmup", "0"],
+        &["--rate", &after_rate, "--duration", "1", "--warmup", "0"],
     )?;
 
     let goodput = figure(&over, "throughput");
@@ -118,13 +119,15 @@ async fn three_times_the_capacity_is_shed_fast_and_goodput_comes_back() -> anyho
     // The admitted calls are served, at no less than most of the capacity.
     assert!(goodput >= capacity * 0.6, "goodput {goodput} of {capacity}");
     assert!(peak_rss < 80.0, "peak RSS {peak_rss} MiB");
-    // Full goodput at once; what the limit, settled during the overload, does not admit of 32
-    // callers in a closed loop is refused as overload, not queued.
     assert!(
-        figure(&after, "throughput") >= capacity * 0.8,
-        "{} after, {capacity} before",
+        figure(&after, "throughput") >= capacity * 0.6,
+        "{} a second after the overload, offered {after_rate}/s",
         figure(&after, "throughput")
     );
+    // The flood left a few lines a second in the logs, not one per failed call.
+    let logged: usize = mesh.instances.iter().map(|(_, p)| p.log_text().len()).sum();
+    println!("REPORT overload logs: {logged} bytes in all instances' logs");
+    assert!(logged < 1_000_000, "{logged} bytes of logs");
     let after_failed = after["failed"].as_object().cloned().unwrap_or_default();
     for code in after_failed.keys() {
         assert_eq!(code, "Unavailable", "{after}");

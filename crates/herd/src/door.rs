@@ -159,14 +159,30 @@ pin_project! {
     }
 }
 
-impl<F: std::future::Future> std::future::Future for Admitted<F> {
+impl<F, E> std::future::Future for Admitted<F>
+where
+    F: std::future::Future<Output = Result<http::Response<Body>, E>>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let output = std::task::ready!(this.inner.poll(cx));
         if let Some(permit) = this.permit.take() {
-            permit.done(tokio::time::Instant::now());
+            // A unary error answer comes whole in the head, a success has its status in the
+            // trailers. Only what was served says how long serving takes; UNAVAILABLE is overload
+            // from below (this instance's own door never gets here with it); other errors (bad
+            // input, say) are answered before the work and say nothing.
+            let status = output
+                .as_ref()
+                .ok()
+                .and_then(|response| response.headers().get("grpc-status"))
+                .map(|code| code.as_bytes());
+            match status {
+                None | Some(b"0") => permit.done(tokio::time::Instant::now()),
+                Some(b"14") => permit.overloaded(tokio::time::Instant::now()),
+                Some(_) => permit.ignore(),
+            }
         }
         Poll::Ready(output)
     }

@@ -18,7 +18,11 @@
 //! - `limit ← limit × gradient + √limit`, within `[min, max]`: with a queue, the limit settles
 //!   just above the concurrency the instance can actually serve; the √limit headroom keeps it
 //!   probing;
-//! - a window in which fewer than half the limit were ever in flight does not grow the limit.
+//! - a window in which fewer than half the limit were ever in flight does not grow the limit;
+//! - a window in which more than [`OVERLOADED_SHARE`] of the answers said an instance *below*
+//!   shed the call (an answer of `UNAVAILABLE`, relayed) shrinks the limit by a tenth at least:
+//!   such answers are fast, so latency alone would keep sending calls that cannot be served, and
+//!   the instance sheds them at its own door instead, before doing their work.
 //!
 //! A call that is not admitted is answered at once (see [`crate::door`]).
 
@@ -33,11 +37,12 @@ use tokio::time::Instant;
 pub struct LimitSettings {
     /// The limit once the first floor is measured: enough for a healthy instance's start.
     pub initial: u32,
-    /// Never below this.
+    /// Never below this: a few calls always get through, so that latency keeps being measured.
     pub min: u32,
     /// Never above this: the hard cap, whatever latency says (`--max-in-flight`).
     pub max: u32,
-    /// How much slower than the floor a call may be without counting as queued (1.1: 10 %).
+    /// How much slower than the floor a call may be without counting as queued (1.25: a quarter,
+    /// so that a noisy machine's jitter is not taken for a queue).
     pub tolerance: f64,
     /// How often the floor is measured again, so that it follows an instance that got slower
     /// or faster (jittered by ±10 % so that instances do not measure together).
@@ -54,9 +59,9 @@ impl Default for LimitSettings {
     fn default() -> Self {
         Self {
             initial: 64,
-            min: 4,
+            min: 8,
             max: 512,
-            tolerance: 1.1,
+            tolerance: 1.25,
             measure_every: Duration::from_secs(5),
             measure_samples: 25,
             window: Duration::from_millis(100),
@@ -67,6 +72,8 @@ impl Default for LimitSettings {
 
 /// The most latencies kept per window: the median of the first ones is the window's.
 const WINDOW_SAMPLES: usize = 512;
+/// The share of a window's answers that may be overload from below before the limit shrinks.
+pub const OVERLOADED_SHARE: f64 = 0.02;
 
 /// What the limiter is doing.
 #[derive(Debug)]
@@ -84,6 +91,9 @@ enum Phase {
         start: Option<Instant>,
         samples: Vec<f64>,
         most_in_flight: u32,
+        /// Answers that were overload from below.
+        overloaded: u32,
+        answers: u32,
     },
 }
 
@@ -201,9 +211,9 @@ impl Limiter {
         self.limit.store(state.limit as u32, Ordering::Relaxed);
     }
 
-    /// Folds in one call's latency: let in at `started` with `in_flight` calls in flight,
-    /// answered at `now`.
-    fn sample(&self, started: Instant, in_flight: u32, now: Instant) {
+    /// Folds in one call: let in at `started` with `in_flight` calls in flight, answered at
+    /// `now`; its latency counts if it was `served`, and it counts as overload from below if not.
+    fn sample(&self, started: Instant, in_flight: u32, now: Instant, served: bool) {
         let s = self.settings;
         let latency = now.saturating_duration_since(started).as_secs_f64();
         let mut guard = self.lock();
@@ -218,7 +228,7 @@ impl Limiter {
                 // Only calls let in under the pinned limit say what a call costs unloaded: not
                 // those let in before it (they ran beside many more).
                 let since = *since.get_or_insert(started);
-                if in_flight > *pinned || started < since {
+                if !served || in_flight > *pinned || started < since {
                     return;
                 }
                 samples.push(latency);
@@ -231,6 +241,8 @@ impl Limiter {
                     start: None,
                     samples: Vec::new(),
                     most_in_flight: 0,
+                    overloaded: 0,
+                    answers: 0,
                 };
                 // ±10 %, so that instances started together do not measure together.
                 let jitter = rand::random_range(0.9..1.1);
@@ -241,29 +253,42 @@ impl Limiter {
                 start,
                 samples,
                 most_in_flight,
+                overloaded: overloads,
+                answers,
             } => {
                 let start = *start.get_or_insert(now);
-                if samples.len() < WINDOW_SAMPLES {
+                if served && samples.len() < WINDOW_SAMPLES {
                     samples.push(latency);
                 }
                 *most_in_flight = (*most_in_flight).max(in_flight);
+                *answers += 1;
+                *overloads += u32::from(!served);
                 if samples.len() < s.min_samples || now.saturating_duration_since(start) < s.window
                 {
                     return;
                 }
                 let typical = median(samples);
                 let asked = f64::from(*most_in_flight);
+                let below = f64::from(*overloads) / f64::from((*answers).max(1));
                 state.phase = Phase::Sampling {
                     start: Some(now),
                     samples: Vec::new(),
                     most_in_flight: 0,
+                    overloaded: 0,
+                    answers: 0,
                 };
                 self.typical
                     .store((typical * 1e9) as u64, Ordering::Relaxed);
                 let limit = state.limit;
                 if typical > 0.0 && state.floor > 0.0 {
-                    let gradient = (state.floor * s.tolerance / typical).clamp(0.5, 2.0);
-                    if !(gradient > 1.0 && asked < limit / 2.0) {
+                    let mut gradient = (state.floor * s.tolerance / typical).clamp(0.5, 2.0);
+                    if below > OVERLOADED_SHARE {
+                        gradient = gradient.min(0.9);
+                    }
+                    if gradient < 1.0 {
+                        // Shrinking: no headroom.
+                        self.set(state, limit * gradient);
+                    } else if asked >= limit / 2.0 {
                         self.set(state, limit * gradient + limit.sqrt());
                     }
                 }
@@ -283,11 +308,26 @@ impl Limiter {
 }
 
 impl Permit {
-    /// The call was answered at `now`: its latency is a sample of the instance's.
-    pub fn done(mut self, now: Instant) {
+    /// The call was served, answered at `now`: its latency is a sample of the instance's.
+    pub fn done(self, now: Instant) {
+        self.finish(now, true);
+    }
+
+    /// The call was answered at `now` with overload from below (an instance this one called
+    /// shed it): no latency sample, but a sign to admit less.
+    pub fn overloaded(self, now: Instant) {
+        self.finish(now, false);
+    }
+
+    /// The call was answered with an error of its own (bad input, say): it says nothing about
+    /// the instance's load, and leaves no sample.
+    pub fn ignore(self) {}
+
+    fn finish(mut self, now: Instant, served: bool) {
         self.done = true;
         self.limiter.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.limiter.sample(self.started, self.in_flight, now);
+        self.limiter
+            .sample(self.started, self.in_flight, now, served);
     }
 }
 
@@ -412,6 +452,34 @@ mod tests {
         assert!(
             limiter.limit() >= 90,
             "{} for a capacity of 100",
+            limiter.limit()
+        );
+    }
+
+    #[test]
+    fn overload_from_below_shrinks_the_limit_though_latency_holds() {
+        let limiter = Arc::new(Limiter::new(LimitSettings::default()));
+        let mut clock = Instant::now();
+        run(&limiter, &mut clock, 10, Duration::from_millis(2), 1000);
+        let before = limiter.limit();
+        // A tenth of the answers are overload relayed from below, as fast as the rest.
+        for i in 0..200u32 {
+            let permits: Vec<Permit> = (0..u32::MAX)
+                .map_while(|_| limiter.try_acquire(clock))
+                .collect();
+            let answered = clock + Duration::from_millis(2);
+            clock += Duration::from_millis(6);
+            for (j, permit) in permits.into_iter().enumerate() {
+                if (i as usize + j).is_multiple_of(10) {
+                    permit.overloaded(answered);
+                } else {
+                    permit.done(answered);
+                }
+            }
+        }
+        assert!(
+            limiter.limit() < before / 2,
+            "{before} -> {}",
             limiter.limit()
         );
     }

@@ -344,28 +344,45 @@ pub(crate) mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn spreads_calls_over_every_endpoint() {
         let a = health_server("a").await;
         let b = health_server("b").await;
         let resolver = Resolver::fixed([info("a", &a), info("b", &b)]);
-        let mut client = HealthClient::new(MeshChannel::new("probe", resolver.subscribe()));
+        let channel = MeshChannel::new("probe", resolver.subscribe());
+        let mut ready = channel.subscribe_ready();
+        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == 2))
+            .await
+            .expect("both ready")
+            .expect("the channel lives");
+        // Eight callers at once: p2c weighs each endpoint's latency by the calls it has in
+        // flight, so concurrent calls spread. (One caller at a time would stay on whichever
+        // endpoint answered first: an endpoint not yet measured is assumed slower.)
+        let callers = (0..8).map(|_| {
+            let mut client = HealthClient::new(channel.clone());
+            tokio::spawn(async move {
+                let (mut on_a, mut on_b) = (0, 0);
+                for _ in 0..50 {
+                    // Each server knows only its own name, so the answer tells which one served.
+                    let request = HealthCheckRequest {
+                        service: "a".into(),
+                    };
+                    if client.check(request).await.is_ok() {
+                        on_a += 1;
+                    } else {
+                        on_b += 1;
+                    }
+                }
+                (on_a, on_b)
+            })
+        });
         let (mut on_a, mut on_b) = (0, 0);
-        for _ in 0..200 {
-            // Each server knows only its own name, so the answer tells which one served.
-            if client
-                .check(HealthCheckRequest {
-                    service: "a".into(),
-                })
-                .await
-                .is_ok()
-            {
-                on_a += 1;
-            } else {
-                on_b += 1;
-            }
+        for caller in callers.collect::<Vec<_>>() {
+            let (a, b) = caller.await.expect("caller");
+            on_a += a;
+            on_b += b;
         }
-        assert!(on_a > 20 && on_b > 20, "a={on_a} b={on_b}");
+        assert!(on_a > 40 && on_b > 40, "a={on_a} b={on_b}");
     }
 
     #[tokio::test]

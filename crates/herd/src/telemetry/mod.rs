@@ -17,6 +17,7 @@
 //! `propagation` (trace context between hops, client spans), `export` (the span queue and the
 //! OTLP exporter); this module installs logs and export.
 
+mod budget;
 mod export;
 mod propagation;
 mod sampling;

@@ -13,6 +13,7 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::EXPORTING;
+use super::budget::LogBudget;
 
 struct MetadataExtractor<'a>(&'a MetadataMap);
 
@@ -173,6 +174,9 @@ pub(crate) fn client_result(span: &tracing::Span, error: Option<&crate::error::C
     span.record("rpc.grpc.status_code", code as i64);
     if let Some(error) = error {
         span.record("otel.status_code", "ERROR");
-        tracing::warn!(parent: span, rpc.grpc.status_code = code as i64, %error, "outgoing call failed");
+        static FAILED: LogBudget = LogBudget::new("outgoing calls failed");
+        if FAILED.admit(code) {
+            tracing::warn!(parent: span, rpc.grpc.status_code = code as i64, %error, "outgoing call failed");
+        }
     }
 }

@@ -11,6 +11,7 @@ use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::budget::LogBudget;
 use super::propagation::{parent_of, split_method};
 use super::sampling::SamplingRatio;
 use super::{EXPORTING, SAMPLING};
@@ -106,7 +107,11 @@ where
             span.record("otel.status_code", "ERROR");
             span.record("otel.status_description", status.message());
         }
-        tracing::warn!(parent: &span, rpc.grpc.status_code = code as i64, error = status.message(), "call failed");
+        // At a bounded rate: a flood of failing calls is summarised, not logged call by call.
+        static FAILED: LogBudget = LogBudget::new("calls failed");
+        if FAILED.admit(code) {
+            tracing::warn!(parent: &span, rpc.grpc.status_code = code as i64, error = status.message(), "call failed");
+        }
     }
     result
 }
