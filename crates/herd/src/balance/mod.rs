@@ -634,4 +634,80 @@ pub(crate) mod tests {
         );
         assert!(channel.ready_instances().is_empty());
     }
+
+    /// Answers every health Check as an instance over its limit does, and lets Watch through.
+    #[derive(Clone)]
+    struct ShedChecks<S>(S);
+
+    impl<S> tower::Service<http::Request<Body>> for ShedChecks<S>
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+    {
+        type Response = http::Response<Body>;
+        type Error = S::Error;
+        type Future = BoxFuture<'static, Result<http::Response<Body>, S::Error>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+            if request.uri().path().ends_with("/Check") {
+                let mut shed = tonic::Status::unavailable("overloaded").into_http::<Body>();
+                shed.headers_mut()
+                    .insert(crate::door::PUSHBACK, "20".parse().unwrap());
+                return Box::pin(std::future::ready(Ok(shed)));
+            }
+            Box::pin(self.0.call(request))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_instance_that_sheds_is_sent_less_not_more() {
+        let good = health_server("good").await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shedding = listener.local_addr().unwrap().to_string();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("probe", tonic_health::ServingStatus::Serving)
+            .await;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(tower::layer::layer_fn(ShedChecks))
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let resolver = Resolver::fixed([info("good", &good), info("shedding", &shedding)]);
+        let channel = MeshChannel::new("probe", resolver.subscribe());
+        let mut ready = channel.subscribe_ready();
+        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == 2))
+            .await
+            .expect("both ready")
+            .expect("the channel lives");
+        let callers = (0..8).map(|_| {
+            let mut client = HealthClient::new(channel.clone());
+            tokio::spawn(async move {
+                let mut shed = 0;
+                for _ in 0..50 {
+                    let answer = client.check(HealthCheckRequest::default()).await;
+                    if answer.is_err() {
+                        shed += 1;
+                    }
+                }
+                shed
+            })
+        });
+        let mut shed = 0;
+        for caller in callers.collect::<Vec<_>>() {
+            shed += caller.await.expect("caller");
+        }
+        // A refusal is fast: counted as a fast answer it would draw most calls. Counted as
+        // load, it draws few.
+        assert!(
+            shed < 60,
+            "{shed} of 400 calls went to the instance that sheds"
+        );
+    }
 }

@@ -219,4 +219,73 @@ mod tests {
         .await;
         assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
     }
+
+    /// A shed answer, as the door writes it: UNAVAILABLE with a pushback of `millis`.
+    fn shed(millis: u64) -> CallError {
+        let mut status = Status::unavailable("overloaded: 8 calls in flight, the limit is 8");
+        status
+            .metadata_mut()
+            .insert(crate::door::PUSHBACK, millis.to_string().parse().unwrap());
+        CallError::refused(status)
+    }
+
+    #[tokio::test]
+    async fn when_every_instance_sheds_attempts_stay_within_a_tenth_more_than_calls() {
+        let budget = RetryBudget::default();
+        let (mut calls, mut tries) = (0u32, 0u32);
+        for i in 0..1000u32 {
+            calls += 1;
+            let deadline = Deadline::after(Duration::from_secs(5));
+            // Nine in ten calls shed, the tenth served: a mesh at four times its capacity.
+            let _: Result<(), CallError> = attempts(deadline, &budget, "t.S/M", &msg(), |_| {
+                tries += 1;
+                let served = (i + tries).is_multiple_of(10);
+                async move { if served { Ok(()) } else { Err(shed(0)) } }
+            })
+            .await;
+        }
+        assert!(
+            f64::from(tries) <= 1.1 * f64::from(calls),
+            "{tries} attempts for {calls} calls"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shed_call_is_retried_after_its_pushback_and_not_past_its_deadline() {
+        let budget = RetryBudget::default();
+        let started = std::time::Instant::now();
+        let mut tries = 0;
+        let r: Result<(), CallError> = attempts(
+            Deadline::after(Duration::from_secs(5)),
+            &budget,
+            "t.S/M",
+            &msg(),
+            |_| {
+                tries += 1;
+                async move { if tries < 2 { Err(shed(50)) } else { Ok(()) } }
+            },
+        )
+        .await;
+        assert!(r.is_ok());
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "{:?}",
+            started.elapsed()
+        );
+        // A pushback the deadline cannot afford: no retry.
+        let mut tries = 0;
+        let r: Result<(), CallError> = attempts(
+            Deadline::after(Duration::from_millis(30)),
+            &budget,
+            "t.S/M",
+            &msg(),
+            |_| {
+                tries += 1;
+                async { Err(shed(100)) }
+            },
+        )
+        .await;
+        assert_eq!(r.unwrap_err().pushback(), Some(Duration::from_millis(100)));
+        assert_eq!(tries, 1);
+    }
 }
