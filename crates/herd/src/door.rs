@@ -462,4 +462,90 @@ mod tests {
             }
         }
     }
+
+    /// A service whose calls never finish, and which notes when one is dropped.
+    #[derive(Clone)]
+    struct Forever(Arc<std::sync::atomic::AtomicU32>);
+
+    struct Dropped(Arc<std::sync::atomic::AtomicU32>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    impl Service<http::Request<Body>> for Forever {
+        type Response = http::Response<Body>;
+        type Error = std::convert::Infallible;
+        type Future =
+            futures::future::BoxFuture<'static, Result<http::Response<Body>, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            let dropped = Dropped(self.0.clone());
+            Box::pin(async move {
+                let _dropped = dropped;
+                std::future::pending().await
+            })
+        }
+    }
+
+    fn door(
+        limit: u32,
+    ) -> (
+        Door<Forever>,
+        Arc<Limiter>,
+        Arc<std::sync::atomic::AtomicU32>,
+    ) {
+        let limiter = Arc::new(Limiter::new(crate::limit::LimitSettings {
+            initial: limit * 2,
+            min: limit,
+            max: limit,
+            ..Default::default()
+        }));
+        let dropped = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let layer = DoorLayer::new(HashMap::from([("t.S", 1024)]), limiter.clone());
+        (layer.layer(Forever(dropped.clone())), limiter, dropped)
+    }
+
+    fn call() -> http::Request<Body> {
+        http::Request::builder()
+            .uri("/t.S/M")
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_a_call_is_shed_at_once_with_a_pushback() {
+        let (mut door, limiter, _) = door(2);
+        let _a = door.call(call());
+        let _b = door.call(call());
+        assert_eq!(limiter.in_flight(), 2);
+        let shed = door.call(call()).await.unwrap();
+        assert_eq!(shed.headers()["grpc-status"], "14");
+        assert!(shed.headers().contains_key(PUSHBACK));
+        let message = shed.headers()["grpc-message"].to_str().unwrap().to_string();
+        assert!(message.starts_with("overloaded"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_caller_went_away_stops_and_gives_its_place_back() {
+        let (mut door, limiter, dropped) = door(2);
+        let mut pending = Box::pin(door.call(call()));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(pending.as_mut().poll(cx))).await;
+        assert!(polled.is_pending());
+        assert_eq!(limiter.in_flight(), 1);
+        // The caller cancels: the server drops the call's future.
+        drop(pending);
+        assert_eq!(
+            dropped.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "the work stopped"
+        );
+        assert_eq!(limiter.in_flight(), 0, "its place came back");
+    }
 }

@@ -46,7 +46,10 @@ const TCP_KEEPALIVE_TIME: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
 /// The most calls one connection may have in flight at once (HTTP/2 `MAX_CONCURRENT_STREAMS`):
-/// a caller with more waits for a stream, or uses another instance.
+/// a caller with more waits for a stream, or uses another instance. It also bounds the streams a
+/// caller may cancel before the server has taken them up (HTTP/2's rapid-reset defence, 20 by
+/// default in hyper): a mesh caller whose deadlines expire by the hundred under overload can
+/// never cross it, while a stranger resetting streams on purpose is still cut off.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Backoff between attempts to register at start: starts here, doubles, capped below.
 const REGISTER_BACKOFF_START: Duration = Duration::from_millis(100);
@@ -143,6 +146,7 @@ impl Services {
         Server::builder()
             .tcp_nodelay(true)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .http2_max_pending_accept_reset_streams(Some(MAX_CONCURRENT_STREAMS as usize))
             .layer(DoorLayer::new(
                 self.limits,
                 Arc::new(Limiter::new(LimitSettings::default())),
@@ -288,6 +292,7 @@ impl Started {
         let server = Server::builder()
             .tcp_nodelay(true)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .http2_max_pending_accept_reset_streams(Some(MAX_CONCURRENT_STREAMS as usize))
             .layer(tower::util::MapRequestLayer::new(access_log))
             .layer(DoorLayer::new(services.limits, limiter))
             .add_routes(routes)
@@ -499,5 +504,43 @@ mod tests {
             let ok = matches!(answer, MessageResponse::FileDescriptorResponse(f) if !f.file_descriptor_proto.is_empty());
             assert!(ok, "{answer:?}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn calls_cancelled_by_the_hundred_do_not_cost_the_caller_its_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(Services::new().serve_standalone("probe", listener));
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let request = || {
+            http::Request::builder()
+                .method("POST")
+                .uri(format!("http://{address}/grpc.health.v1.Health/Check"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap()
+        };
+        // 200 calls begun and cancelled at once, as a caller whose deadlines all expire does:
+        // the server reads each cancellation before it has taken the call up.
+        let mut send = send.ready().await.unwrap();
+        for _ in 0..200 {
+            let (_response, mut stream) = send.send_request(request(), false).unwrap();
+            stream.send_reset(h2::Reason::CANCEL);
+            send = send.ready().await.unwrap();
+        }
+        // The same connection still carries calls.
+        let (response, mut stream) = send.send_request(request(), false).unwrap();
+        stream
+            .send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), response)
+            .await
+            .expect("answered")
+            .expect("the connection survived");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert!(!connection.is_finished());
     }
 }
