@@ -4,8 +4,16 @@
 use std::process::Command;
 use std::time::Duration;
 
-use herd_tests::{TestMesh, bin, fixture};
+use herd_proto::context::RequestContext;
+use herd_proto::quote::CreateQuoteRequest;
+use herd_proto::quote::quote_service_client::QuoteServiceClient;
+use herd_proto::types::LineItem;
+use herd_tests::{TestMesh, bin, eventually, fixture};
 use serde_json::Value;
+use tonic::{Code, Status};
+
+/// The scenarios run one at a time: each measures load the other would disturb.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Resident memory of a process, in MiB.
 fn rss_mib(pid: u32) -> f64 {
@@ -44,6 +52,7 @@ fn figure(summary: &Value, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_times_the_capacity_is_shed_fast_and_goodput_comes_back() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
     let mesh = TestMesh::start(1, &fixture()).await?;
     let gateway = mesh.gateways[0].clone();
     let capacity = figure(
@@ -132,5 +141,104 @@ async fn three_times_the_capacity_is_shed_fast_and_goodput_comes_back() -> anyho
     for code in after_failed.keys() {
         assert_eq!(code, "Unavailable", "{after}");
     }
+    Ok(())
+}
+
+/// Quotes for `tenant` from `gateway`, one after another: the first refusal's status, if any.
+async fn first_refusal(
+    gateway: &str,
+    tenant: &str,
+    calls: usize,
+) -> anyhow::Result<Option<Status>> {
+    let mut client = QuoteServiceClient::new(herd_tests::connect(gateway).await?);
+    for _ in 0..calls {
+        let request = CreateQuoteRequest {
+            context: Some(RequestContext {
+                tenant_id: tenant.into(),
+                ..Default::default()
+            }),
+            items: vec![LineItem {
+                sku: "widget".into(),
+                quantity: 1,
+            }],
+            currency: "EUR".into(),
+            region: "US-CA".into(),
+        };
+        if let Err(status) = client.create_quote(request).await {
+            return Ok(Some(status));
+        }
+    }
+    Ok(None)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_over_its_rate_is_held_to_it_across_two_gateways() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let rate = 100.0;
+    let config: Vec<(&str, String)> = fixture()
+        .into_iter()
+        .map(|(section, json)| match section {
+            "limits" => (
+                section,
+                r#"{"max_items":5,"max_quantity":50,"tenant_rates":{"bench":100}}"#.to_string(),
+            ),
+            _ => (section, json),
+        })
+        .collect();
+    let mut mesh = TestMesh::start(1, &config).await?;
+    mesh.add("gateway")?;
+    let second = mesh.gateways[1].clone();
+    eventually("two gateways serving", Duration::from_secs(30), || async {
+        (mesh.addresses("gateway").ok()?.len() == 2
+            && herd_tests::health(&second, "").as_deref() == Some("SERVING"))
+        .then_some(())
+    })
+    .await?;
+
+    // Each gateway takes half of the tenant's rate once it sees the other; a burst past its share
+    // is refused, naming the tenant and the rate.
+    for gateway in &mesh.gateways {
+        let refusal = eventually(
+            &format!("{gateway} to count two gateways"),
+            Duration::from_secs(10),
+            || async {
+                first_refusal(gateway, "bench", 200)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|s| s.message().contains("one of 2"))
+            },
+        )
+        .await?;
+        assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+        assert!(
+            refusal
+                .message()
+                .starts_with("tenant \"bench\": over its rate of 100 calls/s"),
+            "{refusal:?}"
+        );
+    }
+    // Another tenant, at the same moment, is not limited.
+    for gateway in &mesh.gateways {
+        assert!(first_refusal(gateway, "acme", 50).await?.is_none());
+    }
+
+    // Offered three times its rate through both gateways, the tenant gets the mesh-wide rate.
+    let over = bench(
+        &mesh.gateways.join(","),
+        &["--rate", "300", "--duration", "4", "--warmup", "0.5"],
+    )?;
+    let served = figure(&over, "throughput");
+    let failed = over["failed"].as_object().cloned().unwrap_or_default();
+    println!(
+        "REPORT tenant rate: {rate}/s across 2 gateways, offered 300/s: served {served:.1}/s, refused {failed:?}"
+    );
+    for code in failed.keys() {
+        assert_eq!(code, "ResourceExhausted", "{failed:?}");
+    }
+    assert!(
+        (rate * 0.8..=rate * 1.2).contains(&served),
+        "served {served:.1}/s for a rate of {rate}/s"
+    );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The gateway: the mesh's public face. It completes each caller's context (request id, accepted
 //! time, pinned config revision), has pricing price the basket, and signs the quote.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use herd::error::relay;
@@ -16,6 +17,8 @@ use herd_proto::quote::{
 };
 use tonic::{Request, Response, Status};
 
+pub mod rate;
+
 /// The largest request the public API takes (the internal services take up to
 /// [`herd::door::DEFAULT_MAX_REQUEST`]): a basket of the most items a configuration may allow
 /// fits, nothing much larger is read.
@@ -26,12 +29,27 @@ pub const MAX_REQUEST: usize = 256 * 1024;
 pub struct Gateway {
     config: ConfigStore<MeshConfig>,
     pricing: MeshChannel,
+    rates: Arc<rate::TenantRates>,
 }
 
 impl Gateway {
     /// A handler reading configuration from `config` and calling pricing over the mesh.
     pub fn new(config: ConfigStore<MeshConfig>, pricing: MeshChannel) -> Self {
-        Self { config, pricing }
+        Self {
+            config,
+            pricing,
+            rates: Arc::default(),
+        }
+    }
+
+    /// Shares each tenant's rate among the gateways `peers` lists (by default this gateway
+    /// enforces the whole rate alone).
+    pub fn with_peers(
+        mut self,
+        peers: tokio::sync::watch::Receiver<herd::discovery::Discovered>,
+    ) -> Self {
+        self.rates = Arc::new(rate::TenantRates::shared_with(peers));
+        self
     }
 
     /// The generated server around this handler.
@@ -80,6 +98,11 @@ impl QuoteService for Gateway {
             request,
             &self.config,
             |call, config| async move {
+                self.rates.admit(
+                    &call.context().tenant_id,
+                    &config.model.limits,
+                    tokio::time::Instant::now(),
+                )?;
                 let ctx = complete(call.context(), config.revision);
                 self.create(call.deadline(), ctx, call.into_message(), &config.model)
                     .await
@@ -158,6 +181,11 @@ impl Gateway {
             req.context.as_ref().unwrap_or(&RequestContext::default()),
             snapshot.revision,
         );
+        self.rates.admit(
+            &ctx.tenant_id,
+            &snapshot.model.limits,
+            tokio::time::Instant::now(),
+        )?;
         let now = now().seconds;
         let quote = match token::verify(&req.token, &snapshot.model.keys, now) {
             // Signed with a key from a revision this instance has not applied yet (a rotation

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     herd::binary::run_binary("gateway", "127.0.0.1:50051", |mesh| {
         let config = mesh.config();
-        let gateway = herd_gateway::Gateway::new(config, mesh.channel("pricing"));
+        let gateway = herd_gateway::Gateway::new(config, mesh.channel("pricing"))
+            .with_peers(mesh.discover("gateway"));
         async move {
             Ok(herd::Services::new()
                 .with_max_request(gateway.into_server(), herd_gateway::MAX_REQUEST))

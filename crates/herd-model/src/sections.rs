@@ -108,7 +108,7 @@ impl Default for QuoteSettings {
     }
 }
 
-/// `/herd/config/limits`: bounds on a basket.
+/// `/herd/config/limits`: bounds on a basket, and on how many calls a tenant may make.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -116,6 +116,12 @@ pub struct Limits {
     pub max_items: u32,
     /// Most units on one line.
     pub max_quantity: i32,
+    /// Calls per second each named tenant may make, across the whole mesh.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenant_rates: BTreeMap<String, u32>,
+    /// Calls per second any other tenant may make; none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_tenant_rate: Option<u32>,
 }
 
 impl Default for Limits {
@@ -123,7 +129,19 @@ impl Default for Limits {
         Self {
             max_items: 100,
             max_quantity: 10_000,
+            tenant_rates: BTreeMap::new(),
+            default_tenant_rate: None,
         }
+    }
+}
+
+impl Limits {
+    /// The mesh-wide rate, in calls per second, that applies to `tenant`, if any.
+    pub fn tenant_rate(&self, tenant: &str) -> Option<u32> {
+        self.tenant_rates
+            .get(tenant)
+            .copied()
+            .or(self.default_tenant_rate)
     }
 }
 
@@ -315,7 +333,7 @@ impl Section for QuoteSettings {
 
 impl Section for Limits {
     const NAME: &'static str = "limits";
-    const ABOUT: &'static str = "bounds on a basket";
+    const ABOUT: &'static str = "bounds on a basket and on each tenant's calls per second";
     fn example() -> String {
         r#"{"max_items":100,"max_quantity":10000}"#.into()
     }
@@ -331,6 +349,24 @@ impl Section for Limits {
                 "max_quantity: must be 1 to 1000000, got {}",
                 self.max_quantity
             ));
+        }
+        for (tenant, rate) in &self.tenant_rates {
+            if tenant.is_empty() || tenant.len() > herd::context::MAX_ID_BYTES {
+                return Err(format!(
+                    "tenant_rates: a tenant is 1 to {} bytes, got {}",
+                    herd::context::MAX_ID_BYTES,
+                    quoted(tenant)
+                ));
+            }
+            if *rate == 0 {
+                return Err(format!(
+                    "tenant_rates[{}]: at least 1 call a second (remove the tenant for none)",
+                    quoted(tenant)
+                ));
+            }
+        }
+        if self.default_tenant_rate == Some(0) {
+            return Err("default_tenant_rate: at least 1 call a second".into());
         }
         Ok(())
     }
@@ -553,6 +589,29 @@ mod tests {
             parse_section::<Limits>(br#"{"max_items":5,"max_quantity":5,"extra":1}"#).unwrap_err();
         assert_eq!(err.section, "limits");
         assert!(err.message.contains("extra"), "{err}");
+    }
+
+    #[test]
+    fn tenant_rates_are_optional_and_positive() {
+        let limits = parse_section::<Limits>(
+            br#"{"max_items":5,"max_quantity":5,"tenant_rates":{"acme":200},"default_tenant_rate":50}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            (limits.tenant_rate("acme"), limits.tenant_rate("other")),
+            (Some(200), Some(50))
+        );
+        let none = parse_section::<Limits>(br#"{"max_items":5,"max_quantity":5}"#).expect("valid");
+        assert_eq!(none.tenant_rate("acme"), None);
+        let err = parse_section::<Limits>(
+            br#"{"max_items":5,"max_quantity":5,"tenant_rates":{"acme":0}}"#,
+        )
+        .unwrap_err();
+        assert!(err.message.contains(r#"tenant_rates["acme"]"#), "{err}");
+        let err =
+            parse_section::<Limits>(br#"{"max_items":5,"max_quantity":5,"default_tenant_rate":0}"#)
+                .unwrap_err();
+        assert!(err.message.contains("default_tenant_rate"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::balance::MeshChannel;
 use crate::config::{ConfigModel, ConfigStatus, ConfigStore, RuntimeConfig};
-use crate::discovery::Resolver;
+use crate::discovery::{Discovered, Resolver};
 use crate::error::ServeError;
 use crate::layout::Layout;
 use crate::settings::Settings;
@@ -94,17 +94,23 @@ impl Mesh {
 
     /// A balanced channel to `service`, by name alone.
     pub fn channel(&self, service: &str) -> MeshChannel {
+        self.with_service(service, |(channel, _)| channel.clone())
+    }
+
+    /// The instances of `service` registered now and every later set, from the same watch its
+    /// channel balances over (this instance's own service included, when asked for).
+    pub fn discover(&self, service: &str) -> watch::Receiver<Discovered> {
+        self.with_service(service, |(_, resolver)| resolver.subscribe())
+    }
+
+    fn with_service<T>(&self, service: &str, f: impl FnOnce(&(MeshChannel, Resolver)) -> T) -> T {
         let mut channels = match self.channels.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        channels
-            .entry(service.to_string())
-            .or_insert_with(|| {
-                let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
-                (MeshChannel::new(service, resolver.subscribe()), resolver)
-            })
-            .0
-            .clone()
+        f(channels.entry(service.to_string()).or_insert_with(|| {
+            let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
+            (MeshChannel::new(service, resolver.subscribe()), resolver)
+        }))
     }
 }
