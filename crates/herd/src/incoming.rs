@@ -2,7 +2,12 @@
 //! as soon as it is accepted), and each closed when its peer says nothing — no first bytes (the
 //! HTTP/2 preface) within the handshake timeout, or no bytes at all for the idle timeout. herd's
 //! own callers ping an idle connection every half second, so only connections nobody uses go.
+//!
+//! Writes are consolidated: a connection with something to write first lets every task that is
+//! ready run (see [`Guarded`]), so that the answers of many calls — above all the quick refusals
+//! of an instance under more load than it can serve — leave in one system call, not one each.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -83,6 +88,37 @@ pub struct Guarded {
     deadline: Pin<Box<Sleep>>,
     last_read: Option<Instant>,
     idle: Duration,
+    /// The turn a write waits for before it is made, until the next flush.
+    turn: Turn,
+}
+
+/// Where a connection is in consolidating its writes.
+enum Turn {
+    /// The next write waits for other ready tasks first.
+    Due,
+    /// Waiting for them.
+    Waiting(Pin<Box<dyn Future<Output = ()> + Send>>),
+    /// Waited: writes go straight through until the next flush.
+    Taken,
+}
+
+impl Guarded {
+    /// Ready once the connection has let every other ready task run since its last flush: each
+    /// answer a call's task finishes in the meantime is then written with the others. (tokio
+    /// wakes a task that yields only after the tasks that are ready and the I/O driver have
+    /// run.) An idle runtime gives the turn back at once.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match &mut self.turn {
+                Turn::Taken => return Poll::Ready(()),
+                Turn::Due => self.turn = Turn::Waiting(Box::pin(tokio::task::yield_now())),
+                Turn::Waiting(turn) => {
+                    ready!(turn.as_mut().poll(cx));
+                    self.turn = Turn::Taken;
+                }
+            }
+        }
+    }
 }
 
 impl Guarded {
@@ -93,6 +129,7 @@ impl Guarded {
             deadline: Box::pin(tokio::time::sleep(hygiene.handshake_timeout)),
             last_read: None,
             idle: hygiene.idle_timeout,
+            turn: Turn::Due,
         }
     }
 }
@@ -154,6 +191,7 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_turn(cx));
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -162,6 +200,7 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_turn(cx));
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -170,7 +209,9 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
+        self.turn = Turn::Due;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -230,6 +271,32 @@ mod tests {
         // ...then silence closes it.
         let err = server.read(&mut buf).await.expect_err("idle");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_write_lets_the_tasks_that_are_ready_run_first_then_goes_at_once() {
+        let (address, mut accepted) = accepted(hygiene(4)).await;
+        let mut client = TcpStream::connect(&address).await.unwrap();
+        let mut server = accepted.recv().await.unwrap();
+        // A task made ready just before the write (as a call's task is when its answer is
+        // being written): it runs before the bytes leave.
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let other = tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+        server.write_all(b"answer").await.unwrap();
+        assert!(ran.load(Ordering::SeqCst), "the ready task ran first");
+        other.await.unwrap();
+        server.flush().await.unwrap();
+        let mut buf = [0u8; 6];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"answer");
+        // With nothing else ready, the next write is not held back.
+        let started = std::time::Instant::now();
+        server.write_all(b"second").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"second");
+        assert!(started.elapsed() < Duration::from_millis(100));
     }
 
     #[tokio::test]

@@ -6,11 +6,14 @@
 //! two atomic operations:
 //!
 //! - **the floor**: at start and every [`LimitSettings::measure_every`] (jittered), the limit is
-//!   halved until [`LimitSettings::measure_samples`] calls let in at no more than that have been
+//!   lowered until [`LimitSettings::measure_samples`] calls let in at no more than that have been
 //!   answered; their median is the *floor*, what a call costs with nothing queued (in this
 //!   instance or below it). A floor measured this way cannot drift upward the way an average of
-//!   loaded latencies does. Halving (Envoy drops to the minimum) sheds nothing while demand is
-//!   below half the limit, and only the excess, for a few calls' time, when it is not;
+//!   loaded latencies does. At start, and whenever calls were refused since the last window, it
+//!   is lowered to the minimum, as Envoy does: an instance already refusing loses little more,
+//!   and only at the minimum does a saturated instance show what a call costs unqueued.
+//!   Otherwise it is halved, which sheds nothing while demand is below half the limit, and only
+//!   the excess, for a few calls' time, when it is not;
 //! - **each window** (at least [`LimitSettings::window`] and [`LimitSettings::min_samples`]
 //!   calls) yields the median latency of its calls;
 //! - `gradient = clamp(minimum × tolerance / median, 0.5, 2)`: above 1 while calls cost what
@@ -26,7 +29,7 @@
 //!
 //! A call that is not admitted is answered at once (see [`crate::door`]).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +40,11 @@ use tokio::time::Instant;
 pub struct LimitSettings {
     /// The limit once the first floor is measured: enough for a healthy instance's start.
     pub initial: u32,
-    /// Never below this: a few calls always get through, so that latency keeps being measured.
+    /// Never below this: so many calls at once are always let in (32). Calls keep being measured;
+    /// an instance's answers leave in fewer writes the more calls finish together, so its
+    /// capacity is reached only with a few dozen in flight; and a caller that keeps a bounded
+    /// number of calls in flight is not a flood — refusing part of them only makes callers that
+    /// retry at once spin.
     pub min: u32,
     /// Never above this: the hard cap, whatever latency says (`--max-in-flight`).
     pub max: u32,
@@ -59,7 +66,7 @@ impl Default for LimitSettings {
     fn default() -> Self {
         Self {
             initial: 64,
-            min: 8,
+            min: 32,
             max: 512,
             tolerance: 1.25,
             measure_every: Duration::from_secs(5),
@@ -114,6 +121,8 @@ pub struct Limiter {
     in_flight: AtomicU32,
     /// The latest window's median latency, in nanoseconds (0 before the first).
     typical: AtomicU64,
+    /// Whether a call was refused since the last window ended.
+    refused: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -136,12 +145,13 @@ impl Limiter {
     /// A limiter that starts by measuring its floor.
     pub fn new(settings: LimitSettings) -> Self {
         let initial = f64::from(settings.initial.clamp(settings.min, settings.max));
-        let pinned = Self::halved(&settings, initial);
+        let pinned = settings.min;
         Self {
             settings,
             limit: AtomicU32::new(pinned),
             in_flight: AtomicU32::new(0),
             typical: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
             state: Mutex::new(State {
                 limit: initial,
                 floor: 0.0,
@@ -189,6 +199,7 @@ impl Limiter {
         let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
         if before >= limit {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.refused.store(true, Ordering::Relaxed);
             return None;
         }
         Some(Permit {
@@ -292,8 +303,13 @@ impl Limiter {
                         self.set(state, limit * gradient + limit.sqrt());
                     }
                 }
+                let refused = self.refused.swap(false, Ordering::Relaxed);
                 if state.next_measurement.is_some_and(|at| now >= at) {
-                    let pinned = Self::halved(&s, state.limit);
+                    let pinned = if refused {
+                        s.min
+                    } else {
+                        Self::halved(&s, state.limit)
+                    };
                     state.phase = Phase::Measuring {
                         resume: state.limit,
                         pinned,
@@ -411,7 +427,11 @@ mod tests {
     fn the_floor_is_measured_first_then_the_limit_opens() {
         let limiter = Arc::new(Limiter::new(LimitSettings::default()));
         let mut clock = Instant::now();
-        assert_eq!(limiter.limit(), 32, "halved until the floor is known");
+        assert_eq!(
+            limiter.limit(),
+            LimitSettings::default().min,
+            "the minimum until the floor is known"
+        );
         run(&limiter, &mut clock, 1, Duration::from_millis(2), 1000);
         assert_eq!(limiter.floor(), Some(Duration::from_millis(2)));
         assert!(limiter.limit() >= 64, "{}", limiter.limit());
@@ -452,6 +472,27 @@ mod tests {
         assert!(
             limiter.limit() >= 90,
             "{} for a capacity of 100",
+            limiter.limit()
+        );
+    }
+
+    #[test]
+    fn an_instance_flooded_from_its_start_learns_its_unqueued_cost() {
+        // Capacity 10, demand without end from the first call: the floor is measured at the
+        // minimum (8 here, under the capacity), so it is the unqueued 2 ms, and the limit
+        // settles just above the capacity within seconds. (Measured at half the initial limit,
+        // 32, the floor would be a queued 6.4 ms and the limit would settle near 40, every call
+        // waiting four times its cost.)
+        let limiter = Arc::new(Limiter::new(LimitSettings {
+            min: 8,
+            ..LimitSettings::default()
+        }));
+        let mut clock = Instant::now();
+        overloaded(&limiter, &mut clock, 25, 10);
+        assert_eq!(limiter.floor(), Some(Duration::from_millis(2)));
+        assert!(
+            (10..=20).contains(&limiter.limit()),
+            "{} for a capacity of 10",
             limiter.limit()
         );
     }
