@@ -36,6 +36,7 @@ test: deps lint build
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "summary: %d passed, %d failed\n", p, f }' .run/test.log
 
 bench: deps
+	scripts/install-deps.sh bench
 	scripts/bench.sh
 	scripts/bench-mesh.sh
 

