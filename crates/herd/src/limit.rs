@@ -304,6 +304,15 @@ impl Limiter {
                     }
                 }
                 let refused = self.refused.swap(false, Ordering::Relaxed);
+                tracing::debug!(
+                    typical_ms = typical * 1e3,
+                    floor_ms = state.floor * 1e3,
+                    shed_below = below,
+                    refused,
+                    most_in_flight = asked,
+                    limit = state.limit,
+                    "window"
+                );
                 if state.next_measurement.is_some_and(|at| now >= at) {
                     let pinned = if refused {
                         s.min
