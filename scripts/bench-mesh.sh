@@ -54,7 +54,7 @@ field() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
 
 load() { # target, then herd-bench flags
     local target=$1; shift
-    on_load "$BIN/herd-bench" --target "$target" --connections 4 --duration "$DURATION" --warmup "$WARMUP" --output json "$@"
+    on_load "$BIN/herd-bench" --target "$target" --connections "${CONNECTIONS:-4}" --duration "$DURATION" --warmup "$WARMUP" --output json "$@"
 }
 
 cpu_ticks() { # pids...: user+system clock ticks of those processes
@@ -261,6 +261,7 @@ LEVELS="${LEVELS:-0.5 1 2 4 8}"
 OVERLOAD_RUNS="${OVERLOAD_RUNS:-3}"
 DEADLINE_MS="${DEADLINE_MS:-1000}"
 OVERLOAD_DATA="${OVERLOAD_DATA:-bench/overload.dat}"
+OVERLOAD_CHART="${OVERLOAD_CHART:-docs/overload.svg}"
 mkdir -p "$(dirname "$OVERLOAD_DATA")"
 max_rss_mb() { local m=0; for pid in "$@"; do m=$(awk -v a="$m" -v b="$(peak_rss_mb "$pid")" 'BEGIN {print (b > a) ? b : a}'); done; echo "$m"; }
 refused() { grep -o '"failed":{[^}]*}' | grep -o '[0-9]\+' | awk '{s += $1} END {print s + 0}'; }
@@ -303,5 +304,41 @@ for mesh in raw herd; do
         stats "$mesh at ${level}x: peak RSS (largest instance)" "MB" $(mine 8)
     done
 done
-if command -v gnuplot >/dev/null 2>&1; then scripts/overload-chart.sh "$OVERLOAD_DATA" docs/overload.svg; fi
+if command -v gnuplot >/dev/null 2>&1; then scripts/overload-chart.sh "$OVERLOAD_DATA" "$OVERLOAD_CHART"; fi
+
+# Memory under a flood with every span exported: herd offered 4x the raw capacity for
+# $FLOOD_SECONDS from $FLOOD_CONNECTIONS connections, tracing sampled at 100 % into a sink. Per
+# run: the largest instance's RSS when steady (after 2 s at half load), its peak during the flood,
+# and how long after the flood every instance is back within 25 % (+2 MB) of its steady size.
+FLOOD_SECONDS="${FLOOD_SECONDS:-30}"
+FLOOD_CONNECTIONS="${FLOOD_CONNECTIONS:-200}"
+rss_now_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+raw_caps=(); while read -r c; do raw_caps+=("$c"); done < <(printf '%s\n' "${ROWS[@]}" | awk '$1 == "raw" {print $5}')
+flood_rate=$(awk -v c="$(median "${raw_caps[@]}")" 'BEGIN {printf "%d", 4 * c}')
+STEADY=(); PEAK=(); BACK=()
+for run in $(seq 1 "$OVERLOAD_RUNS"); do
+    SINK=127.0.0.1:$(free_port)
+    on_servers "$BIN/herd-raw" --role sink --listen "$SINK" & PIDS+=($!)
+    wait_listening "$SINK"
+    start_herd OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=1
+    DURATION=2 WARMUP=0 load "$GATEWAY" --rate "$((flood_rate / 8))" >/dev/null
+    steady=(); for pid in "${SERVERS[@]}"; do steady+=("$(rss_now_mb "$pid")"); done
+    out=$(CONNECTIONS=$FLOOD_CONNECTIONS DURATION=$FLOOD_SECONDS WARMUP=0 load "$GATEWAY" --rate "$flood_rate" --timeout-ms "$DEADLINE_MS")
+    ended=$(date +%s.%N); back=never
+    for _ in $(seq 1 200); do
+        over=0
+        for i in "${!SERVERS[@]}"; do
+            awk -v r="$(rss_now_mb "${SERVERS[$i]}")" -v s="${steady[$i]}" 'BEGIN {exit !(r > s * 1.25 + 2)}' && over=1
+        done
+        if [ $over = 0 ]; then back=$(awk -v e="$ended" -v n="$(date +%s.%N)" 'BEGIN {printf "%.1f", n - e}'); break; fi
+        sleep 0.1
+    done
+    STEADY+=("$(printf '%s\n' "${steady[@]}" | sort -g | tail -1)"); PEAK+=("$(max_rss_mb "${SERVERS[@]}")"); BACK+=("$back")
+    echo "flood run $run: ${flood_rate} calls/s for ${FLOOD_SECONDS} s from $FLOOD_CONNECTIONS connections, tracing 100 %: $(echo "$out" | field throughput) ok/s, steady ${STEADY[-1]} MB, peak ${PEAK[-1]} MB, back to steady after ${back} s" >&2
+    cleanup
+done
+echo "== flood with tracing at 100 % ($flood_rate calls/s = 4x raw capacity, $FLOOD_SECONDS s, $FLOOD_CONNECTIONS connections)"
+stats "largest instance's RSS, steady" "MB" "${STEADY[@]}"
+stats "largest instance's RSS, peak" "MB" "${PEAK[@]}"
+echo "seconds until every instance is back to steady: ${BACK[*]}"
 fi

@@ -23,7 +23,8 @@ set multiplot layout 1,2 title "Open-loop load at multiples of plain tonic's cap
 set logscale x 2
 set xlabel "offered load (× raw capacity)"
 set xtics ("0.5" 0.5, "1" 1, "2" 2, "4" 4, "8" 8)
-set key top left
+set xrange [0.4:10]
+set key below
 set grid
 set ylabel "goodput (successful calls/s)"
 set yrange [0:*]
@@ -32,7 +33,6 @@ plot "< awk '\$1 == \"herd\"' $medians" using 2:3 with linespoints lw 2 pt 7 lc 
 set ylabel "p99 of successful calls (ms)"
 set logscale y 10
 set yrange [1:*]
-set key top left
 plot "< awk '\$1 == \"herd\"' $medians" using 2:4 with linespoints lw 2 pt 7 lc rgb "#1b7837" title "herd", \
      "< awk '\$1 == \"raw\"' $medians" using 2:4 with linespoints lw 2 pt 5 lc rgb "#b2182b" title "plain tonic"
 unset multiplot

@@ -2,11 +2,14 @@
 //!
 //! - [`load`]: a load generator for herd's gRPC services — closed loop (N concurrent calls) or open
 //!   loop (a fixed rate), several connections, warm-up, hdrhistogram latencies, failures by code.
+//! - [`caller`]: its calls, gRPC spoken straight on HTTP/2 so that one core can offer more load
+//!   than a mesh can serve.
 //! - [`raw`]: the baseline — the same four services' logic served by plain tonic at fixed
 //!   addresses, with none of herd's layers (no etcd, discovery, balancing, tracing or context
 //!   forwarding), in the same call graph; and a hello-world server for the ceiling.
 //! - [`sink`]: an OTLP/gRPC receiver that counts and discards spans, for traced runs.
 
+pub mod caller;
 pub mod load;
 pub mod raw;
 pub mod sink;

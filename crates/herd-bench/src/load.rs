@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+
+use crate::caller::{Caller, Encoded};
 
 /// How load is offered.
 #[derive(Debug, Clone, Copy)]
@@ -104,35 +105,21 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
 }
 
-async fn connect(config: &LoadConfig) -> anyhow::Result<Vec<Channel>> {
-    let mut channels = Vec::new();
+async fn connect(config: &LoadConfig) -> anyhow::Result<Vec<Caller>> {
+    let mut callers = Vec::new();
     for i in 0..config.connections.max(1) {
-        let target = &config.targets[i % config.targets.len()];
-        let channel = Endpoint::from_shared(format!("http://{target}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await?;
-        channels.push(channel);
+        callers.push(Caller::connect(&config.targets[i % config.targets.len()]).await?);
     }
-    Ok(channels)
+    Ok(callers)
 }
 
-async fn one_call(channel: Channel, call: Call, timeout: Duration) -> Result<(), tonic::Status> {
+fn encoded(call: Call) -> Encoded {
     match call {
-        Call::Quote => {
-            let mut client =
-                herd_proto::quote::quote_service_client::QuoteServiceClient::new(channel);
-            let mut request = tonic::Request::new(quote_request());
-            request.set_timeout(timeout);
-            client.create_quote(request).await.map(|_| ())
-        }
-        Call::Health => {
-            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-            let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
-            request.set_timeout(timeout);
-            client.check(request).await.map(|_| ())
-        }
+        Call::Quote => Encoded::new("/herd.quote.v1.QuoteService/CreateQuote", &quote_request()),
+        Call::Health => Encoded::new(
+            "/grpc.health.v1.Health/Check",
+            &tonic_health::pb::HealthCheckRequest::default(),
+        ),
     }
 }
 
@@ -195,7 +182,8 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         !config.targets.is_empty(),
         "--target: at least one address is required"
     );
-    let channels = connect(&config).await?;
+    let callers = connect(&config).await?;
+    let call = Arc::new(encoded(config.call));
     let shared = Arc::new(Shared {
         histogram: std::sync::Mutex::new(histogram()),
         failed_histogram: std::sync::Mutex::new(histogram()),
@@ -232,13 +220,13 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         Mode::Closed { concurrency } => {
             let mut tasks = Vec::new();
             for i in 0..concurrency.max(1) {
-                let channel = channels[i % channels.len()].clone();
+                let caller = callers[i % callers.len()].clone();
                 let shared = shared.clone();
-                let (call, timeout) = (config.call, config.timeout);
+                let (call, timeout) = (call.clone(), config.timeout);
                 tasks.push(tokio::spawn(async move {
                     while Instant::now() < end {
                         let started = Instant::now();
-                        let result = one_call(channel.clone(), call, timeout).await;
+                        let result = caller.call(&call, timeout).await;
                         record(
                             &shared,
                             started >= measure_from && Instant::now() <= end,
@@ -268,11 +256,11 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
                     let late = u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX);
                     let _ = lag.record(late.clamp(1, 60_000_000));
                 }
-                let channel = channels[(n as usize) % channels.len()].clone();
+                let caller = callers[(n as usize) % callers.len()].clone();
                 let shared = shared.clone();
-                let (call, timeout) = (config.call, config.timeout);
+                let (call, timeout) = (call.clone(), config.timeout);
                 tasks.spawn(async move {
-                    let result = one_call(channel, call, timeout).await;
+                    let result = caller.call(&call, timeout).await;
                     record(&shared, scheduled >= measure_from, scheduled, result);
                 });
                 while tasks.try_join_next().is_some() {}
