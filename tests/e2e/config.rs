@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 use herd_proto::quote::quote_service_client::QuoteServiceClient;
 use herd_proto::quote::{CreateQuoteRequest, Quote, VerifyQuoteRequest};
-use herd_tests::{Answer, Load, TestMesh, call, eventually, fixture, herdctl, now_secs};
+use herd_tests::{Answer, Load, TestMesh, call, eventually, fixture, herdctl, now_secs, rss_mib};
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -827,16 +827,6 @@ fn etcd_ranges(etcd: &herd_tests::Etcd) -> anyhow::Result<u64> {
         "no gRPC metrics from etcd"
     );
     Ok(ranges as u64)
-}
-
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

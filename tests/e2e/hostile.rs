@@ -10,7 +10,7 @@ use herd_proto::quote::CreateQuoteRequest;
 use herd_proto::tax::{ComputeTaxRequest, TaxableLine};
 use herd_proto::types::{LineItem, Money};
 use herd_tests::raw::{RawAnswer, call, framed, post};
-use herd_tests::{Load, TestMesh, fixture};
+use herd_tests::{Load, TestMesh, fixture, rss_mib};
 use prost::Message;
 use tonic::Code;
 
@@ -298,16 +298,6 @@ async fn poison_requests_get_their_status_and_cost_other_callers_nothing() -> an
     Ok(())
 }
 
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// Whether the server has closed `stream` by now (what it sent before is read and dropped).
 fn closed_now(stream: &tokio::net::TcpStream) -> bool {
     let mut buf = [0u8; 256];
@@ -355,9 +345,9 @@ async fn connections_nobody_uses_are_bounded_and_closed_and_memory_comes_back() 
             "--max-connections",
             "1500",
             "--handshake-timeout-ms",
-            "5000",
+            "10000",
             "--idle-timeout-ms",
-            "6000",
+            "11000",
         ],
     )?;
     let address = format!("127.0.0.1:{port}");
@@ -382,17 +372,26 @@ async fn connections_nobody_uses_are_bounded_and_closed_and_memory_comes_back() 
         preface.push(stream);
     }
     let during = rss_mib(tax.pid());
-    // At most 1500 are kept: the others were closed as soon as they were accepted.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let opened_in = opening.elapsed();
-    let refused = silent
-        .iter()
-        .chain(preface.iter())
-        .filter(|stream| closed_now(stream))
-        .count();
+    // At most 1500 are kept: the others were closed as soon as they were accepted. (Opening
+    // 3000 connections on a busy machine can take seconds: SYNs dropped from a full accept
+    // queue are sent again after one and three.)
+    let closed_at_once = || {
+        silent
+            .iter()
+            .chain(preface.iter())
+            .filter(|stream| closed_now(stream))
+            .count()
+    };
+    let refused = herd_tests::eventually(
+        "1500 connections to be closed at once",
+        Duration::from_secs(5),
+        || async { Some(closed_at_once()).filter(|n| *n >= 1500) },
+    )
+    .await?;
+    let counted_in = opening.elapsed();
     assert!(
-        opened_in < Duration::from_secs(5),
-        "opening took {opened_in:?}, past the handshake timeout: the count would mix the two"
+        counted_in < Duration::from_secs(10),
+        "opening and counting took {counted_in:?}, past the handshake timeout: the count would mix the two"
     );
     assert_eq!(
         refused, 1500,
@@ -402,7 +401,7 @@ async fn connections_nobody_uses_are_bounded_and_closed_and_memory_comes_back() 
     // Every one of them is closed once silent for its timeout...
     let started = Instant::now();
     for stream in silent.iter_mut().chain(preface.iter_mut()) {
-        assert!(closed(stream, Duration::from_secs(10)).await, "still open");
+        assert!(closed(stream, Duration::from_secs(20)).await, "still open");
     }
     let all_closed = started.elapsed();
     drop((silent, preface));

@@ -521,7 +521,8 @@ async fn sigterm_deregisters_first_then_exits_zero() -> anyhow::Result<()> {
         &mesh.etcd,
         port,
         mesh.dir.path(),
-        &["--drain-delay-ms", "1000"],
+        // Long enough that a loaded machine still sees the key gone before the process exits.
+        &["--drain-delay-ms", "3000"],
     )?;
     let address = format!("127.0.0.1:{port}");
     eventually(

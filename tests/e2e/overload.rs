@@ -8,22 +8,12 @@ use herd_proto::context::RequestContext;
 use herd_proto::quote::CreateQuoteRequest;
 use herd_proto::quote::quote_service_client::QuoteServiceClient;
 use herd_proto::types::LineItem;
-use herd_tests::{TestMesh, bin, eventually, fixture};
+use herd_tests::{TestMesh, bin, eventually, fixture, rss_mib};
 use serde_json::Value;
 use tonic::{Code, Status};
 
 /// The scenarios run one at a time: each measures load the other would disturb.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 /// Runs herd-bench against `gateway` with `args`; its JSON summary.
 fn bench(gateway: &str, args: &[&str]) -> anyhow::Result<Value> {

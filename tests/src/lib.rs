@@ -535,6 +535,16 @@ pub fn herdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<Output> {
         .output()?)
 }
 
+/// Resident memory of a process, in MiB (0 once it has gone).
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn now_secs() -> f64 {
     std::time::SystemTime::now()

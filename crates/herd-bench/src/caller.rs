@@ -25,16 +25,9 @@ pub struct Encoded {
 impl Encoded {
     /// `message` framed as gRPC puts it on the wire (uncompressed, length-prefixed) for `path`.
     pub fn new(path: &'static str, message: &impl prost::Message) -> Self {
-        let len = message.encoded_len();
-        let mut body = Vec::with_capacity(5 + len);
-        body.push(0);
-        body.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-        message
-            .encode(&mut body)
-            .expect("a Vec grows to hold any message");
         Self {
             path,
-            body: body.into(),
+            body: herd::client::frame(message),
         }
     }
 }

@@ -164,6 +164,11 @@ fn shed(limiter: &Limiter, typical: Option<Duration>) -> http::Response<Body> {
 /// gRFC A6's header: after how many milliseconds the caller may try again.
 pub const PUSHBACK: &str = "grpc-retry-pushback-ms";
 
+/// The wait a [`PUSHBACK`] value asks for; `None` when it is not a count of milliseconds.
+pub(crate) fn pushback_of(value: &str) -> Option<Duration> {
+    value.parse::<u64>().ok().map(Duration::from_millis)
+}
+
 pin_project! {
     /// An admitted call's answer: when it comes, the call's latency goes to the limiter.
     pub struct Admitted<F> {

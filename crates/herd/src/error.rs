@@ -126,14 +126,13 @@ impl CallError {
         let Self::Refused(status) = self else {
             return None;
         };
-        let millis = status
-            .metadata()
-            .get(crate::door::PUSHBACK)?
-            .to_str()
-            .ok()?
-            .parse::<u64>()
-            .ok()?;
-        Some(Duration::from_millis(millis))
+        crate::door::pushback_of(
+            status
+                .metadata()
+                .get(crate::door::PUSHBACK)?
+                .to_str()
+                .ok()?,
+        )
     }
 
     /// Whether the call was certainly not processed, so another attempt may be made.

@@ -103,6 +103,17 @@ enum Turn {
 }
 
 impl Guarded {
+    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, hygiene: Hygiene) -> Self {
+        Self {
+            stream,
+            _permit: permit,
+            deadline: Box::pin(tokio::time::sleep(hygiene.handshake_timeout)),
+            last_read: None,
+            idle: hygiene.idle_timeout,
+            turn: Turn::Due,
+        }
+    }
+
     /// Ready once the connection has let every other ready task run since its last flush: each
     /// answer a call's task finishes in the meantime is then written with the others. (tokio
     /// wakes a task that yields only after the tasks that are ready and the I/O driver have
@@ -117,19 +128,6 @@ impl Guarded {
                     self.turn = Turn::Taken;
                 }
             }
-        }
-    }
-}
-
-impl Guarded {
-    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, hygiene: Hygiene) -> Self {
-        Self {
-            stream,
-            _permit: permit,
-            deadline: Box::pin(tokio::time::sleep(hygiene.handshake_timeout)),
-            last_read: None,
-            idle: hygiene.idle_timeout,
-            turn: Turn::Due,
         }
     }
 }

@@ -222,13 +222,7 @@ fn shed_pushback(headers: &http::HeaderMap) -> Option<Duration> {
     if headers.get("grpc-status")?.as_bytes() != b"14" {
         return None;
     }
-    let millis = headers
-        .get(crate::door::PUSHBACK)?
-        .to_str()
-        .ok()?
-        .parse::<u64>()
-        .ok()?;
-    Some(Duration::from_millis(millis))
+    crate::door::pushback_of(headers.get(crate::door::PUSHBACK)?.to_str().ok()?)
 }
 
 /// The instance ids of the endpoints in `pool` that are SERVING.

@@ -24,14 +24,14 @@ use tracing::Instrument;
 
 pub use budget::RetryBudget;
 pub use connector::{Connector, Io, TcpConnector};
-pub use unary::DEFAULT_MAX_RESPONSE;
+pub use unary::{DEFAULT_MAX_RESPONSE, frame};
 
 use crate::balance::MeshChannel;
 use crate::context::Deadline;
 use crate::error::CallError;
 use crate::telemetry::PeerSpan;
 use connection::{Request, RequestBody};
-use unary::{frame, read_unary, unary_head};
+use unary::{read_unary, unary_head};
 
 /// Attempts of one call in all, first included, when the failure means "not processed".
 const MAX_ATTEMPTS: u32 = 3;

@@ -118,8 +118,9 @@ fn unframe(frame: Bytes) -> Result<Bytes, CallError> {
     Ok(frame.slice(FRAME_HEADER..))
 }
 
-/// A gRPC frame: the header, then `message` encoded.
-pub(crate) fn frame(message: &impl prost::Message) -> Bytes {
+/// A gRPC frame as it goes on the wire: the header (uncompressed, the length), then `message`
+/// encoded.
+pub fn frame(message: &impl prost::Message) -> Bytes {
     let len = message.encoded_len();
     let mut frame = Vec::with_capacity(FRAME_HEADER + len);
     frame.push(0);
