@@ -27,6 +27,11 @@ trap 'cleanup; rm -rf "$WORK"' EXIT
 
 cargo build --release -q --workspace --bins
 
+# Every quote carries a bearer token from the benchmark issuer (deploy/bench/issuer.json; its
+# public key is in deploy/bench/config/auth.json), which herd and herd-raw both verify.
+HERD_BENCH_AUTHORIZATION="Bearer $("$BIN/herdctl" auth token --issuer-file deploy/bench/issuer.json --tenant bench --subject bench --ttl 1h)"
+export HERD_BENCH_AUTHORIZATION
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # exec: started in the background, the recorded pid is the server's own.
 on_servers() { exec taskset -c 1 "$@"; }
@@ -110,7 +115,7 @@ start_herd() { # extra environment assignments for the services
     wait_serving "$GATEWAY"
     # Every downstream instance must be in its callers' balancers before measuring.
     for _ in $(seq 1 100); do
-        grpcurl -plaintext -d '{"context":{"tenantId":"bench"},"items":[{"sku":"widget","quantity":1}],"currency":"EUR","region":"US-CA"}' \
+        grpcurl -plaintext -H "authorization: $HERD_BENCH_AUTHORIZATION" -d '{"context":{"tenantId":"bench"},"items":[{"sku":"widget","quantity":1}],"currency":"EUR","region":"US-CA"}' \
             "$GATEWAY" herd.quote.v1.QuoteService/CreateQuote >/dev/null 2>&1 && break
         sleep 0.1
     done

@@ -493,7 +493,8 @@ async fn g_etcd_down_for_5_s_under_load() -> anyhow::Result<()> {
 /// the answer took.
 fn quote_with_10_s_deadline(gateway: &str) -> anyhow::Result<(String, String, Duration)> {
     let started = std::time::Instant::now();
-    let answer = herd_tests::call(
+    let answer = herd_tests::call_as(
+        "acme",
         gateway,
         "herd.quote.v1.QuoteService/CreateQuote",
         &serde_json::json!({"context": {"tenantId": "acme"}, "items": [{"sku": "widget", "quantity": 3}],

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine;
-use herd_proto::quote::quote_service_client::QuoteServiceClient;
 use herd_proto::quote::{CreateQuoteRequest, Quote, VerifyQuoteRequest};
-use herd_tests::{Answer, Load, TestMesh, call, eventually, fixture, herdctl, now_secs, rss_mib};
+use herd_tests::{
+    Answer, Load, TestMesh, call_as, eventually, fixture, herdctl, now_secs, rss_mib,
+};
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -37,8 +38,8 @@ fn widget_total(price: i64) -> i64 {
     (eur(gross) - eur(discount) + eur(tax)) as i64
 }
 
-async fn client(address: &str) -> anyhow::Result<QuoteServiceClient<tonic::transport::Channel>> {
-    Ok(QuoteServiceClient::new(herd_tests::connect(address).await?))
+async fn client(address: &str) -> anyhow::Result<herd_tests::QuoteClient> {
+    herd_tests::quote_client(address, "acme").await
 }
 
 fn widget_request(context: Option<herd_proto::context::RequestContext>) -> CreateQuoteRequest {
@@ -425,7 +426,7 @@ async fn e_key_rotation_under_load_fails_no_verification() -> anyhow::Result<()>
 async fn f_a_compacted_revision_is_failed_precondition() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let mut mesh = TestMesh::start(1, &fixture()).await?;
-    let first = call(&mesh.gateways[0], "herd.quote.v1.QuoteService/CreateQuote", &json!({
+    let first = call_as("acme", &mesh.gateways[0], "herd.quote.v1.QuoteService/CreateQuote", &json!({
         "context": {"tenantId": "acme"}, "items": [{"sku": "widget", "quantity": 3}], "currency": "EUR", "region": "US-CA"
     }))?
     .ok()?;
@@ -448,7 +449,12 @@ async fn f_a_compacted_revision_is_failed_precondition() -> anyhow::Result<()> {
     let mut retry =
         json!({"items": [{"sku": "widget", "quantity": 3}], "currency": "EUR", "region": "US-CA"});
     retry["context"] = first["context"].clone();
-    match call(&fresh, "herd.quote.v1.QuoteService/CreateQuote", &retry)? {
+    match call_as(
+        "acme",
+        &fresh,
+        "herd.quote.v1.QuoteService/CreateQuote",
+        &retry,
+    )? {
         Answer::Err { code, message } => {
             assert_eq!(code, "FailedPrecondition", "{message}");
             assert!(
@@ -459,7 +465,8 @@ async fn f_a_compacted_revision_is_failed_precondition() -> anyhow::Result<()> {
         Answer::Ok(v) => panic!("a compacted revision was served: {v}"),
     }
     // The instance that still holds it in memory answers identically.
-    let again = call(
+    let again = call_as(
+        "acme",
         &mesh.gateways[0],
         "herd.quote.v1.QuoteService/CreateQuote",
         &retry,
@@ -673,6 +680,11 @@ async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
         .map(|(_, example)| example.clone())
         .unwrap_or_default();
     catalog["items"]["hammer"]["price_minor"] = json!(2345);
+    // Callers with the test issuer's tokens (the example trusts a key nobody holds).
+    mesh.etcd.put(
+        "/herd/config/auth",
+        &serde_json::to_string(&herd_tests::issuer().auth_section())?,
+    )?;
     let file = mesh.dir.path().join("catalog.json");
     std::fs::write(&file, catalog.to_string())?;
     let out = herdctl(
@@ -690,7 +702,8 @@ async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
         .as_i64()
         .unwrap_or(0);
     all_applied_cleanly(&mesh, 4, revision).await?;
-    let quote = call(
+    let quote = call_as(
+        "acme",
         &mesh.gateways[0],
         "herd.quote.v1.QuoteService/CreateQuote",
         &json!({"context": {"tenantId": "acme"}, "items": [{"sku": "hammer", "quantity": 1}],
@@ -772,7 +785,16 @@ async fn h_an_instance_started_during_a_bad_rollout_serves_the_newest_valid_revi
     assert!(why.contains("items.widget.price_minor"), "{why}");
     let request = json!({"context": {"tenantId": "acme"}, "items": [{"sku": "widget", "quantity": 3}],
                          "currency": "EUR", "region": "US-CA"});
-    let quote = call(&address, "herd.quote.v1.QuoteService/CreateQuote", &request)?.ok()?;
+    let quote_from = |address: &str| {
+        call_as(
+            "acme",
+            address,
+            "herd.quote.v1.QuoteService/CreateQuote",
+            &request,
+        )?
+        .ok()
+    };
+    let quote = quote_from(&address)?;
     assert_eq!(quote["quote"]["configRevision"], good.to_string());
     assert_eq!(
         quote["quote"]["total"]["minorUnits"],
@@ -784,7 +806,7 @@ async fn h_an_instance_started_during_a_bad_rollout_serves_the_newest_valid_revi
         .put("/herd/config/catalog", &catalog_with_widget_price(2100))?;
     let fixed = config_revision(&mesh)?;
     all_applied(&mesh, 5, fixed).await?;
-    let quote = call(&address, "herd.quote.v1.QuoteService/CreateQuote", &request)?.ok()?;
+    let quote = quote_from(&address)?;
     assert_eq!(
         quote["quote"]["total"]["minorUnits"],
         widget_total(2100).to_string()

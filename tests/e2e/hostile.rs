@@ -95,7 +95,12 @@ fn poisons() -> Vec<Poison> {
         name,
         target,
         path,
-        headers: Vec::new(),
+        // The gateway looks at a message once it knows who sends it.
+        headers: if target == "gateway" {
+            vec![("authorization", herd_tests::bearer("acme"))]
+        } else {
+            Vec::new()
+        },
         body: framed(&body),
         code,
         says,
@@ -278,7 +283,14 @@ async fn poison_requests_get_their_status_and_cost_other_callers_nothing() -> an
     }
     // Every instance still serves, and a plain quote still works everywhere.
     for gateway in &mesh.gateways {
-        let answer = call(gateway, CREATE, &quote("widget", "US-CA", context("acme"))).await?;
+        let bearer = herd_tests::bearer("acme");
+        let answer = post(
+            gateway,
+            CREATE,
+            &[("authorization", bearer.as_str())],
+            framed(&quote("widget", "US-CA", context("acme"))),
+        )
+        .await?;
         assert_eq!(answer.code(), Code::Ok, "{answer:?}");
     }
     let report = load.stop().await;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use herd_tests::{Answer, Proc, TestMesh, call, eventually, fixture, grpcurl, health};
+use herd_tests::{Answer, Proc, TestMesh, call, call_as, eventually, fixture, grpcurl, health};
 use serde_json::{Value, json};
 
 const QUOTE: &str = "herd.quote.v1.QuoteService";
@@ -135,7 +135,7 @@ async fn quotes_are_exact_identical_on_retry_and_verifiable_anywhere() -> anyhow
     }
 
     // Exact totals.
-    let first = call(g1, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
+    let first = call_as("acme", g1, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
     let quote = &first["quote"];
     let (want, saw_half) = expected(1220, 925, 725);
     assert!(
@@ -161,13 +161,14 @@ async fn quotes_are_exact_identical_on_retry_and_verifiable_anywhere() -> anyhow
     // The same request with the returned context, on the other gateway: the identical quote.
     let mut retry = basket();
     retry["context"] = first["context"].clone();
-    let second = call(g2, &format!("{QUOTE}/CreateQuote"), &retry)?.ok()?;
+    let second = call_as("acme", g2, &format!("{QUOTE}/CreateQuote"), &retry)?.ok()?;
     assert_eq!(second["quote"], first["quote"]);
     assert_eq!(second["token"], first["token"]);
 
     // Verification on the other instance; one changed character is refused.
     let token = first["token"].as_str().unwrap_or_default().to_string();
-    let verified = call(
+    let verified = call_as(
+        "acme",
         g2,
         &format!("{QUOTE}/VerifyQuote"),
         &json!({"context": {"tenantId": "acme"}, "token": token}),
@@ -178,7 +179,8 @@ async fn quotes_are_exact_identical_on_retry_and_verifiable_anywhere() -> anyhow
     let i = altered.len() / 4;
     altered[i] = if altered[i] == 'x' { 'y' } else { 'x' };
     let altered: String = altered.into_iter().collect();
-    match call(
+    match call_as(
+        "acme",
         g1,
         &format!("{QUOTE}/VerifyQuote"),
         &json!({"context": {"tenantId": "acme"}, "token": altered}),
@@ -189,7 +191,8 @@ async fn quotes_are_exact_identical_on_retry_and_verifiable_anywhere() -> anyhow
         }
         Answer::Ok(v) => panic!("an altered token verified: {v}"),
     }
-    match call(
+    match call_as(
+        "other",
         g1,
         &format!("{QUOTE}/VerifyQuote"),
         &json!({"context": {"tenantId": "other"}, "token": token}),
@@ -269,10 +272,10 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
             "region: unknown tax region",
         ),
         (
-            "missing tenant",
-            with(&|b| b["context"] = json!({})),
-            "InvalidArgument",
-            "context.tenant_id",
+            "another tenant than the token's",
+            with(&|b| b["context"] = json!({"tenantId": "globex"})),
+            "PermissionDenied",
+            "context.tenant_id: \"globex\" is not the tenant",
         ),
         (
             "missing context",
@@ -282,7 +285,7 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
         ),
     ];
     for (name, body, code, needle) in cases {
-        match call(g, &format!("{QUOTE}/CreateQuote"), &body)? {
+        match call_as("acme", g, &format!("{QUOTE}/CreateQuote"), &body)? {
             Answer::Err { code: got, message } => {
                 assert_eq!(got, code, "{name}: {message}");
                 assert!(
@@ -334,7 +337,7 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
 
     // The instances survived all of it.
     assert_eq!(health(g, "").as_deref(), Some("SERVING"));
-    let kept = call(g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
+    let kept = call_as("acme", g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
 
     // Expired tokens are refused as such: quotes that live one second.
     mesh.etcd
@@ -343,7 +346,7 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
         "quotes to live one second",
         Duration::from_secs(10),
         || async {
-            let q = call(g, &format!("{QUOTE}/CreateQuote"), &basket())
+            let q = call_as("acme", g, &format!("{QUOTE}/CreateQuote"), &basket())
                 .ok()?
                 .ok()
                 .ok()?;
@@ -367,7 +370,14 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
         "the short quote to expire",
         Duration::from_secs(10),
         || async {
-            match call(g, &format!("{QUOTE}/VerifyQuote"), &verify(&short["token"])).ok()? {
+            match call_as(
+                "acme",
+                g,
+                &format!("{QUOTE}/VerifyQuote"),
+                &verify(&short["token"]),
+            )
+            .ok()?
+            {
                 Answer::Err { code, message } => Some((code, message)),
                 Answer::Ok(_) => None,
             }
@@ -387,7 +397,14 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
         "the old key to be gone",
         Duration::from_secs(10),
         || async {
-            match call(g, &format!("{QUOTE}/VerifyQuote"), &verify(&kept["token"])).ok()? {
+            match call_as(
+                "acme",
+                g,
+                &format!("{QUOTE}/VerifyQuote"),
+                &verify(&kept["token"]),
+            )
+            .ok()?
+            {
                 Answer::Err { code, message } if message.contains("unknown key") => Some(code),
                 _ => None,
             }
@@ -401,7 +418,8 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> anyhow::Result<()> {
     let mesh = TestMesh::start(2, &fixture()).await?;
-    let before = call(
+    let before = call_as(
+        "acme",
         &mesh.gateways[0],
         &format!("{QUOTE}/CreateQuote"),
         &basket(),
@@ -428,7 +446,7 @@ async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> 
             &format!("gateway {g} to use the new config"),
             Duration::from_secs(10),
             || async {
-                let q = call(g, &format!("{QUOTE}/CreateQuote"), &basket())
+                let q = call_as("acme", g, &format!("{QUOTE}/CreateQuote"), &basket())
                     .ok()?
                     .ok()
                     .ok()?;
@@ -481,7 +499,7 @@ async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> 
         .await?;
     }
     for g in &mesh.gateways {
-        let q = call(g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
+        let q = call_as("acme", g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
         assert_eq!(
             lines_of(&q["quote"]),
             want,
@@ -503,7 +521,8 @@ async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> 
         )
         .await?;
     }
-    call(
+    call_as(
+        "acme",
         &mesh.gateways[1],
         &format!("{QUOTE}/CreateQuote"),
         &basket(),
@@ -589,7 +608,8 @@ async fn sigterm_deregisters_first_then_exits_zero() -> anyhow::Result<()> {
     assert!(deregistered < stopped, "{log}");
 
     // The mesh still quotes through the remaining instance.
-    call(
+    call_as(
+        "acme",
         &mesh.gateways[0],
         &format!("{QUOTE}/CreateQuote"),
         &basket(),

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use herd_proto::context::RequestContext;
 use herd_proto::quote::CreateQuoteRequest;
-use herd_proto::quote::quote_service_client::QuoteServiceClient;
 use herd_proto::types::LineItem;
 use herd_tests::{TestMesh, bin, eventually, fixture, rss_mib};
 use serde_json::Value;
@@ -27,6 +26,7 @@ fn bench(gateway: &str, args: &[&str]) -> anyhow::Result<Value> {
             "4",
         ])
         .args(args)
+        .env("HERD_BENCH_AUTHORIZATION", herd_tests::bearer("bench"))
         .output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -140,7 +140,7 @@ async fn first_refusal(
     tenant: &str,
     calls: usize,
 ) -> anyhow::Result<Option<Status>> {
-    let mut client = QuoteServiceClient::new(herd_tests::connect(gateway).await?);
+    let mut client = herd_tests::quote_client(gateway, tenant).await?;
     for _ in 0..calls {
         let request = CreateQuoteRequest {
             context: Some(RequestContext {

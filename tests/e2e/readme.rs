@@ -57,12 +57,28 @@ async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
         lines.len() >= 5,
         "README shows too few grpcurl examples: {lines:?}"
     );
+    // The caller's bearer token, as README has the reader get it.
+    let exports = commands("export");
+    assert_eq!(exports.len(), 1, "README exports JWT once: {exports:?}");
+    let herdctl = bin_dir().join("herdctl").to_string_lossy().to_string();
+    let export = exports[0]
+        .replace("$(herdctl", &format!("$({herdctl}"))
+        .replace("http://127.0.0.1:2379", &mesh.etcd.endpoint);
+    let jwt = run(
+        &mut Command::new("bash"),
+        &format!("{export} && printf %s \"$JWT\""),
+    )?;
+    assert_eq!(jwt.split('.').count(), 3, "not a JWT: {jwt}");
+
     let mut token = String::new();
     for line in lines {
         let line = line
             .replace("127.0.0.1:50051", &mesh.gateways[0])
             .replace("127.0.0.1:50052", &g2);
-        let stdout = run(Command::new("bash").env("TOKEN", &token), &line)?;
+        let stdout = run(
+            Command::new("bash").env("TOKEN", &token).env("JWT", &jwt),
+            &line,
+        )?;
         if line.contains("CreateQuote") {
             let v: serde_json::Value = serde_json::from_str(&stdout)?;
             token = v["token"].as_str().unwrap_or_default().to_string();

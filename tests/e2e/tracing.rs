@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use herd_tests::otlp::{CLIENT, Receiver, SERVER, Span};
-use herd_tests::{TestMesh, call, eventually, fixture, grpcurl, herdctl};
+use herd_tests::{TestMesh, call_as, eventually, fixture, grpcurl, herdctl};
 use serde_json::{Value, json};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -169,7 +169,7 @@ async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
     let mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
-    call(&mesh.gateways[0], CREATE, &basket("trace-a"))?.ok()?;
+    call_as("acme", &mesh.gateways[0], CREATE, &basket("trace-a"))?.ok()?;
     let found = eventually(
         "the quote's trace, complete",
         Duration::from_secs(10),
@@ -192,7 +192,7 @@ async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
     // Log lines written while serving carry the trace and span ids: a refused call logs one.
     let mut bad = basket("trace-a-bad");
     bad["items"][0]["sku"] = json!("unicorn");
-    call(&mesh.gateways[0], CREATE, &bad)?;
+    call_as("acme", &mesh.gateways[0], CREATE, &bad)?;
     let line = eventually(
         "the refused call's log line",
         Duration::from_secs(5),
@@ -243,7 +243,7 @@ async fn b_fifty_quotes_over_two_instances_each_are_all_complete() -> anyhow::Re
     let mesh = TestMesh::start_traced(2, &fixture(), &receiver.endpoint).await?;
     let ids: Vec<String> = (0..50).map(|i| format!("trace-b-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
-        call(&mesh.gateways[i % 2], CREATE, &basket(id))?.ok()?;
+        call_as("acme", &mesh.gateways[i % 2], CREATE, &basket(id))?.ok()?;
     }
     let served = eventually("50 complete traces", Duration::from_secs(20), || async {
         let mut served: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
@@ -274,10 +274,13 @@ async fn c_a_callers_traceparent_is_honoured() -> anyhow::Result<()> {
     let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let header = format!("traceparent: 00-{trace}-{parent}-01");
     let body = basket("trace-c").to_string();
+    let authorization = format!("authorization: {}", herd_tests::bearer("acme"));
     let out = grpcurl(&[
         "-plaintext",
         "-H",
         &header,
+        "-H",
+        &authorization,
         "-d",
         &body,
         &mesh.gateways[0],
@@ -308,7 +311,8 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
     let mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
     set_ratio(&mesh, "0").await?;
     for i in 0..10 {
-        call(
+        call_as(
+            "acme",
             &mesh.gateways[0],
             CREATE,
             &basket(&format!("unsampled-{i}")),
@@ -316,7 +320,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
         .ok()?;
     }
     set_ratio(&mesh, "1").await?;
-    call(&mesh.gateways[0], CREATE, &basket("sampled-again"))?.ok()?;
+    call_as("acme", &mesh.gateways[0], CREATE, &basket("sampled-again"))?.ok()?;
     eventually(
         "the sampled quote's trace",
         Duration::from_secs(10),
@@ -350,7 +354,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
         },
     )
     .await?;
-    call(&mesh.gateways[0], CREATE, &basket("still-sampled"))?.ok()?;
+    call_as("acme", &mesh.gateways[0], CREATE, &basket("still-sampled"))?.ok()?;
     eventually(
         "a trace at the ratio in force",
         Duration::from_secs(10),
@@ -362,8 +366,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
 
 /// Median latency of `n` sequential quotes through `gateway`, after a warm-up.
 async fn median_latency(gateway: &str, n: usize) -> anyhow::Result<Duration> {
-    let channel = herd_tests::connect(gateway).await?;
-    let mut client = herd_proto::quote::quote_service_client::QuoteServiceClient::new(channel);
+    let mut client = herd_tests::quote_client(gateway, "acme").await?;
     let request = herd_tests::widget_quote("acme", "");
     let mut all = Vec::with_capacity(n);
     for i in 0..n + 20 {
@@ -415,9 +418,7 @@ async fn f_spans_of_calls_served_before_sigterm_reach_the_collector() -> anyhow:
         .registration_of(mesh.instances[index].1.pid())
         .unwrap_or_default();
     let gateway = mesh.gateways[0].clone();
-    let mut client = herd_proto::quote::quote_service_client::QuoteServiceClient::new(
-        herd_tests::connect(&gateway).await?,
-    );
+    let mut client = herd_tests::quote_client(&gateway, "acme").await?;
     let mut served = Vec::new();
     for i in 0.. {
         let request = herd_tests::widget_quote("acme", &format!("before-exit-{i}"));

@@ -342,16 +342,36 @@ impl Answer {
 
 /// Calls `method` on `address` with `body` (JSON) through real grpcurl.
 pub fn call(address: &str, method: &str, body: &serde_json::Value) -> anyhow::Result<Answer> {
+    call_with(address, method, body, &[])
+}
+
+/// Calls `method` on `address` with `body` as a caller of `tenant` holding a token from the test
+/// issuer (see [`fixture`]).
+pub fn call_as(
+    tenant: &str,
+    address: &str,
+    method: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<Answer> {
+    let header = format!("authorization: {}", bearer(tenant));
+    call_with(address, method, body, &[&header])
+}
+
+/// Calls `method` on `address` with `body` (JSON) and each of `headers` (`name: value`) through
+/// real grpcurl.
+pub fn call_with(
+    address: &str,
+    method: &str,
+    body: &serde_json::Value,
+    headers: &[&str],
+) -> anyhow::Result<Answer> {
     let body = body.to_string();
-    let out = grpcurl(&[
-        "-plaintext",
-        "-max-time",
-        "10",
-        "-d",
-        &body,
-        address,
-        method,
-    ])?;
+    let mut args = vec!["-plaintext", "-max-time", "10", "-d", &body];
+    for header in headers {
+        args.extend(["-H", header]);
+    }
+    args.extend([address, method]);
+    let out = grpcurl(&args)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if out.status.success() {
         return Ok(Answer::Ok(
@@ -701,23 +721,27 @@ impl Load {
         let report = std::sync::Arc::new(std::sync::Mutex::new(Report::default()));
         let quotes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let request = widget_quote("load", "");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, bearer("load").parse()?);
         let tasks = (0..workers)
             .map(|_| {
-                let (stop, report, channel, request, quotes) = (
+                let (stop, report, channel, request, quotes, headers) = (
                     stop.clone(),
                     report.clone(),
                     channel.clone(),
                     request.clone(),
                     quotes.clone(),
+                    headers.clone(),
                 );
                 tokio::spawn(async move {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let deadline = herd::Deadline::after(timeout);
-                        let result = herd::client::call(
+                        let result = herd::client::call_with(
                             deadline,
                             &channel,
                             herd_proto::methods::CREATE_QUOTE,
                             &request,
+                            &headers,
                         )
                         .await;
                         let result = result.map(|response| {
@@ -776,10 +800,64 @@ impl Load {
     }
 }
 
+/// The issuer the test configuration trusts (see [`fixture`]).
+pub fn issuer() -> herd_model::auth::DevIssuer {
+    herd_model::auth::DevIssuer::from_secret([11; 32])
+}
+
+/// `Bearer <token>` for a caller `tester` of `tenant`, from the test issuer, good for ten
+/// minutes.
+pub fn bearer(tenant: &str) -> String {
+    let token = issuer()
+        .token(tenant, "tester", now_secs() as i64, 600)
+        .unwrap_or_default();
+    format!("Bearer {token}")
+}
+
+/// A tonic interceptor that sends a bearer token with every call.
+#[derive(Clone)]
+pub struct WithToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl WithToken {
+    /// `tenant`'s token from the test issuer (see [`bearer`]).
+    pub fn of(tenant: &str) -> anyhow::Result<Self> {
+        Ok(Self(bearer(tenant).parse()?))
+    }
+}
+
+impl tonic::service::Interceptor for WithToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A QuoteService client that calls as a caller of one tenant.
+pub type QuoteClient = herd_proto::quote::quote_service_client::QuoteServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WithToken>,
+>;
+
+/// A QuoteService client on `address` calling as a caller of `tenant`.
+pub async fn quote_client(address: &str, tenant: &str) -> anyhow::Result<QuoteClient> {
+    Ok(
+        herd_proto::quote::quote_service_client::QuoteServiceClient::with_interceptor(
+            connect(address).await?,
+            WithToken::of(tenant)?,
+        ),
+    )
+}
+
 /// The test configuration: a catalog with a SKU promotion beating a category one, an exempt
-/// category, EUR at a rate where half-even rounding matters, tight limits and one signing key.
+/// category, EUR at a rate where half-even rounding matters, tight limits, one signing key, and
+/// callers authenticated by the test [`issuer`].
 pub fn fixture() -> Vec<(&'static str, String)> {
     let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [9u8; 32]);
+    let auth = serde_json::to_string(&issuer().auth_section()).unwrap_or_default();
     vec![
         (
             "catalog",
@@ -806,6 +884,7 @@ pub fn fixture() -> Vec<(&'static str, String)> {
             "keys",
             format!(r#"{{"keys":[{{"id":"t1","secret":"{secret}","active":true}}]}}"#),
         ),
+        ("auth", auth),
     ]
 }
 

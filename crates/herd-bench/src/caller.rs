@@ -20,6 +20,7 @@ use tonic::{Code, Status};
 pub struct Encoded {
     path: &'static str,
     body: Bytes,
+    authorization: Option<http::HeaderValue>,
 }
 
 impl Encoded {
@@ -28,7 +29,17 @@ impl Encoded {
         Self {
             path,
             body: herd::client::frame(message),
+            authorization: None,
         }
+    }
+
+    /// The call sent with `authorization: <value>` (e.g. `Bearer <JWT>`).
+    pub fn with_authorization(mut self, value: &str) -> anyhow::Result<Self> {
+        let mut value = http::HeaderValue::from_str(value)?;
+        // Never printed, and HPACK keeps it out of its index (RFC 7541 7.1.3).
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 }
 
@@ -88,10 +99,14 @@ impl Caller {
                 return Err(from_h2(&e));
             }
         };
-        let request = http::Request::post(format!("http://{}{}", self.target, call.path))
+        let mut request = http::Request::post(format!("http://{}{}", self.target, call.path))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .header("grpc-timeout", format!("{}m", timeout.as_millis()))
+            .header("grpc-timeout", format!("{}m", timeout.as_millis()));
+        if let Some(authorization) = &call.authorization {
+            request = request.header(http::header::AUTHORIZATION, authorization.clone());
+        }
+        let request = request
             .body(())
             .map_err(|e| Status::internal(format!("request: {e}")))?;
         let (response, mut stream) = send.send_request(request, false).map_err(|e| {

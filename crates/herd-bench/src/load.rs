@@ -52,6 +52,8 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// The call.
     pub call: Call,
+    /// Sent as `authorization` with every call (a bearer token for the gateway).
+    pub authorization: Option<String>,
     /// Print a progress line every second to stderr.
     pub progress: bool,
 }
@@ -183,7 +185,11 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<Summary> {
         "--target: at least one address is required"
     );
     let callers = connect(&config).await?;
-    let call = Arc::new(encoded(config.call));
+    let mut call = encoded(config.call);
+    if let Some(authorization) = &config.authorization {
+        call = call.with_authorization(authorization)?;
+    }
+    let call = Arc::new(call);
     let shared = Arc::new(Shared {
         histogram: std::sync::Mutex::new(histogram()),
         failed_histogram: std::sync::Mutex::new(histogram()),
@@ -332,6 +338,7 @@ mod tests {
             warmup: Duration::from_millis(100),
             timeout: Duration::from_secs(1),
             call: Call::Health,
+            authorization: None,
             progress: false,
         }
     }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use herd_model::MeshConfig;
+use herd_model::auth::AuthError;
 use herd_model::basket;
 use herd_model::money::{convert, tax_of};
 use herd_model::token;
@@ -169,12 +170,28 @@ impl QuoteService for RawGateway {
         &self,
         request: Request<CreateQuoteRequest>,
     ) -> Result<Response<CreateQuoteResponse>, Status> {
-        let req = request.into_inner();
-        let tenant = req
-            .context
-            .as_ref()
-            .map(|c| c.tenant_id.clone())
+        // The same authentication as herd's gateway: bearer JWT verified, tenant from the token.
+        let (metadata, _, req) = request.into_parts();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
+        let authorization = metadata
+            .get("authorization")
+            .map(|v| v.to_str().map_err(|_| AuthError::NotBearer))
+            .transpose()?;
+        let identity = self.config.auth.authenticate(
+            authorization,
+            i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+        )?;
+        let tenant = match req.context.as_ref().map(|c| c.tenant_id.as_str()) {
+            None | Some("") => identity.tenant,
+            Some(t) if t == identity.tenant => identity.tenant,
+            Some(_) => {
+                return Err(Status::permission_denied(
+                    "context.tenant_id: not the token's",
+                ));
+            }
+        };
         let lines = self
             .pricing
             .clone()
@@ -187,9 +204,6 @@ impl QuoteService for RawGateway {
             .await?
             .into_inner()
             .lines;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
         let request_for = basket::QuoteFor {
             tenant_id: &tenant,
             request_id: "raw",
@@ -308,8 +322,33 @@ mod tests {
         let mut client = herd_proto::quote::quote_service_client::QuoteServiceClient::new(
             channel(&gateway).await.unwrap(),
         );
-        let quote = client
+        let issuer: herd_model::auth::DevIssuer = serde_json::from_slice(
+            &std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../deploy/bench/issuer.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut request = Request::new(crate::load::quote_request());
+        let bearer = format!(
+            "Bearer {}",
+            issuer.token("bench", "bench", now, 60).unwrap()
+        );
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.parse().unwrap());
+        let unsigned = client
             .create_quote(crate::load::quote_request())
+            .await
+            .expect_err("no token");
+        assert_eq!(unsigned.code(), tonic::Code::Unauthenticated);
+        let quote = client
+            .create_quote(request)
             .await
             .unwrap()
             .into_inner()

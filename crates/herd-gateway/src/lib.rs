@@ -1,13 +1,16 @@
-//! The gateway: the mesh's public face. It completes each caller's context (request id, accepted
-//! time, pinned config revision), has pricing price the basket, and signs the quote.
+//! The gateway: the mesh's public face. It authenticates each caller by its bearer token, writes
+//! who it is into the context (tenant, principal), completes the context (request id, accepted
+//! time, pinned config revision) under its seal, has pricing price the basket, and signs the
+//! quote.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use herd::error::relay;
+use herd::error::{quoted, relay};
 use herd::{ConfigStore, Deadline, MeshChannel};
 use herd_model::MeshConfig;
-use herd_model::{basket, token};
+use herd_model::{basket, seal, token};
+use herd_proto::WithContext;
 use herd_proto::context::RequestContext;
 use herd_proto::methods::{CREATE_QUOTE, PRICE_ITEMS, VERIFY_QUOTE};
 use herd_proto::pricing::PriceItemsRequest;
@@ -58,9 +61,13 @@ impl Gateway {
     }
 }
 
-/// Fills what the caller left empty: request id, accepted time, and the config revision it is
-/// priced at.
-fn complete(context: &RequestContext, revision: i64) -> RequestContext {
+/// Fills what the caller left empty — request id, accepted time, and the config revision it is
+/// priced at — and seals the result with `keys`.
+fn complete(
+    context: &RequestContext,
+    revision: i64,
+    keys: &herd_model::sections::KeyRing,
+) -> RequestContext {
     let mut ctx = context.clone();
     if ctx.request_id.is_empty() {
         // From the thread-local generator: no system call per request.
@@ -74,7 +81,74 @@ fn complete(context: &RequestContext, revision: i64) -> RequestContext {
     if ctx.config_revision == 0 {
         ctx.config_revision = revision;
     }
+    ctx.seal = seal::seal(&ctx, keys);
     ctx
+}
+
+/// The caller as its bearer token says, written into the request's context before anything
+/// else is looked at: the tenant (a context naming another one is PERMISSION_DENIED) and the
+/// principal (whatever the caller wrote there is replaced). An accepted time or a pinned revision
+/// is believed only under the gateway's own seal, for the same tenant and principal, within the
+/// retry window (the quote TTL); without one it is INVALID_ARGUMENT naming the field. Tokens and
+/// seals are checked against the configuration as it is now, so a removed key or a revocation
+/// takes effect at once whatever revision a request is pinned to.
+fn admit<Req: WithContext>(
+    config: &ConfigStore<MeshConfig>,
+    metadata: &tonic::metadata::MetadataMap,
+    message: &mut Req,
+) -> Result<(), Status> {
+    let snapshot = config
+        .current()
+        .ok_or(herd::error::RevisionError::NotLoaded)?;
+    let now = now().seconds;
+    let authorization = match metadata.get("authorization") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| herd_model::auth::AuthError::NotBearer)?,
+        ),
+    };
+    let identity = snapshot.model.auth.authenticate(authorization, now)?;
+    let ctx = message
+        .context_mut()
+        .as_mut()
+        .ok_or_else(|| Status::invalid_argument("context: required"))?;
+    if ctx.tenant_id.is_empty() {
+        ctx.tenant_id = identity.tenant;
+    } else if ctx.tenant_id != identity.tenant {
+        return Err(Status::permission_denied(format!(
+            "context.tenant_id: {} is not the tenant of the caller's token",
+            quoted(&ctx.tenant_id)
+        )));
+    }
+    ctx.principal = identity.subject;
+    if ctx.seal.is_empty() {
+        if ctx.accepted_at.is_some() {
+            return Err(unsealed("accepted_at"));
+        }
+        if ctx.config_revision != 0 {
+            return Err(unsealed("config_revision"));
+        }
+        return Ok(());
+    }
+    seal::check(ctx, &snapshot.model.keys).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let accepted = ctx.accepted_at.map(|t| t.seconds).unwrap_or_default();
+    let window = i64::from(snapshot.model.quote.ttl_seconds);
+    if now.saturating_sub(accepted) > window {
+        return Err(Status::invalid_argument(format!(
+            "context.accepted_at: the retry window of {window} s has passed; send an empty context \
+             to start afresh"
+        )));
+    }
+    Ok(())
+}
+
+fn unsealed(field: &str) -> Status {
+    Status::invalid_argument(format!(
+        "context.{field}: set only by the gateway; send back the context it returned, seal \
+         included, or leave it empty"
+    ))
 }
 
 fn now() -> prost_types::Timestamp {
@@ -93,17 +167,18 @@ impl QuoteService for Gateway {
         &self,
         request: Request<CreateQuoteRequest>,
     ) -> Result<Response<CreateQuoteResponse>, Status> {
-        herd::handler::serve_at(
+        herd::handler::serve_at_admitted(
             CREATE_QUOTE,
             request,
             &self.config,
+            |metadata, message| admit(&self.config, metadata, message),
             |call, config| async move {
                 self.rates.admit(
                     &call.context().tenant_id,
                     &config.model.limits,
                     tokio::time::Instant::now(),
                 )?;
-                let ctx = complete(call.context(), config.revision);
+                let ctx = complete(call.context(), config.revision, &config.model.keys);
                 self.create(call.deadline(), ctx, call.into_message(), &config.model)
                     .await
             },
@@ -117,9 +192,12 @@ impl QuoteService for Gateway {
     ) -> Result<Response<VerifyQuoteResponse>, Status> {
         // Keys are checked as they are now, whatever revision the context is pinned to: a removed
         // key no longer verifies anything.
-        herd::handler::serve(VERIFY_QUOTE, request, |call| {
-            self.verify(call.into_message())
-        })
+        herd::handler::serve_admitted(
+            VERIFY_QUOTE,
+            request,
+            |metadata, message| admit(&self.config, metadata, message),
+            |call| self.verify(call.into_message()),
+        )
         .await
     }
 }
@@ -180,6 +258,7 @@ impl Gateway {
         let ctx = complete(
             req.context.as_ref().unwrap_or(&RequestContext::default()),
             snapshot.revision,
+            &snapshot.model.keys,
         );
         self.rates.admit(
             &ctx.tenant_id,
@@ -201,10 +280,11 @@ impl Gateway {
             result => result?,
         };
         herd::telemetry::record_quote_id(&quote.quote_id);
+        // The context's tenant is the caller's token's (see `admit`).
         if quote.tenant_id != ctx.tenant_id {
             return Err(Status::permission_denied(format!(
-                "token: the quote belongs to another tenant than {}",
-                herd::error::quoted(&ctx.tenant_id)
+                "token: the quote belongs to another tenant than the caller's, {}",
+                quoted(&ctx.tenant_id)
             )));
         }
         Ok(VerifyQuoteResponse {
@@ -236,9 +316,25 @@ mod tests {
         }])
     }
 
+    /// The issuer the test configuration trusts.
+    fn issuer() -> herd_model::auth::DevIssuer {
+        herd_model::auth::DevIssuer::from_secret([5; 32])
+    }
+
+    /// `request` as `subject` of `tenant` sends it, with a token good for a minute.
+    fn signed<T>(mut request: Request<T>, tenant: &str, subject: &str) -> Request<T> {
+        let token = issuer()
+            .token(tenant, subject, now().seconds, 60)
+            .expect("signed");
+        let value = format!("Bearer {token}").parse().expect("ascii");
+        request.metadata_mut().insert("authorization", value);
+        request
+    }
+
     /// A gateway over real pricing, tax and currency services, all on one demo configuration.
     async fn gateway() -> (Gateway, Vec<Resolver>) {
-        let config = herd_model::demo::fixed().expect("the demo configuration is valid");
+        let config =
+            herd_model::demo::fixed_for(&issuer()).expect("the demo configuration is valid");
         let tax = serve(
             "tax",
             herd::Services::new().with(herd_tax::Tax::new(config.clone()).into_server()),
@@ -267,6 +363,14 @@ mod tests {
     }
 
     fn hammers(context: Option<RequestContext>) -> Request<CreateQuoteRequest> {
+        let tenant = context
+            .as_ref()
+            .map(|c| c.tenant_id.clone())
+            .unwrap_or_default();
+        signed(unsigned_hammers(context), &tenant, "alice")
+    }
+
+    fn unsigned_hammers(context: Option<RequestContext>) -> Request<CreateQuoteRequest> {
         Request::new(CreateQuoteRequest {
             context,
             items: vec![LineItem {
@@ -279,10 +383,14 @@ mod tests {
     }
 
     fn verify(token: &str, tenant: &str) -> Request<VerifyQuoteRequest> {
-        Request::new(VerifyQuoteRequest {
-            context: context(tenant),
-            token: token.into(),
-        })
+        signed(
+            Request::new(VerifyQuoteRequest {
+                context: context(tenant),
+                token: token.into(),
+            }),
+            tenant,
+            "alice",
+        )
     }
 
     #[tokio::test]
@@ -337,7 +445,7 @@ mod tests {
     async fn bad_input_gets_a_status_naming_the_field() {
         let (gateway, _services) = gateway().await;
         let status = gateway
-            .create_quote(hammers(None))
+            .create_quote(signed(unsigned_hammers(None), "acme", "alice"))
             .await
             .expect_err("no context");
         assert_eq!(
@@ -357,5 +465,99 @@ mod tests {
             .await
             .expect_err("no token");
         assert_eq!(status.message(), "token: required");
+    }
+
+    #[tokio::test]
+    async fn identity_comes_from_the_token_and_the_context_is_sealed() {
+        let (gateway, _services) = gateway().await;
+        let status = gateway
+            .create_quote(unsigned_hammers(context("acme")))
+            .await
+            .expect_err("no token");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("bearer token is required"));
+
+        // An empty tenant is the token's; whatever principal the caller wrote is replaced.
+        let mut ctx = RequestContext {
+            principal: "root".into(),
+            ..Default::default()
+        };
+        let created = gateway
+            .create_quote(signed(unsigned_hammers(Some(ctx.clone())), "acme", "alice"))
+            .await
+            .expect("valid")
+            .into_inner();
+        let returned = created.context.clone().unwrap_or_default();
+        assert_eq!(
+            (returned.tenant_id.as_str(), returned.principal.as_str()),
+            ("acme", "alice")
+        );
+        assert!(!returned.seal.is_empty());
+
+        // The returned context, sent back: the same quote, byte for byte.
+        let again = gateway
+            .create_quote(signed(
+                unsigned_hammers(created.context.clone()),
+                "acme",
+                "alice",
+            ))
+            .await
+            .expect("a sealed retry")
+            .into_inner();
+        assert_eq!(
+            (&again.quote, &again.token),
+            (&created.quote, &created.token)
+        );
+
+        // The same seal from another principal or tenant, or with a field changed: refused.
+        let status = gateway
+            .create_quote(signed(
+                unsigned_hammers(created.context.clone()),
+                "acme",
+                "bob",
+            ))
+            .await
+            .expect_err("another principal");
+        assert!(status.message().starts_with("context.seal"), "{status:?}");
+        let status = gateway
+            .create_quote(signed(
+                unsigned_hammers(created.context.clone()),
+                "globex",
+                "alice",
+            ))
+            .await
+            .expect_err("another tenant");
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        let mut later = returned.clone();
+        later.accepted_at = Some(prost_types::Timestamp {
+            seconds: 4_102_444_800,
+            nanos: 0,
+        });
+        let status = gateway
+            .create_quote(signed(unsigned_hammers(Some(later)), "acme", "alice"))
+            .await
+            .expect_err("a made-up accepted time");
+        assert!(status.message().starts_with("context.seal"), "{status:?}");
+
+        // Without a seal, a made-up accepted time or revision is refused, naming the field.
+        ctx.accepted_at = returned.accepted_at;
+        let status = gateway
+            .create_quote(signed(unsigned_hammers(Some(ctx.clone())), "acme", "alice"))
+            .await
+            .expect_err("unsealed accepted_at");
+        assert!(
+            status.message().starts_with("context.accepted_at"),
+            "{status:?}"
+        );
+        ctx.accepted_at = None;
+        ctx.config_revision = 1;
+        let status = gateway
+            .create_quote(signed(unsigned_hammers(Some(ctx)), "acme", "alice"))
+            .await
+            .expect_err("unsealed config_revision");
+        assert!(
+            status.message().starts_with("context.config_revision"),
+            "{status:?}"
+        );
     }
 }

@@ -22,3 +22,18 @@ pub fn fixed() -> Result<herd::ConfigStore<MeshConfig>, herd::ConfigError> {
     let sections = sections();
     herd::ConfigStore::fixed(sections.iter().map(|(name, json)| (*name, json.as_str())))
 }
+
+/// The demo configuration trusting `issuer` alone, as a fixed store.
+pub fn fixed_for(
+    issuer: &crate::auth::DevIssuer,
+) -> Result<herd::ConfigStore<MeshConfig>, herd::ConfigError> {
+    let auth = serde_json::to_string(&issuer.auth_section()).unwrap_or_default();
+    let sections = sections();
+    herd::ConfigStore::fixed(sections.iter().map(|(name, json)| {
+        if *name == <crate::auth::Auth as herd::Section>::NAME {
+            (*name, auth.as_str())
+        } else {
+            (*name, json.as_str())
+        }
+    }))
+}

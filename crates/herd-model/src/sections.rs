@@ -392,6 +392,8 @@ impl Section for SigningKeys {
 pub struct KeyRing {
     active: String,
     keys: HashMap<String, ed25519_dalek::SigningKey>,
+    /// Per key, the key of the gateway's context seals, derived from it.
+    seal_keys: HashMap<String, [u8; 32]>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -441,10 +443,15 @@ impl KeyRing {
                 active.push(entry.id.clone());
             }
         }
+        let seal_keys = keys
+            .iter()
+            .map(|(id, key)| (id.clone(), crate::seal::derive_key(key)))
+            .collect();
         match active.as_slice() {
             [one] => Ok(Self {
                 active: one.clone(),
                 keys,
+                seal_keys,
             }),
             [] => Err("keys: exactly one key must be active, none is".into()),
             many => Err(format!(
@@ -463,6 +470,29 @@ impl KeyRing {
     /// The signing key of `id`.
     pub fn get(&self, id: &str) -> Option<&ed25519_dalek::SigningKey> {
         self.keys.get(id)
+    }
+
+    /// A ring of `ids` (key `i` of them holding the secret `[i + 1; 32]`), `active` signing: for
+    /// tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(active: &str, ids: &[&str]) -> Self {
+        let keys = SigningKeys {
+            keys: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| KeyEntry {
+                    id: id.to_string(),
+                    secret: BASE64.encode([i as u8 + 1; 32]),
+                    active: *id == active,
+                })
+                .collect(),
+        };
+        Self::from_section(&keys).expect("a valid ring")
+    }
+
+    /// The seal key derived from the key `id`.
+    pub fn seal_key(&self, id: &str) -> Option<&[u8; 32]> {
+        self.seal_keys.get(id)
     }
 }
 
@@ -484,6 +514,8 @@ pub struct MeshConfig {
     pub limits: Arc<Limits>,
     /// Signing keys.
     pub keys: Arc<KeyRing>,
+    /// Who may call, compiled.
+    pub auth: Arc<crate::auth::Authenticator>,
 }
 
 impl ConfigModel for MeshConfig {
@@ -496,6 +528,7 @@ impl ConfigModel for MeshConfig {
             SectionSpec::defaulted::<QuoteSettings>(),
             SectionSpec::defaulted::<Limits>(),
             SectionSpec::required::<SigningKeys>(),
+            SectionSpec::required::<crate::auth::Auth>(),
         ]
     }
 
@@ -513,7 +546,11 @@ impl ConfigModel for MeshConfig {
         }
         let keys: Arc<SigningKeys> = sections.get()?;
         let keys = KeyRing::from_section(&keys).map_err(|m| ConfigError::new("keys", m))?;
+        let auth: Arc<crate::auth::Auth> = sections.get()?;
+        let auth =
+            crate::auth::Authenticator::new(&auth).map_err(|m| ConfigError::new("auth", m))?;
         Ok(Self {
+            auth: Arc::new(auth),
             catalog,
             promotions: sections.get()?,
             tax: sections.get()?,
@@ -574,6 +611,7 @@ mod tests {
             "quote",
             "limits",
             "keys",
+            "auth",
         ];
         let names = herd::Registry::of::<MeshConfig>().names();
         assert_eq!(names[0], "telemetry");

@@ -134,22 +134,9 @@ pub fn quote_id(tenant_id: &str, request_id: &str, accepted_at: &prost_types::Ti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sections::{KeyEntry, SigningKeys};
-    use base64::engine::general_purpose::STANDARD;
 
     fn ring(active: &str, ids: &[&str]) -> KeyRing {
-        let keys = SigningKeys {
-            keys: ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| KeyEntry {
-                    id: id.to_string(),
-                    secret: STANDARD.encode([i as u8 + 1; 32]),
-                    active: *id == active,
-                })
-                .collect(),
-        };
-        KeyRing::from_section(&keys).expect("valid ring")
+        KeyRing::for_tests(active, ids)
     }
 
     fn quote() -> Quote {

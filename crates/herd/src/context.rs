@@ -85,6 +85,7 @@ pub fn require(context: Option<&RequestContext>) -> Result<&RequestContext, Cont
     text("request_id", &ctx.request_id, MAX_ID_BYTES)?;
     text("idempotency_key", &ctx.idempotency_key, MAX_ID_BYTES)?;
     text("principal", &ctx.principal, MAX_PRINCIPAL_BYTES)?;
+    text("seal", &ctx.seal, MAX_ID_BYTES)?;
     if ctx.config_revision < 0 {
         return Err(invalid(
             "config_revision",

@@ -74,10 +74,30 @@ where
     F: FnOnce(Call<Req>) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
+    serve_admitted(method, request, |_, _| Ok(()), handler).await
+}
+
+/// As [`serve`], with `admit` run first, inside the span and once the deadline is known not to
+/// be spent: it sees the call's metadata and may complete the message (a public service
+/// authenticates its caller there and writes who it is into the context) or refuse the call.
+/// The context is checked after it.
+pub async fn serve_admitted<Req, Res, A, F, Fut>(
+    method: Method<Req, Res>,
+    request: tonic::Request<Req>,
+    admit: A,
+    handler: F,
+) -> Result<Response<Res>, Status>
+where
+    Req: WithContext,
+    A: FnOnce(&tonic::metadata::MetadataMap, &mut Req) -> Result<(), Status>,
+    F: FnOnce(Call<Req>) -> Fut,
+    Fut: Future<Output = Result<Res, Status>>,
+{
     crate::telemetry::serve(method.name(), request, |request| async move {
         let deadline = Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT);
         deadline.remaining()?;
-        let message = request.into_inner();
+        let (metadata, _, mut message) = request.into_parts();
+        admit(&metadata, &mut message).map_err(crate::error::bounded)?;
         require(message.context())?;
         handler(Call { deadline, message })
             .await
@@ -102,7 +122,26 @@ where
     F: FnOnce(Call<Req>, Arc<Snapshot<M>>) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
-    serve(method, request, |call| async move {
+    serve_at_admitted(method, request, store, |_, _| Ok(()), handler).await
+}
+
+/// As [`serve_at`], with `admit` run first as in [`serve_admitted`]: the revision it leaves in
+/// the context is the one served.
+pub async fn serve_at_admitted<Req, Res, M, A, F, Fut>(
+    method: Method<Req, Res>,
+    request: tonic::Request<Req>,
+    store: &ConfigStore<M>,
+    admit: A,
+    handler: F,
+) -> Result<Response<Res>, Status>
+where
+    Req: WithContext,
+    M: ConfigModel,
+    A: FnOnce(&tonic::metadata::MetadataMap, &mut Req) -> Result<(), Status>,
+    F: FnOnce(Call<Req>, Arc<Snapshot<M>>) -> Fut,
+    Fut: Future<Output = Result<Res, Status>>,
+{
+    serve_admitted(method, request, admit, |call| async move {
         let config = store.at(call.context().config_revision).await?;
         handler(call, config).await
     })

@@ -549,7 +549,11 @@ impl Ctl {
     }
 
     async fn seed(&mut self) -> anyhow::Result<()> {
-        for (section, value) in herd_model::demo::sections() {
+        let issuer = self.dev_issuer().await?;
+        for (section, mut value) in herd_model::demo::sections() {
+            if section == <herd_model::auth::Auth as herd::Section>::NAME {
+                value = serde_json::to_string(&issuer.auth_section())?;
+            }
             let key = self.layout.config(section);
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
@@ -562,6 +566,33 @@ impl Ctl {
             }
         }
         Ok(())
+    }
+
+    /// The development issuer kept in etcd, created (and reported) if there is none.
+    async fn dev_issuer(&mut self) -> anyhow::Result<herd_model::auth::DevIssuer> {
+        let key = crate::auth::dev_issuer_key(&self.layout);
+        let fresh = herd_model::auth::DevIssuer::generate();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                serde_json::to_string(&fresh)?,
+                None,
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self.client.txn(txn).await?;
+        if resp.succeeded() {
+            println!("seeded  {key} (development issuer: its private key is for development only)");
+            return Ok(fresh);
+        }
+        println!("kept    {key} (already set)");
+        let stored = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let stored = stored.with_context(|| format!("reading {key}"))?;
+        serde_json::from_slice(&stored)
+            .with_context(|| format!("reading the development issuer at {key}"))
     }
 }
 

@@ -1,7 +1,8 @@
 //! `herdctl`: the operator's CLI for herd — read, change, compare, trace and roll back shared
 //! configuration (validated with the services' own rules, written with compare-and-swap), see what
-//! every instance applied, and list live instances.
+//! every instance applied, list live instances, and print development tokens.
 
+mod auth;
 mod config;
 
 use std::process::ExitCode;
@@ -44,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: config::ConfigCommand,
     },
+    /// Callers' tokens (development).
+    Auth {
+        #[command(subcommand)]
+        command: auth::AuthCommand,
+    },
     /// Live instances: service, instance id, address, lease TTL left.
     Instances {
         /// Only this service's instances.
@@ -58,6 +64,11 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     use anyhow::Context;
     let layout = Layout::new(cli.prefix.clone());
+    if matches!(&cli.command, Command::Auth { command } if !command.needs_etcd())
+        && let Command::Auth { command } = cli.command
+    {
+        return auth::run(None, &layout, command).await;
+    }
     let client = herd::etcd::connect(&cli.etcd_endpoints)
         .await
         .with_context(|| format!("connecting to etcd at {}", cli.etcd_endpoints.join(",")))?;
@@ -71,6 +82,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .run(command)
             .await
         }
+        Command::Auth { command } => auth::run(Some(client), &layout, command).await,
         Command::Instances { service } => {
             instances(client, &layout, service.as_deref(), cli.output).await
         }

@@ -52,6 +52,9 @@ struct Args {
     /// Result format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Sent as `authorization` with every call, e.g. `Bearer <JWT>` (the gateway requires one).
+    #[arg(long, env = "HERD_BENCH_AUTHORIZATION", hide_env_values = true)]
+    authorization: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
             Method::Quote => Call::Quote,
             Method::Health => Call::Health,
         },
+        authorization: args.authorization,
         progress: args.output == Output::Text,
     };
     let output = args.output;

@@ -58,6 +58,22 @@ where
     Req: prost::Message + Clone + WithContext,
     Res: prost::Message + Default,
 {
+    call_with(deadline, channel, method, message, &http::HeaderMap::new()).await
+}
+
+/// As [`call`], every attempt also sending `headers` (for example a caller's
+/// `authorization: Bearer <token>` to a public service).
+pub async fn call_with<Req, Res>(
+    deadline: Deadline,
+    channel: &MeshChannel,
+    method: Method<Req, Res>,
+    message: &Req,
+    headers: &http::HeaderMap,
+) -> Result<Res, CallError>
+where
+    Req: prost::Message + Clone + WithContext,
+    Res: prost::Message + Default,
+{
     // Cannot fail: `Method::new` admits only paths that parse.
     let path = PathAndQuery::from_static(method.path());
     attempts(
@@ -68,6 +84,9 @@ where
         |request| {
             let (metadata, extensions, frame) = request.into_parts();
             let mut head = unary_head(&path, metadata);
+            for (name, value) in headers {
+                head.headers.append(name, value.clone());
+            }
             // The sampled attempt's span, to record the endpoint picked.
             head.extensions = extensions;
             let request = Request {
