@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 use herd_proto::quote::{CreateQuoteRequest, Quote, VerifyQuoteRequest};
 use herd_tests::{
-    Answer, Load, TestMesh, call_as, eventually, fixture, herdctl, now_secs, rss_mib,
+    Answer, Load, TestMesh, all_applied, call_as, eventually, fixture, herdctl, now_secs, rss_mib,
 };
 use prost::Message;
 use serde_json::{Value, json};
@@ -77,19 +77,7 @@ fn status(mesh: &TestMesh) -> anyhow::Result<BTreeMap<String, (i64, i64, String)
         .collect())
 }
 
-/// Waits until all `n` instances report `revision` applied.
-async fn all_applied(mesh: &TestMesh, n: usize, revision: i64) -> anyhow::Result<()> {
-    eventually(
-        &format!("{n} instances to apply revision {revision}"),
-        Duration::from_secs(10),
-        || async {
-            let s = status(mesh).ok()?;
-            (s.len() == n && s.values().all(|(applied, _, _)| *applied >= revision)).then_some(())
-        },
-    )
-    .await
-}
-
+/// Writes `value` at `key`; the revision it made.
 async fn put(etcd: &mut etcd_client::Client, key: &str, value: String) -> anyhow::Result<i64> {
     let resp = etcd.put(key, value, None).await?;
     Ok(resp.header().map(|h| h.revision()).unwrap_or(0))

@@ -655,6 +655,7 @@ impl TestMesh {
 /// balanced and retried by herd's own runtime) that counts every call and failure.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    authorization: std::sync::Arc<std::sync::RwLock<http::HeaderValue>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     report: std::sync::Arc<std::sync::Mutex<Report>>,
     quotes: std::sync::Arc<std::sync::Mutex<Vec<herd_proto::quote::Quote>>>,
@@ -721,21 +722,26 @@ impl Load {
         let report = std::sync::Arc::new(std::sync::Mutex::new(Report::default()));
         let quotes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let request = widget_quote("load", "");
-        let mut headers = http::HeaderMap::new();
-        headers.insert(http::header::AUTHORIZATION, bearer("load").parse()?);
+        let authorization = std::sync::Arc::new(std::sync::RwLock::new(
+            http::HeaderValue::from_str(&bearer("load"))?,
+        ));
         let tasks = (0..workers)
             .map(|_| {
-                let (stop, report, channel, request, quotes, headers) = (
+                let (stop, report, channel, request, quotes, authorization) = (
                     stop.clone(),
                     report.clone(),
                     channel.clone(),
                     request.clone(),
                     quotes.clone(),
-                    headers.clone(),
+                    authorization.clone(),
                 );
                 tokio::spawn(async move {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let deadline = herd::Deadline::after(timeout);
+                        let mut headers = http::HeaderMap::new();
+                        if let Ok(value) = authorization.read() {
+                            headers.insert(http::header::AUTHORIZATION, value.clone());
+                        }
                         let result = herd::client::call_with(
                             deadline,
                             &channel,
@@ -765,11 +771,22 @@ impl Load {
             .collect();
         Ok(Self {
             stop,
+            authorization,
             tasks,
             report,
             quotes,
             _resolver: resolver,
         })
+    }
+
+    /// From now on, every call sends `authorization` (`Bearer <JWT>`); by default a token of the
+    /// test [`issuer`] for tenant `load`.
+    pub fn set_authorization(&self, authorization: &str) -> anyhow::Result<()> {
+        let value = http::HeaderValue::from_str(authorization)?;
+        if let Ok(mut current) = self.authorization.write() {
+            *current = value;
+        }
+        Ok(())
     }
 
     /// What the load has seen so far.
@@ -798,6 +815,25 @@ impl Load {
         }
         self.report()
     }
+}
+
+/// Waits until `n` instances report (in `herdctl config status`) that they applied `revision`.
+pub async fn all_applied(mesh: &TestMesh, n: usize, revision: i64) -> anyhow::Result<()> {
+    eventually(
+        &format!("{n} instances to apply revision {revision}"),
+        Duration::from_secs(10),
+        || async {
+            let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"]).ok()?;
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let instances = status["instances"].as_array()?;
+            (instances.len() == n
+                && instances
+                    .iter()
+                    .all(|i| i["config"]["applied"].as_i64().unwrap_or(0) >= revision))
+            .then_some(())
+        },
+    )
+    .await
 }
 
 /// The issuer the test configuration trusts (see [`fixture`]).

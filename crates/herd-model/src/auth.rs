@@ -138,6 +138,56 @@ pub struct Authenticator {
     max_lifetime: i64,
     leeway: i64,
     revoked: Revoked,
+    verified: Verified,
+}
+
+/// Tokens this authenticator verified lately. A caller presents the same token for its whole
+/// life, so its signature and claims need checking once: a later call with the very same token
+/// (an entry holds all of it, so nothing else matches) only checks that it has not expired since.
+/// Nothing else about a verified token can change while its authenticator lives: a removed key or
+/// a new revocation is a new configuration, hence a new authenticator with an empty cache.
+/// Direct-mapped and fixed in size (at most [`VERIFIED_SLOTS`] tokens, by a hash seeded at
+/// random), and never waited for: a slot another call holds is simply not used.
+struct Verified {
+    hasher: std::collections::hash_map::RandomState,
+    slots: Box<[Slot]>,
+}
+
+/// One token verified, whole, and who it says the caller is.
+type Slot = std::sync::Mutex<Option<(Box<str>, Identity)>>;
+
+/// Slots of [`Verified`].
+const VERIFIED_SLOTS: usize = 512;
+
+impl Verified {
+    fn new() -> Self {
+        Self {
+            hasher: std::collections::hash_map::RandomState::new(),
+            slots: (0..VERIFIED_SLOTS)
+                .map(|_| std::sync::Mutex::new(None))
+                .collect(),
+        }
+    }
+
+    fn slot(&self, token: &str) -> &Slot {
+        use std::hash::BuildHasher;
+        let at = self.hasher.hash_one(token) as usize % self.slots.len();
+        &self.slots[at]
+    }
+
+    fn get(&self, token: &str) -> Option<Identity> {
+        let slot = self.slot(token).try_lock().ok()?;
+        match &*slot {
+            Some((held, identity)) if **held == *token => Some(identity.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, token: &str, identity: &Identity) {
+        if let Ok(mut slot) = self.slot(token).try_lock() {
+            *slot = Some((token.into(), identity.clone()));
+        }
+    }
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -341,6 +391,7 @@ impl Authenticator {
             }
         }
         Ok(Self {
+            verified: Verified::new(),
             keys,
             tenant_claim: auth.tenant_claim.clone(),
             max_lifetime: i64::from(auth.max_lifetime_seconds),
@@ -367,6 +418,18 @@ impl Authenticator {
 
     /// Verifies a token (without the `Bearer ` prefix) at `now` (unix seconds).
     pub fn verify(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
+        if let Some(identity) = self.verified.get(token) {
+            if identity.expires_at + self.leeway <= now {
+                return Err(AuthError::Expired);
+            }
+            return Ok(identity);
+        }
+        let identity = self.verify_afresh(token, now)?;
+        self.verified.put(token, &identity);
+        Ok(identity)
+    }
+
+    fn verify_afresh(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| refused_header(token))?;
         if matches!(
             header.alg,
@@ -615,6 +678,15 @@ impl DevIssuer {
         }
     }
 
+    /// `claims` (any JSON object) signed as a token of this issuer's key, whatever they say:
+    /// for tests of what a gateway refuses.
+    pub fn sign_claims(&self, claims: &serde_json::Value) -> Result<String, String> {
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding_key()?)
+            .map_err(|e| format!("signing: {e}"))
+    }
+
     /// A token for `subject` of `tenant`, issued at `now` (unix seconds), living `ttl_seconds`.
     pub fn token(
         &self,
@@ -693,20 +765,14 @@ mod tests {
     }
 
     fn claims(overrides: serde_json::Value) -> serde_json::Value {
-        let mut claims = json!({
+        let claims = json!({
             "iss": "https://id.example", "sub": "alice", "aud": "herd",
             "iat": now() - 10, "exp": now() + 290, "tenant": "acme",
         });
-        if let (Some(c), Some(o)) = (claims.as_object_mut(), overrides.as_object()) {
-            for (k, v) in o {
-                if v.is_null() {
-                    c.remove(k);
-                } else {
-                    c.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        claims
+        let mut merged = claims.as_object().cloned().unwrap_or_default();
+        merged.extend(overrides.as_object().cloned().unwrap_or_default());
+        merged.retain(|_, v| !v.is_null());
+        serde_json::Value::Object(merged)
     }
 
     fn sign(key: usize, claims: &serde_json::Value) -> String {
@@ -901,5 +967,30 @@ mod tests {
         let stored: DevIssuer =
             serde_json::from_str(&serde_json::to_string(&dev).expect("json")).expect("parse");
         assert_eq!(stored.jwk(), dev.jwk());
+    }
+
+    #[test]
+    fn a_token_verified_once_is_recognised_until_it_expires() {
+        let a = Authenticator::new(&auth()).expect("valid");
+        let t = now();
+        let token = sign(0, &claims(json!({"iat": t - 10, "exp": t + 100})));
+        let first = a.verify(&token, t).expect("valid");
+        assert_eq!(a.verified.get(&token), Some(first.clone()));
+        assert_eq!(a.verify(&token, t + 50), Ok(first));
+        // Expired since (leeway included): refused, from the cache as afresh.
+        assert_eq!(a.verify(&token, t + 131), Err(AuthError::Expired));
+        // Another token in the same slot is not taken for it.
+        let mut other = token.clone();
+        other.push('x');
+        assert!(a.verify(&other, t).is_err());
+        assert_eq!(a.verified.get(&other), None);
+        // A new configuration (a revocation) starts with nothing verified.
+        let mut revoking = auth();
+        revoking.revoked_before.subjects.insert("alice".into(), t);
+        let b = Authenticator::new(&revoking).expect("valid");
+        assert!(matches!(
+            b.verify(&token, t),
+            Err(AuthError::Revoked { .. })
+        ));
     }
 }
