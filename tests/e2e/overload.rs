@@ -110,8 +110,11 @@ async fn three_times_the_capacity_is_shed_fast_and_goodput_comes_back() -> anyho
         refused > 0.0,
         "3× the capacity was all served: was it measured right?"
     );
+    // Wall time in a debug build, every process on this machine's two cores: what a refused call
+    // waits for is its turn on a saturated core, not its refusal (a few µs in `make bench`).
+    // Measured: medians of 14.7–24.6 ms; a queue of refusals would be hundreds.
     assert!(
-        figure(&over, "failed_p50_us") < 20_000.0,
+        figure(&over, "failed_p50_us") < 40_000.0,
         "refusals take {} µs",
         over["failed_p50_us"]
     );
