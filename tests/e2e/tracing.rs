@@ -169,13 +169,32 @@ async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
     let mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
-    call_as("acme", &mesh.gateways[0], CREATE, &basket("trace-a"))?.ok()?;
+    let bearer = herd_tests::bearer("acme");
+    let authorization = format!("authorization: {bearer}");
+    herd_tests::call_with(
+        &mesh.gateways[0],
+        CREATE,
+        &basket("trace-a"),
+        &[&authorization],
+    )?
+    .ok()?;
     let found = eventually(
         "the quote's trace, complete",
         Duration::from_secs(10),
         || async { check_trace(&trace_of_request(&receiver, "trace-a")?).ok() },
     )
     .await?;
+    // The caller's token is in no span: no part of it.
+    let token = bearer.trim_start_matches("Bearer ");
+    for span in receiver.spans() {
+        for value in span.attrs.values() {
+            assert!(
+                token.split('.').all(|part| !value.contains(part)),
+                "span {} holds the caller's token: {value}",
+                span.name
+            );
+        }
+    }
     let traces: BTreeSet<String> = found.values().map(|s| s.trace_id.clone()).collect();
     assert_eq!(traces.len(), 1);
     // Each server span names the instance that served it.
