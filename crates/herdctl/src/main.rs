@@ -1,8 +1,10 @@
 //! `herdctl`: the operator's CLI for herd — read, change, compare, trace and roll back shared
 //! configuration (validated with the services' own rules, written with compare-and-swap), see what
-//! every instance applied, list live instances, and print development tokens.
+//! every instance applied, list live instances, print development tokens, and write development
+//! certificates.
 
 mod auth;
+mod certs;
 mod config;
 
 use std::process::ExitCode;
@@ -50,6 +52,11 @@ enum Command {
         #[command(subcommand)]
         command: auth::AuthCommand,
     },
+    /// Certificates for mutual TLS (development).
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
     /// Live instances: service, instance id, address, lease TTL left.
     Instances {
         /// Only this service's instances.
@@ -64,6 +71,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     use anyhow::Context;
     let layout = Layout::new(cli.prefix.clone());
+    if let Command::Certs { command } = cli.command {
+        return certs::run(command);
+    }
     if matches!(&cli.command, Command::Auth { command } if !command.needs_etcd())
         && let Command::Auth { command } = cli.command
     {
@@ -83,6 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Auth { command } => auth::run(Some(client), &layout, command).await,
+        Command::Certs { command } => certs::run(command),
         Command::Instances { service } => {
             instances(client, &layout, service.as_deref(), cli.output).await
         }
