@@ -92,11 +92,11 @@ fn complete(
 /// retry window (the quote TTL); without one it is INVALID_ARGUMENT naming the field. Tokens and
 /// seals are checked against the configuration as it is now, so a removed key or a revocation
 /// takes effect at once whatever revision a request is pinned to.
-fn admit<Req: WithContext>(
+async fn admit<Req: WithContext>(
     config: &ConfigStore<MeshConfig>,
-    metadata: &tonic::metadata::MetadataMap,
-    message: &mut Req,
-) -> Result<(), Status> {
+    metadata: tonic::metadata::MetadataMap,
+    mut message: Req,
+) -> Result<Req, Status> {
     let snapshot = config
         .current()
         .ok_or(herd::error::RevisionError::NotLoaded)?;
@@ -130,9 +130,20 @@ fn admit<Req: WithContext>(
         if ctx.config_revision != 0 {
             return Err(unsealed("config_revision"));
         }
-        return Ok(());
+        return Ok(message);
     }
-    seal::check(ctx, &snapshot.model.keys).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    check_seal(
+        ctx,
+        &snapshot.model.keys,
+        snapshot.revision,
+        |revision| async move {
+            config
+                .at(revision)
+                .await
+                .map(|newer| newer.model.keys.clone())
+        },
+    )
+    .await?;
     let accepted = ctx.accepted_at.map(|t| t.seconds).unwrap_or_default();
     let window = i64::from(snapshot.model.quote.ttl_seconds);
     if now.saturating_sub(accepted) > window {
@@ -141,7 +152,33 @@ fn admit<Req: WithContext>(
              to start afresh"
         )));
     }
-    Ok(())
+    Ok(message)
+}
+
+/// Checks `ctx`'s seal with the keys as they are now (`current`, at `current_revision`). A seal
+/// made with a key this gateway has not seen — a rotation that reached another gateway first —
+/// is checked with the keys of the revision the context pins, got from `newer`, when that
+/// revision is newer than this gateway's; only forward, so a removed key stays removed.
+async fn check_seal<F, Fut>(
+    ctx: &RequestContext,
+    current: &herd_model::sections::KeyRing,
+    current_revision: i64,
+    newer: F,
+) -> Result<(), Status>
+where
+    F: FnOnce(i64) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<Arc<herd_model::sections::KeyRing>, herd::error::RevisionError>,
+        >,
+{
+    let checked = match seal::check(ctx, current) {
+        Err(seal::SealError::UnknownKey) if ctx.config_revision > current_revision => {
+            let keys = newer(ctx.config_revision).await?;
+            seal::check(ctx, &keys)
+        }
+        checked => checked,
+    };
+    checked.map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn unsealed(field: &str) -> Status {
@@ -559,5 +596,48 @@ mod tests {
             status.message().starts_with("context.config_revision"),
             "{status:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_seal_from_a_rotation_not_yet_applied_is_checked_at_its_revision() {
+        use herd_model::sections::KeyRing;
+        let old = KeyRing::from_secrets("k1", &[("k1", [1; 32])]).expect("valid");
+        let rotated = KeyRing::from_secrets("k2", &[("k1", [1; 32]), ("k2", [2; 32])]);
+        let rotated = Arc::new(rotated.expect("valid"));
+        let mut ctx = RequestContext {
+            tenant_id: "acme".into(),
+            principal: "alice".into(),
+            request_id: "r".into(),
+            config_revision: 8,
+            accepted_at: Some(now()),
+            ..Default::default()
+        };
+        ctx.seal = seal::seal(&ctx, &rotated);
+        let asked = std::sync::Mutex::new(Vec::new());
+        let newer = |revision| {
+            asked.lock().unwrap().push(revision);
+            let keys = rotated.clone();
+            async move { Ok(keys) }
+        };
+        // This gateway is at revision 7, the seal pins 8: checked with revision 8's keys.
+        check_seal(&ctx, &old, 7, newer)
+            .await
+            .expect("a rotation landing");
+        assert_eq!(*asked.lock().unwrap(), vec![8]);
+        // Not newer than this gateway's revision: the key is unknown, and that is final.
+        let status = check_seal(&ctx, &old, 8, newer)
+            .await
+            .expect_err("removed key");
+        assert!(
+            status.message().contains("no longer configured"),
+            "{status:?}"
+        );
+        // A seal nobody made, pinning a newer revision, still fails at that revision's keys.
+        let mut forged = ctx.clone();
+        forged.principal = "mallory".into();
+        let status = check_seal(&forged, &old, 7, newer)
+            .await
+            .expect_err("forged");
+        assert!(status.message().contains("does not match"), "{status:?}");
     }
 }

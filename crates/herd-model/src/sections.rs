@@ -472,22 +472,31 @@ impl KeyRing {
         self.keys.get(id)
     }
 
+    /// A ring of `(id, secret)` keys, `active` signing, checked as [`KeyRing::from_section`]
+    /// checks a section.
+    pub fn from_secrets(active: &str, keys: &[(&str, [u8; 32])]) -> Result<Self, String> {
+        Self::from_section(&SigningKeys {
+            keys: keys
+                .iter()
+                .map(|(id, secret)| KeyEntry {
+                    id: id.to_string(),
+                    secret: BASE64.encode(secret),
+                    active: *id == active,
+                })
+                .collect(),
+        })
+    }
+
     /// A ring of `ids` (key `i` of them holding the secret `[i + 1; 32]`), `active` signing: for
     /// tests.
     #[cfg(test)]
     pub(crate) fn for_tests(active: &str, ids: &[&str]) -> Self {
-        let keys = SigningKeys {
-            keys: ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| KeyEntry {
-                    id: id.to_string(),
-                    secret: BASE64.encode([i as u8 + 1; 32]),
-                    active: *id == active,
-                })
-                .collect(),
-        };
-        Self::from_section(&keys).expect("a valid ring")
+        let keys: Vec<(&str, [u8; 32])> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, [i as u8 + 1; 32]))
+            .collect();
+        Self::from_secrets(active, &keys).expect("a valid ring")
     }
 
     /// The seal key derived from the key `id`.

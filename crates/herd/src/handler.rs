@@ -74,14 +74,20 @@ where
     F: FnOnce(Call<Req>) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
-    serve_admitted(method, request, |_, _| Ok(()), handler).await
+    serve_admitted(
+        method,
+        request,
+        |_, message| std::future::ready(Ok(message)),
+        handler,
+    )
+    .await
 }
 
 /// As [`serve`], with `admit` run first, inside the span and once the deadline is known not to
-/// be spent: it sees the call's metadata and may complete the message (a public service
-/// authenticates its caller there and writes who it is into the context) or refuse the call.
-/// The context is checked after it.
-pub async fn serve_admitted<Req, Res, A, F, Fut>(
+/// be spent: it takes the call's metadata and message and gives back the message, completed (a
+/// public service authenticates its caller there and writes who it is into the context), or
+/// refuses the call. The context is checked after it.
+pub async fn serve_admitted<Req, Res, A, AFut, F, Fut>(
     method: Method<Req, Res>,
     request: tonic::Request<Req>,
     admit: A,
@@ -89,15 +95,18 @@ pub async fn serve_admitted<Req, Res, A, F, Fut>(
 ) -> Result<Response<Res>, Status>
 where
     Req: WithContext,
-    A: FnOnce(&tonic::metadata::MetadataMap, &mut Req) -> Result<(), Status>,
+    A: FnOnce(tonic::metadata::MetadataMap, Req) -> AFut,
+    AFut: Future<Output = Result<Req, Status>>,
     F: FnOnce(Call<Req>) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
     crate::telemetry::serve(method.name(), request, |request| async move {
         let deadline = Deadline::from_metadata(request.metadata(), DEFAULT_TIMEOUT);
         deadline.remaining()?;
-        let (metadata, _, mut message) = request.into_parts();
-        admit(&metadata, &mut message).map_err(crate::error::bounded)?;
+        let (metadata, _, message) = request.into_parts();
+        let message = admit(metadata, message)
+            .await
+            .map_err(crate::error::bounded)?;
         require(message.context())?;
         handler(Call { deadline, message })
             .await
@@ -122,12 +131,19 @@ where
     F: FnOnce(Call<Req>, Arc<Snapshot<M>>) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
-    serve_at_admitted(method, request, store, |_, _| Ok(()), handler).await
+    serve_at_admitted(
+        method,
+        request,
+        store,
+        |_, message| std::future::ready(Ok(message)),
+        handler,
+    )
+    .await
 }
 
 /// As [`serve_at`], with `admit` run first as in [`serve_admitted`]: the revision it leaves in
 /// the context is the one served.
-pub async fn serve_at_admitted<Req, Res, M, A, F, Fut>(
+pub async fn serve_at_admitted<Req, Res, M, A, AFut, F, Fut>(
     method: Method<Req, Res>,
     request: tonic::Request<Req>,
     store: &ConfigStore<M>,
@@ -137,7 +153,8 @@ pub async fn serve_at_admitted<Req, Res, M, A, F, Fut>(
 where
     Req: WithContext,
     M: ConfigModel,
-    A: FnOnce(&tonic::metadata::MetadataMap, &mut Req) -> Result<(), Status>,
+    A: FnOnce(tonic::metadata::MetadataMap, Req) -> AFut,
+    AFut: Future<Output = Result<Req, Status>>,
     F: FnOnce(Call<Req>, Arc<Snapshot<M>>) -> Fut,
     Fut: Future<Output = Result<Res, Status>>,
 {
