@@ -659,3 +659,64 @@ fn every_binary_explains_its_flags_and_refuses_bad_settings() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// What `address` answers to a health Check of `service`, as a probe asks it (a plain gRPC
+/// client: the health port has no reflection for grpcurl to use).
+async fn probe(address: &str, service: &str) -> Option<String> {
+    let channel = herd_tests::connect(address).await.ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    let status = client.check(request).await.ok()?.into_inner().status();
+    Some(status.as_str_name().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_port_answers_probes_in_plaintext_and_nothing_else() -> anyhow::Result<()> {
+    let mesh = TestMesh::start(1, &fixture()).await?;
+    let health_address = format!("127.0.0.1:{}", herd_tests::free_port());
+    let mut tax = herd_tests::start_instance(
+        "tax",
+        &mesh.etcd,
+        0,
+        mesh.dir.path(),
+        &[
+            "--health-listen",
+            &health_address,
+            "--drain-delay-ms",
+            "2000",
+        ],
+    )?;
+    for service in ["", "herd.tax.v1.TaxService", "herd.registration"] {
+        eventually(
+            &format!("the health port to report {service:?} SERVING"),
+            Duration::from_secs(20),
+            || async {
+                (probe(&health_address, service).await.as_deref() == Some("SERVING")).then_some(())
+            },
+        )
+        .await?;
+    }
+    // Health alone: no reflection, no service.
+    let listed = grpcurl(&["-plaintext", &health_address, "list"])?;
+    assert!(!listed.status.success(), "reflection on the health port");
+    let answer =
+        herd_tests::raw::call(&health_address, "/herd.tax.v1.TaxService/ComputeTax", &[]).await?;
+    assert_eq!(answer.code(), tonic::Code::Unimplemented, "{answer:?}");
+
+    // Draining, the probe sees NOT_SERVING; then the port closes with the process.
+    tax.signal("TERM")?;
+    eventually(
+        "the health port to report NOT_SERVING while draining",
+        Duration::from_secs(5),
+        || async {
+            (probe(&health_address, "").await.as_deref() == Some("NOT_SERVING")).then_some(())
+        },
+    )
+    .await?;
+    let status = tax.wait_exit(Duration::from_secs(15)).await?;
+    assert_eq!(status.code(), Some(0), "{}", tax.log_text());
+    assert_eq!(probe(&health_address, "").await, None);
+    Ok(())
+}

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::server::NamedService;
 use tonic::service::Routes;
@@ -171,8 +171,28 @@ impl Mesh {
     ) -> Result<(), ServeError> {
         let hygiene = self.settings.hygiene();
         let limits = self.settings.limit_settings();
-        let mut started =
-            Started::start(listener, services, &self.service, hygiene, limits).await?;
+        let health_listener = match self.settings.health_listen {
+            None => None,
+            Some(address) => {
+                Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| ServeError::Bind {
+                            address: address.to_string(),
+                            source,
+                        })?,
+                )
+            }
+        };
+        let mut started = Started::start(
+            listener,
+            health_listener,
+            services,
+            &self.service,
+            hygiene,
+            limits,
+        )
+        .await?;
         tracing::info!(service = %self.service, instance = %self.instance_id, address = %started.address, "listening");
         tokio::pin!(shutdown);
         let registration = tokio::select! {
@@ -259,13 +279,16 @@ struct Started {
     address: SocketAddr,
     health: Health,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
-    stop: Option<oneshot::Sender<()>>,
+    /// Stops the server, and the health server if there is one.
+    stop: Option<watch::Sender<bool>>,
 }
 
 impl Started {
-    /// Step 1: serves `services` with health (NOT_SERVING) and reflection on `listener`.
+    /// Step 1: serves `services` with health (NOT_SERVING) and reflection on `listener`, and
+    /// health alone in plaintext on `health_listener` if given.
     async fn start(
         listener: TcpListener,
+        health_listener: Option<TcpListener>,
         services: Services,
         service: &str,
         hygiene: Hygiene,
@@ -284,11 +307,20 @@ impl Started {
         ];
         names.extend(services.names.iter().map(|n| n.to_string()));
         let health = Health { reporter, names };
+        let (stop, _) = watch::channel(false);
         // Before the server answers anything: tonic-health reports "" SERVING by default.
         health.set_all(ServingStatus::NotServing).await;
+        if let Some(health_listener) = health_listener {
+            serve_health(
+                health_listener,
+                health_service.clone(),
+                hygiene,
+                stop.subscribe(),
+            )?;
+        }
         let routes =
             with_health_and_reflection(services.routes, health_service, &services.descriptors)?;
-        let (stop, stopped) = oneshot::channel::<()>();
+        let mut stopped = stop.subscribe();
         let server = Server::builder()
             .tcp_nodelay(true)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -307,8 +339,8 @@ impl Started {
                         .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
                     hygiene,
                 ),
-                async {
-                    let _ = stopped.await;
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
                 },
             );
         let server = tokio::spawn(server);
@@ -348,7 +380,7 @@ impl Started {
             self.health.reporter.clear_service_status(name).await;
         }
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            stop.send_replace(true);
         }
         match tokio::time::timeout(settings.drain_timeout(), &mut self.server).await {
             Ok(served) => served??,
@@ -362,6 +394,42 @@ impl Started {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Serves `health` alone, in plaintext, on `listener` until `stop` turns true: the port
+/// orchestrators probe. Its statuses are the instance's own (the same reporter), NOT_SERVING
+/// through the drain included.
+fn serve_health(
+    listener: TcpListener,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    hygiene: Hygiene,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let address = listener.local_addr().map_err(|source| ServeError::Bind {
+        address: "the health listener".into(),
+        source,
+    })?;
+    tracing::info!(%address, "health listening");
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .serve_with_incoming_shutdown(
+            guarded(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                hygiene,
+            ),
+            async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            },
+        );
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "the health listener stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Reports registration changes through health until the registration ends.

@@ -27,6 +27,11 @@ pub struct Settings {
     )]
     pub listen: SocketAddr,
 
+    /// Also serve grpc.health.v1, and nothing else, in plaintext on this address: for
+    /// orchestrators' probes (Kubernetes' gRPC probes speak neither TLS nor any other service).
+    #[arg(long, env = "HERD_HEALTH_LISTEN", value_name = "ADDR")]
+    pub health_listen: Option<SocketAddr>,
+
     /// etcd endpoints, comma separated (for example http://10.0.0.1:2379,http://10.0.0.2:2379).
     #[arg(long = "etcd", env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ETCD)]
     pub etcd_endpoints: Vec<String>,
