@@ -993,4 +993,30 @@ mod tests {
             Err(AuthError::Revoked { .. })
         ));
     }
+
+    /// What a token costs a gateway, first seen and then again: `cargo test --release -p
+    /// herd-model measure_verification -- --ignored --nocapture` (figures in BENCHMARKS.md).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_verification() {
+        let a = Authenticator::new(&auth()).expect("valid");
+        let t = now();
+        for (key, name) in [(0, "EdDSA"), (1, "ES256"), (2, "RS256")] {
+            let tokens: Vec<String> = (0..200)
+                .map(|i| sign(key, &claims(json!({"sub": format!("user-{i}")}))))
+                .collect();
+            let started = std::time::Instant::now();
+            for token in &tokens {
+                a.verify_afresh(token, t).expect("valid");
+            }
+            let afresh = started.elapsed() / tokens.len() as u32;
+            a.verify(&tokens[0], t).expect("valid");
+            let started = std::time::Instant::now();
+            for _ in 0..100_000 {
+                a.verify(&tokens[0], t).expect("valid");
+            }
+            let cached = started.elapsed() / 100_000;
+            println!("REPORT {name}: verified afresh {afresh:?}, recognised {cached:?}");
+        }
+    }
 }
