@@ -10,6 +10,7 @@
 //! - [`config`]: typed shared configuration: the registry of sections (the runtime's and the
 //!   application's), loaded, watched, validated, and pinned by revision.
 //! - [`context`]: request contexts and deadlines that travel with every call.
+//! - [`tls`]: mutual TLS between instances with SPIFFE-style identities (not yet served).
 //! - [`client`]: unary calls over a balanced channel, retried within a budget, on HTTP/2 over a
 //!   pluggable transport.
 //! - [`mesh`]: one instance's link to the mesh: identity, etcd, configuration, channels.
@@ -42,6 +43,7 @@ pub mod registry;
 pub mod server;
 pub mod settings;
 pub mod telemetry;
+pub mod tls;
 pub mod watch;
 
 pub use balance::MeshChannel;

@@ -1,0 +1,491 @@
+//! Mutual TLS between instances: each instance holds a certificate naming its service by a
+//! SPIFFE-style URI SAN, `spiffe://<trust-domain>/herd/<service>`, signed by the mesh's CA.
+//!
+//! - [`Credentials`]: an instance's certificate chain, key and CA, read from PEM files.
+//! - [`server_config`]: TLS 1.3 only, ALPN `h2`, a client certificate signed by the CA required
+//!   (internal services) or optional (the gateway, whose callers authenticate with tokens).
+//! - [`client_config`]: presents the instance's certificate and verifies the callee's chain
+//!   against the CA and its identity against the service called — not a host name: instances
+//!   move, identities do not. The service is passed as the connection's server name
+//!   ([`server_name`]).
+//! - [`spiffe_id`]: the identity a certificate names, for the server span and access log.
+//!
+//! One crypto provider for the whole tree: ring.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+#[cfg(any(test, feature = "dev-certs"))]
+pub mod dev;
+
+/// The identity of `service` in `trust_domain`.
+pub fn identity(trust_domain: &str, service: &str) -> String {
+    format!("spiffe://{trust_domain}/herd/{service}")
+}
+
+/// Where an instance's TLS material is: PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The instance's certificate (chain), leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The CA certificates that sign the mesh's identities.
+    pub ca: PathBuf,
+}
+
+/// Why TLS material could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or holds no PEM item of the kind expected.
+    #[error("{path}: {what}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The instance's certificate names no `spiffe://` identity.
+    #[error("{0}: the certificate names no spiffe:// identity (one URI SAN)")]
+    NoIdentity(PathBuf),
+    /// rustls refused the material or a setting.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The CA set could not make a verifier.
+    #[error("TLS: {0}")]
+    Verifier(String),
+}
+
+/// An instance's TLS material, read and checked.
+#[derive(Debug)]
+pub struct Credentials {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    identity: String,
+    trust_domain: String,
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError::File {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })
+}
+
+impl Credentials {
+    /// Reads `files`: the chain (the leaf must name a `spiffe://` identity), the key, the CA.
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let bad = |path: &Path, what: String| TlsError::File {
+            path: path.to_path_buf(),
+            what,
+        };
+        let chain = CertificateDer::pem_slice_iter(&read_file(&files.cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&files.cert, format!("not PEM certificates ({e})")))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| bad(&files.cert, "no certificate".into()))?;
+        let identity = spiffe_id(leaf).ok_or_else(|| TlsError::NoIdentity(files.cert.clone()))?;
+        let trust_domain = identity
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        let key = PrivateKeyDer::from_pem_slice(&read_file(&files.key)?)
+            .map_err(|e| bad(&files.key, format!("not a PEM private key ({e})")))?;
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&read_file(&files.ca)?) {
+            let ca = ca.map_err(|e| bad(&files.ca, format!("not PEM certificates ({e})")))?;
+            roots
+                .add(ca)
+                .map_err(|e| bad(&files.ca, format!("not a CA certificate ({e})")))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(&files.ca, "no CA certificate".into()));
+        }
+        Ok(Self {
+            chain,
+            key,
+            roots: Arc::new(roots),
+            identity,
+            trust_domain,
+        })
+    }
+
+    /// The identity the instance's certificate names.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+}
+
+/// The identity a certificate names: its URI SAN that starts with `spiffe://` (there must be
+/// exactly one).
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let names = cert.subject_alternative_name().ok()??;
+    let mut ids = names
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(uri.to_string()),
+            _ => None,
+        });
+    match (ids.next(), ids.next()) {
+        (Some(id), None) => Some(id),
+        _ => None,
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Whether a server asks its callers for a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Internal services: no certificate signed by the CA, no connection.
+    Required,
+    /// The gateway: external callers authenticate with a bearer token instead.
+    Optional,
+}
+
+/// The server side of an instance's TLS (see the module docs).
+pub fn server_config(
+    credentials: &Credentials,
+    client_auth: ClientAuth,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        credentials.roots.clone(),
+        provider.clone(),
+    );
+    let verifier = match client_auth {
+        ClientAuth::Required => verifier,
+        ClientAuth::Optional => verifier.allow_unauthenticated(),
+    }
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(credentials.chain.clone(), credentials.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The client side of an instance's TLS (see the module docs).
+pub fn client_config(credentials: &Credentials) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(IdentityVerifier {
+        roots: credentials.roots.clone(),
+        provider: provider.clone(),
+        trust_domain: credentials.trust_domain.clone(),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(credentials.chain.clone(), credentials.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The server name to connect to an instance of `service` with: the verifier expects the
+/// callee's certificate to name `service` in the caller's own trust domain.
+pub fn server_name(service: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(service.to_string())
+        .map_err(|e| TlsError::Verifier(format!("{service:?} cannot be a server name: {e}")))
+}
+
+/// Verifies a callee: chain signed by the CA (for server use), identity that of the service
+/// called.
+#[derive(Debug)]
+struct IdentityVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for IdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let ServerName::DnsName(service) = server_name else {
+            return Err(rustls::Error::General(
+                "herd connects to a service by its name".into(),
+            ));
+        };
+        let expected = identity(&self.trust_domain, service.as_ref());
+        match spiffe_id(end_entity) {
+            Some(id) if id == expected => Ok(ServerCertVerified::assertion()),
+            found => Err(rustls::Error::General(format!(
+                "the callee is {}, not {expected}",
+                found.as_deref().unwrap_or("no spiffe:// identity")
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A CA and certificates for `services` in a temporary folder.
+    fn certs(trust_domain: &str, services: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+        dev::init(
+            dir.path(),
+            trust_domain,
+            &services,
+            Duration::from_secs(3600),
+        )
+        .expect("certificates");
+        dir
+    }
+
+    fn credentials(dir: &Path, service: &str) -> Credentials {
+        Credentials::load(&TlsFiles {
+            cert: dir.join(format!("{service}.pem")),
+            key: dir.join(format!("{service}-key.pem")),
+            ca: dir.join("ca.pem"),
+        })
+        .expect("valid material")
+    }
+
+    /// Serves one TLS connection on loopback; answers with the caller's identity (or `-`).
+    async fn server(
+        config: Arc<rustls::ServerConfig>,
+    ) -> (String, tokio::task::JoinHandle<Result<String, String>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let mut tls = tokio_rustls::TlsAcceptor::from(config)
+                .accept(tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let caller = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(spiffe_id)
+                .unwrap_or_else(|| "-".into());
+            tls.write_all(caller.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            tls.shutdown().await.map_err(|e| e.to_string())?;
+            Ok(caller)
+        });
+        (address, task)
+    }
+
+    /// Connects to `address` as `config`, expecting `service`; what the server said.
+    async fn call(
+        config: Arc<rustls::ClientConfig>,
+        address: &str,
+        service: &str,
+    ) -> Result<(String, Option<Vec<u8>>), String> {
+        let tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name(service).map_err(|e| e.to_string())?, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let mut said = String::new();
+        tls.read_to_string(&mut said)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((said, alpn))
+    }
+
+    #[tokio::test]
+    async fn both_sides_learn_who_the_other_is() {
+        let dir = certs("herd.local", &["gateway", "pricing"]);
+        let (gateway, pricing) = (
+            credentials(dir.path(), "gateway"),
+            credentials(dir.path(), "pricing"),
+        );
+        assert_eq!(pricing.identity(), "spiffe://herd.local/herd/pricing");
+        let (address, served) =
+            server(server_config(&pricing, ClientAuth::Required).expect("server")).await;
+        let (said, alpn) = call(
+            client_config(&gateway).expect("client"),
+            &address,
+            "pricing",
+        )
+        .await
+        .expect("handshake");
+        assert_eq!(said, "spiffe://herd.local/herd/gateway");
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(served.await.expect("task").expect("served"), said);
+    }
+
+    #[tokio::test]
+    async fn a_callee_that_is_not_the_service_called_is_refused() {
+        let dir = certs("herd.local", &["gateway", "pricing"]);
+        let (gateway, pricing) = (
+            credentials(dir.path(), "gateway"),
+            credentials(dir.path(), "pricing"),
+        );
+        // A pricing instance registered as tax (a forged registration) is not tax.
+        let (address, _served) =
+            server(server_config(&pricing, ClientAuth::Required).expect("server")).await;
+        let err = call(client_config(&gateway).expect("client"), &address, "tax")
+            .await
+            .expect_err("not tax");
+        assert!(err.contains("not spiffe://herd.local/herd/tax"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn certificates_from_another_ca_are_refused_both_ways() {
+        let ours = certs("herd.local", &["gateway", "pricing"]);
+        let theirs = certs("herd.local", &["gateway", "pricing"]);
+        let pricing = credentials(ours.path(), "pricing");
+        let stranger = credentials(theirs.path(), "gateway");
+        // The server does not know the stranger's CA.
+        let (address, served) =
+            server(server_config(&pricing, ClientAuth::Required).expect("server")).await;
+        let _ = call(
+            client_config(&stranger).expect("client"),
+            &address,
+            "pricing",
+        )
+        .await;
+        assert!(
+            served.await.expect("task").is_err(),
+            "a stranger's certificate was accepted"
+        );
+        // Nor does the stranger know the server's.
+        let (address, _served) =
+            server(server_config(&pricing, ClientAuth::Optional).expect("server")).await;
+        let err = call(
+            client_config(&stranger).expect("client"),
+            &address,
+            "pricing",
+        )
+        .await
+        .expect_err("unknown CA");
+        // Both CAs are named alike: the chain is refused for its signature.
+        assert!(err.contains("invalid peer certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_is_required_inside_and_optional_at_the_gateway() {
+        let dir = certs("herd.local", &["gateway", "pricing"]);
+        let pricing = credentials(dir.path(), "pricing");
+        let gateway = credentials(dir.path(), "gateway");
+        // A client with the CA but no certificate of its own.
+        let anonymous = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(IdentityVerifier {
+                    roots: pricing.roots.clone(),
+                    provider: provider(),
+                    trust_domain: "herd.local".into(),
+                }))
+                .with_no_client_auth(),
+        );
+        let (address, served) =
+            server(server_config(&pricing, ClientAuth::Required).expect("server")).await;
+        let _ = call(anonymous.clone(), &address, "pricing").await;
+        assert!(
+            served.await.expect("task").is_err(),
+            "no certificate, yet served"
+        );
+        let (address, served) =
+            server(server_config(&gateway, ClientAuth::Optional).expect("server")).await;
+        let (said, _) = call(anonymous, &address, "gateway")
+            .await
+            .expect("optional");
+        assert_eq!(said, "-");
+        assert_eq!(served.await.expect("task").expect("served"), "-");
+    }
+
+    #[test]
+    fn material_that_cannot_be_used_says_which_file_and_why() {
+        let dir = certs("herd.local", &["tax"]);
+        let files = |cert: &str, key: &str, ca: &str| TlsFiles {
+            cert: dir.path().join(cert),
+            key: dir.path().join(key),
+            ca: dir.path().join(ca),
+        };
+        let err =
+            Credentials::load(&files("nope.pem", "tax-key.pem", "ca.pem")).expect_err("no file");
+        assert!(err.to_string().contains("nope.pem"), "{err}");
+        let err =
+            Credentials::load(&files("tax-key.pem", "tax-key.pem", "ca.pem")).expect_err("a key");
+        assert!(err.to_string().contains("tax-key.pem"), "{err}");
+        let err = Credentials::load(&files("tax.pem", "tax.pem", "ca.pem")).expect_err("not a key");
+        assert!(err.to_string().contains("private key"), "{err}");
+        // The CA's own certificate names no identity.
+        let err =
+            Credentials::load(&files("ca.pem", "ca-key.pem", "ca.pem")).expect_err("no identity");
+        assert!(matches!(err, TlsError::NoIdentity(_)), "{err}");
+    }
+}
