@@ -13,7 +13,20 @@
 //! One crypto provider for the whole tree: ring.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use http::uri::{Authority, Scheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+use tower::BoxError;
+
+use crate::client::{Connector, Io, TcpConnector, connector::DEFAULT_CONNECT_TIMEOUT};
+use crate::incoming::Guarded;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -204,6 +217,170 @@ pub fn client_config(credentials: &Credentials) -> Result<Arc<rustls::ClientConf
 pub fn server_name(service: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(service.to_string())
         .map_err(|e| TlsError::Verifier(format!("{service:?} cannot be a server name: {e}")))
+}
+
+/// herd's HTTP/2 client over TLS to the instances of one service: TCP as [`TcpConnector`]
+/// opens it, then a handshake within the same bound that expects the service's identity.
+#[derive(Clone)]
+pub struct TlsConnector {
+    tcp: TcpConnector,
+    tls: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("service", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConnector {
+    /// Connects to instances of `service` with `config` (see [`client_config`]).
+    pub fn new(config: Arc<rustls::ClientConfig>, service: &str) -> Result<Self, TlsError> {
+        Ok(Self {
+            tcp: TcpConnector::default(),
+            tls: tokio_rustls::TlsConnector::from(config),
+            name: server_name(service)?,
+            timeout: DEFAULT_CONNECT_TIMEOUT,
+        })
+    }
+}
+
+impl Connector for TlsConnector {
+    fn connect(&self, authority: &Authority) -> BoxFuture<'static, Result<Box<dyn Io>, BoxError>> {
+        let tcp = self.tcp.connect(authority);
+        let (tls, name, timeout) = (self.tls.clone(), self.name.clone(), self.timeout);
+        let address = authority.to_string();
+        Box::pin(async move {
+            let tcp = tcp.await?;
+            let secured = tokio::time::timeout(timeout, tls.connect(name, tcp))
+                .await
+                .map_err(|_| {
+                    format!("the TLS handshake with {address} took longer than {timeout:?}")
+                })??;
+            Ok(Box::new(secured) as Box<dyn Io>)
+        })
+    }
+
+    fn scheme(&self) -> Scheme {
+        Scheme::HTTPS
+    }
+}
+
+/// Who is on the other side of an accepted connection: its address, and the identity its
+/// certificate names (none in plaintext, or when a client certificate is optional and none was
+/// given). tonic puts it in every request's extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The caller's address.
+    pub remote: Option<std::net::SocketAddr>,
+    /// The caller's `spiffe://` identity.
+    pub identity: Option<Arc<str>>,
+}
+
+/// An accepted connection after its TLS handshake.
+pub struct Secured {
+    stream: tokio_rustls::server::TlsStream<Guarded>,
+    peer: PeerInfo,
+}
+
+impl Connected for Secured {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Secured {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Secured {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// TLS handshakes in progress at once; more accepted connections wait for one to end.
+const HANDSHAKES_AT_ONCE: usize = 64;
+
+/// `incoming` after TLS with `config`: handshakes run side by side (up to
+/// [`HANDSHAKES_AT_ONCE`]), each bounded by `timeout`; a connection whose handshake fails or
+/// takes longer is closed (a plaintext caller, a certificate refused) and never reaches the
+/// server.
+pub fn secured(
+    incoming: impl Stream<Item = Result<Guarded, std::io::Error>> + Send + 'static,
+    config: Arc<rustls::ServerConfig>,
+    timeout: Duration,
+) -> impl Stream<Item = Result<Secured, std::io::Error>> + Send + 'static {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    incoming
+        .map(move |accepted| {
+            let acceptor = acceptor.clone();
+            async move {
+                let connection = accepted?;
+                let remote = connection.connect_info().remote_addr();
+                match tokio::time::timeout(timeout, acceptor.accept(connection)).await {
+                    Ok(Ok(stream)) => {
+                        let identity = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(spiffe_id)
+                            .map(Arc::from);
+                        Ok(Some(Secured {
+                            stream,
+                            peer: PeerInfo { remote, identity },
+                        }))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(?remote, error = %e, "TLS handshake refused");
+                        Ok(None)
+                    }
+                    Err(_) => {
+                        tracing::debug!(?remote, "TLS handshake timed out");
+                        Ok(None)
+                    }
+                }
+            }
+        })
+        .buffer_unordered(HANDSHAKES_AT_ONCE)
+        .filter_map(|handshake| std::future::ready(handshake.transpose()))
 }
 
 /// Verifies a callee: chain signed by the CA (for server use), identity that of the service
@@ -487,5 +664,109 @@ mod tests {
         let err =
             Credentials::load(&files("ca.pem", "ca-key.pem", "ca.pem")).expect_err("no identity");
         assert!(matches!(err, TlsError::NoIdentity(_)), "{err}");
+    }
+
+    /// A tonic server of health ("" and `service` SERVING) behind [`secured`]; its address and
+    /// the identities its requests arrived with.
+    async fn secured_health_server(
+        config: Arc<rustls::ServerConfig>,
+        service: &'static str,
+    ) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        for name in ["", service] {
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let incoming = crate::incoming::guarded(
+            tonic::transport::server::TcpIncoming::from(listener),
+            crate::incoming::Hygiene::default(),
+        );
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(tower::util::MapRequestLayer::new(
+                    move |request: http::Request<tonic::body::Body>| {
+                        let identity = request
+                            .extensions()
+                            .get::<PeerInfo>()
+                            .and_then(|p| p.identity.as_deref().map(str::to_string));
+                        record
+                            .lock()
+                            .expect("not poisoned")
+                            .push(identity.unwrap_or_else(|| "-".into()));
+                        request
+                    },
+                ))
+                .add_service(health)
+                .serve_with_incoming(secured(incoming, config, Duration::from_secs(1))),
+        );
+        (address, seen)
+    }
+
+    #[tokio::test]
+    async fn herds_client_reaches_a_secured_server_which_learns_its_identity() {
+        let dir = certs("herd.local", &["gateway", "tax"]);
+        let (gateway, tax) = (
+            credentials(dir.path(), "gateway"),
+            credentials(dir.path(), "tax"),
+        );
+        let config = server_config(&tax, ClientAuth::Required).expect("server");
+        let (address, seen) = secured_health_server(config, "tax").await;
+        let client = client_config(&gateway).expect("client");
+        let connector = TlsConnector::new(client.clone(), "tax").expect("connector");
+        let resolver = crate::discovery::Resolver::fixed([crate::instance::InstanceInfo {
+            service: "tax".into(),
+            instance_id: "tax-1".into(),
+            address: address.clone(),
+            pid: 0,
+            version: "test".into(),
+        }]);
+        let channel = crate::balance::MeshChannel::builder("tax")
+            .connector(connector)
+            .build(resolver.subscribe());
+        // The channel watches the instance's health over TLS before offering it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while channel.ready_instances().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never ready over TLS");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            seen.lock()
+                .expect("not poisoned")
+                .iter()
+                .all(|id| id == "spiffe://herd.local/herd/gateway"),
+            "{seen:?}"
+        );
+        assert!(!seen.lock().expect("not poisoned").is_empty());
+        // The same server is not pricing, and plaintext gets nowhere.
+        let authority: Authority = address.parse().expect("authority");
+        let wrong = TlsConnector::new(client, "pricing").expect("connector");
+        let err = wrong.connect(&authority).await.err().expect("not pricing");
+        assert!(
+            err.to_string()
+                .contains("not spiffe://herd.local/herd/pricing"),
+            "{err}"
+        );
+        use crate::client::connection::{Connection, Request, RequestBody};
+        let mut plaintext = Connection::open(&TcpConnector::default(), authority)
+            .await
+            .expect("TCP connects");
+        let request = Request {
+            head: crate::client::unary::unary_head(
+                &http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check"),
+                tonic::metadata::MetadataMap::new(),
+            ),
+            body: RequestBody::Frame(crate::client::frame(
+                &tonic_health::pb::HealthCheckRequest::default(),
+            )),
+        };
+        let answered = tower::Service::call(&mut plaintext, request).await;
+        assert!(answered.is_err(), "a plaintext call was answered");
     }
 }
