@@ -57,8 +57,14 @@ pub async fn post(
         request = request.header(*name, *value);
     }
     let (response, mut stream) = send.send_request(request.body(())?, false)?;
-    stream.send_data(body, true)?;
-    let response = response.await?;
+    // A server may answer (and close the stream) before the body is sent — a message refused
+    // from its frame header: the answer is still there to read.
+    let sent = stream.send_data(body, true);
+    let response = match (response.await, sent) {
+        (Ok(response), _) => response,
+        (Err(e), Ok(())) => return Err(e.into()),
+        (Err(e), Err(send)) => anyhow::bail!("{e} (sending the body: {send})"),
+    };
     let http = response.status().as_u16();
     let (head, mut body) = response.into_parts();
     let read = |map: &http::HeaderMap| {

@@ -8,7 +8,10 @@ fn main() -> ExitCode {
         let gateway = herd_gateway::Gateway::new(config, mesh.channel("pricing"))
             .with_peers(mesh.discover("gateway"));
         async move {
+            // Called from outside the mesh: callers authenticate with bearer tokens, and over
+            // mutual TLS a client certificate is optional.
             Ok(herd::Services::new()
+                .public()
                 .with_max_request(gateway.into_server(), herd_gateway::MAX_REQUEST))
         }
     })

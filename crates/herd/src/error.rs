@@ -453,6 +453,9 @@ pub enum ServeError {
     /// The application's services could not be built.
     #[error("{0}")]
     Services(tower::BoxError),
+    /// The instance's TLS material could not be used.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 #[cfg(test)]

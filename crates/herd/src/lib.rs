@@ -10,7 +10,7 @@
 //! - [`config`]: typed shared configuration: the registry of sections (the runtime's and the
 //!   application's), loaded, watched, validated, and pinned by revision.
 //! - [`context`]: request contexts and deadlines that travel with every call.
-//! - [`tls`]: mutual TLS between instances with SPIFFE-style identities (not yet served).
+//! - [`tls`]: mutual TLS between instances with SPIFFE-style identities.
 //! - [`client`]: unary calls over a balanced channel, retried within a budget, on HTTP/2 over a
 //!   pluggable transport.
 //! - [`mesh`]: one instance's link to the mesh: identity, etcd, configuration, channels.

@@ -27,6 +27,14 @@ pub struct Mesh {
     pub(crate) ready: Vec<BoxFuture<'static, ()>>,
     pub(crate) config_status: Option<watch::Receiver<ConfigStatus>>,
     runtime: Option<watch::Receiver<RuntimeConfig>>,
+    /// The instance's TLS material, when every hop is mutual TLS.
+    pub(crate) tls: Option<Tls>,
+}
+
+/// An instance's TLS, ready: its credentials and the client side built from them.
+pub(crate) struct Tls {
+    pub(crate) credentials: crate::tls::Credentials,
+    client: std::sync::Arc<rustls::ClientConfig>,
 }
 
 impl Mesh {
@@ -36,8 +44,21 @@ impl Mesh {
         service: &str,
         instance_id: String,
     ) -> Result<Self, ServeError> {
+        let tls = match settings.tls_files() {
+            None => None,
+            Some(files) => {
+                let credentials = crate::tls::Credentials::load(&files)?;
+                let client = crate::tls::client_config(&credentials)?;
+                tracing::info!(identity = credentials.identity(), "mutual TLS on every hop");
+                Some(Tls {
+                    credentials,
+                    client,
+                })
+            }
+        };
         let etcd = crate::etcd::connect(&settings.etcd_endpoints).await?;
         Ok(Self {
+            tls,
             layout: Layout::new(settings.prefix.clone()),
             settings,
             service: service.to_string(),
@@ -110,7 +131,15 @@ impl Mesh {
         };
         f(channels.entry(service.to_string()).or_insert_with(|| {
             let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
-            (MeshChannel::new(service, resolver.subscribe()), resolver)
+            let mut channel = MeshChannel::builder(service);
+            if let Some(tls) = &self.tls {
+                channel = match crate::tls::TlsConnector::new(tls.client.clone(), service) {
+                    Ok(connector) => channel.connector(connector),
+                    // Never plaintext instead: every call fails, saying why.
+                    Err(e) => channel.connector(crate::tls::Unusable(e.to_string())),
+                };
+            }
+            (channel.build(resolver.subscribe()), resolver)
         }))
     }
 }

@@ -97,12 +97,22 @@ pub struct Services {
     descriptors: Vec<&'static [u8]>,
     /// Each service's largest request message, checked at the door.
     limits: HashMap<&'static str, usize>,
+    /// Whether callers from outside the mesh call it (over TLS: a client certificate is then
+    /// optional, callers authenticating otherwise).
+    public: bool,
 }
 
 impl Services {
     /// An empty set.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Marks these services as called from outside the mesh: over mutual TLS, a caller's
+    /// certificate is then optional (the gateway's callers authenticate with a bearer token).
+    pub fn public(mut self) -> Self {
+        self.public = true;
+        self
     }
 
     /// Adds a generated tonic server, whose requests may be up to [`DEFAULT_MAX_REQUEST`].
@@ -184,12 +194,23 @@ impl Mesh {
                 )
             }
         };
+        let tls = match &self.tls {
+            None => None,
+            Some(tls) => Some(crate::tls::server_config(
+                &tls.credentials,
+                if services.public {
+                    crate::tls::ClientAuth::Optional
+                } else {
+                    crate::tls::ClientAuth::Required
+                },
+            )?),
+        };
         let mut started = Started::start(
             listener,
             health_listener,
             services,
             &self.service,
-            hygiene,
+            (hygiene, tls),
             limits,
         )
         .await?;
@@ -291,7 +312,7 @@ impl Started {
         health_listener: Option<TcpListener>,
         services: Services,
         service: &str,
-        hygiene: Hygiene,
+        (hygiene, tls): (Hygiene, Option<Arc<rustls::ServerConfig>>),
         limits: LimitSettings,
     ) -> Result<Self, ServeError> {
         let limiter = Arc::new(Limiter::new(limits));
@@ -331,13 +352,17 @@ impl Started {
             // The builder's TCP settings do not apply to an incoming stream: set them on it, or
             // Nagle's algorithm holds small responses back by tens of milliseconds.
             .serve_with_incoming_shutdown(
-                guarded(
-                    TcpIncoming::from(listener)
-                        .with_nodelay(Some(true))
-                        .with_keepalive(Some(TCP_KEEPALIVE_TIME))
-                        .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
-                        .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
-                    hygiene,
+                crate::tls::incoming(
+                    guarded(
+                        TcpIncoming::from(listener)
+                            .with_nodelay(Some(true))
+                            .with_keepalive(Some(TCP_KEEPALIVE_TIME))
+                            .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+                            .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
+                        hygiene,
+                    ),
+                    tls,
+                    hygiene.handshake_timeout,
                 ),
                 async move {
                     let _ = stopped.wait_for(|stop| *stop).await;

@@ -32,6 +32,19 @@ pub struct Settings {
     #[arg(long, env = "HERD_HEALTH_LISTEN", value_name = "ADDR")]
     pub health_listen: Option<SocketAddr>,
 
+    /// This instance's certificate (PEM, leaf first, naming `spiffe://<trust-domain>/herd/<service>`).
+    /// With --tls-key and --tls-ca every hop is mutual TLS; without all three, plaintext.
+    #[arg(long, env = "HERD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// This instance's private key (PEM).
+    #[arg(long, env = "HERD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// The CA certificates (PEM) that sign the mesh's identities.
+    #[arg(long, env = "HERD_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
     /// etcd endpoints, comma separated (for example http://10.0.0.1:2379,http://10.0.0.2:2379).
     #[arg(long = "etcd", env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ETCD)]
     pub etcd_endpoints: Vec<String>,
@@ -124,6 +137,17 @@ impl Settings {
         if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
             return Err("--handshake-timeout-ms, --idle-timeout-ms: at least 1".into());
         }
+        if [&self.tls_cert, &self.tls_key, &self.tls_ca]
+            .iter()
+            .filter(|f| f.is_some())
+            .count()
+            % 3
+            != 0
+        {
+            return Err(
+                "--tls-cert, --tls-key, --tls-ca: give all three (mutual TLS) or none".into(),
+            );
+        }
         if !(1..=3600).contains(&self.lease_ttl) {
             return Err(format!(
                 "--lease-ttl: must be 1..=3600 seconds, got {}",
@@ -131,6 +155,18 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// Where the instance's TLS material is, when it speaks TLS (all three files given).
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        }
     }
 
     /// The instance's concurrency limit: adaptive, under `--max-in-flight`.

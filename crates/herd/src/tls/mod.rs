@@ -383,6 +383,113 @@ pub fn secured(
         .filter_map(|handshake| std::future::ready(handshake.transpose()))
 }
 
+/// A connection an instance serves: plaintext (no TLS settings) or after its TLS handshake.
+pub enum Conn {
+    /// Plaintext.
+    Plain(Guarded),
+    /// Over TLS.
+    Tls(Box<Secured>),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        match self {
+            Conn::Plain(c) => PeerInfo {
+                remote: c.connect_info().remote_addr(),
+                identity: None,
+            },
+            Conn::Tls(c) => c.peer.clone(),
+        }
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self.get_mut() {
+            Conn::Plain($c) => {
+                let $c = Pin::new($c);
+                $e
+            }
+            Conn::Tls($c) => {
+                let $c = Pin::new(&mut **$c);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        both!(self, c => c.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        both!(self, c => c.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        both!(self, c => c.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(c) => c.is_write_vectored(),
+            Conn::Tls(c) => c.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        both!(self, c => c.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        both!(self, c => c.poll_shutdown(cx))
+    }
+}
+
+/// The connections an instance serves: `incoming` as is without TLS settings, or after TLS with
+/// `config` (see [`secured`]; a plaintext caller then gets nowhere).
+pub fn incoming(
+    incoming: impl Stream<Item = Result<Guarded, std::io::Error>> + Send + 'static,
+    config: Option<Arc<rustls::ServerConfig>>,
+    timeout: Duration,
+) -> futures::stream::BoxStream<'static, Result<Conn, std::io::Error>> {
+    match config {
+        None => incoming.map(|c| c.map(Conn::Plain)).boxed(),
+        Some(config) => secured(incoming, config, timeout)
+            .map(|c| c.map(|c| Conn::Tls(Box::new(c))))
+            .boxed(),
+    }
+}
+
+/// A connector that cannot connect, saying why: what a channel gets when its TLS cannot be set
+/// up, rather than falling back to plaintext.
+#[derive(Debug)]
+pub(crate) struct Unusable(pub(crate) String);
+
+impl Connector for Unusable {
+    fn connect(&self, _: &Authority) -> BoxFuture<'static, Result<Box<dyn Io>, BoxError>> {
+        let why = self.0.clone();
+        Box::pin(async move { Err(why.into()) })
+    }
+}
+
 /// Verifies a callee: chain signed by the CA (for server use), identity that of the service
 /// called.
 #[derive(Debug)]
