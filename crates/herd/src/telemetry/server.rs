@@ -29,7 +29,11 @@ where
     Fut: Future<Output = Result<tonic::Response<Res>, tonic::Status>>,
 {
     let (service, method) = split_method(path);
-    let local = request.local_addr();
+    // A served instance's connections carry `PeerInfo`; tonic's own info otherwise.
+    let local = match request.extensions().get::<crate::tls::PeerInfo>() {
+        Some(peer) => peer.local,
+        None => request.local_addr(),
+    };
     let exporting = EXPORTING.load(Ordering::Relaxed);
     let parent = if exporting {
         parent_of(request.metadata(), request.get_ref().context())

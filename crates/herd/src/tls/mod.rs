@@ -275,6 +275,8 @@ impl Connector for TlsConnector {
 /// given). tonic puts it in every request's extensions.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
+    /// This instance's address the connection came to.
+    pub local: Option<std::net::SocketAddr>,
     /// The caller's address.
     pub remote: Option<std::net::SocketAddr>,
     /// The caller's `spiffe://` identity.
@@ -353,7 +355,10 @@ pub fn secured(
             let acceptor = acceptor.clone();
             async move {
                 let connection = accepted?;
-                let remote = connection.connect_info().remote_addr();
+                let (local, remote) = (
+                    connection.connect_info().local_addr(),
+                    connection.connect_info().remote_addr(),
+                );
                 match tokio::time::timeout(timeout, acceptor.accept(connection)).await {
                     Ok(Ok(stream)) => {
                         let identity = stream
@@ -365,7 +370,11 @@ pub fn secured(
                             .map(Arc::from);
                         Ok(Some(Secured {
                             stream,
-                            peer: PeerInfo { remote, identity },
+                            peer: PeerInfo {
+                                local,
+                                remote,
+                                identity,
+                            },
                         }))
                     }
                     Ok(Err(e)) => {
@@ -397,6 +406,7 @@ impl Connected for Conn {
     fn connect_info(&self) -> PeerInfo {
         match self {
             Conn::Plain(c) => PeerInfo {
+                local: c.connect_info().local_addr(),
                 remote: c.connect_info().remote_addr(),
                 identity: None,
             },
