@@ -62,12 +62,15 @@ async fn the_mesh_over_mutual_tls_quotes_and_strangers_get_nowhere() -> anyhow::
     for service in ["tax", "currency", "pricing"] {
         let flags = tls_flags(&certs, service);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        instances.push(herd_tests::start_instance(
+        // Its access log names each caller.
+        let env = [("RUST_LOG", "info,herd::access=debug")];
+        instances.push(herd_tests::start_instance_with_env(
             service,
             &etcd,
             0,
             dir.path(),
             &flags,
+            &env,
         )?);
     }
     let port = free_port();
@@ -118,6 +121,13 @@ async fn the_mesh_over_mutual_tls_quotes_and_strangers_get_nowhere() -> anyhow::
         started.elapsed()
     );
     assert_eq!(quote["quote"]["tenantId"], "acme");
+    // Pricing learnt from the handshake that the gateway called it.
+    let pricing_log = instances[2].log_text();
+    assert!(
+        pricing_log.contains("caller=\"spiffe://herd.local/herd/gateway\"")
+            || pricing_log.contains("caller=spiffe://herd.local/herd/gateway"),
+        "{pricing_log}"
+    );
     assert_eq!(quote["quote"]["currency"], "EUR");
     assert!(quote["token"].as_str().is_some_and(|t| !t.is_empty()));
 

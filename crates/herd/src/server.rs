@@ -502,7 +502,11 @@ async fn publish_status(
 /// One debug line per call received (target `herd::access`), so that operators and tests can see
 /// which instance serves what; free when debug logging is off.
 fn access_log(req: http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> {
-    tracing::debug!(target: "herd::access", path = %req.uri().path(), "call received");
+    let caller = req
+        .extensions()
+        .get::<crate::tls::PeerInfo>()
+        .and_then(|p| p.identity.as_deref());
+    tracing::debug!(target: "herd::access", path = %req.uri().path(), caller, "call received");
     req
 }
 

@@ -30,10 +30,13 @@ where
 {
     let (service, method) = split_method(path);
     // A served instance's connections carry `PeerInfo`; tonic's own info otherwise.
-    let local = match request.extensions().get::<crate::tls::PeerInfo>() {
+    let peer = request.extensions().get::<crate::tls::PeerInfo>();
+    let local = match peer {
         Some(peer) => peer.local,
         None => request.local_addr(),
     };
+    // The caller's identity, from its certificate (over mutual TLS).
+    let caller = peer.and_then(|p| p.identity.clone());
     let exporting = EXPORTING.load(Ordering::Relaxed);
     let parent = if exporting {
         parent_of(request.metadata(), request.get_ref().context())
@@ -66,6 +69,7 @@ where
                 rpc.grpc.status_code = tracing::field::Empty,
                 server.address = local.map(|a| a.ip().to_string()).unwrap_or_default(),
                 server.port = local.map(|a| i64::from(a.port())).unwrap_or_default(),
+                herd.caller = tracing::field::Empty,
                 herd.tenant = tracing::field::Empty,
                 herd.request_id = tracing::field::Empty,
                 herd.config_revision = tracing::field::Empty,
@@ -96,6 +100,9 @@ where
         }
         span
     };
+    if let Some(caller) = caller {
+        span.record("herd.caller", &*caller);
+    }
     let context = request.get_ref().context();
     if let Some(ctx) = context {
         record_context(&span, ctx);
