@@ -35,6 +35,14 @@ pub struct Mesh {
 pub(crate) struct Tls {
     pub(crate) credentials: crate::tls::Credentials,
     client: std::sync::Arc<rustls::ClientConfig>,
+    /// Re-reads the certificate and key when they change.
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Tls {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
 }
 
 impl Mesh {
@@ -48,11 +56,15 @@ impl Mesh {
             None => None,
             Some(files) => {
                 let credentials = crate::tls::Credentials::load(&files)?;
+                // Rotated certificates are taken up within a second, without a restart; the
+                // task lives as long as the process.
+                let watch = credentials.watch(files, std::time::Duration::from_secs(1));
                 let client = crate::tls::client_config(&credentials)?;
                 tracing::info!(identity = credentials.identity(), "mutual TLS on every hop");
                 Some(Tls {
                     credentials,
                     client,
+                    watch,
                 })
             }
         };

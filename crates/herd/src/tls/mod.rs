@@ -78,11 +78,66 @@ pub enum TlsError {
 /// An instance's TLS material, read and checked.
 #[derive(Debug)]
 pub struct Credentials {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    keys: Arc<Reloading>,
     roots: Arc<RootCertStore>,
     identity: String,
     trust_domain: String,
+}
+
+/// An instance's certificate and key as both sides of its TLS use them, replaced when the files
+/// change ([`Credentials::watch`]): new handshakes present the new ones, connections already open
+/// keep theirs.
+#[derive(Debug)]
+pub struct Reloading {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for Reloading {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Reloading {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The certificate chain and key in `files`, and the identity the leaf names.
+fn certified(files: &TlsFiles) -> Result<(rustls::sign::CertifiedKey, String), TlsError> {
+    let bad = |path: &Path, what: String| TlsError::File {
+        path: path.to_path_buf(),
+        what,
+    };
+    let chain = CertificateDer::pem_slice_iter(&read_file(&files.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&files.cert, format!("not PEM certificates ({e})")))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| bad(&files.cert, "no certificate".into()))?;
+    let identity = spiffe_id(leaf).ok_or_else(|| TlsError::NoIdentity(files.cert.clone()))?;
+    let key = PrivateKeyDer::from_pem_slice(&read_file(&files.key)?)
+        .map_err(|e| bad(&files.key, format!("not a PEM private key ({e})")))?;
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider())
+        .map_err(|e| bad(&files.key, format!("does not fit the certificate ({e})")))?;
+    Ok((certified, identity))
+}
+
+/// When a file was last written, if it can be read.
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -99,20 +154,12 @@ impl Credentials {
             path: path.to_path_buf(),
             what,
         };
-        let chain = CertificateDer::pem_slice_iter(&read_file(&files.cert)?)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&files.cert, format!("not PEM certificates ({e})")))?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| bad(&files.cert, "no certificate".into()))?;
-        let identity = spiffe_id(leaf).ok_or_else(|| TlsError::NoIdentity(files.cert.clone()))?;
+        let (certified, identity) = certified(files)?;
         let trust_domain = identity
             .strip_prefix("spiffe://")
             .and_then(|rest| rest.split('/').next())
             .unwrap_or_default()
             .to_string();
-        let key = PrivateKeyDer::from_pem_slice(&read_file(&files.key)?)
-            .map_err(|e| bad(&files.key, format!("not a PEM private key ({e})")))?;
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(&read_file(&files.ca)?) {
             let ca = ca.map_err(|e| bad(&files.ca, format!("not PEM certificates ({e})")))?;
@@ -124,8 +171,9 @@ impl Credentials {
             return Err(bad(&files.ca, "no CA certificate".into()));
         }
         Ok(Self {
-            chain,
-            key,
+            keys: Arc::new(Reloading {
+                current: arc_swap::ArcSwap::from_pointee(certified),
+            }),
             roots: Arc::new(roots),
             identity,
             trust_domain,
@@ -135,6 +183,41 @@ impl Credentials {
     /// The identity the instance's certificate names.
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// Re-reads the certificate and key in `files` when either changes (looked at every
+    /// `every`, off the request path) until the returned task is dropped or aborted. A new pair
+    /// is taken only if it loads, fits together and names the same identity; otherwise the
+    /// current one stays, and why is logged.
+    pub fn watch(&self, files: TlsFiles, every: Duration) -> tokio::task::JoinHandle<()> {
+        let (keys, identity) = (self.keys.clone(), self.identity.clone());
+        tokio::spawn(async move {
+            let stamp = |files: &TlsFiles| (modified(&files.cert), modified(&files.key));
+            let mut seen = stamp(&files);
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let now = stamp(&files);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match certified(&files) {
+                    Ok((certified, id)) if id == identity => {
+                        keys.current.store(Arc::new(certified));
+                        tracing::info!(%identity, "certificate reloaded");
+                    }
+                    Ok((_, id)) => {
+                        tracing::warn!(%identity, new = %id, "certificate not reloaded: it names another identity");
+                    }
+                    // A half-written pair is read again when the files change once more.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "certificate not reloaded; keeping the current one")
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -190,7 +273,7 @@ pub fn server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(credentials.chain.clone(), credentials.key.clone_key())?;
+        .with_cert_resolver(credentials.keys.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -207,7 +290,7 @@ pub fn client_config(credentials: &Credentials) -> Result<Arc<rustls::ClientConf
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(credentials.chain.clone(), credentials.key.clone_key())?;
+        .with_client_cert_resolver(credentials.keys.clone());
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -885,5 +968,64 @@ mod tests {
         };
         let answered = tower::Service::call(&mut plaintext, request).await;
         assert!(answered.is_err(), "a plaintext call was answered");
+    }
+
+    #[tokio::test]
+    async fn a_rotated_certificate_is_presented_by_new_handshakes_without_a_restart() {
+        let dir = certs("herd.local", &["gateway", "pricing"]);
+        let files = TlsFiles {
+            cert: dir.path().join("pricing.pem"),
+            key: dir.path().join("pricing-key.pem"),
+            ca: dir.path().join("ca.pem"),
+        };
+        let pricing = Credentials::load(&files).expect("valid");
+        let _watch = pricing.watch(files.clone(), Duration::from_millis(20));
+        let config = server_config(&pricing, ClientAuth::Required).expect("server");
+        let client = client_config(&credentials(dir.path(), "gateway")).expect("client");
+        // What a new handshake is shown, as DER.
+        let presented = || {
+            let (config, client) = (config.clone(), client.clone());
+            async move {
+                let (address, _served) = server(config).await;
+                let tcp = tokio::net::TcpStream::connect(&address)
+                    .await
+                    .expect("connect");
+                let tls = tokio_rustls::TlsConnector::from(client)
+                    .connect(server_name("pricing").expect("name"), tcp)
+                    .await
+                    .expect("handshake");
+                tls.get_ref().1.peer_certificates().expect("a chain")[0].to_vec()
+            }
+        };
+        let file_der = || {
+            let pem = std::fs::read(&files.cert).expect("written");
+            CertificateDer::from_pem_slice(&pem).expect("PEM").to_vec()
+        };
+        let before = file_der();
+        assert_eq!(presented().await, before);
+        // Rotate under the same CA; new handshakes present the new certificate.
+        dev::init(
+            dir.path(),
+            "herd.local",
+            &["pricing".to_string()],
+            Duration::from_secs(3600),
+        )
+        .expect("rotated");
+        let after = file_der();
+        assert_ne!(after, before);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while presented().await != after {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the new certificate was never presented"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A pair that does not fit (another service's key) does not load, so the watcher keeps
+        // the current one.
+        std::fs::copy(dir.path().join("gateway-key.pem"), &files.key).expect("copied");
+        let err = certified(&files).expect_err("a key of another certificate");
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        assert_eq!(presented().await, after);
     }
 }
