@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use herd_model::MeshConfig;
-use herd_model::auth::AuthError;
 use herd_model::basket;
 use herd_model::money::{convert, tax_of};
 use herd_model::token;
@@ -175,14 +174,10 @@ impl QuoteService for RawGateway {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let authorization = metadata
-            .get("authorization")
-            .map(|v| v.to_str().map_err(|_| AuthError::NotBearer))
-            .transpose()?;
-        let identity = self.config.auth.authenticate(
-            authorization,
-            i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-        )?;
+        let identity = self
+            .config
+            .auth
+            .authenticate_call(&metadata, i64::try_from(now.as_secs()).unwrap_or(i64::MAX))?;
         let tenant = match req.context.as_ref().map(|c| c.tenant_id.as_str()) {
             None | Some("") => identity.tenant,
             Some(t) if t == identity.tenant => identity.tenant,

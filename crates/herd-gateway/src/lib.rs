@@ -101,15 +101,7 @@ async fn admit<Req: WithContext>(
         .current()
         .ok_or(herd::error::RevisionError::NotLoaded)?;
     let now = now().seconds;
-    let authorization = match metadata.get("authorization") {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .map_err(|_| herd_model::auth::AuthError::NotBearer)?,
-        ),
-    };
-    let identity = snapshot.model.auth.authenticate(authorization, now)?;
+    let identity = snapshot.model.auth.authenticate_call(&metadata, now)?;
     let ctx = message
         .context_mut()
         .as_mut()

@@ -400,6 +400,19 @@ impl Authenticator {
         })
     }
 
+    /// Authenticates a call by its `authorization` metadata at `now` (unix seconds).
+    pub fn authenticate_call(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        now: i64,
+    ) -> Result<Identity, AuthError> {
+        let authorization = match metadata.get("authorization") {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| AuthError::NotBearer)?),
+        };
+        self.authenticate(authorization, now)
+    }
+
     /// Authenticates the value of a call's `authorization` metadata at `now` (unix seconds).
     pub fn authenticate(
         &self,
@@ -419,14 +432,20 @@ impl Authenticator {
     /// Verifies a token (without the `Bearer ` prefix) at `now` (unix seconds).
     pub fn verify(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
         if let Some(identity) = self.verified.get(token) {
-            if identity.expires_at + self.leeway <= now {
-                return Err(AuthError::Expired);
-            }
+            self.unexpired(identity.expires_at, now)?;
             return Ok(identity);
         }
         let identity = self.verify_afresh(token, now)?;
         self.verified.put(token, &identity);
         Ok(identity)
+    }
+
+    /// Whether a token expiring at `expires_at` is still good at `now`, leeway included.
+    fn unexpired(&self, expires_at: i64, now: i64) -> Result<(), AuthError> {
+        if expires_at + self.leeway <= now {
+            return Err(AuthError::Expired);
+        }
+        Ok(())
     }
 
     fn verify_afresh(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
@@ -457,9 +476,7 @@ impl Authenticator {
             seconds(claims.exp.as_ref()).ok_or(AuthError::MissingClaim("\"exp\"".into()))?;
         let issued_at =
             seconds(claims.iat.as_ref()).ok_or(AuthError::MissingClaim("\"iat\"".into()))?;
-        if expires_at + self.leeway <= now {
-            return Err(AuthError::Expired);
-        }
+        self.unexpired(expires_at, now)?;
         if issued_at > now + self.leeway {
             return Err(AuthError::IssuedInTheFuture);
         }
@@ -600,18 +617,6 @@ pub const DEV_ISSUER: &str = "https://dev.herd.local";
 pub const DEV_WARNING: &str =
     "development only: this private key is readable by anyone who can read etcd";
 
-/// A token's claims as herd's tools issue them.
-#[derive(Serialize)]
-struct Issued<'a> {
-    iss: &'a str,
-    sub: &'a str,
-    aud: &'a str,
-    iat: i64,
-    exp: i64,
-    #[serde(flatten)]
-    tenant: BTreeMap<&'a str, &'a str>,
-}
-
 impl DevIssuer {
     /// A new issuer with a fresh Ed25519 key.
     pub fn generate() -> Self {
@@ -695,18 +700,14 @@ impl DevIssuer {
         now: i64,
         ttl_seconds: i64,
     ) -> Result<String, String> {
-        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.kid.clone());
-        let claims = Issued {
-            iss: &self.issuer,
-            sub: subject,
-            aud: AUDIENCE,
-            iat: now,
-            exp: now.saturating_add(ttl_seconds),
-            tenant: BTreeMap::from([(TENANT_CLAIM, tenant)]),
-        };
-        jsonwebtoken::encode(&header, &claims, &self.encoding_key()?)
-            .map_err(|e| format!("signing: {e}"))
+        self.sign_claims(&serde_json::json!({
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": now.saturating_add(ttl_seconds),
+            TENANT_CLAIM: tenant,
+        }))
     }
 }
 

@@ -57,7 +57,7 @@ impl Mesh {
             Some(files) => {
                 let credentials = crate::tls::Credentials::load(&files)?;
                 // Rotated certificates are taken up within a second, without a restart; the
-                // task lives as long as the process.
+                // task lives as long as the mesh.
                 let watch = credentials.watch(files, std::time::Duration::from_secs(1));
                 let client = crate::tls::client_config(&credentials)?;
                 tracing::info!(identity = credentials.identity(), "mutual TLS on every hop");

@@ -210,7 +210,8 @@ impl Mesh {
             health_listener,
             services,
             &self.service,
-            (hygiene, tls),
+            hygiene,
+            tls,
             limits,
         )
         .await?;
@@ -312,7 +313,8 @@ impl Started {
         health_listener: Option<TcpListener>,
         services: Services,
         service: &str,
-        (hygiene, tls): (Hygiene, Option<Arc<rustls::ServerConfig>>),
+        hygiene: Hygiene,
+        tls: Option<Arc<rustls::ServerConfig>>,
         limits: LimitSettings,
     ) -> Result<Self, ServeError> {
         let limiter = Arc::new(Limiter::new(limits));
@@ -502,11 +504,16 @@ async fn publish_status(
 /// One debug line per call received (target `herd::access`), so that operators and tests can see
 /// which instance serves what; free when debug logging is off.
 fn access_log(req: http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> {
-    let caller = req
-        .extensions()
-        .get::<crate::tls::PeerInfo>()
-        .and_then(|p| p.identity.as_deref());
-    tracing::debug!(target: "herd::access", path = %req.uri().path(), caller, "call received");
+    // Fields are evaluated only when the line is logged: nothing is looked up otherwise.
+    tracing::debug!(
+        target: "herd::access",
+        path = %req.uri().path(),
+        caller = req
+            .extensions()
+            .get::<crate::tls::PeerInfo>()
+            .and_then(|p| p.identity.as_deref()),
+        "call received"
+    );
     req
 }
 

@@ -137,13 +137,11 @@ impl Settings {
         if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
             return Err("--handshake-timeout-ms, --idle-timeout-ms: at least 1".into());
         }
-        if [&self.tls_cert, &self.tls_key, &self.tls_ca]
+        let tls_given = [&self.tls_cert, &self.tls_key, &self.tls_ca]
             .iter()
             .filter(|f| f.is_some())
-            .count()
-            % 3
-            != 0
-        {
+            .count();
+        if tls_given != 0 && tls_given != 3 {
             return Err(
                 "--tls-cert, --tls-key, --tls-ca: give all three (mutual TLS) or none".into(),
             );

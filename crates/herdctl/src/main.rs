@@ -71,31 +71,37 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     use anyhow::Context;
     let layout = Layout::new(cli.prefix.clone());
-    if let Command::Certs { command } = cli.command {
-        return certs::run(command);
-    }
-    if matches!(&cli.command, Command::Auth { command } if !command.needs_etcd())
-        && let Command::Auth { command } = cli.command
-    {
-        return auth::run(None, &layout, command).await;
-    }
-    let client = herd::etcd::connect(&cli.etcd_endpoints)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", cli.etcd_endpoints.join(",")))?;
+    let needs_etcd = match &cli.command {
+        Command::Certs { .. } => false,
+        Command::Auth { command } => command.needs_etcd(),
+        Command::Config { .. } | Command::Instances { .. } => true,
+    };
+    let client = if needs_etcd {
+        Some(
+            herd::etcd::connect(&cli.etcd_endpoints)
+                .await
+                .with_context(|| {
+                    format!("connecting to etcd at {}", cli.etcd_endpoints.join(","))
+                })?,
+        )
+    } else {
+        None
+    };
+    let etcd = |client: Option<Client>| client.context("this command needs etcd");
     match cli.command {
+        Command::Certs { command } => certs::run(command),
+        Command::Auth { command } => auth::run(client, &layout, command).await,
         Command::Config { command } => {
             config::Ctl {
-                client,
+                client: etcd(client)?,
                 layout,
                 output: cli.output,
             }
             .run(command)
             .await
         }
-        Command::Auth { command } => auth::run(Some(client), &layout, command).await,
-        Command::Certs { command } => certs::run(command),
         Command::Instances { service } => {
-            instances(client, &layout, service.as_deref(), cli.output).await
+            instances(etcd(client)?, &layout, service.as_deref(), cli.output).await
         }
     }
 }

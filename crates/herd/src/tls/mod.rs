@@ -117,10 +117,6 @@ impl rustls::client::ResolvesClientCert for Reloading {
 
 /// The certificate chain and key in `files`, and the identity the leaf names.
 fn certified(files: &TlsFiles) -> Result<(rustls::sign::CertifiedKey, String), TlsError> {
-    let bad = |path: &Path, what: String| TlsError::File {
-        path: path.to_path_buf(),
-        what,
-    };
     let chain = CertificateDer::pem_slice_iter(&read_file(&files.cert)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(&files.cert, format!("not PEM certificates ({e})")))?;
@@ -140,20 +136,20 @@ fn modified(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::File {
+fn bad(path: &Path, what: String) -> TlsError {
+    TlsError::File {
         path: path.to_path_buf(),
-        what: e.to_string(),
-    })
+        what,
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| bad(path, e.to_string()))
 }
 
 impl Credentials {
     /// Reads `files`: the chain (the leaf must name a `spiffe://` identity), the key, the CA.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let bad = |path: &Path, what: String| TlsError::File {
-            path: path.to_path_buf(),
-            what,
-        };
         let (certified, identity) = certified(files)?;
         let trust_domain = identity
             .strip_prefix("spiffe://")
@@ -366,60 +362,6 @@ pub struct PeerInfo {
     pub identity: Option<Arc<str>>,
 }
 
-/// An accepted connection after its TLS handshake.
-pub struct Secured {
-    stream: tokio_rustls::server::TlsStream<Guarded>,
-    peer: PeerInfo,
-}
-
-impl Connected for Secured {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for Secured {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Secured {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
 /// TLS handshakes in progress at once; more accepted connections wait for one to end.
 const HANDSHAKES_AT_ONCE: usize = 64;
 
@@ -431,7 +373,7 @@ pub fn secured(
     incoming: impl Stream<Item = Result<Guarded, std::io::Error>> + Send + 'static,
     config: Arc<rustls::ServerConfig>,
     timeout: Duration,
-) -> impl Stream<Item = Result<Secured, std::io::Error>> + Send + 'static {
+) -> impl Stream<Item = Result<Conn, std::io::Error>> + Send + 'static {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     incoming
         .map(move |accepted| {
@@ -451,14 +393,14 @@ pub fn secured(
                             .and_then(|chain| chain.first())
                             .and_then(spiffe_id)
                             .map(Arc::from);
-                        Ok(Some(Secured {
-                            stream,
-                            peer: PeerInfo {
+                        Ok(Some(Conn::Tls(
+                            Box::new(stream),
+                            PeerInfo {
                                 local,
                                 remote,
                                 identity,
                             },
-                        }))
+                        )))
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(?remote, error = %e, "TLS handshake refused");
@@ -479,8 +421,8 @@ pub fn secured(
 pub enum Conn {
     /// Plaintext.
     Plain(Guarded),
-    /// Over TLS.
-    Tls(Box<Secured>),
+    /// After its TLS handshake, with who the caller is.
+    Tls(Box<tokio_rustls::server::TlsStream<Guarded>>, PeerInfo),
 }
 
 impl Connected for Conn {
@@ -493,7 +435,7 @@ impl Connected for Conn {
                 remote: c.connect_info().remote_addr(),
                 identity: None,
             },
-            Conn::Tls(c) => c.peer.clone(),
+            Conn::Tls(_, peer) => peer.clone(),
         }
     }
 }
@@ -505,7 +447,7 @@ macro_rules! both {
                 let $c = Pin::new($c);
                 $e
             }
-            Conn::Tls($c) => {
+            Conn::Tls($c, _) => {
                 let $c = Pin::new(&mut **$c);
                 $e
             }
@@ -543,7 +485,7 @@ impl AsyncWrite for Conn {
     fn is_write_vectored(&self) -> bool {
         match self {
             Conn::Plain(c) => c.is_write_vectored(),
-            Conn::Tls(c) => c.is_write_vectored(),
+            Conn::Tls(c, _) => c.is_write_vectored(),
         }
     }
 
@@ -565,9 +507,7 @@ pub fn incoming(
 ) -> futures::stream::BoxStream<'static, Result<Conn, std::io::Error>> {
     match config {
         None => incoming.map(|c| c.map(Conn::Plain)).boxed(),
-        Some(config) => secured(incoming, config, timeout)
-            .map(|c| c.map(|c| Conn::Tls(Box::new(c))))
-            .boxed(),
+        Some(config) => secured(incoming, config, timeout).boxed(),
     }
 }
 
