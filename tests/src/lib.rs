@@ -365,8 +365,21 @@ pub fn call_with(
     body: &serde_json::Value,
     headers: &[&str],
 ) -> anyhow::Result<Answer> {
+    call_over(&["-plaintext"], address, method, body, headers)
+}
+
+/// As [`call_with`], reaching `address` as `transport` says (grpcurl's `-plaintext`, or its TLS
+/// flags: `-cacert`, `-cert`, `-key`).
+pub fn call_over(
+    transport: &[&str],
+    address: &str,
+    method: &str,
+    body: &serde_json::Value,
+    headers: &[&str],
+) -> anyhow::Result<Answer> {
     let body = body.to_string();
-    let mut args = vec!["-plaintext", "-max-time", "10", "-d", &body];
+    let mut args = transport.to_vec();
+    args.extend(["-max-time", "10", "-d", &body]);
     for header in headers {
         args.extend(["-H", header]);
     }
@@ -921,6 +934,7 @@ pub fn fixture() -> Vec<(&'static str, String)> {
             format!(r#"{{"keys":[{{"id":"t1","secret":"{secret}","active":true}}]}}"#),
         ),
         ("auth", auth),
+        ("authz", herd_model::demo::policy("herd.local")),
     ]
 }
 

@@ -623,11 +623,20 @@ mod tests {
             "auth",
         ];
         let names = herd::Registry::of::<MeshConfig>().names();
-        assert_eq!(names[0], "telemetry");
-        assert_eq!(names[1..], mesh);
-        // Every section of the mesh has a demo value; the runtime's optional one is not seeded.
+        assert_eq!(names[..2], ["telemetry", "authz"]);
+        assert_eq!(names[2..], mesh);
+        // Every section of the mesh has a demo value, as has the runtime's authorization policy
+        // (the reference mesh's); its optional telemetry is not seeded.
         let seeded: Vec<&str> = demo::sections().iter().map(|(name, _)| *name).collect();
-        assert_eq!(seeded, mesh);
+        assert_eq!(seeded[0], "authz");
+        assert_eq!(seeded[1..], mesh);
+        let policy = demo::sections()
+            .into_iter()
+            .find(|(name, _)| *name == "authz");
+        assert_eq!(
+            policy.map(|(_, json)| json),
+            Some(demo::policy("herd.local"))
+        );
     }
 
     #[test]

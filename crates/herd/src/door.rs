@@ -1,5 +1,7 @@
 //! What every request to a herd service passes before it is decoded, cheapest first:
 //!
+//! 0. over TLS, the authorization policy ([`crate::authz`]): a caller whose identity may not call
+//!    the method is `PERMISSION_DENIED`, before it learns anything else;
 //! 1. its `grpc-timeout`: zero or negative is `DEADLINE_EXCEEDED` at once, malformed
 //!    `INVALID_ARGUMENT`, and less time than a call takes here now is `DEADLINE_EXCEEDED` too —
 //!    work that cannot finish in time is not started;
@@ -27,6 +29,9 @@ use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
+use arc_swap::ArcSwap;
+
+use crate::authz::Policy;
 use crate::limit::{Limiter, Permit};
 
 /// The largest request message a service takes unless it says otherwise.
@@ -41,6 +46,7 @@ pub struct DoorLayer {
     /// `/pkg.Service/` → largest request message; a handful, so a scan beats a hash.
     limits: Arc<[(String, usize)]>,
     limiter: Arc<Limiter>,
+    authz: Option<Arc<ArcSwap<Policy>>>,
 }
 
 impl DoorLayer {
@@ -53,7 +59,14 @@ impl DoorLayer {
                 .map(|(name, limit)| (format!("/{name}/"), limit))
                 .collect(),
             limiter,
+            authz: None,
         }
+    }
+
+    /// Checks every call against the policy in `authz` first (kept current by whoever holds it).
+    pub fn with_authz(mut self, authz: Arc<ArcSwap<Policy>>) -> Self {
+        self.authz = Some(authz);
+        self
     }
 }
 
@@ -65,6 +78,7 @@ impl<S> Layer<S> for DoorLayer {
             inner,
             limits: self.limits.clone(),
             limiter: self.limiter.clone(),
+            authz: self.authz.clone(),
         }
     }
 }
@@ -75,6 +89,7 @@ pub struct Door<S> {
     inner: S,
     limits: Arc<[(String, usize)]>,
     limiter: Arc<Limiter>,
+    authz: Option<Arc<ArcSwap<Policy>>>,
 }
 
 impl<S> Service<http::Request<Body>> for Door<S>
@@ -103,6 +118,15 @@ where
             });
         };
         let refuse = |status: Status| Either::Left(futures::future::ready(Ok(status.into_http())));
+        if let Some(authz) = &self.authz {
+            let identity = request
+                .extensions()
+                .get::<crate::tls::PeerInfo>()
+                .and_then(|peer| peer.identity.as_deref());
+            if let Err(status) = authz.load().check(path, identity) {
+                return refuse(status);
+            }
+        }
         // Answered before anything is awaited, so before tonic's own timer can answer CANCELLED.
         let timeout = match check_timeout(request.headers()) {
             Ok(timeout) => timeout,

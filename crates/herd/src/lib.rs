@@ -11,6 +11,7 @@
 //!   application's), loaded, watched, validated, and pinned by revision.
 //! - [`context`]: request contexts and deadlines that travel with every call.
 //! - [`tls`]: mutual TLS between instances with SPIFFE-style identities.
+//! - [`authz`]: which mesh identities may call which methods, checked at the door.
 //! - [`client`]: unary calls over a balanced channel, retried within a budget, on HTTP/2 over a
 //!   pluggable transport.
 //! - [`mesh`]: one instance's link to the mesh: identity, etcd, configuration, channels.
@@ -24,6 +25,7 @@
 //! - [`telemetry`]: logs, OpenTelemetry spans and W3C trace context on every hop.
 //! - [`watch`]: following an etcd prefix through compactions and broken watches.
 
+pub mod authz;
 pub mod balance;
 pub mod binary;
 pub mod client;

@@ -196,14 +196,21 @@ impl Mesh {
         };
         let tls = match &self.tls {
             None => None,
-            Some(tls) => Some(crate::tls::server_config(
-                &tls.credentials,
-                if services.public {
-                    crate::tls::ClientAuth::Optional
-                } else {
-                    crate::tls::ClientAuth::Required
-                },
-            )?),
+            Some(tls) => {
+                let public = services.public;
+                Some(ServerTls {
+                    config: crate::tls::server_config(
+                        &tls.credentials,
+                        if public {
+                            crate::tls::ClientAuth::Optional
+                        } else {
+                            crate::tls::ClientAuth::Required
+                        },
+                    )?,
+                    // Over TLS callers have identities, and the policy says which may call what.
+                    authz: crate::authz::follow(self.runtime_config(), &self.service, public),
+                })
+            }
         };
         let mut started = Started::start(
             listener,
@@ -296,6 +303,13 @@ impl Health {
     }
 }
 
+/// What an instance serving over TLS needs beyond plaintext: its TLS configuration, and the
+/// authorization policy in force for its service.
+struct ServerTls {
+    config: Arc<rustls::ServerConfig>,
+    authz: Arc<arc_swap::ArcSwap<crate::authz::Policy>>,
+}
+
 /// Step 1's result: a server running on its own task, its health, and how to stop it.
 struct Started {
     address: SocketAddr,
@@ -314,7 +328,7 @@ impl Started {
         services: Services,
         service: &str,
         hygiene: Hygiene,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        tls: Option<ServerTls>,
         limits: LimitSettings,
     ) -> Result<Self, ServeError> {
         let limiter = Arc::new(Limiter::new(limits));
@@ -344,12 +358,17 @@ impl Started {
         let routes =
             with_health_and_reflection(services.routes, health_service, &services.descriptors)?;
         let mut stopped = stop.subscribe();
+        let door = DoorLayer::new(services.limits, limiter);
+        let (door, tls) = match tls {
+            Some(tls) => (door.with_authz(tls.authz), Some(tls.config)),
+            None => (door, None),
+        };
         let server = Server::builder()
             .tcp_nodelay(true)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .http2_max_pending_accept_reset_streams(Some(MAX_CONCURRENT_STREAMS as usize))
             .layer(tower::util::MapRequestLayer::new(access_log))
-            .layer(DoorLayer::new(services.limits, limiter))
+            .layer(door)
             .add_routes(routes)
             // The builder's TCP settings do not apply to an incoming stream: set them on it, or
             // Nagle's algorithm holds small responses back by tens of milliseconds.

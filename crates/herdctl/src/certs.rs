@@ -17,7 +17,7 @@ pub enum CertsCommand {
         /// The folder to write into (created if absent).
         dir: PathBuf,
         /// The trust domain of the identities, `spiffe://<trust-domain>/herd/<service>`.
-        #[arg(long, default_value = "herd.local")]
+        #[arg(long, default_value = herd_model::demo::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
         /// The services to issue certificates for, comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = MESH_SERVICES.map(String::from))]

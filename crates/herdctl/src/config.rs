@@ -72,7 +72,11 @@ pub enum ConfigCommand {
     /// Each instance's applied configuration revision and any revision it rejected, with why.
     Status,
     /// Write the demo configuration for every section that is absent.
-    Seed,
+    Seed {
+        /// The trust domain of the identities the demo authorization policy names.
+        #[arg(long, default_value = herd_model::demo::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
 }
 
 /// A section as etcd holds it.
@@ -205,7 +209,7 @@ impl Ctl {
             ConfigCommand::History { section, limit } => self.history(&section, limit).await,
             ConfigCommand::Rollback { section, to } => self.rollback(&section, to).await,
             ConfigCommand::Status => self.status().await,
-            ConfigCommand::Seed => self.seed().await,
+            ConfigCommand::Seed { trust_domain } => self.seed(&trust_domain).await,
         }
     }
 
@@ -548,9 +552,9 @@ impl Ctl {
         Ok(())
     }
 
-    async fn seed(&mut self) -> anyhow::Result<()> {
+    async fn seed(&mut self, trust_domain: &str) -> anyhow::Result<()> {
         let issuer = self.dev_issuer().await?;
-        for (section, mut value) in herd_model::demo::sections() {
+        for (section, mut value) in herd_model::demo::sections_in(trust_domain) {
             if section == <herd_model::auth::Auth as herd::Section>::NAME {
                 value = serde_json::to_string(&issuer.auth_section())?;
             }
@@ -641,7 +645,7 @@ mod tests {
         std::fs::write(&colour, "{}").unwrap();
         let err = read_spec(&colour.to_string_lossy()).unwrap_err();
         assert!(
-            format!("{err:#}").contains("unknown section; known: telemetry, catalog"),
+            format!("{err:#}").contains("unknown section; known: telemetry, authz, catalog"),
             "{err:#}"
         );
     }

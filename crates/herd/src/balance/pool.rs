@@ -201,6 +201,11 @@ async fn probe(
             (State::Unreachable(why), true) if was_serving => {
                 tracing::info!(%service, instance = %id, %address, reason = %why, "endpoint removed");
             }
+            // Once per endpoint until it serves: a registration nothing can reach (its address
+            // wrong, or its certificate not the identity of the service it claims to be).
+            (State::Unreachable(why), true) => {
+                tracing::warn!(%service, instance = %id, %address, reason = %why, "endpoint unreachable");
+            }
             _ => {}
         }
     };

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use super::ConfigError;
+use crate::authz::AuthzSection;
 use crate::telemetry::TelemetrySection;
 
 /// One configuration section: its key, what it holds, its rules and a valid example.
@@ -140,7 +141,10 @@ impl SectionSpec {
 
 /// The sections the runtime itself reads, whatever the application.
 pub fn runtime_sections() -> Vec<SectionSpec> {
-    vec![SectionSpec::optional::<TelemetrySection>()]
+    vec![
+        SectionSpec::optional::<TelemetrySection>(),
+        SectionSpec::defaulted::<AuthzSection>(),
+    ]
 }
 
 /// The runtime's own settings at one configuration revision.
@@ -148,12 +152,16 @@ pub fn runtime_sections() -> Vec<SectionSpec> {
 pub struct RuntimeConfig {
     /// `telemetry`, when set: the sampling ratio (absent: the one the process started with).
     pub telemetry: Option<Arc<TelemetrySection>>,
+    /// `authz`: who may call which methods (absent: no rule, so no call over TLS to an internal
+    /// service).
+    pub authz: Arc<AuthzSection>,
 }
 
 impl RuntimeConfig {
     fn from_sections(sections: &Sections) -> Self {
         Self {
             telemetry: sections.optional::<TelemetrySection>(),
+            authz: sections.get::<AuthzSection>().unwrap_or_default(),
         }
     }
 }
@@ -445,7 +453,7 @@ mod tests {
     #[test]
     fn the_runtime_and_the_application_compose() {
         let registry = Registry::of::<Model>();
-        assert_eq!(registry.names(), ["telemetry", "colour", "size"]);
+        assert_eq!(registry.names(), ["telemetry", "authz", "colour", "size"]);
         let checked = registry
             .check_all::<Model>(&raw(&[
                 ("colour", r#"{"name":"red"}"#),
@@ -457,6 +465,10 @@ mod tests {
         assert_eq!(
             checked.runtime.telemetry.map(|t| t.sampling_ratio),
             Some(0.5)
+        );
+        assert!(
+            checked.runtime.authz.rules.is_empty(),
+            "defaulted: no rules"
         );
     }
 
@@ -489,7 +501,7 @@ mod tests {
         assert_eq!(err.section, "flavour");
         assert!(
             err.message
-                .contains("unknown section; known: telemetry, colour, size"),
+                .contains("unknown section; known: telemetry, authz, colour, size"),
             "{err}"
         );
         let checked = registry
@@ -511,7 +523,7 @@ mod tests {
             .filter(|s| s.seeded())
             .map(|s| s.name())
             .collect();
-        assert_eq!(seeded, ["colour", "size"]);
+        assert_eq!(seeded, ["authz", "colour", "size"]);
     }
 
     #[test]
