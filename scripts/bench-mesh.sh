@@ -15,6 +15,8 @@ PARTS="${PARTS:-ceiling mesh tracing startup overload}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 HALF="${HALF:--}" # the fixed rate of half-load runs; the mesh part sets it from the raw capacity
 CONFIG=deploy/bench/config
+# The benchmark's quote-signing private key (its public key is in $CONFIG/keys.json): for benchmarks only.
+SECRETS=deploy/bench/secrets
 WORK=$(mktemp -d)
 PIDS=()
 
@@ -88,7 +90,7 @@ start_raw() {
     wait_listening "127.0.0.1:$cur"
     on_servers "$BIN/herd-raw" --role pricing --listen "127.0.0.1:$pri" --config "$CONFIG" --tax "127.0.0.1:$tax" --currency "127.0.0.1:$cur" & PIDS+=($!)
     wait_listening "127.0.0.1:$pri"
-    on_servers "$BIN/herd-raw" --role gateway --listen "$GATEWAY" --config "$CONFIG" --pricing "127.0.0.1:$pri" & PIDS+=($!)
+    on_servers "$BIN/herd-raw" --role gateway --listen "$GATEWAY" --config "$CONFIG" --secrets "$SECRETS" --pricing "127.0.0.1:$pri" & PIDS+=($!)
     SERVERS=("${PIDS[@]}")
     wait_listening "$GATEWAY"
 }
@@ -110,7 +112,7 @@ start_herd() { # extra environment assignments for the services
     for s in tax currency pricing; do
         env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" >"$WORK/$s.log" 2>&1 & PIDS+=($!)
     done
-    env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+    env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
     SERVERS=("${PIDS[@]:first}")
     wait_serving "$GATEWAY"
     # Every downstream instance must be in its callers' balancers before measuring.

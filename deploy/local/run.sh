@@ -6,7 +6,8 @@
 #
 # Settings (environment): HERD_ETCD_PORT and HERD_ETCD_PEER_PORT (2379, 2380), HERD_GATEWAY_PORTS
 # ("50051 50052"), HERD_RUN_DIR (.run: etcd's data, logs, and the pids of what was started),
-# HERD_BIN_DIR (the debug binaries of the build).
+# HERD_BIN_DIR (the debug binaries of the build). The gateways' private signing keys are in
+# $HERD_RUN_DIR/secrets.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -59,11 +60,13 @@ until ETCDCTL_API=3 etcdctl --endpoints "$ETCD" endpoint health >/dev/null 2>&1;
 done
 echo "etcd is up at $ETCD (data in $RUN/etcd)"
 
-"$BIN/herdctl" --etcd "$ETCD" config seed
+# The gateways' private signing keys: files, never etcd (the seed writes k1's here).
+SECRETS="$RUN/secrets"
+"$BIN/herdctl" --etcd "$ETCD" config seed --secrets "$SECRETS"
 
 start() {
     local name=$1 listen=$2 log=$3
-    "$BIN/herd-$name" --etcd "$ETCD" --listen "$listen" >"$RUN/logs/$log.log" 2>&1 &
+    "$BIN/herd-$name" --etcd "$ETCD" --listen "$listen" --secrets "$SECRETS" >"$RUN/logs/$log.log" 2>&1 &
     pids+=($!)
 }
 for i in 1 2; do

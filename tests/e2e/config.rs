@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use base64::Engine;
 use herd_proto::quote::{CreateQuoteRequest, Quote, VerifyQuoteRequest};
 use herd_tests::{
     Answer, Load, TestMesh, all_applied, call_as, eventually, fixture, herdctl, now_secs, rss_mib,
@@ -287,14 +286,18 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn keys_json(keys: &[(&str, u8, bool)]) -> String {
-    let entries: Vec<Value> = keys
-        .iter()
-        .map(|(id, seed, active)| {
-            json!({"id": id, "secret": base64::engine::general_purpose::STANDARD.encode([*seed; 32]), "active": active})
-        })
-        .collect();
-    json!({ "keys": entries }).to_string()
+/// The keys section of `keys` (id, secret byte, active), after their private keys are written
+/// into the gateways' secrets folder (as a rotation does: files first).
+fn keys_json(mesh: &TestMesh, keys: &[(&str, u8, bool)]) -> anyhow::Result<String> {
+    let secrets = herd_tests::secrets_dir(mesh.dir.path())?;
+    let mut entries = Vec::new();
+    for (id, seed, active) in keys {
+        herd_model::keys::write_key(&secrets, id, &[*seed; 32])?;
+        entries.push(
+            json!({"id": id, "public": herd_model::keys::public_of(&[*seed; 32]), "active": active}),
+        );
+    }
+    Ok(json!({ "keys": entries }).to_string())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -360,7 +363,7 @@ async fn e_key_rotation_under_load_fails_no_verification() -> anyhow::Result<()>
     let rotated = put(
         &mut etcd,
         "/herd/config/keys",
-        keys_json(&[("t1", 9, false), ("t2", 4, true)]),
+        keys_json(&mesh, &[("t1", 9, false), ("t2", 4, true)])?,
     )
     .await?;
     all_applied(&mesh, 8, rotated).await?;
@@ -384,7 +387,7 @@ async fn e_key_rotation_under_load_fails_no_verification() -> anyhow::Result<()>
     let retired = put(
         &mut etcd,
         "/herd/config/keys",
-        keys_json(&[("t2", 4, true)]),
+        keys_json(&mesh, &[("t2", 4, true)])?,
     )
     .await?;
     all_applied(&mesh, 8, retired).await?;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use herd_tests::{Answer, Proc, TestMesh, call, call_as, eventually, fixture, grpcurl, health};
 use serde_json::{Value, json};
 
@@ -388,10 +387,11 @@ async fn bad_input_gets_a_precise_status() -> anyhow::Result<()> {
     assert!(expired.1.contains("expired"), "{expired:?}");
 
     // Tokens signed with a key that is no longer configured are refused as such.
-    let secret = base64::engine::general_purpose::STANDARD.encode([3u8; 32]);
+    let public = herd_model::keys::public_of(&[3; 32]);
+    herd_model::keys::write_key(&herd_tests::secrets_dir(mesh.dir.path())?, "t2", &[3; 32])?;
     mesh.etcd.put(
         "/herd/config/keys",
-        &format!(r#"{{"keys":[{{"id":"t2","secret":"{secret}","active":true}}]}}"#),
+        &format!(r#"{{"keys":[{{"id":"t2","public":"{public}","active":true}}]}}"#),
     )?;
     let unknown = eventually(
         "the old key to be gone",
@@ -718,5 +718,147 @@ async fn the_health_port_answers_probes_in_plaintext_and_nothing_else() -> anyho
     let status = tax.wait_exit(Duration::from_secs(15)).await?;
     assert_eq!(status.code(), Some(0), "{}", tax.log_text());
     assert_eq!(probe(&health_address, "").await, None);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signing_keys_stay_out_of_etcd_and_a_gateway_without_one_says_so() -> anyhow::Result<()> {
+    use base64::Engine;
+    let mesh = TestMesh::start_seeded(1).await?;
+    let body = json!({"context": {"tenantId": "acme"}, "items": [{"sku": "hammer", "quantity": 3}],
+                      "currency": "EUR", "region": "US-CA"});
+    // The seeded mesh trusts the development issuer, as `make run`'s does.
+    let out = herd_tests::herdctl(
+        &mesh.etcd,
+        &["auth", "token", "--tenant", "acme", "--subject", "alice"],
+    )?;
+    let authorization = format!(
+        "authorization: Bearer {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    let call = |address: &str, method: &str, body: &Value| {
+        herd_tests::call_with(
+            address,
+            &format!("{QUOTE}/{method}"),
+            body,
+            &[&authorization],
+        )
+    };
+    let g = &mesh.gateways[0];
+    let quote = call(g, "CreateQuote", &body)?.ok()?;
+    let verify = json!({"context": {"tenantId": "acme"}, "token": quote["token"]});
+    call(g, "VerifyQuote", &verify)?.ok()?;
+
+    // The seed wrote k1's private key into the gateways' secrets folder; etcd has its public key
+    // and nothing of the private one, in any shape.
+    let secrets = herd_tests::secrets_dir(mesh.dir.path())?;
+    let pem = std::fs::read_to_string(secrets.join("k1.pem"))?;
+    let der = base64::engine::general_purpose::STANDARD.decode(
+        pem.lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>(),
+    )?;
+    // PKCS#8's private key: an OCTET STRING holding the 32-byte OCTET STRING of the seed.
+    let at = der
+        .windows(4)
+        .position(|w| w == [0x04, 0x22, 0x04, 0x20])
+        .map(|at| at + 4)
+        .ok_or_else(|| anyhow::anyhow!("k1.pem: no Ed25519 seed"))?;
+    let private = base64::engine::general_purpose::STANDARD.encode(&der[at..at + 32]);
+    let mut stored = mesh.etcd.get_prefix("/herd/config/")?;
+    stored.extend(mesh.etcd.get_prefix("/herd/services/")?);
+    assert!(stored.iter().any(|(key, _)| key == "/herd/config/keys"));
+    for (key, value) in &stored {
+        for secret in [private.as_str(), "PRIVATE KEY", "\"secret\""] {
+            assert!(!value.contains(secret), "{key} holds {secret}: {value}");
+        }
+    }
+
+    // A gateway whose secrets folder lacks the active key serves, and says what it lacks...
+    let empty = mesh.dir.path().join("no-secrets");
+    std::fs::create_dir_all(&empty)?;
+    let port = herd_tests::free_port();
+    let _bare = herd_tests::start_instance_with_env(
+        "gateway",
+        &mesh.etcd,
+        port,
+        mesh.dir.path(),
+        &[],
+        &[("HERD_SECRETS", &empty.to_string_lossy())],
+    )?;
+    let bare = format!("127.0.0.1:{port}");
+    let refused = eventually(
+        "the bare gateway to answer",
+        Duration::from_secs(30),
+        || async {
+            match call(&bare, "CreateQuote", &body).ok()? {
+                Answer::Err { code, message } if code == "FailedPrecondition" => Some(message),
+                _ => None,
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        refused,
+        "keys: k1 is the active signing key, but this instance holds no k1.pem among its \
+         secrets (it holds: )"
+    );
+    // ...and signs once the file is there, without a restart.
+    std::fs::copy(secrets.join("k1.pem"), empty.join("k1.pem"))?;
+    eventually("the key file taken up", Duration::from_secs(10), || async {
+        matches!(call(&bare, "CreateQuote", &body).ok()?, Answer::Ok(_)).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_export_moves_private_keys_from_etcd_into_files() -> anyhow::Result<()> {
+    use base64::Engine;
+    let etcd = herd_tests::Etcd::start().await?;
+    let b64 = |seed: u8| base64::engine::general_purpose::STANDARD.encode([seed; 32]);
+    // The keys section as an earlier version wrote it.
+    let old = json!({"keys": [{"id": "a", "secret": b64(1), "active": false},
+                              {"id": "b", "secret": b64(2), "active": true}]});
+    etcd.put("/herd/config/keys", &old.to_string())?;
+    let dir = tempfile::tempdir()?;
+    let secrets = dir.path().join("secrets");
+    let out = herd_tests::herdctl(
+        &etcd,
+        &["keys", "export", "--secrets", &secrets.to_string_lossy()],
+    )?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let section: Value = serde_json::from_str(
+        &etcd
+            .get_prefix("/herd/config/keys")?
+            .first()
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+    )?;
+    assert_eq!(
+        section,
+        json!({"keys": [
+            {"id": "a", "public": herd_model::keys::public_of(&[1; 32]), "active": false},
+            {"id": "b", "public": herd_model::keys::public_of(&[2; 32]), "active": true}]})
+    );
+    // The files hold the same keys: they sign for the section now in etcd.
+    let ring = herd::config::parse_section::<herd_model::sections::SigningKeys>(
+        section.to_string().as_bytes(),
+    )?;
+    let ring = herd_model::sections::KeyRing::from_section(&ring).map_err(anyhow::Error::msg)?;
+    let files = herd_model::keys::SigningSecrets::load(&secrets)?;
+    assert_eq!(files.ids(), ["a", "b"]);
+    assert!(files.matching(&ring, "a").is_some());
+    assert_eq!(files.active(&ring).map(|k| k.id).ok().as_deref(), Some("b"));
+    // Run again: nothing left to move.
+    let out = herd_tests::herdctl(
+        &etcd,
+        &["keys", "export", "--secrets", &secrets.to_string_lossy()],
+    )?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to export"));
     Ok(())
 }

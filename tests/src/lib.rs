@@ -303,10 +303,25 @@ pub fn start_instance_with_env(
     .env("HERD_LEASE_TTL", "2")
     .env("HERD_DRAIN_DELAY_MS", "300")
     .env("RUST_LOG", "info")
+    // Only the gateway reads it: the private signing keys.
+    .env("HERD_SECRETS", secrets_dir(dir)?)
     .envs(env.iter().copied());
     let log = dir.join(format!("{service}-{}.log", free_port()));
     Proc::spawn(&format!("herd-{service}"), cmd, log)
 }
+
+/// The secrets folder of instances started with scratch folder `dir`: `dir/secrets`, holding the
+/// private key of the [`fixture`]'s signing key `t1` (and whatever `herdctl config seed` adds).
+pub fn secrets_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let secrets = dir.join("secrets");
+    if !secrets.join("t1.pem").exists() {
+        herd_model::keys::write_key(&secrets, "t1", &FIXTURE_SIGNING_KEY)?;
+    }
+    Ok(secrets)
+}
+
+/// The private key of the [`fixture`]'s signing key `t1`.
+const FIXTURE_SIGNING_KEY: [u8; 32] = [9; 32];
 
 /// Runs real grpcurl with `args`.
 pub fn grpcurl(args: &[&str]) -> anyhow::Result<Output> {
@@ -468,14 +483,19 @@ impl TestMesh {
     /// and starts the instances as [`TestMesh::start`] does.
     pub async fn start_seeded(per_service: usize) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
-        let out = herdctl(&etcd, &["config", "seed"])?;
+        let dir = tempfile::tempdir()?;
+        let secrets = secrets_dir(dir.path())?;
+        let out = herdctl(
+            &etcd,
+            &["config", "seed", "--secrets", &secrets.to_string_lossy()],
+        )?;
         if !out.status.success() {
             bail!(
                 "herdctl config seed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Self::launch(etcd, per_service, Vec::new()).await
+        Self::launch_in(etcd, dir, per_service, Vec::new()).await
     }
 
     async fn launch(
@@ -483,7 +503,15 @@ impl TestMesh {
         per_service: usize,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::launch_in(etcd, tempfile::tempdir()?, per_service, env).await
+    }
+
+    async fn launch_in(
+        etcd: Etcd,
+        dir: tempfile::TempDir,
+        per_service: usize,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let mut mesh = Self {
             etcd,
             instances: Vec::new(),
@@ -905,7 +933,7 @@ pub async fn quote_client(address: &str, tenant: &str) -> anyhow::Result<QuoteCl
 /// category, EUR at a rate where half-even rounding matters, tight limits, one signing key, and
 /// callers authenticated by the test [`issuer`].
 pub fn fixture() -> Vec<(&'static str, String)> {
-    let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [9u8; 32]);
+    let public = herd_model::keys::public_of(&FIXTURE_SIGNING_KEY);
     let auth = serde_json::to_string(&issuer().auth_section()).unwrap_or_default();
     vec![
         (
@@ -931,7 +959,7 @@ pub fn fixture() -> Vec<(&'static str, String)> {
         ("limits", r#"{"max_items":5,"max_quantity":50}"#.into()),
         (
             "keys",
-            format!(r#"{{"keys":[{{"id":"t1","secret":"{secret}","active":true}}]}}"#),
+            format!(r#"{{"keys":[{{"id":"t1","public":"{public}","active":true}}]}}"#),
         ),
         ("auth", auth),
         ("authz", herd_model::demo::policy("herd.local")),

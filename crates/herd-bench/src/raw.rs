@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use herd_model::MeshConfig;
 use herd_model::basket;
+use herd_model::keys::{ActiveKey, SigningSecrets};
 use herd_model::money::{convert, tax_of};
 use herd_model::token;
 use herd_proto::currency::currency_service_client::CurrencyServiceClient;
@@ -155,10 +156,18 @@ impl PricingService for RawPricing {
     }
 }
 
+/// The active signing key of `config`, its private key read from the folder `secrets`.
+pub fn active_key(secrets: &str, config: &MeshConfig) -> anyhow::Result<ActiveKey> {
+    let secrets = SigningSecrets::load(std::path::Path::new(secrets))?;
+    Ok(secrets.active(&config.keys)?)
+}
+
 /// The baseline gateway.
 pub struct RawGateway {
     /// Configuration.
     pub config: Arc<MeshConfig>,
+    /// The key that signs quotes.
+    pub key: ActiveKey,
     /// Pricing, at a fixed address.
     pub pricing: PricingServiceClient<Channel>,
 }
@@ -206,7 +215,7 @@ impl QuoteService for RawGateway {
             config_revision: 0,
         };
         let quote = basket::quote(&request_for, lines, &req.currency, &self.config)?;
-        let token = token::sign(&quote, &self.config.keys);
+        let token = token::sign(&quote, &self.key);
         Ok(Response::new(CreateQuoteResponse {
             context: None,
             quote: Some(quote),
@@ -309,8 +318,11 @@ mod tests {
             currency: CurrencyServiceClient::new(channel(&currency).await.unwrap()),
         }))
         .await;
+        let secrets = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/bench/secrets");
+        let key = active_key(secrets, &config).unwrap();
         let gateway = serve(gateway_server(RawGateway {
             config,
+            key,
             pricing: PricingServiceClient::new(channel(&pricing).await.unwrap()),
         }))
         .await;

@@ -1,7 +1,7 @@
 //! The gateway: the mesh's public face. It authenticates each caller by its bearer token, writes
 //! who it is into the context (tenant, principal), completes the context (request id, accepted
 //! time, pinned config revision) under its seal, has pricing price the basket, and signs the
-//! quote.
+//! quote with the active key (whose private key it reads from its secrets folder, never etcd).
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use herd::error::{quoted, relay};
 use herd::{ConfigStore, Deadline, MeshChannel};
 use herd_model::MeshConfig;
+use herd_model::keys::{ActiveKey, SigningSecrets};
 use herd_model::{basket, seal, token};
 use herd_proto::WithContext;
 use herd_proto::context::RequestContext;
@@ -32,15 +33,22 @@ pub const MAX_REQUEST: usize = 256 * 1024;
 pub struct Gateway {
     config: ConfigStore<MeshConfig>,
     pricing: MeshChannel,
+    secrets: SigningSecrets,
     rates: Arc<rate::TenantRates>,
 }
 
 impl Gateway {
-    /// A handler reading configuration from `config` and calling pricing over the mesh.
-    pub fn new(config: ConfigStore<MeshConfig>, pricing: MeshChannel) -> Self {
+    /// A handler reading configuration from `config`, signing with the private keys in
+    /// `secrets` and calling pricing over the mesh.
+    pub fn new(
+        config: ConfigStore<MeshConfig>,
+        pricing: MeshChannel,
+        secrets: SigningSecrets,
+    ) -> Self {
         Self {
             config,
             pricing,
+            secrets,
             rates: Arc::default(),
         }
     }
@@ -62,12 +70,8 @@ impl Gateway {
 }
 
 /// Fills what the caller left empty — request id, accepted time, and the config revision it is
-/// priced at — and seals the result with `keys`.
-fn complete(
-    context: &RequestContext,
-    revision: i64,
-    keys: &herd_model::sections::KeyRing,
-) -> RequestContext {
+/// priced at — and seals the result with `key`.
+fn complete(context: &RequestContext, revision: i64, key: &ActiveKey) -> RequestContext {
     let mut ctx = context.clone();
     if ctx.request_id.is_empty() {
         // From the thread-local generator: no system call per request.
@@ -81,7 +85,7 @@ fn complete(
     if ctx.config_revision == 0 {
         ctx.config_revision = revision;
     }
-    ctx.seal = seal::seal(&ctx, keys);
+    ctx.seal = seal::seal(&ctx, key);
     ctx
 }
 
@@ -94,6 +98,7 @@ fn complete(
 /// takes effect at once whatever revision a request is pinned to.
 async fn admit<Req: WithContext>(
     config: &ConfigStore<MeshConfig>,
+    secrets: &SigningSecrets,
     metadata: tonic::metadata::MetadataMap,
     mut message: Req,
 ) -> Result<Req, Status> {
@@ -127,6 +132,7 @@ async fn admit<Req: WithContext>(
     check_seal(
         ctx,
         &snapshot.model.keys,
+        secrets,
         snapshot.revision,
         |revision| async move {
             config
@@ -154,6 +160,7 @@ async fn admit<Req: WithContext>(
 async fn check_seal<F, Fut>(
     ctx: &RequestContext,
     current: &herd_model::sections::KeyRing,
+    secrets: &SigningSecrets,
     current_revision: i64,
     newer: F,
 ) -> Result<(), Status>
@@ -163,10 +170,10 @@ where
             Output = Result<Arc<herd_model::sections::KeyRing>, herd::error::RevisionError>,
         >,
 {
-    let checked = match seal::check(ctx, current) {
+    let checked = match seal::check(ctx, current, secrets) {
         Err(seal::SealError::UnknownKey) if ctx.config_revision > current_revision => {
             let keys = newer(ctx.config_revision).await?;
-            seal::check(ctx, &keys)
+            seal::check(ctx, &keys, secrets)
         }
         checked => checked,
     };
@@ -200,16 +207,23 @@ impl QuoteService for Gateway {
             CREATE_QUOTE,
             request,
             &self.config,
-            |metadata, message| admit(&self.config, metadata, message),
+            |metadata, message| admit(&self.config, &self.secrets, metadata, message),
             |call, config| async move {
                 self.rates.admit(
                     &call.context().tenant_id,
                     &config.model.limits,
                     tokio::time::Instant::now(),
                 )?;
-                let ctx = complete(call.context(), config.revision, &config.model.keys);
-                self.create(call.deadline(), ctx, call.into_message(), &config.model)
-                    .await
+                let key = self.secrets.active(&config.model.keys)?;
+                let ctx = complete(call.context(), config.revision, &key);
+                self.create(
+                    call.deadline(),
+                    ctx,
+                    call.into_message(),
+                    &config.model,
+                    &key,
+                )
+                .await
             },
         )
         .await
@@ -224,7 +238,7 @@ impl QuoteService for Gateway {
         herd::handler::serve_admitted(
             VERIFY_QUOTE,
             request,
-            |metadata, message| admit(&self.config, metadata, message),
+            |metadata, message| admit(&self.config, &self.secrets, metadata, message),
             |call| self.verify(call.into_message()),
         )
         .await
@@ -238,6 +252,7 @@ impl Gateway {
         ctx: RequestContext,
         req: CreateQuoteRequest,
         config: &MeshConfig,
+        key: &ActiveKey,
     ) -> Result<CreateQuoteResponse, Status> {
         herd::telemetry::record_context(&tracing::Span::current(), &ctx);
         herd_model::request::check_items(&req.items, config)?;
@@ -267,7 +282,7 @@ impl Gateway {
             config,
         )?;
         herd::telemetry::record_quote_id(&quote.quote_id);
-        let token = token::sign(&quote, &config.keys);
+        let token = token::sign(&quote, key);
         tracing::debug!(request_id = %ctx.request_id, quote_id = %quote.quote_id, "quote created");
         Ok(CreateQuoteResponse {
             context: Some(ctx),
@@ -287,7 +302,7 @@ impl Gateway {
         let ctx = complete(
             req.context.as_ref().unwrap_or(&RequestContext::default()),
             snapshot.revision,
-            &snapshot.model.keys,
+            &self.secrets.active(&snapshot.model.keys)?,
         );
         self.rates.admit(
             &ctx.tenant_id,
@@ -362,7 +377,7 @@ mod tests {
 
     /// A gateway over real pricing, tax and currency services, all on one demo configuration.
     async fn gateway() -> (Gateway, Vec<Resolver>) {
-        let config =
+        let (config, secrets) =
             herd_model::demo::fixed_for(&issuer()).expect("the demo configuration is valid");
         let tax = serve(
             "tax",
@@ -380,7 +395,11 @@ mod tests {
             MeshChannel::new("currency", currency.subscribe()),
         );
         let pricing = serve("pricing", herd::Services::new().with(pricing.into_server())).await;
-        let gateway = Gateway::new(config, MeshChannel::new("pricing", pricing.subscribe()));
+        let gateway = Gateway::new(
+            config,
+            MeshChannel::new("pricing", pricing.subscribe()),
+            secrets,
+        );
         (gateway, vec![tax, currency, pricing])
     }
 
@@ -593,9 +612,11 @@ mod tests {
     #[tokio::test]
     async fn a_seal_from_a_rotation_not_yet_applied_is_checked_at_its_revision() {
         use herd_model::sections::KeyRing;
-        let old = KeyRing::from_secrets("k1", &[("k1", [1; 32])]).expect("valid");
-        let rotated = KeyRing::from_secrets("k2", &[("k1", [1; 32]), ("k2", [2; 32])]);
-        let rotated = Arc::new(rotated.expect("valid"));
+        // The gateway holds the private keys of both (files come before the keys section).
+        let (old, _) = KeyRing::for_tests("k1", &["k1"]);
+        let (rotated, secrets) = KeyRing::for_tests("k2", &["k1", "k2"]);
+        let rotated = Arc::new(rotated);
+        let active = secrets.active(&rotated).expect("k2 held");
         let mut ctx = RequestContext {
             tenant_id: "acme".into(),
             principal: "alice".into(),
@@ -604,7 +625,7 @@ mod tests {
             accepted_at: Some(now()),
             ..Default::default()
         };
-        ctx.seal = seal::seal(&ctx, &rotated);
+        ctx.seal = seal::seal(&ctx, &active);
         let asked = std::sync::Mutex::new(Vec::new());
         let newer = |revision| {
             asked.lock().unwrap().push(revision);
@@ -612,12 +633,12 @@ mod tests {
             async move { Ok(keys) }
         };
         // This gateway is at revision 7, the seal pins 8: checked with revision 8's keys.
-        check_seal(&ctx, &old, 7, newer)
+        check_seal(&ctx, &old, &secrets, 7, newer)
             .await
             .expect("a rotation landing");
         assert_eq!(*asked.lock().unwrap(), vec![8]);
         // Not newer than this gateway's revision: the key is unknown, and that is final.
-        let status = check_seal(&ctx, &old, 8, newer)
+        let status = check_seal(&ctx, &old, &secrets, 8, newer)
             .await
             .expect_err("removed key");
         assert!(
@@ -627,7 +648,7 @@ mod tests {
         // A seal nobody made, pinning a newer revision, still fails at that revision's keys.
         let mut forged = ctx.clone();
         forged.principal = "mallory".into();
-        let status = check_seal(&forged, &old, 7, newer)
+        let status = check_seal(&forged, &old, &secrets, 7, newer)
             .await
             .expect_err("forged");
         assert!(status.message().contains("does not match"), "{status:?}");

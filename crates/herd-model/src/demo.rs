@@ -49,17 +49,24 @@ pub fn fixed() -> Result<herd::ConfigStore<MeshConfig>, herd::ConfigError> {
     herd::ConfigStore::fixed(sections.iter().map(|(name, json)| (*name, json.as_str())))
 }
 
-/// The demo configuration trusting `issuer` alone, as a fixed store.
+/// The demo configuration trusting `issuer` alone, signing with a fixed key (`k1`) whose
+/// private key comes with it, as a fixed store: for tests of the gateway.
 pub fn fixed_for(
     issuer: &crate::auth::DevIssuer,
-) -> Result<herd::ConfigStore<MeshConfig>, herd::ConfigError> {
+) -> Result<(herd::ConfigStore<MeshConfig>, crate::keys::SigningSecrets), herd::ConfigError> {
     let auth = serde_json::to_string(&issuer.auth_section()).unwrap_or_default();
+    let secret = [7; 32];
+    let keys = serde_json::json!({"keys": [
+        {"id": "k1", "public": crate::keys::public_of(&secret), "active": true}]})
+    .to_string();
     let sections = sections();
-    herd::ConfigStore::fixed(sections.iter().map(|(name, json)| {
-        if *name == <crate::auth::Auth as herd::Section>::NAME {
-            (*name, auth.as_str())
-        } else {
-            (*name, json.as_str())
-        }
-    }))
+    let store = herd::ConfigStore::fixed(sections.iter().map(|(name, json)| match *name {
+        <crate::auth::Auth as herd::Section>::NAME => (*name, auth.as_str()),
+        <crate::sections::SigningKeys as herd::Section>::NAME => (*name, keys.as_str()),
+        _ => (*name, json.as_str()),
+    }))?;
+    Ok((
+        store,
+        crate::keys::SigningSecrets::from_secrets(&[("k1", secret)]),
+    ))
 }

@@ -9,11 +9,14 @@
 //! - [`request`]: checks of incoming baskets that name the offending field.
 //! - [`seal`]: the gateway's seal on the context fields it fills, so a retry may send them back.
 //! - [`token`]: quote tokens signed with the active key; any instance verifies them.
+//! - [`keys`]: the private signing keys, read from files (never from etcd) by the instances that
+//!   sign.
 //! - [`demo`]: the demo configuration `herdctl config seed` writes.
 
 pub mod auth;
 pub mod basket;
 pub mod demo;
+pub mod keys;
 pub mod money;
 pub mod request;
 pub mod seal;

@@ -5,7 +5,8 @@
 //!
 //! Format: `key-id "." base64url(HMAC-SHA256(seal key, fields)[..16])`. The seal key is derived
 //! from the quote signing key of that id (`SHA-256("herd.seal.v1" ‖ secret)`), so seals rotate
-//! and are revoked with the signing keys.
+//! and are revoked with the signing keys, and only the instances holding the private keys (the
+//! gateways) make or check them.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -13,6 +14,7 @@ use herd_proto::context::RequestContext;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::keys::{ActiveKey, SigningSecrets};
 use crate::sections::KeyRing;
 
 const DOMAIN: &[u8] = b"herd.seal.v1";
@@ -41,11 +43,9 @@ fn mac(key: &[u8; 32], ctx: &RequestContext) -> Option<Hmac<Sha256>> {
 }
 
 /// The seal of `ctx`'s filled fields under the active key.
-pub fn seal(ctx: &RequestContext, keys: &KeyRing) -> String {
-    let id = keys.active_id();
-    let tag = keys
-        .seal_key(id)
-        .and_then(|key| mac(key, ctx))
+pub fn seal(ctx: &RequestContext, key: &ActiveKey) -> String {
+    let id = &key.id;
+    let tag = mac(key.secret.seal_key(), ctx)
         .map(|m| m.finalize().into_bytes())
         .unwrap_or_default();
     format!("{id}.{}", B64URL.encode(&tag[..MAC_BYTES]))
@@ -67,15 +67,20 @@ pub enum SealError {
     Mismatch,
 }
 
-/// Checks that `ctx.seal` seals `ctx`'s filled fields, under any configured key.
-pub fn check(ctx: &RequestContext, keys: &KeyRing) -> Result<(), SealError> {
+/// Checks that `ctx.seal` seals `ctx`'s filled fields, under any key configured in `keys` whose
+/// private key is among `secrets`.
+pub fn check(
+    ctx: &RequestContext,
+    keys: &KeyRing,
+    secrets: &SigningSecrets,
+) -> Result<(), SealError> {
     let (id, tag) = ctx.seal.split_once('.').ok_or(SealError::Malformed)?;
     let tag = B64URL.decode(tag).map_err(|_| SealError::Malformed)?;
     if tag.len() != MAC_BYTES {
         return Err(SealError::Malformed);
     }
-    let key = keys.seal_key(id).ok_or(SealError::UnknownKey)?;
-    mac(key, ctx)
+    let key = secrets.matching(keys, id).ok_or(SealError::UnknownKey)?;
+    mac(key.seal_key(), ctx)
         .ok_or(SealError::Mismatch)?
         .verify_truncated_left(&tag)
         .map_err(|_| SealError::Mismatch)
@@ -85,8 +90,13 @@ pub fn check(ctx: &RequestContext, keys: &KeyRing) -> Result<(), SealError> {
 mod tests {
     use super::*;
 
-    fn ring(active: &str, ids: &[&str]) -> KeyRing {
-        KeyRing::for_tests(active, ids)
+    /// A test ring, its private keys, and its active key.
+    fn ring(active: &str, ids: &[&str]) -> (KeyRing, SigningSecrets, ActiveKey) {
+        let (ring, secrets) = KeyRing::for_tests(active, ids);
+        match secrets.active(&ring) {
+            Ok(key) => (ring, secrets, key),
+            Err(e) => panic!("{e}"),
+        }
     }
 
     fn ctx() -> RequestContext {
@@ -105,11 +115,11 @@ mod tests {
 
     #[test]
     fn a_seal_holds_for_its_fields_only() {
-        let keys = ring("k1", &["k1"]);
+        let (keys, secrets, active) = ring("k1", &["k1"]);
         let mut sealed = ctx();
-        sealed.seal = seal(&sealed, &keys);
-        assert_eq!(check(&sealed, &keys), Ok(()));
-        assert_eq!(sealed.seal, seal(&ctx(), &keys), "deterministic");
+        sealed.seal = seal(&sealed, &active);
+        assert_eq!(check(&sealed, &keys, &secrets), Ok(()));
+        assert_eq!(sealed.seal, seal(&ctx(), &active), "deterministic");
         let changes: [fn(&mut RequestContext); 5] = [
             |c| c.request_id.push('x'),
             |c| c.tenant_id = "globex".into(),
@@ -125,27 +135,35 @@ mod tests {
         for change in changes {
             let mut altered = sealed.clone();
             change(&mut altered);
-            assert_eq!(check(&altered, &keys), Err(SealError::Mismatch));
+            assert_eq!(check(&altered, &keys, &secrets), Err(SealError::Mismatch));
         }
         // Fields the gateway does not fill are not sealed.
         let mut traced = sealed.clone();
         traced.idempotency_key = "k".into();
-        assert_eq!(check(&traced, &keys), Ok(()));
+        assert_eq!(check(&traced, &keys, &secrets), Ok(()));
     }
 
     #[test]
     fn seals_rotate_with_the_signing_keys() {
-        let old = ring("k1", &["k1"]);
+        let (old, old_secrets, active) = ring("k1", &["k1"]);
         let mut sealed = ctx();
-        sealed.seal = seal(&sealed, &old);
-        assert_eq!(check(&sealed, &ring("k2", &["k1", "k2"])), Ok(()));
+        sealed.seal = seal(&sealed, &active);
+        let (rotated, secrets, _) = ring("k2", &["k1", "k2"]);
+        assert_eq!(check(&sealed, &rotated, &secrets), Ok(()));
+        // k1 removed from the section: its seals are refused, whatever files remain.
+        let (only_k2, _, _) = ring("k2", &["k2"]);
         assert_eq!(
-            check(&sealed, &ring("k2", &["k2"])),
+            check(&sealed, &only_k2, &secrets),
+            Err(SealError::UnknownKey)
+        );
+        // k1 still configured but its private key gone from this instance: not checkable here.
+        assert_eq!(
+            check(&sealed, &old, &SigningSecrets::default()),
             Err(SealError::UnknownKey)
         );
         for junk in ["", "k1", "k1.", "k1.!!", "k1.AAAA"] {
             sealed.seal = junk.into();
-            assert!(check(&sealed, &old).is_err(), "{junk}");
+            assert!(check(&sealed, &old, &old_secrets).is_err(), "{junk}");
         }
     }
 }

@@ -145,7 +145,8 @@ impl Limits {
     }
 }
 
-/// `/herd/config/keys`: Ed25519 signing keys for quote tokens.
+/// `/herd/config/keys`: the Ed25519 keys of quote tokens — public keys only: the private keys are
+/// files held by the instances that sign (see [`crate::keys`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningKeys {
@@ -159,11 +160,15 @@ pub struct SigningKeys {
 pub struct KeyEntry {
     /// Key id, written into every token it signs.
     pub id: String,
-    /// The 32-byte Ed25519 secret, base64.
-    pub secret: String,
+    /// The 32-byte Ed25519 public key, base64.
+    #[serde(default)]
+    pub public: String,
     /// Whether this key signs new tokens.
     #[serde(default)]
     pub active: bool,
+    /// Where earlier versions kept the private key: refused, naming the way out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 fn is_currency_code(code: &str) -> bool {
@@ -374,12 +379,13 @@ impl Section for Limits {
 
 impl Section for SigningKeys {
     const NAME: &'static str = "keys";
-    const ABOUT: &'static str = "Ed25519 keys that sign quote tokens";
+    const ABOUT: &'static str =
+        "the Ed25519 public keys of quote tokens, and which one signs (private keys: files)";
     fn example() -> String {
         let secret: [u8; 32] = rand::random();
         format!(
-            r#"{{"keys":[{{"id":"k1","secret":"{}","active":true}}]}}"#,
-            BASE64.encode(secret)
+            r#"{{"keys":[{{"id":"k1","public":"{}","active":true}}]}}"#,
+            crate::keys::public_of(&secret)
         )
     }
     fn validate(&self) -> Result<(), String> {
@@ -387,13 +393,11 @@ impl Section for SigningKeys {
     }
 }
 
-/// Signing keys ready for use.
+/// The keys of quote tokens, ready to verify with: each id's public key, and the active id.
 #[derive(Clone)]
 pub struct KeyRing {
     active: String,
-    keys: HashMap<String, ed25519_dalek::SigningKey>,
-    /// Per key, the key of the gateway's context seals, derived from it.
-    seal_keys: HashMap<String, [u8; 32]>,
+    keys: HashMap<String, ed25519_dalek::VerifyingKey>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -408,7 +412,8 @@ impl std::fmt::Debug for KeyRing {
 }
 
 impl KeyRing {
-    /// Decodes and checks the keys section: unique ids, 32-byte secrets, exactly one active.
+    /// Decodes and checks the keys section: unique ids, 32-byte Ed25519 public keys, no private
+    /// key, exactly one active.
     pub fn from_section(section: &SigningKeys) -> Result<Self, String> {
         let mut keys = HashMap::new();
         let mut active = Vec::new();
@@ -424,34 +429,32 @@ impl KeyRing {
                     quoted(&entry.id)
                 ));
             }
+            if entry.secret.is_some() {
+                return Err(format!(
+                    "keys[{i}].secret: private keys are not kept in etcd; give the public key \
+                     and keep the private one in the signing instances' secrets folder \
+                     (`herdctl keys export DIR` moves them)"
+                ));
+            }
             let bytes = BASE64
-                .decode(entry.secret.trim())
-                .map_err(|e| format!("keys[{i}].secret: not base64 ({e})"))?;
-            let secret: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-                format!("keys[{i}].secret: must be 32 bytes, got {}", b.len())
+                .decode(entry.public.trim())
+                .map_err(|e| format!("keys[{i}].public: not base64 ({e})"))?;
+            let public: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+                format!("keys[{i}].public: must be 32 bytes, got {}", b.len())
             })?;
-            if keys
-                .insert(
-                    entry.id.clone(),
-                    ed25519_dalek::SigningKey::from_bytes(&secret),
-                )
-                .is_some()
-            {
+            let public = ed25519_dalek::VerifyingKey::from_bytes(&public)
+                .map_err(|_| format!("keys[{i}].public: not an Ed25519 public key"))?;
+            if keys.insert(entry.id.clone(), public).is_some() {
                 return Err(format!("keys[{i}].id: duplicate id {}", quoted(&entry.id)));
             }
             if entry.active {
                 active.push(entry.id.clone());
             }
         }
-        let seal_keys = keys
-            .iter()
-            .map(|(id, key)| (id.clone(), crate::seal::derive_key(key)))
-            .collect();
         match active.as_slice() {
             [one] => Ok(Self {
                 active: one.clone(),
                 keys,
-                seal_keys,
             }),
             [] => Err("keys: exactly one key must be active, none is".into()),
             many => Err(format!(
@@ -467,41 +470,43 @@ impl KeyRing {
         &self.active
     }
 
-    /// The signing key of `id`.
-    pub fn get(&self, id: &str) -> Option<&ed25519_dalek::SigningKey> {
+    /// The public key of `id`.
+    pub fn get(&self, id: &str) -> Option<&ed25519_dalek::VerifyingKey> {
         self.keys.get(id)
     }
 
-    /// A ring of `(id, secret)` keys, `active` signing, checked as [`KeyRing::from_section`]
-    /// checks a section.
-    pub fn from_secrets(active: &str, keys: &[(&str, [u8; 32])]) -> Result<Self, String> {
+    /// A ring of `(id, public key in base64)` keys, `active` signing, checked as
+    /// [`KeyRing::from_section`] checks a section.
+    pub fn from_public(active: &str, keys: &[(&str, String)]) -> Result<Self, String> {
         Self::from_section(&SigningKeys {
             keys: keys
                 .iter()
-                .map(|(id, secret)| KeyEntry {
+                .map(|(id, public)| KeyEntry {
                     id: id.to_string(),
-                    secret: BASE64.encode(secret),
+                    public: public.clone(),
                     active: *id == active,
+                    secret: None,
                 })
                 .collect(),
         })
     }
 
-    /// A ring of `ids` (key `i` of them holding the secret `[i + 1; 32]`), `active` signing: for
-    /// tests.
-    #[cfg(test)]
-    pub(crate) fn for_tests(active: &str, ids: &[&str]) -> Self {
-        let keys: Vec<(&str, [u8; 32])> = ids
+    /// A ring of `ids` (key `i` of them the public key of the secret `[i + 1; 32]`), `active`
+    /// signing, and the private keys of all of them: for tests.
+    pub fn for_tests(active: &str, ids: &[&str]) -> (Self, crate::keys::SigningSecrets) {
+        let secrets: Vec<(&str, [u8; 32])> = ids
             .iter()
             .enumerate()
             .map(|(i, id)| (*id, [i as u8 + 1; 32]))
             .collect();
-        Self::from_secrets(active, &keys).expect("a valid ring")
-    }
-
-    /// The seal key derived from the key `id`.
-    pub fn seal_key(&self, id: &str) -> Option<&[u8; 32]> {
-        self.seal_keys.get(id)
+        let public: Vec<(&str, String)> = secrets
+            .iter()
+            .map(|(id, secret)| (*id, crate::keys::public_of(secret)))
+            .collect();
+        match Self::from_public(active, &public) {
+            Ok(ring) => (ring, crate::keys::SigningSecrets::from_secrets(&secrets)),
+            Err(e) => panic!("a test ring: {e}"),
+        }
     }
 }
 
@@ -705,9 +710,9 @@ mod tests {
 
     #[test]
     fn exactly_one_active_key() {
+        let public = crate::keys::public_of(&[1; 32]);
         let two = format!(
-            r#"{{"keys":[{{"id":"a","secret":"{s}","active":true}},{{"id":"b","secret":"{s}","active":true}}]}}"#,
-            s = BASE64.encode([1u8; 32])
+            r#"{{"keys":[{{"id":"a","public":"{public}","active":true}},{{"id":"b","public":"{public}","active":true}}]}}"#,
         );
         assert!(
             parse_section::<SigningKeys>(two.as_bytes())
@@ -715,11 +720,26 @@ mod tests {
                 .message
                 .contains("exactly one")
         );
-        let none = format!(
-            r#"{{"keys":[{{"id":"a","secret":"{}"}}]}}"#,
+        let none = format!(r#"{{"keys":[{{"id":"a","public":"{public}"}}]}}"#);
+        assert!(parse_section::<SigningKeys>(none.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_private_key_in_etcd_is_refused_naming_the_way_out() {
+        let old = format!(
+            r#"{{"keys":[{{"id":"k1","secret":"{}","active":true}}]}}"#,
             BASE64.encode([1u8; 32])
         );
-        assert!(parse_section::<SigningKeys>(none.as_bytes()).is_err());
+        let err = parse_section::<SigningKeys>(old.as_bytes()).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("keys[0].secret: private keys are not kept in etcd")
+                && err.message.contains("herdctl keys export"),
+            "{err}"
+        );
+        let short = r#"{"keys":[{"id":"k1","public":"AAAA","active":true}]}"#;
+        let err = parse_section::<SigningKeys>(short.as_bytes()).unwrap_err();
+        assert_eq!(err.message, "keys[0].public: must be 32 bytes, got 3");
     }
 
     proptest::proptest! {

@@ -1,5 +1,6 @@
-//! Quote tokens: the quote itself, signed with the active Ed25519 key. Any instance verifies a token
-//! with the keys in shared configuration; nothing is stored.
+//! Quote tokens: the quote itself, signed with the active Ed25519 key (whose private key only the
+//! signing instances hold, see [`crate::keys`]). Any instance verifies a token with the public keys
+//! in shared configuration; nothing is stored.
 //!
 //! Format: `base64url(Quote protobuf) "." key-id "." base64url(signature)`, where the signature
 //! covers `herd.quote.v1.` + key-id + `.` + the encoded quote. Ed25519 signatures are deterministic,
@@ -12,6 +13,7 @@ use herd_proto::quote::Quote;
 use prost::Message;
 use tonic::Status;
 
+use crate::keys::ActiveKey;
 use crate::sections::KeyRing;
 
 const DOMAIN: &[u8] = b"herd.quote.v1.";
@@ -57,13 +59,14 @@ fn signed_bytes(key_id: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Signs `quote` with the active key.
-pub fn sign(quote: &Quote, keys: &KeyRing) -> String {
-    let key_id = keys.active_id();
+pub fn sign(quote: &Quote, key: &ActiveKey) -> String {
+    let key_id = key.id.as_str();
     let payload = quote.encode_to_vec();
-    let signature = keys
-        .get(key_id)
-        .map(|k| k.sign(&signed_bytes(key_id, &payload)).to_bytes())
-        .unwrap_or([0; 64]);
+    let signature = key
+        .secret
+        .signing()
+        .sign(&signed_bytes(key_id, &payload))
+        .to_bytes();
     format!(
         "{}.{key_id}.{}",
         B64.encode(&payload),
@@ -92,8 +95,7 @@ pub fn verify(token: &str, keys: &KeyRing, now_unix: i64) -> Result<Quote, Token
     let key = keys
         .get(key_id)
         .ok_or_else(|| TokenError::UnknownKey(key_id.to_string()))?;
-    key.verifying_key()
-        .verify(&signed_bytes(key_id, &payload), &signature)
+    key.verify(&signed_bytes(key_id, &payload), &signature)
         .map_err(|_| TokenError::BadSignature)?;
     let quote = Quote::decode(payload.as_slice())
         .map_err(|e| TokenError::Malformed(format!("payload: {e}")))?;
@@ -136,7 +138,16 @@ mod tests {
     use super::*;
 
     fn ring(active: &str, ids: &[&str]) -> KeyRing {
-        KeyRing::for_tests(active, ids)
+        KeyRing::for_tests(active, ids).0
+    }
+
+    /// The active key of a test ring.
+    fn signer(active: &str, ids: &[&str]) -> ActiveKey {
+        let (ring, secrets) = KeyRing::for_tests(active, ids);
+        match secrets.active(&ring) {
+            Ok(key) => key,
+            Err(e) => panic!("{e}"),
+        }
     }
 
     fn quote() -> Quote {
@@ -154,15 +165,15 @@ mod tests {
     #[test]
     fn round_trip_and_determinism() {
         let keys = ring("k1", &["k1"]);
-        let t = sign(&quote(), &keys);
-        assert_eq!(t, sign(&quote(), &keys));
+        let t = sign(&quote(), &signer("k1", &["k1"]));
+        assert_eq!(t, sign(&quote(), &signer("k1", &["k1"])));
         assert_eq!(verify(&t, &keys, 999), Ok(quote()));
     }
 
     #[test]
     fn refusals_say_why() {
         let keys = ring("k1", &["k1"]);
-        let t = sign(&quote(), &keys);
+        let t = sign(&quote(), &signer("k1", &["k1"]));
         assert!(matches!(
             verify(&t, &keys, 1000),
             Err(TokenError::Expired { .. })
@@ -188,8 +199,7 @@ mod tests {
 
     #[test]
     fn rotation_keeps_old_tokens_valid() {
-        let old = ring("k1", &["k1"]);
-        let t = sign(&quote(), &old);
+        let t = sign(&quote(), &signer("k1", &["k1"]));
         let rotated = ring("k2", &["k1", "k2"]);
         assert!(verify(&t, &rotated, 0).is_ok());
         assert_eq!(rotated.active_id(), "k2");
@@ -210,7 +220,7 @@ mod tests {
         #[test]
         fn an_altered_token_never_verifies_as_another_quote(at in 0usize..400, byte in 0u8..128) {
             let keys = ring("a", &["a"]);
-            let token = sign(&quote(), &keys);
+            let token = sign(&quote(), &signer("a", &["a"]));
             let mut bytes = token.clone().into_bytes();
             let at = at % bytes.len();
             bytes[at] = byte;

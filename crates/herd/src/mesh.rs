@@ -99,6 +99,11 @@ impl Mesh {
         &self.etcd
     }
 
+    /// The folder of secret files given to this instance (`--secrets`), if any.
+    pub fn secrets_dir(&self) -> Option<&std::path::Path> {
+        self.settings.secrets.as_deref()
+    }
+
     /// Where herd's keys are in etcd.
     pub fn layout(&self) -> &Layout {
         &self.layout

@@ -45,6 +45,11 @@ pub struct Settings {
     #[arg(long, env = "HERD_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<std::path::PathBuf>,
 
+    /// A folder of secret files this instance's services read (a mounted Kubernetes Secret), such
+    /// as the gateway's private quote-signing keys (`<key-id>.pem`); read again while it runs.
+    #[arg(long, env = "HERD_SECRETS", value_name = "DIR")]
+    pub secrets: Option<std::path::PathBuf>,
+
     /// etcd endpoints, comma separated (for example http://10.0.0.1:2379,http://10.0.0.2:2379).
     #[arg(long = "etcd", env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ETCD)]
     pub etcd_endpoints: Vec<String>,

@@ -76,6 +76,10 @@ pub enum ConfigCommand {
         /// The trust domain of the identities the demo authorization policy names.
         #[arg(long, default_value = herd_model::demo::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+        /// The gateways' secrets folder: where the private half of a new signing key goes (needed
+        /// when the keys section is absent).
+        #[arg(long = "secrets", value_name = "DIR")]
+        secrets: Option<std::path::PathBuf>,
     },
 }
 
@@ -209,7 +213,10 @@ impl Ctl {
             ConfigCommand::History { section, limit } => self.history(&section, limit).await,
             ConfigCommand::Rollback { section, to } => self.rollback(&section, to).await,
             ConfigCommand::Status => self.status().await,
-            ConfigCommand::Seed { trust_domain } => self.seed(&trust_domain).await,
+            ConfigCommand::Seed {
+                trust_domain,
+                secrets,
+            } => self.seed(&trust_domain, secrets.as_deref()).await,
         }
     }
 
@@ -552,21 +559,55 @@ impl Ctl {
         Ok(())
     }
 
-    async fn seed(&mut self, trust_domain: &str) -> anyhow::Result<()> {
+    async fn seed(
+        &mut self,
+        trust_domain: &str,
+        secrets: Option<&std::path::Path>,
+    ) -> anyhow::Result<()> {
+        let keys_name = <herd_model::sections::SigningKeys as herd::Section>::NAME;
+        let keys_key = self.layout.config(keys_name);
+        let signing = if self
+            .client
+            .get(keys_key.as_str(), None)
+            .await?
+            .kvs()
+            .is_empty()
+        {
+            let dir = secrets.with_context(|| {
+                format!(
+                    "{keys_key} is absent: --secrets DIR names where the private half of its \
+                     signing key goes (the folder given to the gateways)"
+                )
+            })?;
+            Some((dir, rand::random::<[u8; 32]>()))
+        } else {
+            None
+        };
         let issuer = self.dev_issuer().await?;
         for (section, mut value) in herd_model::demo::sections_in(trust_domain) {
             if section == <herd_model::auth::Auth as herd::Section>::NAME {
                 value = serde_json::to_string(&issuer.auth_section())?;
+            }
+            if let (true, Some((_, secret))) = (section == keys_name, &signing) {
+                let public = herd_model::keys::public_of(secret);
+                value =
+                    serde_json::json!({"keys": [{"id": "k1", "public": public, "active": true}]})
+                        .to_string();
             }
             let key = self.layout.config(section);
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.as_str(), value, None)]);
             let resp = self.client.txn(txn).await?;
-            if resp.succeeded() {
-                println!("seeded  {key}");
-            } else {
+            if !resp.succeeded() {
                 println!("kept    {key} (already set)");
+                continue;
+            }
+            println!("seeded  {key}");
+            if let (true, Some((dir, secret))) = (section == keys_name, &signing) {
+                let path = herd_model::keys::write_key(dir, "k1", secret)
+                    .with_context(|| format!("writing k1.pem into {}", dir.display()))?;
+                println!("seeded  {} (the private key of k1)", path.display());
             }
         }
         Ok(())

@@ -1,11 +1,12 @@
 //! `herdctl`: the operator's CLI for herd — read, change, compare, trace and roll back shared
 //! configuration (validated with the services' own rules, written with compare-and-swap), see what
-//! every instance applied, list live instances, print development tokens, and write development
-//! certificates.
+//! every instance applied, list live instances, print development tokens, make signing keys, and
+//! write development certificates.
 
 mod auth;
 mod certs;
 mod config;
+mod keys;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,11 @@ enum Command {
         #[command(subcommand)]
         command: auth::AuthCommand,
     },
+    /// Quote-signing keys: private keys in files, public keys in etcd.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// Certificates for mutual TLS (development).
     Certs {
         #[command(subcommand)]
@@ -74,6 +80,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let needs_etcd = match &cli.command {
         Command::Certs { .. } => false,
         Command::Auth { command } => command.needs_etcd(),
+        Command::Keys { command } => command.needs_etcd(),
         Command::Config { .. } | Command::Instances { .. } => true,
     };
     let client = if needs_etcd {
@@ -91,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Certs { command } => certs::run(command),
         Command::Auth { command } => auth::run(client, &layout, command).await,
+        Command::Keys { command } => keys::run(client, &layout, command).await,
         Command::Config { command } => {
             config::Ctl {
                 client: etcd(client)?,

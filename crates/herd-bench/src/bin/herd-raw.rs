@@ -31,6 +31,9 @@ struct Args {
     /// Configuration: a folder of SECTION.json files (catalog, tax, fx, keys, ...).
     #[arg(long, default_value = "")]
     config: String,
+    /// The folder of private signing keys, `<key-id>.pem` (gateway).
+    #[arg(long, default_value = "")]
+    secrets: String,
     /// Pricing's address (gateway).
     #[arg(long, default_value = "")]
     pricing: String,
@@ -62,12 +65,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 raw::channel(&args.currency).await?,
             ),
         })),
-        Role::Gateway => server.add_service(raw::gateway_server(raw::RawGateway {
-            config: raw::load_config(&args.config)?,
-            pricing: herd_proto::pricing::pricing_service_client::PricingServiceClient::new(
-                raw::channel(&args.pricing).await?,
-            ),
-        })),
+        Role::Gateway => {
+            let config = raw::load_config(&args.config)?;
+            server.add_service(raw::gateway_server(raw::RawGateway {
+                key: raw::active_key(&args.secrets, &config)?,
+                config,
+                pricing: herd_proto::pricing::pricing_service_client::PricingServiceClient::new(
+                    raw::channel(&args.pricing).await?,
+                ),
+            }))
+        }
     };
     router.serve_with_incoming(incoming).await?;
     Ok(())
