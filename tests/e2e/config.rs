@@ -286,16 +286,39 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The keys section of `keys` (id, secret byte, active), after their private keys are written
-/// into the gateways' secrets folder (as a rotation does: files first).
-fn keys_json(mesh: &TestMesh, keys: &[(&str, u8, bool)]) -> anyhow::Result<String> {
+/// The keys section of `keys` (id, secret byte, active), once their private keys are in the
+/// gateways' secrets folder and every gateway holds them (as a rotation goes: files first).
+async fn keys_json(mesh: &TestMesh, keys: &[(&str, u8, bool)]) -> anyhow::Result<String> {
     let secrets = herd_tests::secrets_dir(mesh.dir.path())?;
     let mut entries = Vec::new();
+    let mut added = Vec::new();
     for (id, seed, active) in keys {
-        herd_model::keys::write_key(&secrets, id, &[*seed; 32])?;
+        if !secrets.join(format!("{id}.pem")).exists() {
+            herd_model::keys::write_key(&secrets, id, &[*seed; 32])?;
+            added.push(format!("\"{id}\""));
+        }
         entries.push(
             json!({"id": id, "public": herd_model::keys::public_of(&[*seed; 32]), "active": active}),
         );
+    }
+    if !added.is_empty() {
+        // Nothing else says which private keys a gateway holds: its log line when it reads them.
+        eventually(
+            "every gateway to hold the new keys",
+            Duration::from_secs(10),
+            || async {
+                mesh.logs_of(&["gateway"])
+                    .iter()
+                    .all(|(_, log)| {
+                        log.lines().any(|line| {
+                            line.contains("signing keys read again")
+                                && added.iter().all(|id| line.contains(id.as_str()))
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await?;
     }
     Ok(json!({ "keys": entries }).to_string())
 }
@@ -363,7 +386,7 @@ async fn e_key_rotation_under_load_fails_no_verification() -> anyhow::Result<()>
     let rotated = put(
         &mut etcd,
         "/herd/config/keys",
-        keys_json(&mesh, &[("t1", 9, false), ("t2", 4, true)])?,
+        keys_json(&mesh, &[("t1", 9, false), ("t2", 4, true)]).await?,
     )
     .await?;
     all_applied(&mesh, 8, rotated).await?;
@@ -387,7 +410,7 @@ async fn e_key_rotation_under_load_fails_no_verification() -> anyhow::Result<()>
     let retired = put(
         &mut etcd,
         "/herd/config/keys",
-        keys_json(&mesh, &[("t2", 4, true)])?,
+        keys_json(&mesh, &[("t2", 4, true)]).await?,
     )
     .await?;
     all_applied(&mesh, 8, retired).await?;
@@ -671,11 +694,15 @@ async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
         .map(|(_, example)| example.clone())
         .unwrap_or_default();
     catalog["items"]["hammer"]["price_minor"] = json!(2345);
-    // Callers with the test issuer's tokens (the example trusts a key nobody holds).
+    // Callers with the test issuer's tokens, and quotes signed with a key the gateway holds (each
+    // example names a key nobody holds).
     mesh.etcd.put(
         "/herd/config/auth",
         &serde_json::to_string(&herd_tests::issuer().auth_section())?,
     )?;
+    if let Some((_, keys)) = fixture().into_iter().find(|(name, _)| *name == "keys") {
+        mesh.etcd.put("/herd/config/keys", &keys)?;
+    }
     let file = mesh.dir.path().join("catalog.json");
     std::fs::write(&file, catalog.to_string())?;
     let out = herdctl(
