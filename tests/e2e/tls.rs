@@ -42,6 +42,80 @@ fn grpcurl_tls(ca: &Path, client: Option<Client>, args: &[&str]) -> anyhow::Resu
     grpcurl(&all)
 }
 
+/// How the mesh reaches etcd.
+#[derive(Clone, Copy)]
+enum EtcdAccess {
+    Plain,
+    /// TLS, client certificates, users and roles as README sets them up.
+    Secured,
+}
+
+/// The root user's password in a secured etcd.
+const ROOT_PASSWORD: &str = "root-password-for-tests";
+/// Pricing authenticates to etcd with a password rather than its certificate's name.
+const PRICING_PASSWORD: &str = "pricing-password-for-tests";
+
+/// Runs README's block of etcdctl commands that create herd's users and roles and enable
+/// authentication, against `etcd` as the operator; then gives pricing's user a known password.
+fn secure(etcd: &Etcd, certs: &Path) -> anyhow::Result<()> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let block = readme
+        .split("```")
+        .find(|block| block.starts_with("sh\n") && block.contains("etcdctl auth enable"))
+        .ok_or_else(|| anyhow::anyhow!("README has no block enabling etcd authentication"))?
+        .trim_start_matches("sh\n")
+        .replace("https://127.0.0.1:2379", &etcd.endpoint);
+    let run = |script: &str| -> anyhow::Result<()> {
+        let out = std::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .current_dir(certs.parent().unwrap_or(certs))
+            .env("ROOT_PASSWORD", ROOT_PASSWORD)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{script}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    run(&block)?;
+    let passwd = format!(
+        "{}\necho {PRICING_PASSWORD} | etcdctl --user root:{ROOT_PASSWORD} user passwd \
+         herd-pricing --interactive=false",
+        block.lines().next().unwrap_or_default()
+    );
+    run(&passwd)
+}
+
+/// An instance of `service`'s etcd flags: its own certificate, except pricing, which presents
+/// a certificate etcd has no user for and authenticates with its password instead.
+fn etcd_flags(certs: &Path, service: &str) -> anyhow::Result<Vec<String>> {
+    let file = |name: String| certs.join(name).to_string_lossy().to_string();
+    let password = certs.join("pricing-etcd-password");
+    std::fs::write(&password, format!("{PRICING_PASSWORD}\n"))?;
+    let (cert, user) = match service {
+        "pricing" => ("stranger", true),
+        other => (other, false),
+    };
+    let mut flags = vec![
+        "--etcd-ca".into(),
+        file("ca.pem".into()),
+        "--etcd-cert".into(),
+        file(format!("{cert}.pem")),
+        "--etcd-key".into(),
+        file(format!("{cert}-key.pem")),
+    ];
+    if user {
+        flags.extend([
+            "--etcd-user".into(),
+            "herd-pricing".into(),
+            "--etcd-password-file".into(),
+            password.to_string_lossy().to_string(),
+        ]);
+    }
+    Ok(flags)
+}
+
 /// The reference mesh over mutual TLS: etcd with [`fixture`] (the reference policy included),
 /// certificates from `herdctl certs init`, one instance of each service (access logs on).
 struct TlsMesh {
@@ -55,22 +129,39 @@ struct TlsMesh {
 
 impl TlsMesh {
     async fn start() -> anyhow::Result<Self> {
-        let etcd = Etcd::start().await?;
-        for (section, json) in fixture() {
-            etcd.put(&format!("/herd/config/{section}"), &json)?;
-        }
+        Self::start_with(EtcdAccess::Plain).await
+    }
+
+    async fn start_with(access: EtcdAccess) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
-        let out = herdctl(&etcd, &["certs", "init", &certs.to_string_lossy()])?;
+        let out = std::process::Command::new(herd_tests::bin("herdctl")?)
+            .args(["certs", "init", &certs.to_string_lossy(), "--services"])
+            .arg("gateway,pricing,tax,currency,etcd,herdctl,stranger")
+            .output()?;
         anyhow::ensure!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let etcd = match access {
+            EtcdAccess::Plain => Etcd::start().await?,
+            EtcdAccess::Secured => {
+                let etcd = Etcd::start_secured(&certs).await?;
+                secure(&etcd, &certs)?;
+                etcd
+            }
+        };
+        for (section, json) in fixture() {
+            etcd.put(&format!("/herd/config/{section}"), &json)?;
+        }
         let mut instances: Vec<Proc> = Vec::new();
         let port = free_port();
         for service in ["tax", "currency", "pricing", "gateway"] {
-            let flags = tls_flags(&certs, service);
+            let mut flags = tls_flags(&certs, service);
+            if let EtcdAccess::Secured = access {
+                flags.extend(etcd_flags(&certs, service)?);
+            }
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             // Each access log names the callers.
             let env = [("RUST_LOG", "info,herd::access=debug")];
@@ -372,6 +463,99 @@ async fn a_registration_under_another_services_name_is_never_used() -> anyhow::R
     assert!(
         !tax_log.contains("PricingService"),
         "tax was called as pricing: {tax_log}"
+    );
+    Ok(())
+}
+
+/// etcdctl against `etcd` as the holder of `cert` (`None`: no client certificate): whether it
+/// succeeded, and what it said.
+fn etcdctl_as(etcd: &Etcd, certs: &Path, cert: Option<&str>, args: &[&str]) -> (bool, String) {
+    let mut cmd = std::process::Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &etcd.endpoint,
+            "--dial-timeout",
+            "2s",
+            "--command-timeout",
+            "3s",
+        ])
+        .arg("--cacert")
+        .arg(certs.join("ca.pem"));
+    if let Some(cert) = cert {
+        cmd.arg("--cert")
+            .arg(certs.join(format!("{cert}.pem")))
+            .arg("--key")
+            .arg(certs.join(format!("{cert}-key.pem")));
+    }
+    match cmd.args(args).output() {
+        Ok(out) => (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_over_tls_with_client_certificates_users_and_roles() -> anyhow::Result<()> {
+    let mesh = TlsMesh::start_with(EtcdAccess::Secured).await?;
+    // Every instance reached etcd over TLS as its own user (pricing by password) and registered;
+    // the whole mesh quotes.
+    for service in ["tax", "currency", "pricing", "gateway"] {
+        mesh.address_of(service).await?;
+    }
+    eventually(
+        "a quote with etcd secured",
+        Duration::from_secs(30),
+        || async { matches!(mesh.quote("acme").ok()?, Answer::Ok(_)).then_some(()) },
+    )
+    .await?;
+    let certs = &mesh.certs;
+    let forged = r#"{"service":"pricing","instance_id":"pricing-forged","address":"127.0.0.1:1","pid":1,"version":"0"}"#;
+    // A certificate etcd has no user for reads nothing and writes nothing.
+    for args in [
+        vec!["get", "/herd/config/keys"],
+        vec!["put", "/herd/services/pricing/pricing-forged", forged],
+    ] {
+        let (ok, said) = etcdctl_as(&mesh.etcd, certs, Some("stranger"), &args);
+        assert!(
+            !ok && said.contains("permission denied"),
+            "{args:?}: {said}"
+        );
+    }
+    // A mesh instance writes its own registrations only, and no configuration.
+    let (ok, said) = etcdctl_as(
+        &mesh.etcd,
+        certs,
+        Some("tax"),
+        &["put", "/herd/services/pricing/pricing-forged", forged],
+    );
+    assert!(!ok && said.contains("permission denied"), "{said}");
+    let (ok, said) = etcdctl_as(
+        &mesh.etcd,
+        certs,
+        Some("tax"),
+        &["put", "/herd/config/fx", "{}"],
+    );
+    assert!(!ok && said.contains("permission denied"), "{said}");
+    let (ok, said) = etcdctl_as(&mesh.etcd, certs, Some("tax"), &["get", "/herd/config/fx"]);
+    assert!(ok && said.contains("EUR"), "{said}");
+    // No client certificate: no connection at all.
+    let (ok, said) = etcdctl_as(&mesh.etcd, certs, None, &["get", "/herd/config/fx"]);
+    assert!(!ok, "{said}");
+    // The operator (herdctl's certificate) sees every instance's status.
+    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        status["instances"].as_array().map(Vec::len),
+        Some(4),
+        "{status}\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }

@@ -152,20 +152,74 @@ pub struct Etcd {
     peer_url: String,
     proc: Option<Proc>,
     dir: tempfile::TempDir,
+    /// etcd's own TLS flags, when it serves TLS.
+    server_flags: Vec<String>,
+    /// What etcdctl adds to reach it (TLS files).
+    client_flags: Vec<String>,
+    /// What herdctl adds to reach it (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub herdctl_flags: Vec<String>,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers. A free port can be taken by another process
     /// between the moment it is found and etcd's bind: then etcd starts again on other ports.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd serving TLS with client-certificate authentication, its certificates from
+    /// `certs` (as `herdctl certs init` writes them): `etcd.pem` serves, `ca.pem` verifies
+    /// clients, and etcdctl presents `herdctl.pem` (etcd user `herd-herdctl`).
+    pub async fn start_secured(certs: &Path) -> anyhow::Result<Self> {
+        Self::start_with(Some(certs)).await
+    }
+
+    async fn start_with(certs: Option<&Path>) -> anyhow::Result<Self> {
+        let (scheme, server_flags, client_flags) = match certs {
+            None => ("http", Vec::new(), Vec::<String>::new()),
+            Some(certs) => {
+                let file = |name: &str| certs.join(name).to_string_lossy().to_string();
+                (
+                    "https",
+                    vec![
+                        "--cert-file".into(),
+                        file("etcd.pem"),
+                        "--key-file".into(),
+                        file("etcd-key.pem"),
+                        "--trusted-ca-file".into(),
+                        file("ca.pem"),
+                        "--client-cert-auth".into(),
+                    ],
+                    vec![
+                        "--cacert".into(),
+                        file("ca.pem"),
+                        "--cert".into(),
+                        file("herdctl.pem"),
+                        "--key".into(),
+                        file("herdctl-key.pem"),
+                    ],
+                )
+            }
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
             let mut etcd = Self {
-                endpoint: format!("http://127.0.0.1:{}", free_port()),
+                endpoint: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer_url: format!("http://127.0.0.1:{}", free_port()),
                 proc: None,
                 dir: tempfile::tempdir()?,
+                server_flags: server_flags.clone(),
+                herdctl_flags: client_flags
+                    .iter()
+                    .map(|flag| match flag.as_str() {
+                        "--cacert" => "--etcd-ca".into(),
+                        "--cert" => "--etcd-cert".into(),
+                        "--key" => "--etcd-key".into(),
+                        file => file.into(),
+                    })
+                    .collect(),
+                client_flags: client_flags.clone(),
             };
             match etcd.resume().await {
                 Ok(()) => return Ok(etcd),
@@ -203,7 +257,8 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &self.peer_url,
             ])
-            .args(["--initial-cluster", &format!("test={}", self.peer_url)]);
+            .args(["--initial-cluster", &format!("test={}", self.peer_url)])
+            .args(&self.server_flags);
         let log = self.dir.path().join(format!("etcd-{}.log", free_port()));
         let proc = Proc::spawn("etcd", cmd, log)?;
         let text = proc.log.clone();
@@ -236,6 +291,7 @@ impl Etcd {
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(&self.endpoint)
+            .args(&self.client_flags)
             .args(args)
             .output()?)
     }
@@ -592,6 +648,7 @@ impl TestMesh {
 pub fn herdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<Output> {
     Ok(Command::new(bin("herdctl")?)
         .args(["--etcd", &etcd.endpoint])
+        .args(&etcd.herdctl_flags)
         .args(args)
         .output()?)
 }

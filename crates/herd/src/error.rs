@@ -437,7 +437,7 @@ pub enum ServeError {
     },
     /// etcd could not be connected to.
     #[error("connecting to etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(#[from] crate::etcd::EtcdConnectError),
     /// Reflection could not be built from the descriptor sets.
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),

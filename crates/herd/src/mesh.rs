@@ -68,7 +68,7 @@ impl Mesh {
                 })
             }
         };
-        let etcd = crate::etcd::connect(&settings.etcd_endpoints).await?;
+        let etcd = crate::etcd::connect_with(&settings.etcd).await?;
         Ok(Self {
             tls,
             layout: Layout::new(settings.prefix.clone()),

@@ -50,9 +50,9 @@ pub struct Settings {
     #[arg(long, env = "HERD_SECRETS", value_name = "DIR")]
     pub secrets: Option<std::path::PathBuf>,
 
-    /// etcd endpoints, comma separated (for example http://10.0.0.1:2379,http://10.0.0.2:2379).
-    #[arg(long = "etcd", env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ETCD)]
-    pub etcd_endpoints: Vec<String>,
+    /// How to reach etcd: endpoints, TLS and credentials.
+    #[command(flatten)]
+    pub etcd: crate::etcd::EtcdSettings,
 
     /// Key prefix in etcd under which config and registrations live.
     #[arg(long, env = "HERD_PREFIX", default_value = DEFAULT_PREFIX)]
@@ -124,9 +124,7 @@ impl Settings {
 
     /// Checks the settings that clap's types cannot.
     pub fn validate(&self) -> Result<(), String> {
-        if self.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {
-            return Err("--etcd: at least one endpoint is required".into());
-        }
+        self.etcd.validate()?;
         if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
             return Err(format!(
                 "--prefix: must start and end with '/', got {:?}",
@@ -211,7 +209,7 @@ mod tests {
     fn defaults_are_valid() {
         let s = Settings::try_parse_from(["svc"]).expect("defaults parse");
         assert_eq!(s.prefix, "/herd/");
-        assert_eq!(s.etcd_endpoints, vec![DEFAULT_ETCD.to_string()]);
+        assert_eq!(s.etcd.endpoints, vec![DEFAULT_ETCD.to_string()]);
         assert!(s.validate().is_ok());
     }
 
@@ -225,6 +223,6 @@ mod tests {
     fn several_etcd_endpoints() {
         let s =
             Settings::try_parse_from(["svc", "--etcd", "http://a:1,http://b:2"]).expect("parses");
-        assert_eq!(s.etcd_endpoints.len(), 2);
+        assert_eq!(s.etcd.endpoints.len(), 2);
     }
 }

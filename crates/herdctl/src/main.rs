@@ -19,9 +19,9 @@ use herd::layout::Layout;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// etcd endpoints, comma separated.
-    #[arg(long = "etcd", env = "HERD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = herd::settings::DEFAULT_ETCD, global = true)]
-    etcd_endpoints: Vec<String>,
+    /// How to reach etcd: endpoints, TLS and credentials (as the services take them).
+    #[command(flatten)]
+    etcd: herd::etcd::EtcdSettings,
     /// Key prefix in etcd.
     #[arg(long, env = "HERD_PREFIX", default_value = herd::settings::DEFAULT_PREFIX, global = true)]
     prefix: String,
@@ -83,17 +83,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { command } => command.needs_etcd(),
         Command::Config { .. } | Command::Instances { .. } => true,
     };
-    let client = if needs_etcd {
-        Some(
-            herd::etcd::connect(&cli.etcd_endpoints)
-                .await
-                .with_context(|| {
-                    format!("connecting to etcd at {}", cli.etcd_endpoints.join(","))
-                })?,
-        )
-    } else {
-        None
-    };
+    let client =
+        if needs_etcd {
+            cli.etcd.validate().map_err(anyhow::Error::msg)?;
+            Some(herd::etcd::connect_with(&cli.etcd).await.with_context(|| {
+                format!("connecting to etcd at {}", cli.etcd.endpoints.join(","))
+            })?)
+        } else {
+            None
+        };
     let etcd = |client: Option<Client>| client.context("this command needs etcd");
     match cli.command {
         Command::Certs { command } => certs::run(command),
