@@ -122,10 +122,7 @@ impl EtcdSettings {
                 source,
             })
         };
-        let mut options = ConnectOptions::new()
-            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true)
-            .with_connect_timeout(CONNECT_TIMEOUT);
+        let mut options = base_options();
         if let Some(ca) = &self.ca {
             let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
             if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
@@ -167,11 +164,15 @@ pub enum EtcdConnectError {
 /// Connects to the given etcd endpoints in plaintext. The connection is lazy about failures:
 /// calls made while etcd is away fail and can be retried on the same client.
 pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = ConnectOptions::new()
+    Client::connect(endpoints, Some(base_options())).await
+}
+
+/// Keepalive and connect timeout as etcd tolerates them.
+fn base_options() -> ConnectOptions {
+    ConnectOptions::new()
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
         .with_keep_alive_while_idle(true)
-        .with_connect_timeout(CONNECT_TIMEOUT);
-    Client::connect(endpoints, Some(options)).await
+        .with_connect_timeout(CONNECT_TIMEOUT)
 }
 
 /// Connects to etcd as `settings` say. With a user, the first token is taken now (so etcd must be
