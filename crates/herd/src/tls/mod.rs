@@ -32,6 +32,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 #[cfg(any(test, feature = "dev-certs"))]
@@ -79,7 +80,8 @@ pub enum TlsError {
 #[derive(Debug)]
 pub struct Credentials {
     keys: Arc<Reloading>,
-    roots: Arc<RootCertStore>,
+    /// The CA set, replaced when its file changes; both sides' verifiers read it per handshake.
+    roots: Arc<arc_swap::ArcSwap<RootCertStore>>,
     identity: String,
     trust_domain: String,
 }
@@ -131,6 +133,21 @@ fn certified(files: &TlsFiles) -> Result<(rustls::sign::CertifiedKey, String), T
     Ok((certified, identity))
 }
 
+/// The CA certificates in the PEM file `path` (at least one).
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read_file(path)?) {
+        let ca = ca.map_err(|e| bad(path, format!("not PEM certificates ({e})")))?;
+        roots
+            .add(ca)
+            .map_err(|e| bad(path, format!("not a CA certificate ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(path, "no CA certificate".into()));
+    }
+    Ok(roots)
+}
+
 /// When a file was last written, if it can be read.
 fn modified(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
@@ -156,21 +173,11 @@ impl Credentials {
             .and_then(|rest| rest.split('/').next())
             .unwrap_or_default()
             .to_string();
-        let mut roots = RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(&read_file(&files.ca)?) {
-            let ca = ca.map_err(|e| bad(&files.ca, format!("not PEM certificates ({e})")))?;
-            roots
-                .add(ca)
-                .map_err(|e| bad(&files.ca, format!("not a CA certificate ({e})")))?;
-        }
-        if roots.is_empty() {
-            return Err(bad(&files.ca, "no CA certificate".into()));
-        }
         Ok(Self {
             keys: Arc::new(Reloading {
                 current: arc_swap::ArcSwap::from_pointee(certified),
             }),
-            roots: Arc::new(roots),
+            roots: Arc::new(arc_swap::ArcSwap::from_pointee(roots(&files.ca)?)),
             identity,
             trust_domain,
         })
@@ -181,19 +188,38 @@ impl Credentials {
         &self.identity
     }
 
-    /// Re-reads the certificate and key in `files` when either changes (looked at every
-    /// `every`, off the request path) until the returned task is dropped or aborted. A new pair
-    /// is taken only if it loads, fits together and names the same identity; otherwise the
-    /// current one stays, and why is logged.
+    /// Re-reads the certificate and key in `files` when either changes, and the CA file when it
+    /// changes (looked at every `every`, off the request path) until the returned task is
+    /// dropped or aborted. A new pair is taken only if it loads, fits together and names the same
+    /// identity; a new CA set only if it holds at least one CA certificate; otherwise what is in
+    /// use stays, and why is logged. New handshakes use what was taken; open connections keep
+    /// theirs.
     pub fn watch(&self, files: TlsFiles, every: Duration) -> tokio::task::JoinHandle<()> {
-        let (keys, identity) = (self.keys.clone(), self.identity.clone());
+        let (keys, roots, identity) =
+            (self.keys.clone(), self.roots.clone(), self.identity.clone());
         tokio::spawn(async move {
             let stamp = |files: &TlsFiles| (modified(&files.cert), modified(&files.key));
             let mut seen = stamp(&files);
+            let mut seen_ca = modified(&files.ca);
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                let now_ca = modified(&files.ca);
+                if now_ca != seen_ca {
+                    seen_ca = now_ca;
+                    // Taken before a new pair: a rotation to a new CA trusts it first.
+                    match self::roots(&files.ca) {
+                        Ok(fresh) => {
+                            let count = fresh.len();
+                            roots.store(Arc::new(fresh));
+                            tracing::info!(certificates = count, "CA certificates reloaded");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "CA certificates not reloaded; keeping the current ones")
+                        }
+                    }
+                }
                 let now = stamp(&files);
                 if now == seen {
                     continue;
@@ -256,16 +282,11 @@ pub fn server_config(
     client_auth: ClientAuth,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let verifier = Arc::new(CallerVerifier::new(
         credentials.roots.clone(),
         provider.clone(),
-    );
-    let verifier = match client_auth {
-        ClientAuth::Required => verifier,
-        ClientAuth::Optional => verifier.allow_unauthenticated(),
-    }
-    .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        client_auth,
+    )?);
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -523,11 +544,129 @@ impl Connector for Unusable {
     }
 }
 
+/// Verifies a caller's certificate against the CA set in force: rustls' own verifier, built
+/// again when the CA set is replaced (rarely; the handshake that notices does it).
+#[derive(Debug)]
+struct CallerVerifier {
+    roots: Arc<arc_swap::ArcSwap<RootCertStore>>,
+    provider: Arc<CryptoProvider>,
+    client_auth: ClientAuth,
+    /// The verifier, and the CA set it was built from.
+    current: arc_swap::ArcSwap<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl CallerVerifier {
+    fn new(
+        roots: Arc<arc_swap::ArcSwap<RootCertStore>>,
+        provider: Arc<CryptoProvider>,
+        client_auth: ClientAuth,
+    ) -> Result<Self, TlsError> {
+        let set = roots.load_full();
+        let verifier = Self::build(&set, &provider, client_auth)?;
+        Ok(Self {
+            roots,
+            provider,
+            client_auth,
+            current: arc_swap::ArcSwap::from_pointee((set, verifier)),
+        })
+    }
+
+    fn build(
+        roots: &Arc<RootCertStore>,
+        provider: &Arc<CryptoProvider>,
+        client_auth: ClientAuth,
+    ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        );
+        match client_auth {
+            ClientAuth::Required => verifier,
+            ClientAuth::Optional => verifier.allow_unauthenticated(),
+        }
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+    }
+
+    /// The verifier of the CA set in force.
+    fn verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let set = self.roots.load_full();
+        let current = self.current.load();
+        if Arc::ptr_eq(&current.0, &set) {
+            return Ok(current.1.clone());
+        }
+        let verifier = Self::build(&set, &self.provider, self.client_auth)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        self.current.store(Arc::new((set, verifier.clone())));
+        Ok(verifier)
+    }
+}
+
+impl ClientCertVerifier for CallerVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.client_auth == ClientAuth::Required
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // The CA set may change under a borrowed answer: name no CA (clients send their one
+        // certificate anyway).
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// Verifies a callee: chain signed by the CA (for server use), identity that of the service
 /// called.
 #[derive(Debug)]
 struct IdentityVerifier {
-    roots: Arc<RootCertStore>,
+    roots: Arc<arc_swap::ArcSwap<RootCertStore>>,
     provider: Arc<CryptoProvider>,
     trust_domain: String,
 }
@@ -544,7 +683,7 @@ impl ServerCertVerifier for IdentityVerifier {
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            &self.roots.load(),
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
@@ -967,5 +1106,67 @@ mod tests {
         let err = certified(&files).expect_err("a key of another certificate");
         assert!(err.to_string().contains("does not fit"), "{err}");
         assert_eq!(presented().await, after);
+    }
+
+    #[tokio::test]
+    async fn a_new_ca_is_trusted_on_both_sides_once_its_file_names_it() {
+        // Pricing's certificate comes from one CA, the gateway's from another; each side's CA
+        // file names only its own at first.
+        let (one, two) = (
+            certs("herd.local", &["pricing"]),
+            certs("herd.local", &["gateway"]),
+        );
+        let bundle = tempfile::tempdir().expect("temp dir");
+        let files = |dir: &Path, service: &str| TlsFiles {
+            cert: dir.join(format!("{service}.pem")),
+            key: dir.join(format!("{service}-key.pem")),
+            ca: bundle.path().join(format!("{service}-ca.pem")),
+        };
+        let (pricing_files, gateway_files) =
+            (files(one.path(), "pricing"), files(two.path(), "gateway"));
+        let ca = |dir: &Path| std::fs::read_to_string(dir.join("ca.pem")).expect("CA");
+        std::fs::write(&pricing_files.ca, ca(one.path())).expect("written");
+        std::fs::write(&gateway_files.ca, ca(two.path())).expect("written");
+        let pricing = Credentials::load(&pricing_files).expect("valid");
+        let gateway = Credentials::load(&gateway_files).expect("valid");
+        let _watches = (
+            pricing.watch(pricing_files.clone(), Duration::from_millis(20)),
+            gateway.watch(gateway_files.clone(), Duration::from_millis(20)),
+        );
+        let server_side = server_config(&pricing, ClientAuth::Required).expect("server");
+        let client_side = client_config(&gateway).expect("client");
+        let attempt = || {
+            let (server_side, client_side) = (server_side.clone(), client_side.clone());
+            async move {
+                let (address, served) = server(server_side).await;
+                let called = call(client_side, &address, "pricing").await;
+                let served = served.await.map_err(|e| e.to_string()).and_then(|r| r);
+                called.and(served)
+            }
+        };
+        assert!(attempt().await.is_err(), "trusted a CA nobody named");
+        // Both files now name both CAs (how a CA rotation starts): taken up without a restart.
+        let both = format!("{}{}", ca(one.path()), ca(two.path()));
+        std::fs::write(&pricing_files.ca, &both).expect("written");
+        std::fs::write(&gateway_files.ca, &both).expect("written");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match attempt().await {
+                Ok(said) => {
+                    assert_eq!(said, "spiffe://herd.local/herd/gateway");
+                    break;
+                }
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the new CA was never trusted: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A CA file that holds no certificate is not taken: the set in force stays.
+        std::fs::write(&pricing_files.ca, "not a certificate").expect("written");
+        assert!(roots(&pricing_files.ca).is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(attempt().await.is_ok(), "an unusable CA file was taken");
     }
 }
