@@ -5,21 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use herd_tests::{Answer, Etcd, Proc, call_over, eventually, fixture, free_port, grpcurl, herdctl};
+use herd_tests::{
+    Answer, Etcd, Proc, TestMesh, call_over, eventually, fixture, free_port, grpcurl, herdctl,
+};
 use serde_json::{Value, json};
-
-/// The TLS flags of an instance holding `service`'s certificate from `certs`.
-fn tls_flags(certs: &Path, service: &str) -> Vec<String> {
-    let file = |name: String| certs.join(name).to_string_lossy().to_string();
-    vec![
-        "--tls-cert".into(),
-        file(format!("{service}.pem")),
-        "--tls-key".into(),
-        file(format!("{service}-key.pem")),
-        "--tls-ca".into(),
-        file("ca.pem".into()),
-    ]
-}
 
 /// A client certificate and its key.
 type Client<'a> = (&'a Path, &'a Path);
@@ -158,7 +147,7 @@ impl TlsMesh {
         let mut instances: Vec<Proc> = Vec::new();
         let port = free_port();
         for service in ["tax", "currency", "pricing", "gateway"] {
-            let mut flags = tls_flags(&certs, service);
+            let mut flags = herd_tests::tls_flags(&certs, service);
             if let EtcdAccess::Secured = access {
                 flags.extend(etcd_flags(&certs, service)?);
             }
@@ -200,15 +189,7 @@ impl TlsMesh {
 
     /// grpcurl's flags to reach an instance over TLS, presenting `service`'s certificate.
     fn transport(&self, service: &str) -> Vec<String> {
-        let file = |name: String| self.certs.join(name).to_string_lossy().to_string();
-        vec![
-            "-cacert".into(),
-            file("ca.pem".into()),
-            "-cert".into(),
-            file(format!("{service}.pem")),
-            "-key".into(),
-            file(format!("{service}-key.pem")),
-        ]
+        herd_tests::grpcurl_tls_flags(&self.certs, service)
     }
 
     /// Calls `method` of the instance at `address` with `body`, as `service`'s instance would.
@@ -557,5 +538,176 @@ async fn etcd_over_tls_with_client_certificates_users_and_roles() -> anyhow::Res
         "{status}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// The certificate (DER) a new handshake with `service`'s instance at `address` is shown, the
+/// caller presenting the gateway's certificate from `client`.
+async fn presented(client: &Path, address: &str, service: &str) -> anyhow::Result<Vec<u8>> {
+    let credentials = herd::tls::Credentials::load(&herd::tls::TlsFiles {
+        cert: client.join("gateway.pem"),
+        key: client.join("gateway-key.pem"),
+        ca: client.join("ca.pem"),
+    })?;
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    let tls = tokio_rustls::TlsConnector::from(herd::tls::client_config(&credentials)?)
+        .connect(herd::tls::server_name(service)?, tcp)
+        .await?;
+    let (_, session) = tls.get_ref();
+    Ok(session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|cert| cert.to_vec())
+        .unwrap_or_default())
+}
+
+/// The certificate in a PEM file, as DER.
+fn der(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    Ok(rustls::pki_types::CertificateDer::from_pem_file(path)?.to_vec())
+}
+
+/// Writes `contents` to `path` whole: beside it, then renamed over it.
+fn replace(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, contents)?;
+    std::fs::rename(&partial, path)?;
+    Ok(())
+}
+
+/// Waits until a new handshake with every registered instance shows the certificate now in
+/// `certs` for its service.
+async fn all_present(mesh: &TestMesh, certs: &Path, what: &str) -> anyhow::Result<()> {
+    for service in herd_tests::SERVICES {
+        let expected = der(&certs.join(format!("{service}.pem")))?;
+        for address in mesh.addresses(service)? {
+            eventually(
+                &format!("{service} at {address} to present {what}"),
+                Duration::from_secs(15),
+                || async {
+                    (presented(certs, &address, service).await.ok()? == expected).then_some(())
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every registered instance takes (`true`) or refuses (`false`) a handshake from a
+/// caller holding the certificates in `client`.
+async fn all_accept(
+    mesh: &TestMesh,
+    client: &Path,
+    accept: bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    for service in herd_tests::SERVICES {
+        for address in mesh.addresses(service)? {
+            eventually(
+                &format!("{service} at {address} to {what}"),
+                Duration::from_secs(15),
+                || async {
+                    // A refused client certificate shows on the first read, not the handshake.
+                    let taken = herd_tests::health_over(
+                        &herd_tests::grpcurl_tls_flags(client, "gateway"),
+                        &address,
+                    )
+                    .is_some();
+                    (taken == accept).then_some(())
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_and_the_ca_rotate_under_load_without_a_failed_call() -> anyhow::Result<()> {
+    let mut mesh = TestMesh::start_tls(2, &fixture()).await?;
+    let certs = mesh
+        .certs
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("a TLS mesh has certificates"))?;
+    let load = herd_tests::Load::start_with(
+        &mesh.etcd,
+        Some(&certs),
+        8,
+        Duration::from_millis(5),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let calls = |n: u64| {
+        let target = load.report().sent + n;
+        let load = &load;
+        async move {
+            eventually(
+                &format!("{n} more calls"),
+                Duration::from_secs(30),
+                || async { (load.report().sent >= target).then_some(()) },
+            )
+            .await
+        }
+    };
+    calls(200).await?;
+
+    // 1. New certificates from the same CA (herdctl certs init again).
+    let first = der(&certs.join("pricing.pem"))?;
+    herd_tests::certs_init(&certs)?;
+    assert_ne!(der(&certs.join("pricing.pem"))?, first);
+    all_present(&mesh, &certs, "its new certificate").await?;
+    calls(200).await?;
+
+    // 2. A new CA: trusted first, beside the old one; then certificates from it; then the old
+    // one dropped.
+    let (next, old) = (mesh.dir.path().join("next"), mesh.dir.path().join("old"));
+    herd_tests::certs_init(&next)?;
+    std::fs::create_dir_all(&old)?;
+    for file in ["ca.pem", "gateway.pem", "gateway-key.pem"] {
+        std::fs::copy(certs.join(file), old.join(file))?;
+    }
+    let (old_ca, new_ca) = (
+        std::fs::read(certs.join("ca.pem"))?,
+        std::fs::read(next.join("ca.pem"))?,
+    );
+    replace(
+        &certs.join("ca.pem"),
+        &[old_ca.as_slice(), &new_ca].concat(),
+    )?;
+    // The new CA's certificates name both CAs too, so the probes below verify either side.
+    replace(&next.join("ca.pem"), &[old_ca.as_slice(), &new_ca].concat())?;
+    all_accept(&mesh, &next, true, "trust the new CA").await?;
+    calls(200).await?;
+    for service in herd_tests::SERVICES {
+        let (cert, key) = (format!("{service}.pem"), format!("{service}-key.pem"));
+        replace(&certs.join(&key), &std::fs::read(next.join(&key))?)?;
+        replace(&certs.join(&cert), &std::fs::read(next.join(&cert))?)?;
+    }
+    all_present(&mesh, &certs, "the new CA's certificate").await?;
+    calls(200).await?;
+    replace(&certs.join("ca.pem"), &new_ca)?;
+    all_accept(&mesh, &old, false, "refuse the old CA").await?;
+
+    // 3. New connections with everything new: one more pricing instance, which the gateways
+    // call and which calls tax and currency.
+    mesh.add("pricing")?;
+    eventually(
+        "a third pricing instance serving",
+        Duration::from_secs(30),
+        || async {
+            let addresses = mesh.addresses("pricing").ok()?;
+            (addresses.len() == 3
+                && addresses
+                    .iter()
+                    .all(|a| mesh.health(a, "").as_deref() == Some("SERVING")))
+            .then_some(())
+        },
+    )
+    .await?;
+    calls(400).await?;
+    let report = load.stop().await;
+    println!("REPORT rotation under load: {report}");
+    assert_eq!(report.failures(), 0, "{report}");
     Ok(())
 }

@@ -477,6 +477,22 @@ pub fn call_over(
     }
 }
 
+/// The overall health status `address` reports when reached with grpcurl's `transport` flags;
+/// `None` when it cannot be reached so.
+pub fn health_over(transport: &[String], address: &str) -> Option<String> {
+    let transport: Vec<&str> = transport.iter().map(String::as_str).collect();
+    match call_over(
+        &transport,
+        address,
+        "grpc.health.v1.Health/Check",
+        &serde_json::json!({}),
+        &[],
+    ) {
+        Ok(Answer::Ok(v)) => v["status"].as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
 /// The health status (`SERVING`, `NOT_SERVING`, ...) that `address` reports for `service`.
 pub fn health(address: &str, service: &str) -> Option<String> {
     match call(
@@ -504,6 +520,51 @@ pub struct TestMesh {
     pub dir: tempfile::TempDir,
     /// Environment every instance is started with (for example an OTLP endpoint).
     pub env: Vec<(String, String)>,
+    /// With mutual TLS on every hop: the folder of `herdctl certs init`'s certificates.
+    pub certs: Option<PathBuf>,
+}
+
+/// The TLS flags of an instance holding `service`'s certificate from `certs` (as `herdctl certs
+/// init` writes them).
+pub fn tls_flags(certs: &Path, service: &str) -> Vec<String> {
+    let file = |name: String| certs.join(name).to_string_lossy().to_string();
+    vec![
+        "--tls-cert".into(),
+        file(format!("{service}.pem")),
+        "--tls-key".into(),
+        file(format!("{service}-key.pem")),
+        "--tls-ca".into(),
+        file("ca.pem".into()),
+    ]
+}
+
+/// grpcurl's flags to reach an instance over TLS with `certs`, presenting `service`'s certificate.
+pub fn grpcurl_tls_flags(certs: &Path, service: &str) -> Vec<String> {
+    let file = |name: String| certs.join(name).to_string_lossy().to_string();
+    vec![
+        "-cacert".into(),
+        file("ca.pem".into()),
+        "-cert".into(),
+        file(format!("{service}.pem")),
+        "-key".into(),
+        file(format!("{service}-key.pem")),
+    ]
+}
+
+/// Writes development certificates for the reference mesh's services into `dir` with the real
+/// `herdctl certs init` (the CA kept if there, every certificate replaced: a rotation).
+pub fn certs_init(dir: &Path) -> anyhow::Result<()> {
+    let out = Command::new(bin("herdctl")?)
+        .args(["certs", "init"])
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "herdctl certs init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 impl TestMesh {
@@ -516,6 +577,19 @@ impl TestMesh {
             etcd.put(&format!("/herd/config/{section}"), json)?;
         }
         Self::launch(etcd, per_service, Vec::new()).await
+    }
+
+    /// As [`TestMesh::start`], with mutual TLS on every hop: certificates from `herdctl certs
+    /// init` in `dir/certs`.
+    pub async fn start_tls(per_service: usize, config: &[(&str, String)]) -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        for (section, json) in config {
+            etcd.put(&format!("/herd/config/{section}"), json)?;
+        }
+        let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        certs_init(&certs)?;
+        Self::launch_as(etcd, dir, per_service, Vec::new(), Some(certs)).await
     }
 
     /// As [`TestMesh::start`], every instance exporting spans to `otlp_endpoint`.
@@ -568,12 +642,23 @@ impl TestMesh {
         per_service: usize,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
+        Self::launch_as(etcd, dir, per_service, env, None).await
+    }
+
+    async fn launch_as(
+        etcd: Etcd,
+        dir: tempfile::TempDir,
+        per_service: usize,
+        env: Vec<(String, String)>,
+        certs: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let mut mesh = Self {
             etcd,
             instances: Vec::new(),
             gateways: Vec::new(),
             dir,
             env,
+            certs,
         };
         for service in SERVICES {
             for _ in 0..per_service {
@@ -595,12 +680,39 @@ impl TestMesh {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let proc = start_instance_with_env(service, &self.etcd, port, self.dir.path(), &[], &env)?;
+        let flags = self
+            .certs
+            .as_deref()
+            .map(|certs| tls_flags(certs, service))
+            .unwrap_or_default();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let proc =
+            start_instance_with_env(service, &self.etcd, port, self.dir.path(), &flags, &env)?;
         if service == "gateway" {
             self.gateways.push(format!("127.0.0.1:{port}"));
         }
         self.instances.push((service.to_string(), proc));
         Ok(self.instances.len() - 1)
+    }
+
+    /// The health status `address` reports for `service`, over TLS (as the gateway) when the
+    /// mesh speaks it.
+    pub fn health(&self, address: &str, service: &str) -> Option<String> {
+        let transport = match &self.certs {
+            Some(certs) => grpcurl_tls_flags(certs, "gateway"),
+            None => vec!["-plaintext".to_string()],
+        };
+        let transport: Vec<&str> = transport.iter().map(String::as_str).collect();
+        match call_over(
+            &transport,
+            address,
+            "grpc.health.v1.Health/Check",
+            &serde_json::json!({ "service": service }),
+            &[],
+        ) {
+            Ok(Answer::Ok(v)) => v["status"].as_str().map(str::to_string),
+            _ => None,
+        }
     }
 
     /// The registered addresses of `service`'s instances, from etcd.
@@ -635,7 +747,9 @@ impl TestMesh {
                 eventually(
                     &format!("{service} at {address} to be SERVING"),
                     Duration::from_secs(10),
-                    || async { (health(&address, "").as_deref() == Some("SERVING")).then_some(()) },
+                    || async {
+                        (self.health(&address, "").as_deref() == Some("SERVING")).then_some(())
+                    },
                 )
                 .await?;
             }
@@ -803,13 +917,37 @@ impl Load {
         pace: Duration,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
+        Self::start_with(etcd, None, workers, pace, timeout).await
+    }
+
+    /// As [`Load::start`], over TLS to a mesh whose certificates are in `certs` (presenting the
+    /// gateway's own certificate, which the gateway does not require) when given.
+    pub async fn start_with(
+        etcd: &Etcd,
+        certs: Option<&Path>,
+        workers: usize,
+        pace: Duration,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let client = herd::etcd::connect(std::slice::from_ref(&etcd.endpoint)).await?;
         let resolver = herd::discovery::Resolver::start(
             client,
             &herd::layout::Layout::new("/herd/"),
             "gateway",
         );
-        let channel = herd::MeshChannel::new("gateway", resolver.subscribe());
+        let mut channel = herd::MeshChannel::builder("gateway");
+        if let Some(certs) = certs {
+            let credentials = herd::tls::Credentials::load(&herd::tls::TlsFiles {
+                cert: certs.join("gateway.pem"),
+                key: certs.join("gateway-key.pem"),
+                ca: certs.join("ca.pem"),
+            })?;
+            channel = channel.connector(herd::tls::TlsConnector::new(
+                herd::tls::client_config(&credentials)?,
+                "gateway",
+            )?);
+        }
+        let channel = channel.build(resolver.subscribe());
         eventually(
             "a gateway to be ready for the load",
             Duration::from_secs(20),
