@@ -7,7 +7,8 @@
 # Settings (environment): HERD_ETCD_PORT and HERD_ETCD_PEER_PORT (2379, 2380), HERD_GATEWAY_PORTS
 # ("50051 50052"), HERD_RUN_DIR (.run: etcd's data, logs, and the pids of what was started),
 # HERD_BIN_DIR (the debug binaries of the build). The gateways' private signing keys are in
-# $HERD_RUN_DIR/secrets.
+# $HERD_RUN_DIR/secrets; every hop is mutual TLS, with development certificates in
+# $HERD_RUN_DIR/certs (the CA kept from run to run, the certificates new on every run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -63,10 +64,14 @@ echo "etcd is up at $ETCD (data in $RUN/etcd)"
 # The gateways' private signing keys: files, never etcd (the seed writes k1's here).
 SECRETS="$RUN/secrets"
 "$BIN/herdctl" --etcd "$ETCD" config seed --secrets "$SECRETS"
+CERTS="$RUN/certs"
+"$BIN/herdctl" certs init "$CERTS" >/dev/null
 
 start() {
     local name=$1 listen=$2 log=$3
-    "$BIN/herd-$name" --etcd "$ETCD" --listen "$listen" --secrets "$SECRETS" >"$RUN/logs/$log.log" 2>&1 &
+    "$BIN/herd-$name" --etcd "$ETCD" --listen "$listen" --secrets "$SECRETS" \
+        --tls-cert "$CERTS/$name.pem" --tls-key "$CERTS/$name-key.pem" --tls-ca "$CERTS/ca.pem" \
+        >"$RUN/logs/$log.log" 2>&1 &
     pids+=($!)
 }
 for i in 1 2; do
@@ -81,7 +86,7 @@ printf '%s\n' "$etcd_pid" "${pids[@]}" >"$RUN/pids"
 
 deadline=$((SECONDS + 30))
 for port in "${GATEWAY_PORTS[@]}"; do
-    until grpcurl -plaintext -d '{"service":"herd.quote.v1.QuoteService"}' "127.0.0.1:$port" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; do
+    until grpcurl -cacert "$CERTS/ca.pem" -d '{"service":"herd.quote.v1.QuoteService"}' "127.0.0.1:$port" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; do
         if [ $SECONDS -ge $deadline ]; then
             echo "error: the gateway on port $port is not SERVING; see $RUN/logs/" >&2
             exit 1
@@ -96,9 +101,9 @@ cat <<MSG
 The mesh is up. Logs are in $RUN/logs/. Try:
 
   export JWT=\$($BIN/herdctl --etcd $ETCD auth token --tenant acme --subject alice --ttl 5m)
-  grpcurl -plaintext 127.0.0.1:${GATEWAY_PORTS[0]} list
-  grpcurl -plaintext -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"items":[{"sku":"hammer","quantity":3},{"sku":"apple","quantity":4}],"currency":"EUR","region":"US-CA"}' 127.0.0.1:${GATEWAY_PORTS[0]} herd.quote.v1.QuoteService/CreateQuote
-  grpcurl -plaintext -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"token":"<token from CreateQuote>"}' 127.0.0.1:${GATEWAY_PORTS[-1]} herd.quote.v1.QuoteService/VerifyQuote
+  grpcurl -cacert $CERTS/ca.pem 127.0.0.1:${GATEWAY_PORTS[0]} list
+  grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"items":[{"sku":"hammer","quantity":3},{"sku":"apple","quantity":4}],"currency":"EUR","region":"US-CA"}' 127.0.0.1:${GATEWAY_PORTS[0]} herd.quote.v1.QuoteService/CreateQuote
+  grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"token":"<token from CreateQuote>"}' 127.0.0.1:${GATEWAY_PORTS[-1]} herd.quote.v1.QuoteService/VerifyQuote
   $BIN/herdctl --etcd $ETCD instances
 
 Press Ctrl-C to stop everything.

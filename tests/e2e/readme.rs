@@ -40,15 +40,22 @@ fn run(bash: &mut Command, line: &str) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
-    let mesh = TestMesh::start_seeded(1).await?;
+    // Seeded and with mutual TLS, as `make run` starts it.
+    let mesh = TestMesh::start_seeded_tls(1).await?;
+    let certs = mesh
+        .certs
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("a TLS mesh has certificates"))?;
     // A second gateway stands in for 127.0.0.1:50052.
     let port = herd_tests::free_port();
-    let second = herd_tests::start_instance("gateway", &mesh.etcd, port, mesh.dir.path(), &[])?;
+    let flags = herd_tests::tls_flags(&certs, "gateway");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let second = herd_tests::start_instance("gateway", &mesh.etcd, port, mesh.dir.path(), &flags)?;
     let g2 = format!("127.0.0.1:{port}");
     eventually(
         "the second gateway to serve",
         Duration::from_secs(20),
-        || async { (herd_tests::health(&g2, "").as_deref() == Some("SERVING")).then_some(()) },
+        || async { (mesh.health(&g2, "").as_deref() == Some("SERVING")).then_some(()) },
     )
     .await?;
 
@@ -77,7 +84,8 @@ async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
     for line in lines {
         let line = line
             .replace("127.0.0.1:50051", &mesh.gateways[0])
-            .replace("127.0.0.1:50052", &g2);
+            .replace("127.0.0.1:50052", &g2)
+            .replace(".run/certs/", &format!("{}/", certs.display()));
         let stdout = run(
             Command::new("bash").env("TOKEN", &token).env("JWT", &jwt),
             &line,

@@ -56,9 +56,28 @@ async fn make_run_starts_the_mesh_and_ctrl_c_stops_it_etcd_last() -> anyhow::Res
         .collect();
     assert_eq!(pids.len(), 9, "etcd and eight instances: {pids:?}");
     assert!(pids.iter().all(|p| alive(p)), "{pids:?}");
+    // Every hop is mutual TLS: a caller from outside trusts the CA run.sh made.
+    let ca = run_dir
+        .join("certs")
+        .join("ca.pem")
+        .to_string_lossy()
+        .to_string();
     for port in gateways {
         let address = format!("127.0.0.1:{port}");
-        assert_eq!(herd_tests::health(&address, "").as_deref(), Some("SERVING"));
+        let transport = ["-cacert".to_string(), ca.clone()];
+        assert_eq!(
+            herd_tests::health_over(&transport, &address).as_deref(),
+            Some("SERVING")
+        );
+        // A refused handshake makes grpcurl retry until its connect timeout.
+        let plaintext = herd_tests::health_over(
+            &["-plaintext".into(), "-connect-timeout".into(), "1".into()],
+            &address,
+        );
+        assert_eq!(
+            plaintext, None,
+            "a gateway of make run answered in plaintext"
+        );
     }
 
     // Ctrl-C.

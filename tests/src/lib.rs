@@ -612,6 +612,15 @@ impl TestMesh {
     /// Starts etcd, seeds the demo configuration with `herdctl config seed` (as `make run` does),
     /// and starts the instances as [`TestMesh::start`] does.
     pub async fn start_seeded(per_service: usize) -> anyhow::Result<Self> {
+        Self::seeded(per_service, false).await
+    }
+
+    /// As [`TestMesh::start_seeded`], with mutual TLS on every hop as `make run` starts it.
+    pub async fn start_seeded_tls(per_service: usize) -> anyhow::Result<Self> {
+        Self::seeded(per_service, true).await
+    }
+
+    async fn seeded(per_service: usize, tls: bool) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
         let dir = tempfile::tempdir()?;
         let secrets = secrets_dir(dir.path())?;
@@ -625,7 +634,14 @@ impl TestMesh {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Self::launch_in(etcd, dir, per_service, Vec::new()).await
+        let certs = if tls {
+            let certs = dir.path().join("certs");
+            certs_init(&certs)?;
+            Some(certs)
+        } else {
+            None
+        };
+        Self::launch_as(etcd, dir, per_service, Vec::new(), certs).await
     }
 
     async fn launch(
@@ -633,16 +649,7 @@ impl TestMesh {
         per_service: usize,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
-        Self::launch_in(etcd, tempfile::tempdir()?, per_service, env).await
-    }
-
-    async fn launch_in(
-        etcd: Etcd,
-        dir: tempfile::TempDir,
-        per_service: usize,
-        env: Vec<(String, String)>,
-    ) -> anyhow::Result<Self> {
-        Self::launch_as(etcd, dir, per_service, env, None).await
+        Self::launch_as(etcd, tempfile::tempdir()?, per_service, env, None).await
     }
 
     async fn launch_as(
