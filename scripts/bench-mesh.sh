@@ -10,8 +10,9 @@ DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-2}"
 CONCURRENCY="${CONCURRENCY:-32}"
 BIN="${CARGO_TARGET_DIR:-target}/release"
-# PARTS picks what to run (for iterating on one part): any of ceiling mesh tracing startup overload.
-PARTS="${PARTS:-ceiling mesh tracing startup overload}"
+# PARTS picks what to run (for iterating on one part): any of ceiling mesh tls tracing startup
+# overload.
+PARTS="${PARTS:-ceiling mesh tls tracing startup overload}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 HALF="${HALF:--}" # the fixed rate of half-load runs; the mesh part sets it from the raw capacity
 CONFIG=deploy/bench/config
@@ -39,9 +40,15 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 on_servers() { exec taskset -c 1 "$@"; }
 on_load() { taskset -c 0 "$@"; }
 
+# With TLS_DIR set (certificates as `herdctl certs init` writes them), every hop of both meshes is
+# mutual TLS and the load generator speaks TLS to the gateway.
+TLS_DIR=""
+transport() { if [ -n "$TLS_DIR" ]; then echo "-cacert $TLS_DIR/ca.pem"; else echo "-plaintext"; fi; }
+
 wait_serving() { # address
     for _ in $(seq 1 200); do
-        if grpcurl -plaintext -d '{"service":""}' "$1" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"'; then return 0; fi
+        # shellcheck disable=SC2046
+        if grpcurl $(transport) -d '{"service":""}' "$1" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"'; then return 0; fi
         sleep 0.05
     done
     echo "error: $1 never reported SERVING" >&2
@@ -61,7 +68,8 @@ field() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
 
 load() { # target, then herd-bench flags
     local target=$1; shift
-    on_load "$BIN/herd-bench" --target "$target" --connections "${CONNECTIONS:-4}" --duration "$DURATION" --warmup "$WARMUP" --output json "$@"
+    local tls=(); [ -n "$TLS_DIR" ] && tls=(--tls-ca "$TLS_DIR/ca.pem")
+    on_load "$BIN/herd-bench" --target "$target" --connections "${CONNECTIONS:-4}" --duration "$DURATION" --warmup "$WARMUP" --output json "${tls[@]}" "$@"
 }
 
 cpu_ticks() { # pids...: user+system clock ticks of those processes
@@ -83,14 +91,15 @@ stats() { # label unit values...: median, min, max
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 
 start_raw() {
-    local tax cur pri; tax=$(free_port); cur=$(free_port); pri=$(free_port); GATEWAY=127.0.0.1:$(free_port)
-    on_servers "$BIN/herd-raw" --role tax --listen "127.0.0.1:$tax" --config "$CONFIG" & PIDS+=($!)
-    on_servers "$BIN/herd-raw" --role currency --listen "127.0.0.1:$cur" --config "$CONFIG" & PIDS+=($!)
+    local tax cur pri tls=(); tax=$(free_port); cur=$(free_port); pri=$(free_port); GATEWAY=127.0.0.1:$(free_port)
+    [ -n "$TLS_DIR" ] && tls=(--tls-dir "$TLS_DIR")
+    on_servers "$BIN/herd-raw" --role tax --listen "127.0.0.1:$tax" --config "$CONFIG" "${tls[@]}" & PIDS+=($!)
+    on_servers "$BIN/herd-raw" --role currency --listen "127.0.0.1:$cur" --config "$CONFIG" "${tls[@]}" & PIDS+=($!)
     wait_listening "127.0.0.1:$tax"
     wait_listening "127.0.0.1:$cur"
-    on_servers "$BIN/herd-raw" --role pricing --listen "127.0.0.1:$pri" --config "$CONFIG" --tax "127.0.0.1:$tax" --currency "127.0.0.1:$cur" & PIDS+=($!)
+    on_servers "$BIN/herd-raw" --role pricing --listen "127.0.0.1:$pri" --config "$CONFIG" --tax "127.0.0.1:$tax" --currency "127.0.0.1:$cur" "${tls[@]}" & PIDS+=($!)
     wait_listening "127.0.0.1:$pri"
-    on_servers "$BIN/herd-raw" --role gateway --listen "$GATEWAY" --config "$CONFIG" --secrets "$SECRETS" --pricing "127.0.0.1:$pri" & PIDS+=($!)
+    on_servers "$BIN/herd-raw" --role gateway --listen "$GATEWAY" --config "$CONFIG" --secrets "$SECRETS" --pricing "127.0.0.1:$pri" "${tls[@]}" & PIDS+=($!)
     SERVERS=("${PIDS[@]}")
     wait_listening "$GATEWAY"
 }
@@ -109,15 +118,19 @@ start_herd() { # extra environment assignments for the services
     start_etcd
     local first=${#PIDS[@]}
     GATEWAY=127.0.0.1:$(free_port)
+    tls_of() { [ -n "$TLS_DIR" ] && echo "--tls-cert $TLS_DIR/$1.pem --tls-key $TLS_DIR/$1-key.pem --tls-ca $TLS_DIR/ca.pem"; }
     for s in tax currency pricing; do
-        env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" >"$WORK/$s.log" 2>&1 & PIDS+=($!)
+        # shellcheck disable=SC2046
+        env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" $(tls_of "$s") >"$WORK/$s.log" 2>&1 & PIDS+=($!)
     done
-    env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+    # shellcheck disable=SC2046
+    env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" $(tls_of gateway) >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
     SERVERS=("${PIDS[@]:first}")
     wait_serving "$GATEWAY"
     # Every downstream instance must be in its callers' balancers before measuring.
     for _ in $(seq 1 100); do
-        grpcurl -plaintext -H "authorization: $HERD_BENCH_AUTHORIZATION" -d '{"context":{"tenantId":"bench"},"items":[{"sku":"widget","quantity":1}],"currency":"EUR","region":"US-CA"}' \
+        # shellcheck disable=SC2046
+        grpcurl $(transport) -H "authorization: $HERD_BENCH_AUTHORIZATION" -d '{"context":{"tenantId":"bench"},"items":[{"sku":"widget","quantity":1}],"currency":"EUR","region":"US-CA"}' \
             "$GATEWAY" herd.quote.v1.QuoteService/CreateQuote >/dev/null 2>&1 && break
         sleep 0.1
     done
@@ -186,49 +199,90 @@ fi
 # minutes) and each ratio compares two neighbouring runs. Only one mesh runs at a time, started
 # fresh for each run: a saturation run, then a run at half the raw saturation throughput of the
 # same pair.
+# Raw and herd in pairs, as the comparisons below take them; LABEL names the setting.
+pairs() {
+    LABEL=$1
+    R_SAT=(); R_CPU=(); H_SAT=(); H_CPU=(); SAT_RATIO=(); CPU_RATIO=()
+    R_P50=(); R_P99=(); H_P50=(); H_P99=(); P50_RATIO=(); P99_RATIO=(); RATES=()
+    for _ in $(seq 1 "$RUNS"); do
+        start_raw
+        read -r rs rc < <(sat_run "$GATEWAY" "${SERVERS[@]}")
+        HALF=$(awk -v c="$rs" 'BEGIN {printf "%d", c / 2}')
+        read -r r50 r99 < <(half_run "$GATEWAY" "$HALF")
+        RAW_RSS=(); for pid in "${SERVERS[@]}"; do RAW_RSS+=("$(peak_rss_mb "$pid")"); done
+        cleanup
+        start_herd
+        read -r hs hc < <(sat_run "$GATEWAY" "${SERVERS[@]}")
+        read -r h50 h99 < <(half_run "$GATEWAY" "$HALF")
+        HERD_RSS=(); for pid in "${SERVERS[@]}"; do HERD_RSS+=("$(peak_rss_mb "$pid")"); done
+        cleanup
+        RATES+=("$HALF")
+        R_SAT+=("$rs"); R_CPU+=("$rc"); H_SAT+=("$hs"); H_CPU+=("$hc")
+        R_P50+=("$r50"); R_P99+=("$r99"); H_P50+=("$h50"); H_P99+=("$h99")
+        SAT_RATIO+=("$(ratio_of "$hs" "$rs")"); CPU_RATIO+=("$(ratio_of "$hc" "$rc")")
+        P50_RATIO+=("$(ratio_of "$h50" "$r50")"); P99_RATIO+=("$(ratio_of "$h99" "$r99")")
+    done
+    HALF=$(median "${RATES[@]}")
+    for mesh in raw herd; do
+        if [ $mesh = raw ]; then
+            echo "== raw (plain tonic, no herd layers)$LABEL"
+            stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${R_SAT[@]}"
+            stats "p50 at half load (~$HALF calls/s)" "µs" "${R_P50[@]}"; stats "p99 at half load" "µs" "${R_P99[@]}"
+            stats "server CPU time per request (all services)" "µs" "${R_CPU[@]}"
+            rss=("${RAW_RSS[@]}")
+        else
+            echo "== herd (no exporter)$LABEL"
+            stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${H_SAT[@]}"
+            stats "p50 at half load (~$HALF calls/s)" "µs" "${H_P50[@]}"; stats "p99 at half load" "µs" "${H_P99[@]}"
+            stats "server CPU time per request (all services)" "µs" "${H_CPU[@]}"
+            rss=("${HERD_RSS[@]}")
+        fi
+        echo "peak RSS per instance (MB, last run): ${rss[*]}"
+    done
+    echo "== ratios herd/raw$LABEL (each of two back-to-back runs; half-load rates: ${RATES[*]} calls/s)"
+    stats "throughput at saturation (goal >= 0.95)" "" "${SAT_RATIO[@]}"
+    stats "p50 at half the raw capacity" "" "${P50_RATIO[@]}"
+    stats "p99 at half the raw capacity (goal <= 1.25)" "" "${P99_RATIO[@]}"
+    stats "server CPU time per request" "" "${CPU_RATIO[@]}"
+    cleanup
+}
+
 if part mesh; then
-R_SAT=(); R_CPU=(); H_SAT=(); H_CPU=(); SAT_RATIO=(); CPU_RATIO=()
-R_P50=(); R_P99=(); H_P50=(); H_P99=(); P50_RATIO=(); P99_RATIO=(); RATES=()
+pairs ""
+fi
+
+# The same pairs with mutual TLS on every hop: herd's rustls seam against tonic's own TLS (the
+# same rustls, ring), certificates from herdctl certs init; then what a connection costs, each
+# call on a connection of its own (TCP, the TLS 1.3 handshake, HTTP/2's preface, a health check).
+if part tls; then
+TLS_DIR="$WORK/certs"
+"$BIN/herdctl" certs init "$TLS_DIR" --services gateway,pricing,tax,currency,hello >/dev/null
+mesh_half=$HALF
+pairs ", mutual TLS"
+HALF=$mesh_half
+connect_rate() { # target, then herd-bench flags
+    load "$1" --method connect --concurrency "${HANDSHAKE_CONCURRENCY:-4}" "${@:2}" | field throughput
+}
+RG=(); HG=(); HT=(); PG=()
 for _ in $(seq 1 "$RUNS"); do
-    start_raw
-    read -r rs rc < <(sat_run "$GATEWAY" "${SERVERS[@]}")
-    HALF=$(awk -v c="$rs" 'BEGIN {printf "%d", c / 2}')
-    read -r r50 r99 < <(half_run "$GATEWAY" "$HALF")
-    RAW_RSS=(); for pid in "${SERVERS[@]}"; do RAW_RSS+=("$(peak_rss_mb "$pid")"); done
-    cleanup
+    # Plain tonic's hello world over its TLS: herd-raw's gateway serves no health service.
+    HELLO=127.0.0.1:$(free_port)
+    on_servers "$BIN/herd-raw" --role hello --listen "$HELLO" --tls-dir "$TLS_DIR" & PIDS+=($!)
+    wait_listening "$HELLO"
+    RG+=("$(connect_rate "$HELLO")"); cleanup
     start_herd
-    read -r hs hc < <(sat_run "$GATEWAY" "${SERVERS[@]}")
-    read -r h50 h99 < <(half_run "$GATEWAY" "$HALF")
-    HERD_RSS=(); for pid in "${SERVERS[@]}"; do HERD_RSS+=("$(peak_rss_mb "$pid")"); done
+    HG+=("$(connect_rate "$GATEWAY")")
+    tax=$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD" get --prefix /herd/services/tax/ --print-value-only | grep -o '"address":"[^"]*"' | cut -d'"' -f4 | head -1)
+    HT+=("$(connect_rate "$tax" --tls-cert "$TLS_DIR/gateway.pem" --tls-key "$TLS_DIR/gateway-key.pem")")
     cleanup
-    RATES+=("$HALF")
-    R_SAT+=("$rs"); R_CPU+=("$rc"); H_SAT+=("$hs"); H_CPU+=("$hc")
-    R_P50+=("$r50"); R_P99+=("$r99"); H_P50+=("$h50"); H_P99+=("$h99")
-    SAT_RATIO+=("$(ratio_of "$hs" "$rs")"); CPU_RATIO+=("$(ratio_of "$hc" "$rc")")
-    P50_RATIO+=("$(ratio_of "$h50" "$r50")"); P99_RATIO+=("$(ratio_of "$h99" "$r99")")
+    saved=$TLS_DIR; TLS_DIR=""; start_herd; PG+=("$(connect_rate "$GATEWAY")"); cleanup; TLS_DIR=$saved
 done
-HALF=$(median "${RATES[@]}")
-for mesh in raw herd; do
-    if [ $mesh = raw ]; then
-        echo "== raw (plain tonic, no herd layers)"
-        stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${R_SAT[@]}"
-        stats "p50 at half load (~$HALF calls/s)" "µs" "${R_P50[@]}"; stats "p99 at half load" "µs" "${R_P99[@]}"
-        stats "server CPU time per request (all services)" "µs" "${R_CPU[@]}"
-        rss=("${RAW_RSS[@]}")
-    else
-        echo "== herd (no exporter)"
-        stats "throughput at saturation (closed/$CONCURRENCY)" "ok/s" "${H_SAT[@]}"
-        stats "p50 at half load (~$HALF calls/s)" "µs" "${H_P50[@]}"; stats "p99 at half load" "µs" "${H_P99[@]}"
-        stats "server CPU time per request (all services)" "µs" "${H_CPU[@]}"
-        rss=("${HERD_RSS[@]}")
-    fi
-    echo "peak RSS per instance (MB, last run): ${rss[*]}"
-done
-echo "== ratios herd/raw (each of two back-to-back runs; half-load rates: ${RATES[*]} calls/s)"
-stats "throughput at saturation (goal >= 0.90)" "" "${SAT_RATIO[@]}"
-stats "p50 at half the raw capacity" "" "${P50_RATIO[@]}"
-stats "p99 at half the raw capacity (goal <= 1.25)" "" "${P99_RATIO[@]}"
-stats "server CPU time per request" "" "${CPU_RATIO[@]}"
+echo "== new connections per second (closed/${HANDSHAKE_CONCURRENCY:-4}; each: TCP, TLS 1.3 handshake, one health check)"
+stats "plain tonic server, its TLS, no client cert" "conn/s" "${RG[@]}"
+stats "herd gateway, mTLS, no client certificate" "conn/s" "${HG[@]}"
+stats "herd tax, mTLS, client certificate verified" "conn/s" "${HT[@]}"
+stats "herd gateway, plaintext (no handshake)" "conn/s" "${PG[@]}"
+TLS_DIR=""
 cleanup
 fi
 

@@ -6,7 +6,9 @@
 //! machine, more than a server spends refusing one, so at 8× a server's capacity the generator, not
 //! the server, ran out of time. Here a call is a HEADERS and a DATA frame out, and the status read
 //! from the answer's trailers; the answer's message is not decoded. A connection that fails is
-//! dialled again by the next call that finds it broken.
+//! dialled again by the next call that finds it broken. Over TLS ([`tls_connector`]) the same
+//! calls go through rustls; a call marked [`Encoded::on_new_connection`] dials a connection of its
+//! own, to measure what a connection costs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,8 @@ pub struct Encoded {
     path: &'static str,
     body: Bytes,
     authorization: Option<http::HeaderValue>,
+    /// Each call dials, and closes, a connection of its own.
+    fresh: bool,
 }
 
 impl Encoded {
@@ -30,7 +34,15 @@ impl Encoded {
             path,
             body: herd::client::frame(message),
             authorization: None,
+            fresh: false,
         }
+    }
+
+    /// Each call made on a connection of its own, dialled for it (TCP, TLS when the caller
+    /// speaks it, HTTP/2) and closed after it.
+    pub fn on_new_connection(mut self) -> Self {
+        self.fresh = true;
+        self
     }
 
     /// The call sent with `authorization: <value>` (e.g. `Bearer <JWT>`).
@@ -46,7 +58,48 @@ impl Encoded {
 #[derive(Clone)]
 pub struct Caller {
     target: Arc<str>,
+    tls: Option<TlsConnector>,
     sender: Arc<std::sync::Mutex<Sender>>,
+}
+
+/// TLS to a target: rustls, the target's address as its server name.
+#[derive(Clone)]
+pub struct TlsConnector(tokio_rustls::TlsConnector);
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConnector")
+    }
+}
+
+/// A TLS 1.3 client (ALPN h2) trusting the CA certificates in `ca` (PEM), presenting the
+/// certificate and key in `identity` when given.
+pub fn tls_connector(
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<TlsConnector> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => builder.with_client_auth_cert(
+            CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?,
+            PrivateKeyDer::from_pem_file(key)?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsConnector(tokio_rustls::TlsConnector::from(Arc::new(
+        config,
+    ))))
 }
 
 #[derive(Clone)]
@@ -56,11 +109,12 @@ struct Sender {
 }
 
 impl Caller {
-    /// Connects to `target` (`host:port`).
-    pub async fn connect(target: &str) -> anyhow::Result<Self> {
-        let send = dial(target).await?;
+    /// Connects to `target` (`host:port`), over TLS when `tls` is given.
+    pub async fn connect(target: &str, tls: Option<TlsConnector>) -> anyhow::Result<Self> {
+        let send = dial(target, tls.as_ref()).await?;
         Ok(Self {
             target: target.into(),
+            tls,
             sender: Arc::new(std::sync::Mutex::new(Sender {
                 generation: 0,
                 send: Some(send),
@@ -71,7 +125,17 @@ impl Caller {
     /// Makes `call` with a `timeout` deadline: `Ok` on `grpc-status: 0`, else the status the
     /// target answered, or the one a gRPC client reports for a transport failure.
     pub async fn call(&self, call: &Encoded, timeout: Duration) -> Result<(), Status> {
-        match tokio::time::timeout(timeout, self.attempt(call, timeout)).await {
+        let attempt = async {
+            if !call.fresh {
+                return self.attempt(call, timeout).await;
+            }
+            let send = dial(&self.target, self.tls.as_ref())
+                .await
+                .map_err(|e| Status::unavailable(format!("{}: {e}", self.target)))?;
+            let send = send.ready().await.map_err(|e| from_h2(&e))?;
+            self.exchange(send, call, timeout, || {}).await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             // Dropping the call's streams resets them (CANCEL), as a gRPC client does.
             Err(_) => Err(Status::cancelled("Timeout expired")),
@@ -91,13 +155,25 @@ impl Caller {
                 self.target
             )));
         };
-        let mut send = match send.ready().await {
+        let send = match send.ready().await {
             Ok(send) => send,
             Err(e) => {
                 self.redial(sender.generation);
                 return Err(from_h2(&e));
             }
         };
+        self.exchange(send, call, timeout, || self.redial(sender.generation))
+            .await
+    }
+
+    /// One call on `send`, ready; `broken` is told when the connection cannot take it.
+    async fn exchange(
+        &self,
+        mut send: h2::client::SendRequest<Bytes>,
+        call: &Encoded,
+        timeout: Duration,
+        broken: impl FnOnce(),
+    ) -> Result<(), Status> {
         let mut request = http::Request::post(format!("http://{}{}", self.target, call.path))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
@@ -109,7 +185,7 @@ impl Caller {
             .body(())
             .map_err(|e| Status::internal(format!("request: {e}")))?;
         let (response, mut stream) = send.send_request(request, false).map_err(|e| {
-            self.redial(sender.generation);
+            broken();
             from_h2(&e)
         })?;
         stream
@@ -146,10 +222,15 @@ impl Caller {
         }
         sender.generation += 1;
         sender.send = None;
-        let (target, slot, generation) = (self.target.clone(), self.sender.clone(), generation + 1);
+        let (target, tls, slot, generation) = (
+            self.target.clone(),
+            self.tls.clone(),
+            self.sender.clone(),
+            generation + 1,
+        );
         tokio::spawn(async move {
             loop {
-                if let Ok(send) = dial(&target).await {
+                if let Ok(send) = dial(&target, tls.as_ref()).await {
                     if let Ok(mut sender) = slot.lock()
                         && sender.generation == generation
                     {
@@ -171,11 +252,29 @@ fn settled(status: Status) -> Result<(), Status> {
     }
 }
 
-async fn dial(target: &str) -> anyhow::Result<h2::client::SendRequest<Bytes>> {
+async fn dial(
+    target: &str,
+    tls: Option<&TlsConnector>,
+) -> anyhow::Result<h2::client::SendRequest<Bytes>> {
     let io = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(target))
         .await
         .map_err(|_| anyhow::anyhow!("{target}: connect timed out"))??;
     io.set_nodelay(true)?;
+    match tls {
+        None => handshake(io).await,
+        Some(tls) => {
+            let host = target.rsplit_once(':').map_or(target, |(host, _)| host);
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
+            handshake(tls.0.connect(name, io).await?).await
+        }
+    }
+}
+
+/// HTTP/2 on `io`, its connection driven by a task of its own.
+async fn handshake<T>(io: T) -> anyhow::Result<h2::client::SendRequest<Bytes>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (send, connection) = h2::client::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(1 << 22)
@@ -245,7 +344,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let _server = health(listener).await;
-        let caller = Caller::connect(&address).await.unwrap();
+        let caller = Caller::connect(&address, None).await.unwrap();
         let second = Duration::from_secs(1);
         caller.call(&check(""), second).await.unwrap();
         // Answered trailers-only, as tonic answers an error.
@@ -265,7 +364,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (stop, server) = health(listener).await;
-        let caller = Caller::connect(&address.to_string()).await.unwrap();
+        let caller = Caller::connect(&address.to_string(), None).await.unwrap();
         let second = Duration::from_secs(1);
         caller.call(&check(""), second).await.unwrap();
         let _ = stop.send(());

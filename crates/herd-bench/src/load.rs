@@ -33,6 +33,9 @@ pub enum Call {
     Quote,
     /// `grpc.health.v1.Health/Check` — the hello world of gRPC.
     Health,
+    /// `grpc.health.v1.Health/Check` on a connection dialled for it and closed after: what a
+    /// new connection costs (TCP, the TLS handshake when there is TLS, HTTP/2's preface).
+    Connect,
 }
 
 /// One load run.
@@ -56,6 +59,8 @@ pub struct LoadConfig {
     pub authorization: Option<String>,
     /// Print a progress line every second to stderr.
     pub progress: bool,
+    /// TLS to the targets, when they speak it.
+    pub tls: Option<crate::caller::TlsConnector>,
 }
 
 /// What a run measured.
@@ -110,7 +115,9 @@ fn histogram() -> Histogram<u64> {
 async fn connect(config: &LoadConfig) -> anyhow::Result<Vec<Caller>> {
     let mut callers = Vec::new();
     for i in 0..config.connections.max(1) {
-        callers.push(Caller::connect(&config.targets[i % config.targets.len()]).await?);
+        callers.push(
+            Caller::connect(&config.targets[i % config.targets.len()], config.tls.clone()).await?,
+        );
     }
     Ok(callers)
 }
@@ -122,6 +129,7 @@ fn encoded(call: Call) -> Encoded {
             "/grpc.health.v1.Health/Check",
             &tonic_health::pb::HealthCheckRequest::default(),
         ),
+        Call::Connect => encoded(Call::Health).on_new_connection(),
     }
 }
 
@@ -340,6 +348,7 @@ mod tests {
             call: Call::Health,
             authorization: None,
             progress: false,
+            tls: None,
         }
     }
 

@@ -240,12 +240,57 @@ fn prost_timestamp(d: std::time::Duration) -> prost_types::Timestamp {
 
 /// A plain tonic channel to a fixed address.
 pub async fn channel(address: &str) -> anyhow::Result<Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?,
-    )
+    channel_with(address, None).await
+}
+
+/// TLS as plain tonic does it (its rustls, ring), from certificates as `herdctl certs init`
+/// writes them: the CA, and one role's certificate and key.
+#[derive(Debug, Clone)]
+pub struct RawTls {
+    ca: tonic::transport::Certificate,
+    identity: tonic::transport::Identity,
+}
+
+impl RawTls {
+    /// `dir/ca.pem`, and `dir/<role>.pem` with `dir/<role>-key.pem`.
+    pub fn load(dir: &std::path::Path, role: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let read = |name: String| {
+            let path = dir.join(name);
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        Ok(Self {
+            ca: tonic::transport::Certificate::from_pem(read("ca.pem".into())?),
+            identity: tonic::transport::Identity::from_pem(
+                read(format!("{role}.pem"))?,
+                read(format!("{role}-key.pem"))?,
+            ),
+        })
+    }
+
+    /// The server side: the role's certificate, callers' certificates checked against the CA
+    /// (required, or optional for the gateway).
+    pub fn server(&self, client_optional: bool) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .client_ca_root(self.ca.clone())
+            .client_auth_optional(client_optional)
+    }
+}
+
+/// A channel to `address`, over TLS when `tls` is given (presenting its certificate).
+pub async fn channel_with(address: &str, tls: Option<&RawTls>) -> anyhow::Result<Channel> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))?
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tls.ca.clone())
+                .identity(tls.identity.clone()),
+        )?;
+    }
+    Ok(endpoint.connect().await?)
 }
 
 /// Servers for each role.

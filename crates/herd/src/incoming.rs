@@ -88,8 +88,44 @@ pub struct Guarded {
     deadline: Pin<Box<Sleep>>,
     last_read: Option<Instant>,
     idle: Duration,
-    /// The turn a write waits for before it is made, until the next flush.
-    turn: Turn,
+    /// The turn a write waits for before it is made, until the next flush (`None` when a layer
+    /// above, TLS, takes it: see [`WriteTurn`]).
+    turn: Option<WriteTurn>,
+}
+
+/// Consolidated writes: the first write after a flush waits until every other ready task has
+/// run, so that each answer a call's task finishes in the meantime is written with the others.
+/// (tokio wakes a task that yields only after the tasks that are ready and the I/O driver have
+/// run.) An idle runtime gives the turn back at once.
+///
+/// It must be taken by the layer that HTTP/2 writes to: TLS accepts a write into its own buffer
+/// even when the socket is not ready, so a turn taken beneath TLS would be given at the second
+/// write of the same task, without waiting for anyone.
+pub(crate) struct WriteTurn(Turn);
+
+impl WriteTurn {
+    pub(crate) fn new() -> Self {
+        Self(Turn::Due)
+    }
+
+    /// Ready once the turn is taken; writes then go straight through until [`Self::flushed`].
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match &mut self.0 {
+                Turn::Taken => return Poll::Ready(()),
+                Turn::Due => self.0 = Turn::Waiting(Box::pin(tokio::task::yield_now())),
+                Turn::Waiting(turn) => {
+                    ready!(turn.as_mut().poll(cx));
+                    self.0 = Turn::Taken;
+                }
+            }
+        }
+    }
+
+    /// After a flush, the next write waits for its turn again.
+    pub(crate) fn flushed(&mut self) {
+        self.0 = Turn::Due;
+    }
 }
 
 /// Where a connection is in consolidating its writes.
@@ -110,24 +146,20 @@ impl Guarded {
             deadline: Box::pin(tokio::time::sleep(hygiene.handshake_timeout)),
             last_read: None,
             idle: hygiene.idle_timeout,
-            turn: Turn::Due,
+            turn: Some(WriteTurn::new()),
         }
     }
 
-    /// Ready once the connection has let every other ready task run since its last flush: each
-    /// answer a call's task finishes in the meantime is then written with the others. (tokio
-    /// wakes a task that yields only after the tasks that are ready and the I/O driver have
-    /// run.) An idle runtime gives the turn back at once.
+    /// The connection as TLS's transport: the layer above TLS consolidates writes instead.
+    pub(crate) fn beneath_tls(mut self) -> Self {
+        self.turn = None;
+        self
+    }
+
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            match &mut self.turn {
-                Turn::Taken => return Poll::Ready(()),
-                Turn::Due => self.turn = Turn::Waiting(Box::pin(tokio::task::yield_now())),
-                Turn::Waiting(turn) => {
-                    ready!(turn.as_mut().poll(cx));
-                    self.turn = Turn::Taken;
-                }
-            }
+        match &mut self.turn {
+            Some(turn) => turn.poll(cx),
+            None => Poll::Ready(()),
         }
     }
 }
@@ -208,7 +240,9 @@ impl AsyncWrite for Guarded {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
-        self.turn = Turn::Due;
+        if let Some(turn) = &mut self.turn {
+            turn.flushed();
+        }
         Poll::Ready(Ok(()))
     }
 

@@ -13,6 +13,8 @@ enum Method {
     Quote,
     /// grpc.health.v1.Health/Check.
     Health,
+    /// grpc.health.v1.Health/Check, each on a new connection (what a connection costs).
+    Connect,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,6 +57,15 @@ struct Args {
     /// Sent as `authorization` with every call, e.g. `Bearer <JWT>` (the gateway requires one).
     #[arg(long, env = "HERD_BENCH_AUTHORIZATION", hide_env_values = true)]
     authorization: Option<String>,
+    /// TLS to the targets, trusting these CA certificates (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) to present over TLS, with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +74,19 @@ fn main() -> ExitCode {
         (_, Some(rate)) => Mode::Open { rate },
         (Some(concurrency), None) => Mode::Closed { concurrency },
         (None, None) => Mode::Closed { concurrency: 16 },
+    };
+    let tls = match &args.tls_ca {
+        None => None,
+        Some(ca) => {
+            let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+            match herd_bench::caller::tls_connector(ca, identity) {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    eprintln!("error: --tls-ca, --tls-cert, --tls-key: {e:#}");
+                    return ExitCode::from(herd::settings::EXIT_USAGE);
+                }
+            }
+        }
     };
     let config = LoadConfig {
         targets: args.target,
@@ -74,9 +98,11 @@ fn main() -> ExitCode {
         call: match args.method {
             Method::Quote => Call::Quote,
             Method::Health => Call::Health,
+            Method::Connect => Call::Connect,
         },
         authorization: args.authorization,
         progress: args.output == Output::Text,
+        tls,
     };
     let output = args.output;
     herd::binary::block_on_main(async move {

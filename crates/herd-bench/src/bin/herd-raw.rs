@@ -43,12 +43,30 @@ struct Args {
     /// Currency's address (pricing).
     #[arg(long, default_value = "")]
     currency: String,
+    /// Mutual TLS on every hop, with certificates as `herdctl certs init` writes them into this
+    /// folder (the role's own, and the CA).
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let role = format!("{:?}", args.role).to_lowercase();
+    let tls = match &args.tls_dir {
+        Some(dir) => Some(raw::RawTls::load(dir, &role)?),
+        None => None,
+    };
     let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        // Called from outside the mesh: a client certificate is optional, as at herd's gateway.
+        let public = matches!(args.role, Role::Gateway | Role::Hello);
+        server = server.tls_config(tls.server(public))?;
+    }
+    let channel = |address: String| {
+        let tls = tls.clone();
+        async move { raw::channel_with(&address, tls.as_ref()).await }
+    };
     let router = match args.role {
         Role::Hello => server.add_service(tonic_health::server::health_reporter().1),
         Role::Sink => {
@@ -59,10 +77,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Role::Pricing => server.add_service(raw::pricing_server(raw::RawPricing {
             config: raw::load_config(&args.config)?,
             tax: herd_proto::tax::tax_service_client::TaxServiceClient::new(
-                raw::channel(&args.tax).await?,
+                channel(args.tax.clone()).await?,
             ),
             currency: herd_proto::currency::currency_service_client::CurrencyServiceClient::new(
-                raw::channel(&args.currency).await?,
+                channel(args.currency.clone()).await?,
             ),
         })),
         Role::Gateway => {
@@ -71,7 +89,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 key: raw::active_key(&args.secrets, &config)?,
                 config,
                 pricing: herd_proto::pricing::pricing_service_client::PricingServiceClient::new(
-                    raw::channel(&args.pricing).await?,
+                    channel(args.pricing.clone()).await?,
                 ),
             }))
         }

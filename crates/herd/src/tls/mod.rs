@@ -26,7 +26,7 @@ use tonic::transport::server::Connected;
 use tower::BoxError;
 
 use crate::client::{Connector, Io, TcpConnector, connector::DEFAULT_CONNECT_TIMEOUT};
-use crate::incoming::Guarded;
+use crate::incoming::{Guarded, WriteTurn};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -405,6 +405,7 @@ pub fn secured(
                     connection.connect_info().local_addr(),
                     connection.connect_info().remote_addr(),
                 );
+                let connection = connection.beneath_tls();
                 match tokio::time::timeout(timeout, acceptor.accept(connection)).await {
                     Ok(Ok(stream)) => {
                         let identity = stream
@@ -414,14 +415,15 @@ pub fn secured(
                             .and_then(|chain| chain.first())
                             .and_then(spiffe_id)
                             .map(Arc::from);
-                        Ok(Some(Conn::Tls(
-                            Box::new(stream),
-                            PeerInfo {
+                        Ok(Some(Conn::Tls(Box::new(Secured {
+                            stream,
+                            peer: PeerInfo {
                                 local,
                                 remote,
                                 identity,
                             },
-                        )))
+                            turn: WriteTurn::new(),
+                        }))))
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(?remote, error = %e, "TLS handshake refused");
@@ -443,7 +445,15 @@ pub enum Conn {
     /// Plaintext.
     Plain(Guarded),
     /// After its TLS handshake, with who the caller is.
-    Tls(Box<tokio_rustls::server::TlsStream<Guarded>>, PeerInfo),
+    Tls(Box<Secured>),
+}
+
+/// A connection after its TLS handshake: the stream, who the caller is, and the turn its writes
+/// wait for (taken above TLS, see [`WriteTurn`]).
+pub struct Secured {
+    stream: tokio_rustls::server::TlsStream<Guarded>,
+    peer: PeerInfo,
+    turn: WriteTurn,
 }
 
 impl Connected for Conn {
@@ -456,24 +466,9 @@ impl Connected for Conn {
                 remote: c.connect_info().remote_addr(),
                 identity: None,
             },
-            Conn::Tls(_, peer) => peer.clone(),
+            Conn::Tls(secured) => secured.peer.clone(),
         }
     }
-}
-
-macro_rules! both {
-    ($self:ident, $c:ident => $e:expr) => {
-        match $self.get_mut() {
-            Conn::Plain($c) => {
-                let $c = Pin::new($c);
-                $e
-            }
-            Conn::Tls($c, _) => {
-                let $c = Pin::new(&mut **$c);
-                $e
-            }
-        }
-    };
 }
 
 impl AsyncRead for Conn {
@@ -482,7 +477,10 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        both!(self, c => c.poll_read(cx, buf))
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(&mut s.stream).poll_read(cx, buf),
+        }
     }
 }
 
@@ -492,7 +490,13 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        both!(self, c => c.poll_write(cx, buf))
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            Conn::Tls(s) => {
+                std::task::ready!(s.turn.poll(cx));
+                Pin::new(&mut s.stream).poll_write(cx, buf)
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -500,22 +504,38 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        both!(self, c => c.poll_write_vectored(cx, bufs))
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => {
+                std::task::ready!(s.turn.poll(cx));
+                Pin::new(&mut s.stream).poll_write_vectored(cx, bufs)
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Conn::Plain(c) => c.is_write_vectored(),
-            Conn::Tls(c, _) => c.is_write_vectored(),
+            Conn::Tls(s) => s.stream.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        both!(self, c => c.poll_flush(cx))
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_flush(cx),
+            Conn::Tls(s) => {
+                std::task::ready!(Pin::new(&mut s.stream).poll_flush(cx))?;
+                s.turn.flushed();
+                Poll::Ready(Ok(()))
+            }
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        both!(self, c => c.poll_shutdown(cx))
+        match self.get_mut() {
+            Conn::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(&mut s.stream).poll_shutdown(cx),
+        }
     }
 }
 
