@@ -674,20 +674,23 @@ async fn probe(address: &str, service: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_health_port_answers_probes_in_plaintext_and_nothing_else() -> anyhow::Result<()> {
-    let mesh = TestMesh::start(1, &fixture()).await?;
+    // The instance serves mutual TLS; orchestrators' probes speak neither TLS nor anything but
+    // health.
+    let mesh = TestMesh::start_tls(1, &fixture()).await?;
+    let certs = mesh
+        .certs
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("a TLS mesh has certificates"))?;
     let health_address = format!("127.0.0.1:{}", herd_tests::free_port());
-    let mut tax = herd_tests::start_instance(
-        "tax",
-        &mesh.etcd,
-        0,
-        mesh.dir.path(),
-        &[
-            "--health-listen",
-            &health_address,
-            "--drain-delay-ms",
-            "2000",
-        ],
-    )?;
+    let mut flags = herd_tests::tls_flags(&certs, "tax");
+    flags.extend([
+        "--health-listen".into(),
+        health_address.clone(),
+        "--drain-delay-ms".into(),
+        "2000".into(),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut tax = herd_tests::start_instance("tax", &mesh.etcd, 0, mesh.dir.path(), &flags)?;
     for service in ["", "herd.tax.v1.TaxService", "herd.registration"] {
         eventually(
             &format!("the health port to report {service:?} SERVING"),
@@ -698,6 +701,22 @@ async fn the_health_port_answers_probes_in_plaintext_and_nothing_else() -> anyho
         )
         .await?;
     }
+    // The service port of the same instance refuses a plaintext probe.
+    let registered = eventually(
+        "the instance registered",
+        Duration::from_secs(20),
+        || async {
+            mesh.etcd
+                .get_prefix("/herd/services/tax/")
+                .ok()?
+                .into_iter()
+                .filter_map(|(_, v)| serde_json::from_str::<Value>(&v).ok())
+                .find(|v| v["pid"].as_u64() == Some(u64::from(tax.pid())))
+                .and_then(|v| v["address"].as_str().map(str::to_string))
+        },
+    )
+    .await?;
+    assert_eq!(probe(&registered, "").await, None, "plaintext served");
     // Health alone: no reflection, no service.
     let listed = grpcurl(&["-plaintext", &health_address, "list"])?;
     assert!(!listed.status.success(), "reflection on the health port");

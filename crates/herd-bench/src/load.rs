@@ -116,7 +116,11 @@ async fn connect(config: &LoadConfig) -> anyhow::Result<Vec<Caller>> {
     let mut callers = Vec::new();
     for i in 0..config.connections.max(1) {
         callers.push(
-            Caller::connect(&config.targets[i % config.targets.len()], config.tls.clone()).await?,
+            Caller::connect(
+                &config.targets[i % config.targets.len()],
+                config.tls.clone(),
+            )
+            .await?,
         );
     }
     Ok(callers)

@@ -281,8 +281,8 @@ impl RawTls {
 /// A channel to `address`, over TLS when `tls` is given (presenting its certificate).
 pub async fn channel_with(address: &str, tls: Option<&RawTls>) -> anyhow::Result<Channel> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))?
-        .tcp_nodelay(true);
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))?.tcp_nodelay(true);
     if let Some(tls) = tls {
         endpoint = endpoint.tls_config(
             tonic::transport::ClientTlsConfig::new()
