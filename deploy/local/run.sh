@@ -100,7 +100,7 @@ cat <<MSG
 
 The mesh is up. Logs are in $RUN/logs/. Try:
 
-  export JWT=\$($BIN/herdctl --etcd $ETCD auth token --tenant acme --subject alice --ttl 5m)
+  export JWT=\$($BIN/herdctl auth token --issuer-file $SECRETS/dev-issuer.json --tenant acme --subject alice --ttl 5m)
   grpcurl -cacert $CERTS/ca.pem 127.0.0.1:${GATEWAY_PORTS[0]} list
   grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"items":[{"sku":"hammer","quantity":3},{"sku":"apple","quantity":4}],"currency":"EUR","region":"US-CA"}' 127.0.0.1:${GATEWAY_PORTS[0]} herd.quote.v1.QuoteService/CreateQuote
   grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"token":"<token from CreateQuote>"}' 127.0.0.1:${GATEWAY_PORTS[-1]} herd.quote.v1.QuoteService/VerifyQuote

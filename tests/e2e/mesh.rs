@@ -749,7 +749,18 @@ async fn signing_keys_stay_out_of_etcd_and_a_gateway_without_one_says_so() -> an
     // The seeded mesh trusts the development issuer, as `make run`'s does.
     let out = herd_tests::herdctl(
         &mesh.etcd,
-        &["auth", "token", "--tenant", "acme", "--subject", "alice"],
+        &[
+            "auth",
+            "token",
+            "--issuer-file",
+            &herd_tests::secrets_dir(mesh.dir.path())?
+                .join("dev-issuer.json")
+                .to_string_lossy(),
+            "--tenant",
+            "acme",
+            "--subject",
+            "alice",
+        ],
     )?;
     let authorization = format!(
         "authorization: Bearer {}",
@@ -784,11 +795,20 @@ async fn signing_keys_stay_out_of_etcd_and_a_gateway_without_one_says_so() -> an
         .map(|at| at + 4)
         .ok_or_else(|| anyhow::anyhow!("k1.pem: no Ed25519 seed"))?;
     let private = base64::engine::general_purpose::STANDARD.encode(&der[at..at + 32]);
-    let mut stored = mesh.etcd.get_prefix("/herd/config/")?;
-    stored.extend(mesh.etcd.get_prefix("/herd/services/")?);
+    // ...nor of the development token issuer's, which the seed kept in the same folder.
+    let issuer: herd_model::auth::DevIssuer =
+        serde_json::from_slice(&std::fs::read(secrets.join("dev-issuer.json"))?)?;
+    // Everything under the prefix: configuration, registrations, statuses.
+    let stored = mesh.etcd.get_prefix("/herd/")?;
     assert!(stored.iter().any(|(key, _)| key == "/herd/config/keys"));
     for (key, value) in &stored {
-        for secret in [private.as_str(), "PRIVATE KEY", "\"secret\""] {
+        for secret in [
+            private.as_str(),
+            issuer.private_key.as_str(),
+            "PRIVATE KEY",
+            "\"secret\"",
+            "private_key",
+        ] {
             assert!(!value.contains(secret), "{key} holds {secret}: {value}");
         }
     }

@@ -71,9 +71,10 @@ async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
         .collect();
     assert_eq!(exports.len(), 1, "README exports JWT once: {exports:?}");
     let herdctl = bin_dir().join("herdctl").to_string_lossy().to_string();
+    let secrets = herd_tests::secrets_dir(mesh.dir.path())?;
     let export = exports[0]
         .replace("$(herdctl", &format!("$({herdctl}"))
-        .replace("http://127.0.0.1:2379", &mesh.etcd.endpoint);
+        .replace(".run/secrets/", &format!("{}/", secrets.display()));
     let jwt = run(
         &mut Command::new("bash"),
         &format!("{export} && printf %s \"$JWT\""),
@@ -158,7 +159,11 @@ async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> 
     assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));
 
     // Seeding again keeps what is there.
-    let out = herdctl(&mesh.etcd, &["config", "seed"])?;
+    let secrets = herd_tests::secrets_dir(dir)?;
+    let out = herdctl(
+        &mesh.etcd,
+        &["config", "seed", "--secrets", &secrets.to_string_lossy()],
+    )?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("kept"));
     let got = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
     assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));

@@ -1,16 +1,15 @@
 //! `herdctl auth`: tokens for trying the mesh by hand, signed by the development issuer that
-//! `herdctl config seed` creates.
+//! `herdctl config seed` creates in the secrets folder (never in etcd).
 
-use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use clap::Subcommand;
-use etcd_client::Client;
-use herd::layout::Layout;
 use herd_model::auth::DevIssuer;
 
-/// Where the development issuer is kept: beside the configuration, not in it (instances never
-/// read it).
-pub fn dev_issuer_key(layout: &Layout) -> String {
-    format!("{}dev/issuer", layout.prefix())
+/// The development issuer's file in a secrets folder.
+pub fn dev_issuer_file(secrets: &Path) -> PathBuf {
+    secrets.join("dev-issuer.json")
 }
 
 /// Callers' tokens.
@@ -28,29 +27,22 @@ pub enum AuthCommand {
         /// `max_lifetime_seconds`).
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
-        /// Sign with the issuer in this file (the JSON kept at `<prefix>dev/issuer`) instead of
-        /// the one in etcd; etcd is then not contacted.
+        /// The issuer to sign with: `dev-issuer.json` in the folder given to `config seed
+        /// --secrets` (or any file of that shape).
         #[arg(long)]
-        issuer_file: Option<std::path::PathBuf>,
+        issuer_file: PathBuf,
     },
 }
 
-impl AuthCommand {
-    /// Whether the command needs etcd.
-    pub fn needs_etcd(&self) -> bool {
-        match self {
-            AuthCommand::Token { issuer_file, .. } => issuer_file.is_none(),
-        }
-    }
+/// Reads the development issuer in `file`.
+pub fn read_issuer(file: &Path) -> anyhow::Result<DevIssuer> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("reading the issuer in {}", file.display()))
 }
 
-/// Runs one `herdctl auth` command (`client` is `None` when it [does not need
-/// etcd](AuthCommand::needs_etcd)).
-pub async fn run(
-    client: Option<Client>,
-    layout: &Layout,
-    command: AuthCommand,
-) -> anyhow::Result<()> {
+/// Runs one `herdctl auth` command; none needs etcd.
+pub fn run(command: AuthCommand) -> anyhow::Result<()> {
     match command {
         AuthCommand::Token {
             tenant,
@@ -58,24 +50,7 @@ pub async fn run(
             ttl,
             issuer_file,
         } => {
-            let issuer: DevIssuer = match (issuer_file, client) {
-                (Some(file), _) => {
-                    let bytes = std::fs::read(&file)
-                        .with_context(|| format!("reading {}", file.display()))?;
-                    serde_json::from_slice(&bytes)
-                        .with_context(|| format!("reading the issuer in {}", file.display()))?
-                }
-                (None, Some(mut client)) => {
-                    let key = dev_issuer_key(layout);
-                    let response = client.get(key.as_str(), None).await?;
-                    let Some(kv) = response.kvs().first() else {
-                        bail!("no development issuer at {key}: `herdctl config seed` creates one");
-                    };
-                    serde_json::from_slice(kv.value())
-                        .with_context(|| format!("reading the development issuer at {key}"))?
-                }
-                (None, None) => bail!("no issuer: give --issuer-file or reach etcd"),
-            };
+            let issuer = read_issuer(&issuer_file)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .context("the system clock is before 1970")?

@@ -76,10 +76,10 @@ pub enum ConfigCommand {
         /// The trust domain of the identities the demo authorization policy names.
         #[arg(long, default_value = herd_model::demo::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
-        /// The gateways' secrets folder: where the private half of a new signing key goes (needed
-        /// when the keys section is absent).
+        /// The gateways' secrets folder: where the private half of a new signing key goes, and
+        /// the development token issuer (`dev-issuer.json`, created if absent).
         #[arg(long = "secrets", value_name = "DIR")]
-        secrets: Option<std::path::PathBuf>,
+        secrets: std::path::PathBuf,
     },
 }
 
@@ -216,7 +216,7 @@ impl Ctl {
             ConfigCommand::Seed {
                 trust_domain,
                 secrets,
-            } => self.seed(&trust_domain, secrets.as_deref()).await,
+            } => self.seed(&trust_domain, &secrets).await,
         }
     }
 
@@ -559,36 +559,23 @@ impl Ctl {
         Ok(())
     }
 
-    async fn seed(
-        &mut self,
-        trust_domain: &str,
-        secrets: Option<&std::path::Path>,
-    ) -> anyhow::Result<()> {
+    async fn seed(&mut self, trust_domain: &str, secrets: &std::path::Path) -> anyhow::Result<()> {
         let keys_name = <herd_model::sections::SigningKeys as herd::Section>::NAME;
         let keys_key = self.layout.config(keys_name);
-        let signing = if self
+        // A new signing key only for a keys section that is not there yet.
+        let signing = self
             .client
             .get(keys_key.as_str(), None)
             .await?
             .kvs()
             .is_empty()
-        {
-            let dir = secrets.with_context(|| {
-                format!(
-                    "{keys_key} is absent: --secrets DIR names where the private half of its \
-                     signing key goes (the folder given to the gateways)"
-                )
-            })?;
-            Some((dir, rand::random::<[u8; 32]>()))
-        } else {
-            None
-        };
-        let issuer = self.dev_issuer().await?;
+            .then(rand::random::<[u8; 32]>);
+        let issuer = dev_issuer(secrets)?;
         for (section, mut value) in herd_model::demo::sections_in(trust_domain) {
             if section == <herd_model::auth::Auth as herd::Section>::NAME {
                 value = serde_json::to_string(&issuer.auth_section())?;
             }
-            if let (true, Some((_, secret))) = (section == keys_name, &signing) {
+            if let (true, Some(secret)) = (section == keys_name, &signing) {
                 let public = herd_model::keys::public_of(secret);
                 value =
                     serde_json::json!({"keys": [{"id": "k1", "public": public, "active": true}]})
@@ -604,41 +591,40 @@ impl Ctl {
                 continue;
             }
             println!("seeded  {key}");
-            if let (true, Some((dir, secret))) = (section == keys_name, &signing) {
-                let path = herd_model::keys::write_key(dir, "k1", secret)
-                    .with_context(|| format!("writing k1.pem into {}", dir.display()))?;
+            if let (true, Some(secret)) = (section == keys_name, &signing) {
+                let path = herd_model::keys::write_key(secrets, "k1", secret)
+                    .with_context(|| format!("writing k1.pem into {}", secrets.display()))?;
                 println!("seeded  {} (the private key of k1)", path.display());
             }
         }
         Ok(())
     }
+}
 
-    /// The development issuer kept in etcd, created (and reported) if there is none.
-    async fn dev_issuer(&mut self) -> anyhow::Result<herd_model::auth::DevIssuer> {
-        let key = crate::auth::dev_issuer_key(&self.layout);
-        let fresh = herd_model::auth::DevIssuer::generate();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                serde_json::to_string(&fresh)?,
-                None,
-            )])
-            .or_else([TxnOp::get(key.as_str(), None)]);
-        let resp = self.client.txn(txn).await?;
-        if resp.succeeded() {
-            println!("seeded  {key} (development issuer: its private key is for development only)");
-            return Ok(fresh);
-        }
-        println!("kept    {key} (already set)");
-        let stored = resp.op_responses().into_iter().find_map(|op| match op {
-            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        });
-        let stored = stored.with_context(|| format!("reading {key}"))?;
-        serde_json::from_slice(&stored)
-            .with_context(|| format!("reading the development issuer at {key}"))
+/// The development token issuer in the secrets folder `dir`, created (and reported) if there is
+/// none. Its private key is for development only.
+fn dev_issuer(dir: &std::path::Path) -> anyhow::Result<herd_model::auth::DevIssuer> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = crate::auth::dev_issuer_file(dir);
+    if file.exists() {
+        println!("kept    {} (development issuer)", file.display());
+        return crate::auth::read_issuer(&file);
     }
+    let fresh = herd_model::auth::DevIssuer::generate();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .and_then(|mut f| f.write_all(serde_json::to_string(&fresh)?.as_bytes()))
+        .with_context(|| format!("writing {}", file.display()))?;
+    println!(
+        "seeded  {} (development issuer: its private key is for development only)",
+        file.display()
+    );
+    Ok(fresh)
 }
 
 #[cfg(test)]

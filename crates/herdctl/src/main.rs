@@ -78,8 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     use anyhow::Context;
     let layout = Layout::new(cli.prefix.clone());
     let needs_etcd = match &cli.command {
-        Command::Certs { .. } => false,
-        Command::Auth { command } => command.needs_etcd(),
+        Command::Certs { .. } | Command::Auth { .. } => false,
         Command::Keys { command } => command.needs_etcd(),
         Command::Config { .. } | Command::Instances { .. } => true,
     };
@@ -95,7 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let etcd = |client: Option<Client>| client.context("this command needs etcd");
     match cli.command {
         Command::Certs { command } => certs::run(command),
-        Command::Auth { command } => auth::run(client, &layout, command).await,
+        Command::Auth { command } => auth::run(command),
         Command::Keys { command } => keys::run(client, &layout, command).await,
         Command::Config { command } => {
             config::Ctl {
