@@ -145,12 +145,13 @@ impl Drop for Proc {
     }
 }
 
-/// A real single-node etcd on free loopback ports, its data in a temp dir.
+/// A real etcd on free loopback ports — one member, or a cluster of several — its data in a temp
+/// dir.
 pub struct Etcd {
-    /// Client URL, `http://127.0.0.1:<port>`.
+    /// Every member's client URL, comma separated (as `--etcd` and etcdctl take them); one
+    /// `http://127.0.0.1:<port>` for a single member.
     pub endpoint: String,
-    peer_url: String,
-    proc: Option<Proc>,
+    members: Vec<Member>,
     dir: tempfile::TempDir,
     /// etcd's own TLS flags, when it serves TLS.
     server_flags: Vec<String>,
@@ -160,21 +161,34 @@ pub struct Etcd {
     pub herdctl_flags: Vec<String>,
 }
 
+/// One member of an [`Etcd`].
+struct Member {
+    name: String,
+    client_url: String,
+    peer_url: String,
+    proc: Option<Proc>,
+}
+
 impl Etcd {
     /// Starts etcd and waits until it answers. A free port can be taken by another process
     /// between the moment it is found and etcd's bind: then etcd starts again on other ports.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, 1).await
+    }
+
+    /// Starts a cluster of `members` etcd members and waits until every one answers.
+    pub async fn start_cluster(members: usize) -> anyhow::Result<Self> {
+        Self::start_with(None, members).await
     }
 
     /// Starts etcd serving TLS with client-certificate authentication, its certificates from
     /// `certs` (as `herdctl certs init` writes them): `etcd.pem` serves, `ca.pem` verifies
     /// clients, and etcdctl presents `herdctl.pem` (etcd user `herd-herdctl`).
     pub async fn start_secured(certs: &Path) -> anyhow::Result<Self> {
-        Self::start_with(Some(certs)).await
+        Self::start_with(Some(certs), 1).await
     }
 
-    async fn start_with(certs: Option<&Path>) -> anyhow::Result<Self> {
+    async fn start_with(certs: Option<&Path>, members: usize) -> anyhow::Result<Self> {
         let (scheme, server_flags, client_flags) = match certs {
             None => ("http", Vec::new(), Vec::<String>::new()),
             Some(certs) => {
@@ -204,10 +218,21 @@ impl Etcd {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let members: Vec<Member> = (0..members.max(1))
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
+                    peer_url: format!("http://127.0.0.1:{}", free_port()),
+                    proc: None,
+                })
+                .collect();
             let mut etcd = Self {
-                endpoint: format!("{scheme}://127.0.0.1:{}", free_port()),
-                peer_url: format!("http://127.0.0.1:{}", free_port()),
-                proc: None,
+                endpoint: members
+                    .iter()
+                    .map(|m| m.client_url.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                members,
                 dir: tempfile::tempdir()?,
                 server_flags: server_flags.clone(),
                 herdctl_flags: client_flags
@@ -231,43 +256,78 @@ impl Etcd {
         }
     }
 
-    /// Stops etcd (SIGTERM) and waits for it to exit; its data stays.
+    /// Stops every member (SIGTERM) and waits for each to exit; the data stays.
     pub async fn stop(&mut self) -> anyhow::Result<()> {
-        if let Some(mut proc) = self.proc.take() {
-            proc.signal("TERM")?;
+        for i in 0..self.members.len() {
+            self.stop_member(i, "TERM").await?;
+        }
+        Ok(())
+    }
+
+    /// Stops member `index` with `signal` (`TERM`, or `KILL` as a crash) and waits for it to
+    /// exit; its data stays.
+    pub async fn stop_member(&mut self, index: usize, signal: &str) -> anyhow::Result<()> {
+        if let Some(mut proc) = self.members.get_mut(index).and_then(|m| m.proc.take()) {
+            proc.signal(signal)?;
             proc.wait_exit(Duration::from_secs(10)).await?;
         }
         Ok(())
     }
 
-    /// Starts etcd again on the same ports and data, and waits until it answers.
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// The client URL of member `index`.
+    pub fn member_endpoint(&self, index: usize) -> Option<&str> {
+        self.members.get(index).map(|m| m.client_url.as_str())
+    }
+
+    /// The index of the member that leads now, as the running members say.
+    pub fn leader(&self) -> Option<usize> {
+        let running = self
+            .members
+            .iter()
+            .filter(|m| m.proc.is_some())
+            .map(|m| m.client_url.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = self
+            .ctl_on(&running, &["endpoint", "status", "--write-out", "json"])
+            .ok()?;
+        let statuses: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        statuses.as_array()?.iter().find_map(|status| {
+            let own = status["Status"]["header"]["member_id"].as_u64()?;
+            (status["Status"]["leader"].as_u64()? == own)
+                .then(|| status["Endpoint"].as_str())
+                .flatten()
+                .and_then(|endpoint| self.members.iter().position(|m| m.client_url == endpoint))
+        })
+    }
+
+    /// Starts every stopped member again on the same ports and data, and waits until all answer.
     pub async fn resume(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "test", "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &self.endpoint,
-                "--advertise-client-urls",
-                &self.endpoint,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &self.peer_url,
-                "--initial-advertise-peer-urls",
-                &self.peer_url,
-            ])
-            .args(["--initial-cluster", &format!("test={}", self.peer_url)])
-            .args(&self.server_flags);
-        let log = self.dir.path().join(format!("etcd-{}.log", free_port()));
-        let proc = Proc::spawn("etcd", cmd, log)?;
-        let text = proc.log.clone();
-        self.proc = Some(proc);
+        let stopped: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].proc.is_none())
+            .collect();
+        for &i in &stopped {
+            self.spawn_member(i)?;
+        }
+        let logs: Vec<PathBuf> = self
+            .members
+            .iter()
+            .filter_map(|m| m.proc.as_ref().map(|p| p.log.clone()))
+            .collect();
         let answered = eventually("etcd to answer", Duration::from_secs(20), || async {
-            // An etcd that could not bind its ports has exited: no use waiting for it.
-            let log = std::fs::read_to_string(&text).unwrap_or_default();
-            if log.contains("address already in use") {
-                return Some(false);
+            // A member that could not bind its ports has exited: no use waiting for it.
+            for log in &logs {
+                if std::fs::read_to_string(log)
+                    .unwrap_or_default()
+                    .contains("address already in use")
+                {
+                    return Some(false);
+                }
             }
             self.ctl(&["endpoint", "health"])
                 .ok()
@@ -275,22 +335,77 @@ impl Etcd {
                 .map(|_| true)
         })
         .await
-        .with_context(|| std::fs::read_to_string(&text).unwrap_or_default())?;
+        .with_context(|| {
+            logs.iter()
+                .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        })?;
         if !answered {
             bail!(
                 "etcd could not bind: {}",
-                std::fs::read_to_string(&text).unwrap_or_default()
+                logs.iter()
+                    .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
             );
         }
         Ok(())
     }
 
+    /// Starts member `index` again on its ports and data, without waiting for it.
+    pub fn resume_member(&mut self, index: usize) -> anyhow::Result<()> {
+        if self.members.get(index).is_some_and(|m| m.proc.is_none()) {
+            self.spawn_member(index)?;
+        }
+        Ok(())
+    }
+
+    fn spawn_member(&mut self, index: usize) -> anyhow::Result<()> {
+        let cluster = self
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = self.dir.path().join(format!("data-{index}"));
+        let log = self
+            .dir
+            .path()
+            .join(format!("etcd-{index}-{}.log", free_port()));
+        let member = &mut self.members[index];
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", &member.name, "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &member.client_url,
+                "--advertise-client-urls",
+                &member.client_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &member.peer_url,
+                "--initial-advertise-peer-urls",
+                &member.peer_url,
+            ])
+            .args(["--initial-cluster", &cluster])
+            .args(&self.server_flags);
+        member.proc = Some(Proc::spawn("etcd", cmd, log)?);
+        Ok(())
+    }
+
     /// Runs `etcdctl` against this etcd.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.ctl_on(&self.endpoint, args)
+    }
+
+    /// Runs `etcdctl` against `endpoints` (comma separated) of this etcd.
+    fn ctl_on(&self, endpoints: &str, args: &[&str]) -> anyhow::Result<Output> {
         Ok(Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
-            .arg(&self.endpoint)
+            .arg(endpoints)
             .args(&self.client_flags)
             .args(args)
             .output()?)
@@ -572,7 +687,15 @@ impl TestMesh {
     /// currency on port 0, the others on free ports) and waits until every one is registered and
     /// every gateway reports SERVING.
     pub async fn start(per_service: usize, config: &[(&str, String)]) -> anyhow::Result<Self> {
-        let etcd = Etcd::start().await?;
+        Self::start_on(Etcd::start().await?, per_service, config).await
+    }
+
+    /// As [`TestMesh::start`], on `etcd` (a cluster, say).
+    pub async fn start_on(
+        etcd: Etcd,
+        per_service: usize,
+        config: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         for (section, json) in config {
             etcd.put(&format!("/herd/config/{section}"), json)?;
         }
@@ -936,7 +1059,7 @@ impl Load {
         pace: Duration,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let client = herd::etcd::connect(std::slice::from_ref(&etcd.endpoint)).await?;
+        let client = herd::etcd::connect(&etcd.endpoints()).await?;
         let resolver = herd::discovery::Resolver::start(
             client,
             &herd::layout::Layout::new("/herd/"),

@@ -1,11 +1,19 @@
 //! Connecting to etcd with settings it tolerates: plaintext for development, or TLS (a client
 //! certificate, whose common name etcd takes as the user with `--client-cert-auth`) and/or a user
 //! and password, as a production etcd asks.
+//!
+//! Calls go round robin over the members that answer ([`Members`]): a member whose connection
+//! fails is left out — the call that found it fails, no other — and probed in the background
+//! until it takes connections again. (etcd-client's own balancing picks members at random,
+//! dead or alive, so a third of all calls failed while one of three members was down.)
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use tonic::transport::channel::Change;
 
 use crate::settings::DEFAULT_ETCD;
 
@@ -164,7 +172,7 @@ pub enum EtcdConnectError {
 /// Connects to the given etcd endpoints in plaintext. The connection is lazy about failures:
 /// calls made while etcd is away fail and can be retried on the same client.
 pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    Client::connect(endpoints, Some(base_options())).await
+    Client::connect_with_balanced_channel(endpoints, Some(base_options()), Members).await
 }
 
 /// Keepalive and connect timeout as etcd tolerates them.
@@ -179,7 +187,193 @@ fn base_options() -> ConnectOptions {
 /// reachable); otherwise as lazy as [`connect`].
 pub async fn connect_with(settings: &EtcdSettings) -> Result<Client, EtcdConnectError> {
     let options = settings.options()?;
-    Ok(Client::connect(&settings.endpoints, Some(options)).await?)
+    Ok(Client::connect_with_balanced_channel(&settings.endpoints, Some(options), Members).await?)
+}
+
+/// How long a call waits for etcd-client to hand over the members' endpoints (it does so as it
+/// connects, before its first call).
+const MEMBERS_WAIT: Duration = Duration::from_secs(3);
+/// How often a member left out is tried again, and how long one try may take.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// How etcd-client hands over the members' endpoints.
+type EndpointUpdater = tokio::sync::mpsc::Sender<Change<http::Uri, tonic::transport::Endpoint>>;
+
+/// etcd's members as one channel: round robin over those that answer (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Members;
+
+impl etcd_client::BalancedChannelBuilder for Members {
+    type Error = tonic::transport::Error;
+
+    fn balanced_channel(
+        self,
+        buffer_size: usize,
+    ) -> Result<(etcd_client::Channel, EndpointUpdater), Self::Error> {
+        let (updates, mut changes) = tokio::sync::mpsc::channel(buffer_size.max(1));
+        let (members, known) = tokio::sync::watch::channel(Arc::new(Vec::<Member>::new()));
+        tokio::spawn(async move {
+            while let Some(change) = changes.recv().await {
+                members.send_modify(|list| {
+                    let mut next: Vec<Member> = list.as_ref().clone();
+                    match change {
+                        Change::Insert(uri, endpoint) => {
+                            next.retain(|m| m.uri != uri);
+                            next.push(Member::new(uri, endpoint));
+                        }
+                        Change::Remove(uri) => next.retain(|m| m.uri != uri),
+                    }
+                    *list = Arc::new(next);
+                });
+            }
+        });
+        let service = MembersService {
+            known,
+            next: Arc::new(AtomicUsize::new(0)),
+        };
+        Ok((
+            etcd_client::Channel::Custom(tower::util::BoxCloneSyncService::new(service)),
+            updates,
+        ))
+    }
+}
+
+/// One member: its channel, and whether it takes connections.
+#[derive(Clone)]
+struct Member {
+    uri: http::Uri,
+    channel: tonic::transport::Channel,
+    up: Arc<AtomicBool>,
+    /// Whether it has been tried once (until then, calls wait a little for it).
+    tried: Arc<AtomicBool>,
+    /// Whether a probe is running for it.
+    probing: Arc<AtomicBool>,
+}
+
+impl Member {
+    /// A member, tried at once: a short-lived caller (herdctl) must not find a dead member with
+    /// its first calls.
+    fn new(uri: http::Uri, endpoint: tonic::transport::Endpoint) -> Self {
+        let member = Self {
+            uri,
+            channel: endpoint.connect_lazy(),
+            up: Arc::new(AtomicBool::new(false)),
+            tried: Arc::new(AtomicBool::new(false)),
+            probing: Arc::new(AtomicBool::new(false)),
+        };
+        member.probe(Duration::ZERO);
+        member
+    }
+
+    fn address(&self) -> String {
+        format!(
+            "{}:{}",
+            self.uri.host().unwrap_or("127.0.0.1"),
+            self.uri.port_u16().unwrap_or(2379)
+        )
+    }
+
+    /// Leaves the member out until it takes connections again.
+    fn down(&self) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(member = %self.uri, "etcd member left out until it takes connections again");
+        }
+        self.probe(PROBE_EVERY);
+    }
+
+    /// Tries a TCP connection to the member after `first`, then every [`PROBE_EVERY`], until one
+    /// succeeds; it is then taken again. One probe at a time.
+    fn probe(&self, first: Duration) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (up, tried, probing) = (self.up.clone(), self.tried.clone(), self.probing.clone());
+        let address = self.address();
+        tokio::spawn(async move {
+            let mut wait = first;
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = PROBE_EVERY;
+                let attempt = tokio::net::TcpStream::connect(address.as_str());
+                let answered =
+                    matches!(tokio::time::timeout(PROBE_EVERY, attempt).await, Ok(Ok(_)));
+                let was_tried = tried.swap(true, Ordering::AcqRel);
+                if answered {
+                    up.store(true, Ordering::Release);
+                    probing.store(false, Ordering::Release);
+                    if was_tried {
+                        tracing::info!(member = %address, "etcd member takes connections again");
+                    }
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The service behind [`Members`].
+#[derive(Clone)]
+struct MembersService {
+    known: tokio::sync::watch::Receiver<Arc<Vec<Member>>>,
+    next: Arc<AtomicUsize>,
+}
+
+type EtcdRequest = http::Request<tonic::body::Body>;
+type EtcdResponse = http::Response<tonic::body::Body>;
+
+impl tower::Service<EtcdRequest> for MembersService {
+    type Response = EtcdResponse;
+    type Error = tower::BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<EtcdResponse, tower::BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Each member's channel is made ready when the call is made.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: EtcdRequest) -> Self::Future {
+        let mut known = self.known.clone();
+        let next = self.next.clone();
+        Box::pin(async move {
+            let members =
+                match tokio::time::timeout(MEMBERS_WAIT, known.wait_for(|list| !list.is_empty()))
+                    .await
+                {
+                    Ok(Ok(list)) => list.clone(),
+                    _ => return Err("etcd: no member endpoint known".into()),
+                };
+            // Until each member has been tried once, wait (briefly) for one that answers.
+            let deadline = tokio::time::Instant::now() + PROBE_EVERY;
+            while !members.iter().any(|m| m.up.load(Ordering::Acquire))
+                && !members.iter().all(|m| m.tried.load(Ordering::Acquire))
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // The next member that takes connections; any, when none does (the call then says
+            // why).
+            let start = next.fetch_add(1, Ordering::Relaxed);
+            let count = members.len();
+            let member = (0..count)
+                .map(|i| &members[(start + i) % count])
+                .find(|m| m.up.load(Ordering::Relaxed))
+                .unwrap_or(&members[start % count])
+                .clone();
+            let mut channel = member.channel.clone();
+            let answer = async {
+                tower::ServiceExt::ready(&mut channel).await?;
+                tower::Service::call(&mut channel, request).await
+            }
+            .await;
+            answer.map_err(|e| {
+                member.down();
+                tower::BoxError::from(e)
+            })
+        })
+    }
 }
 
 #[cfg(test)]

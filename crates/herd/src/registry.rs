@@ -1,9 +1,13 @@
 //! Registration of an instance in etcd under a lease that is kept alive in the background.
 //!
-//! The lease is renewed every TTL/3. When it is lost — a keepalive answer with TTL 0, the keepalive
-//! stream breaking, or no good answer within one TTL — a new lease is granted and the key put again,
-//! with jittered backoff, for as long as the instance lives. A key deleted by someone else is put
-//! back. Deregistering revokes the lease, which deletes the key at once.
+//! The lease is renewed every TTL/3. When renewing fails — a keepalive answer with TTL 0, the
+//! keepalive stream breaking, or no good answer within one TTL — the instance reports itself
+//! unregistered and tries again, with jittered backoff, for as long as it lives: first to renew
+//! the same lease (etcd does not expire leases while it has no leader, and extends them when a new
+//! one is elected, so after an election or a lost quorum the lease is usually still there, and
+//! with it the key: callers never see the instance leave), and only when etcd says the lease is
+//! gone, to grant a new one and put the key again. A key deleted by someone else is put back.
+//! Deregistering revokes the lease, which deletes the key at once.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -21,9 +25,13 @@ use crate::instance::InstanceInfo;
 
 /// Bound on one etcd call made while registering or deregistering.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-/// Backoff between attempts to register again: starts here, doubles, capped below.
+/// Backoff between attempts to register again: starts here, doubles, capped below (so that an
+/// instance is registered again within about a second of etcd's quorum returning).
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Bound on one attempt to renew a lease that could not be kept alive: while etcd has no quorum
+/// the attempt hangs, and the next one must not wait behind it.
+const RENEW_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A live registration. Dropping it stops renewal without revoking (the key then expires with its
 /// lease); call [`Registration::deregister`] to leave at once.
@@ -190,7 +198,12 @@ async fn maintain(
                 _ = stop.changed() => return,
                 _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
             }
-            match register_once(&client, &state, ttl).await {
+            let again = match renew(&client, &state).await {
+                Renewed::Alive(t) => Ok(t),
+                Renewed::Gone => register_once(&client, &state, ttl).await,
+                Renewed::Failed(e) => Err(e),
+            };
+            match again {
                 Ok(t) => {
                     granted = t;
                     break;
@@ -200,6 +213,64 @@ async fn maintain(
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
+        }
+    }
+}
+
+/// What an attempt to renew the current lease found.
+enum Renewed {
+    /// The lease is alive again, with this TTL; its keys are in place.
+    Alive(i64),
+    /// etcd says the lease is gone: a new one is needed.
+    Gone,
+    /// etcd could not say (no quorum, unreachable): try again later.
+    Failed(EtcdError),
+}
+
+/// Renews the current lease once and, if it is alive, puts its keys again (in case they were
+/// deleted meanwhile; unchanged values are a no-op for watchers that compare them).
+async fn renew(client: &Client, state: &State) -> Renewed {
+    let lease = state.lease.load(Ordering::Acquire);
+    if lease == 0 {
+        return Renewed::Gone;
+    }
+    let mut client = client.clone();
+    let attempt = async {
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+        keeper.keep_alive().await?;
+        responses.message().await
+    };
+    let ttl = match tokio::time::timeout(RENEW_TIMEOUT, attempt).await {
+        Err(_) => return Renewed::Failed(EtcdError::Timeout(RENEW_TIMEOUT)),
+        Ok(Err(e)) => return Renewed::Failed(e.into()),
+        Ok(Ok(None)) => {
+            return Renewed::Failed(EtcdError::Unavailable(
+                "the keepalive stream ended unanswered".into(),
+            ));
+        }
+        Ok(Ok(Some(answer))) if answer.ttl() <= 0 => return Renewed::Gone,
+        Ok(Ok(Some(answer))) => answer.ttl(),
+    };
+    let with_lease = || Some(PutOptions::new().with_lease(lease));
+    let mut ops = vec![TxnOp::put(
+        state.key.as_str(),
+        state.value.as_str(),
+        with_lease(),
+    )];
+    if let Ok(extras) = state.extras.lock() {
+        ops.extend(
+            extras
+                .iter()
+                .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), with_lease())),
+        );
+    }
+    match tokio::time::timeout(CALL_TIMEOUT, client.txn(Txn::new().and_then(ops))).await {
+        Err(_) => Renewed::Failed(EtcdError::Timeout(CALL_TIMEOUT)),
+        Ok(Err(e)) => Renewed::Failed(e.into()),
+        Ok(Ok(_)) => {
+            state.registered.send_replace(true);
+            tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl, "registered again on the same lease");
+            Renewed::Alive(ttl.max(1))
         }
     }
 }

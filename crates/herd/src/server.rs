@@ -508,8 +508,23 @@ async fn publish_status(
         status.config = feed.borrow_and_update().clone();
         match serde_json::to_string(&status) {
             Ok(value) => {
-                if let Err(e) = registration.publish(key.clone(), value).await {
-                    tracing::warn!(%key, error = %e, "publishing status failed; it is put again on the next change or registration");
+                // Tried again until it is written or a newer status replaces it.
+                let mut backoff = STATUS_RETRY_START;
+                while let Err(e) = registration.publish(key.clone(), value.clone()).await {
+                    tracing::warn!(%key, error = %e, retry_in = ?backoff, "publishing status failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        changed = feed.changed() => {
+                            if changed.is_err() {
+                                return std::future::pending().await;
+                            }
+                            break;
+                        }
+                    }
+                    backoff = (backoff * 2).min(STATUS_RETRY_MAX);
+                }
+                if feed.has_changed().unwrap_or(false) {
+                    continue;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "encoding status failed"),
@@ -519,6 +534,10 @@ async fn publish_status(
         }
     }
 }
+
+/// Backoff between attempts to publish a status etcd did not take: starts here, doubles, capped.
+const STATUS_RETRY_START: Duration = Duration::from_millis(100);
+const STATUS_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// One debug line per call received (target `herd::access`), so that operators and tests can see
 /// which instance serves what; free when debug logging is off.
