@@ -287,7 +287,8 @@ async fn e_a_lease_revoked_behind_its_back_is_replaced_within_one_ttl() -> anyho
         Duration::from_secs(10),
         || async { lease_of(&mesh, &key).ok().filter(|l| *l != lease) },
     )
-    .await?;
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", mesh.instances[index].1.log_text()))?;
     let took = now_secs() - revoked_at;
     // A key deleted by hand is put back, under the same lease.
     let out = mesh.etcd.ctl(&["del", &key])?;

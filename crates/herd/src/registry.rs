@@ -242,6 +242,8 @@ async fn renew(client: &Client, state: &State) -> Renewed {
     };
     let ttl = match tokio::time::timeout(RENEW_TIMEOUT, attempt).await {
         Err(_) => return Renewed::Failed(EtcdError::Timeout(RENEW_TIMEOUT)),
+        // etcd-client's word for a first answer with TTL 0: the lease is not there.
+        Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => return Renewed::Gone,
         Ok(Err(e)) => return Renewed::Failed(e.into()),
         Ok(Ok(None)) => {
             return Renewed::Failed(EtcdError::Unavailable(
