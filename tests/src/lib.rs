@@ -41,8 +41,27 @@ pub async fn connect(address: &str) -> anyhow::Result<tonic::transport::Channel>
     )
 }
 
-/// A free port on 127.0.0.1 (the listener is closed before returning).
+/// A free port on 127.0.0.1 for a process to bind later, taken below the kernel's ephemeral
+/// range: an instance or etcd told to bind port 0 meanwhile gets a port from that range and so can
+/// never take this one (which happened: "Address already in use" between finding a port and
+/// binding it). Other callers of this function pick at random among some twenty thousand ports.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let floor = 10_000u16.min(ephemeral.saturating_sub(1_000));
+    for _ in 0..1_000 {
+        // A random number from the standard library's per-instance random hasher keys.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = floor + (random % u64::from(ephemeral - floor)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
