@@ -13,8 +13,10 @@ deps:
 build: deps
 	$(CARGO) build --workspace --bins
 
+ETCD_MEMBERS ?= 1
+
 run: build
-	deploy/local/run.sh
+	ETCD_MEMBERS=$(ETCD_MEMBERS) deploy/local/run.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

@@ -1,65 +1,90 @@
 #!/usr/bin/env bash
-# Runs the whole mesh on this machine: a single-node etcd on loopback (data in .run/), the demo
-# configuration where absent, two instances of each service, gateways on 127.0.0.1:50051 and
-# 127.0.0.1:50052. Ctrl-C stops everything gracefully: the instances first (they drain, deregister
-# and exit), etcd last, so that no instance loses etcd while it drains.
+# Runs the whole mesh on this machine: etcd on loopback (one member, or a cluster of three; data
+# in .run/), the demo configuration where absent, two instances of each service, gateways on
+# 127.0.0.1:50051 and 127.0.0.1:50052. Ctrl-C stops everything gracefully: the instances first
+# (they drain, deregister and exit), etcd last, so that no instance loses etcd while it drains.
 #
-# Settings (environment): HERD_ETCD_PORT and HERD_ETCD_PEER_PORT (2379, 2380), HERD_GATEWAY_PORTS
-# ("50051 50052"), HERD_RUN_DIR (.run: etcd's data, logs, and the pids of what was started),
-# HERD_BIN_DIR (the debug binaries of the build). The gateways' private signing keys are in
-# $HERD_RUN_DIR/secrets; every hop is mutual TLS, with development certificates in
-# $HERD_RUN_DIR/certs (the CA kept from run to run, the certificates new on every run).
+# Settings (environment): ETCD_MEMBERS (1, or 3 for a three-member cluster), HERD_ETCD_PORTS and
+# HERD_ETCD_PEER_PORTS (one port per member: "2379" and "2380", or for three members
+# "2379 22379 32379" and "2380 22380 32380"), HERD_GATEWAY_PORTS ("50051 50052"), HERD_RUN_DIR
+# (.run: etcd's data, logs, and the pids of what was started), HERD_BIN_DIR (the debug binaries
+# of the build). The gateways' private signing keys are in $HERD_RUN_DIR/secrets; every hop is
+# mutual TLS, with development certificates in $HERD_RUN_DIR/certs (the CA kept from run to run,
+# the certificates new on every run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 BIN="${HERD_BIN_DIR:-${CARGO_TARGET_DIR:-target}/debug}"
 RUN="${HERD_RUN_DIR:-.run}"
-ETCD_PORT="${HERD_ETCD_PORT:-2379}"
-ETCD_PEER_PORT="${HERD_ETCD_PEER_PORT:-2380}"
+MEMBERS="${ETCD_MEMBERS:-1}"
+case "$MEMBERS" in
+    1) default_ports="2379"; default_peers="2380" ;;
+    3) default_ports="2379 22379 32379"; default_peers="2380 22380 32380" ;;
+    *) echo "error: ETCD_MEMBERS is 1 or 3, got $MEMBERS" >&2; exit 64 ;;
+esac
+read -r -a ETCD_PORTS <<<"${HERD_ETCD_PORTS:-$default_ports}"
+read -r -a ETCD_PEER_PORTS <<<"${HERD_ETCD_PEER_PORTS:-$default_peers}"
+if [ "${#ETCD_PORTS[@]}" -ne "$MEMBERS" ] || [ "${#ETCD_PEER_PORTS[@]}" -ne "$MEMBERS" ]; then
+    echo "error: HERD_ETCD_PORTS and HERD_ETCD_PEER_PORTS need one port per member ($MEMBERS)" >&2
+    exit 64
+fi
 read -r -a GATEWAY_PORTS <<<"${HERD_GATEWAY_PORTS:-50051 50052}"
-ETCD="http://127.0.0.1:${ETCD_PORT}"
+endpoints=(); cluster=(); names=()
+for i in $(seq 0 $((MEMBERS - 1))); do
+    endpoints+=("http://127.0.0.1:${ETCD_PORTS[$i]}")
+    name="herd-$i"; [ "$MEMBERS" -eq 1 ] && name="herd-local"
+    names+=("$name")
+    cluster+=("$name=http://127.0.0.1:${ETCD_PEER_PORTS[$i]}")
+done
+# Every member's endpoint, as --etcd takes them.
+ETCD=$(IFS=,; echo "${endpoints[*]}")
 mkdir -p "$RUN/logs"
 
 pids=()
-etcd_pid=""
+etcd_pids=()
 stop() {
     trap - INT TERM EXIT
     echo
     echo "stopping the mesh..."
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [ -n "$etcd_pid" ]; then
+    if [ "${#etcd_pids[@]}" -gt 0 ]; then
         echo "stopping etcd..."
-        kill -TERM "$etcd_pid" 2>/dev/null || true
-        wait "$etcd_pid" 2>/dev/null || true
+        for pid in "${etcd_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+        for pid in "${etcd_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     fi
     echo "stopped."
 }
 trap stop INT TERM EXIT
 
-if (exec 3<>"/dev/tcp/127.0.0.1/${ETCD_PORT}") 2>/dev/null; then
-    echo "error: something already listens on 127.0.0.1:${ETCD_PORT}; set HERD_ETCD_PORT" >&2
-    exit 1
-fi
-# In a session of its own: Ctrl-C signals the terminal's process group, and etcd must outlive the
-# instances' drain; stop() ends it once they have exited.
-setsid etcd --name herd-local --data-dir "$RUN/etcd" \
-    --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
-    --listen-peer-urls "http://127.0.0.1:${ETCD_PEER_PORT}" \
-    --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER_PORT}" \
-    --initial-cluster "herd-local=http://127.0.0.1:${ETCD_PEER_PORT}" \
-    >"$RUN/logs/etcd.log" 2>&1 &
-etcd_pid=$!
+for port in "${ETCD_PORTS[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/${port}") 2>/dev/null; then
+        echo "error: something already listens on 127.0.0.1:${port}; set HERD_ETCD_PORTS" >&2
+        exit 1
+    fi
+done
+# Each member in a session of its own: Ctrl-C signals the terminal's process group, and etcd must
+# outlive the instances' drain; stop() ends it once they have exited.
+for i in $(seq 0 $((MEMBERS - 1))); do
+    data="$RUN/etcd"; [ "$MEMBERS" -gt 1 ] && data="$RUN/etcd-$i"
+    setsid etcd --name "${names[$i]}" --data-dir "$data" \
+        --listen-client-urls "${endpoints[$i]}" --advertise-client-urls "${endpoints[$i]}" \
+        --listen-peer-urls "http://127.0.0.1:${ETCD_PEER_PORTS[$i]}" \
+        --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER_PORTS[$i]}" \
+        --initial-cluster "$(IFS=,; echo "${cluster[*]}")" \
+        >"$RUN/logs/etcd-$i.log" 2>&1 &
+    etcd_pids+=($!)
+done
 
 deadline=$((SECONDS + 20))
 until ETCDCTL_API=3 etcdctl --endpoints "$ETCD" endpoint health >/dev/null 2>&1; do
     if [ $SECONDS -ge $deadline ]; then
-        echo "error: etcd did not become healthy; see $RUN/logs/etcd.log" >&2
+        echo "error: etcd did not become healthy; see $RUN/logs/etcd-*.log" >&2
         exit 1
     fi
     sleep 0.2
 done
-echo "etcd is up at $ETCD (data in $RUN/etcd)"
+echo "etcd is up at $ETCD ($MEMBERS member(s), data in $RUN/)"
 
 # The gateways' private signing keys: files, never etcd (the seed writes k1's here).
 SECRETS="$RUN/secrets"
@@ -82,7 +107,7 @@ done
 for i in "${!GATEWAY_PORTS[@]}"; do
     start gateway "127.0.0.1:${GATEWAY_PORTS[$i]}" "gateway-$((i + 1))"
 done
-printf '%s\n' "$etcd_pid" "${pids[@]}" >"$RUN/pids"
+printf '%s\n' "${etcd_pids[@]}" "${pids[@]}" >"$RUN/pids"
 
 deadline=$((SECONDS + 30))
 for port in "${GATEWAY_PORTS[@]}"; do
@@ -109,4 +134,4 @@ The mesh is up. Logs are in $RUN/logs/. Try:
 Press Ctrl-C to stop everything.
 MSG
 
-wait "${pids[@]}" "$etcd_pid" || true
+wait "${pids[@]}" "${etcd_pids[@]}" || true
