@@ -249,7 +249,7 @@ impl Mesh {
         let info = InstanceInfo {
             service: self.service.clone(),
             instance_id: self.instance_id.clone(),
-            address: advertised(address),
+            address: advertised(address, self.settings.advertise),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -578,8 +578,12 @@ fn with_health_and_reflection(
         .add_service(reflection().build_v1alpha()?))
 }
 
-/// The address to register: the bound one, with an unspecified IP replaced by loopback's.
-fn advertised(bound: SocketAddr) -> String {
+/// The address to register: `advertise` with the bound port when given, else the bound one with
+/// an unspecified IP replaced by loopback's.
+fn advertised(bound: SocketAddr, advertise: Option<std::net::IpAddr>) -> String {
+    if let Some(ip) = advertise {
+        return SocketAddr::new(ip, bound.port()).to_string();
+    }
     let ip = if bound.ip().is_unspecified() {
         match bound {
             SocketAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
@@ -594,6 +598,16 @@ fn advertised(bound: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_registered_address_is_the_advertised_ip_with_the_bound_port() {
+        let bound: SocketAddr = ([0, 0, 0, 0], 50051).into();
+        assert_eq!(advertised(bound, None), "127.0.0.1:50051");
+        let pod = std::net::IpAddr::from([10, 1, 2, 3]);
+        assert_eq!(advertised(bound, Some(pod)), "10.1.2.3:50051");
+        let loopback: SocketAddr = ([127, 0, 0, 2], 7).into();
+        assert_eq!(advertised(loopback, None), "127.0.0.2:7");
+    }
     use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;

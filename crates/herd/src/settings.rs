@@ -27,6 +27,11 @@ pub struct Settings {
     )]
     pub listen: SocketAddr,
 
+    /// The IP address other instances reach this one at, registered with the port bound (in
+    /// Kubernetes: the pod's IP). Default: the address bound, loopback's when bound to all.
+    #[arg(long, env = "HERD_ADVERTISE", value_name = "IP")]
+    pub advertise: Option<std::net::IpAddr>,
+
     /// Also serve grpc.health.v1, and nothing else, in plaintext on this address: for
     /// orchestrators' probes (Kubernetes' gRPC probes speak neither TLS nor any other service).
     #[arg(long, env = "HERD_HEALTH_LISTEN", value_name = "ADDR")]
