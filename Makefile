@@ -5,7 +5,7 @@ PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("sc
 export PATH := $(PY_SCRIPTS):$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build run test lint fmt-check clippy buf-lint dockerfile-lint dup-check bench clean
+.PHONY: deps build run test lint fmt-check clippy buf-lint dockerfile-lint k8s-lint dup-check bench clean
 
 deps:
 	@scripts/install-deps.sh
@@ -30,10 +30,17 @@ buf-lint: deps
 dockerfile-lint: deps
 	hadolint deploy/docker/Dockerfile
 
+# Offline: kubernetes-validate's bundled schemas for a named Kubernetes version, and checkov
+# (skipped checks and why: deploy/k8s/.checkov.yaml).
+K8S_VERSION ?= 1.31.0
+k8s-lint: deps
+	kubernetes-validate --strict --quiet -k $(K8S_VERSION) deploy/k8s/*.yaml
+	checkov --config-file deploy/k8s/.checkov.yaml
+
 dup-check:
 	scripts/check-duplicates.sh
 
-lint: fmt-check clippy buf-lint dockerfile-lint dup-check
+lint: fmt-check clippy buf-lint dockerfile-lint k8s-lint dup-check
 
 test: deps lint build
 	@mkdir -p .run

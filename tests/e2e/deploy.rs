@@ -129,3 +129,87 @@ fn the_image_builds_with_a_toolchain_the_workspace_accepts() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// Every object in a manifest, as JSON (read with PyYAML, which kubernetes-validate brings).
+fn manifest(name: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let path = format!("{}/../deploy/k8s/{name}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
+            &path,
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn each_deployment_runs_its_binary_with_settings_it_takes_and_a_grace_period_that_covers_the_drain()
+-> anyhow::Result<()> {
+    for service in ["gateway", "pricing", "tax", "currency"] {
+        let objects = manifest(&format!("{service}.yaml"))?;
+        let deployment = objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .ok_or_else(|| anyhow::anyhow!("{service}: no Deployment"))?;
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let command: Vec<&str> = container["command"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|a| a.as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(command, [format!("herd-{service}").as_str()]);
+        // Every setting is one the binary takes (clap names each flag's variable in its help).
+        let help = Command::new(bin_dir().join(command[0]))
+            .arg("--help")
+            .output()?;
+        let help = String::from_utf8_lossy(&help.stdout);
+        let env: std::collections::BTreeMap<&str, &str> = container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str().unwrap_or(""))))
+            .collect();
+        for name in env.keys().filter(|n| n.starts_with("HERD_")) {
+            assert!(
+                help.contains(&format!("env: {name}")),
+                "herd-{service} takes no {name}"
+            );
+        }
+        // The probes ask the health port the instance serves.
+        let health_port = env
+            .get("HERD_HEALTH_LISTEN")
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse::<u64>().ok());
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                container[probe]["grpc"]["port"].as_u64(),
+                health_port,
+                "{service} {probe}"
+            );
+        }
+        // The grace period covers the pause before SIGTERM, the drain delay and the drain bound.
+        let ms = |name: &str| {
+            env.get(name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .unwrap_or(0);
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        let needed = pause * 1000 + ms("HERD_DRAIN_DELAY_MS") + ms("HERD_DRAIN_TIMEOUT_MS");
+        assert!(
+            grace * 1000 > needed,
+            "{service}: a grace period of {grace} s does not cover {needed} ms"
+        );
+        // Registered at the pod's IP, not at loopback.
+        assert_eq!(env.get("HERD_ADVERTISE"), Some(&"$(POD_IP)"), "{service}");
+    }
+    Ok(())
+}
