@@ -213,3 +213,90 @@ fn each_deployment_runs_its_binary_with_settings_it_takes_and_a_grace_period_tha
     }
     Ok(())
 }
+
+/// What a probe of the health port at `address` hears for `service` (plaintext, as the kubelet
+/// asks).
+async fn probe(address: &str, service: &str) -> Option<String> {
+    let channel = herd_tests::connect(address).await.ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    let status = client.check(request).await.ok()?.into_inner().status();
+    Some(status.as_str_name().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_deployment_started_as_written_reports_serving_to_its_probes() -> anyhow::Result<()> {
+    // What the cluster provides, on this machine: the certificates its Secrets hold, etcd over
+    // TLS with README's users and roles, the configuration, the signing key.
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    let out = Command::new(herd_tests::bin("herdctl")?)
+        .args(["certs", "init", &certs.to_string_lossy(), "--services"])
+        .arg("gateway,pricing,tax,currency,etcd,herdctl")
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let etcd = herd_tests::Etcd::start_secured(&certs).await?;
+    herd_tests::etcd_roles_from_readme(&etcd, &certs, "root-password-for-tests")?;
+    for (section, json) in herd_tests::fixture() {
+        etcd.put(&format!("/herd/config/{section}"), &json)?;
+    }
+    let secrets = herd_tests::secrets_dir(dir.path())?;
+    let mut running = Vec::new();
+    for service in ["tax", "currency", "pricing", "gateway"] {
+        let objects = manifest(&format!("{service}.yaml"))?;
+        let deployment = objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .ok_or_else(|| anyhow::anyhow!("{service}: no Deployment"))?;
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let binary = container["command"][0].as_str().unwrap_or_default();
+        let health = format!("127.0.0.1:{}", herd_tests::free_port());
+        let mut cmd = Command::new(bin_dir().join(binary));
+        // The manifest's settings, with the cluster's addresses and mounted files replaced by
+        // this machine's.
+        for var in container["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().unwrap_or_default();
+            if var.get("valueFrom").is_some() {
+                continue; // POD_IP: the advertised address below
+            }
+            let value = var["value"].as_str().unwrap_or_default();
+            let file = |name: &str| certs.join(name).to_string_lossy().to_string();
+            let local = match (name, value) {
+                ("HERD_LISTEN", _) => "127.0.0.1:0".to_string(),
+                ("HERD_HEALTH_LISTEN", _) => health.clone(),
+                ("HERD_ADVERTISE", _) => "127.0.0.1".to_string(),
+                ("HERD_ETCD_ENDPOINTS", _) => etcd.endpoint.clone(),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", _) => "http://127.0.0.1:1".to_string(),
+                (_, "/etc/herd/tls/tls.crt") => file(&format!("{service}.pem")),
+                (_, "/etc/herd/tls/tls.key") => file(&format!("{service}-key.pem")),
+                (_, "/etc/herd/tls/ca.crt") => file("ca.pem"),
+                (_, "/etc/herd/signing-keys") => secrets.to_string_lossy().to_string(),
+                (_, value) => value.to_string(),
+            };
+            cmd.env(name, local);
+        }
+        let log = dir.path().join(format!("{service}.log"));
+        running.push(herd_tests::Proc::spawn(binary, cmd, log.clone())?);
+        // Its readiness probe, asked as the kubelet asks it.
+        let asked = container["readinessProbe"]["grpc"]["service"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        herd_tests::eventually(
+            &format!("{service}'s readiness probe to hear SERVING"),
+            std::time::Duration::from_secs(30),
+            || async { (probe(&health, &asked).await.as_deref() == Some("SERVING")).then_some(()) },
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        })?;
+    }
+    Ok(())
+}

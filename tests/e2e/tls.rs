@@ -44,36 +44,18 @@ const ROOT_PASSWORD: &str = "root-password-for-tests";
 /// Pricing authenticates to etcd with a password rather than its certificate's name.
 const PRICING_PASSWORD: &str = "pricing-password-for-tests";
 
-/// Runs README's block of etcdctl commands that create herd's users and roles and enable
-/// authentication, against `etcd` as the operator; then gives pricing's user a known password.
+/// README's etcd users and roles, and pricing's user given a known password.
 fn secure(etcd: &Etcd, certs: &Path) -> anyhow::Result<()> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
-    let block = readme
-        .split("```")
-        .find(|block| block.starts_with("sh\n") && block.contains("etcdctl auth enable"))
-        .ok_or_else(|| anyhow::anyhow!("README has no block enabling etcd authentication"))?
-        .trim_start_matches("sh\n")
-        .replace("https://127.0.0.1:2379", &etcd.endpoint);
-    let run = |script: &str| -> anyhow::Result<()> {
-        let out = std::process::Command::new("bash")
-            .args(["-euo", "pipefail", "-c", script])
-            .current_dir(certs.parent().unwrap_or(certs))
-            .env("ROOT_PASSWORD", ROOT_PASSWORD)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{script}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    run(&block)?;
-    let passwd = format!(
-        "{}\necho {PRICING_PASSWORD} | etcdctl --user root:{ROOT_PASSWORD} user passwd \
-         herd-pricing --interactive=false",
-        block.lines().next().unwrap_or_default()
-    );
-    run(&passwd)
+    herd_tests::etcd_roles_from_readme(etcd, certs, ROOT_PASSWORD)?;
+    herd_tests::etcdctl_script(
+        etcd,
+        certs,
+        ROOT_PASSWORD,
+        &format!(
+            "echo {PRICING_PASSWORD} | etcdctl --user root:{ROOT_PASSWORD} user passwd \
+             herd-pricing --interactive=false"
+        ),
+    )
 }
 
 /// An instance of `service`'s etcd flags: its own certificate, except pricing, which presents

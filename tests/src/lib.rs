@@ -685,6 +685,59 @@ pub fn grpcurl_tls_flags(certs: &Path, service: &str) -> Vec<String> {
     ]
 }
 
+/// Runs README's block of etcdctl commands that create herd's etcd users and roles and enable
+/// authentication (section "etcd over TLS, with users and roles"), as it is written, against the
+/// secured `etcd` whose certificates are in `certs`, with `root_password` for etcd's root.
+pub fn etcd_roles_from_readme(
+    etcd: &Etcd,
+    certs: &Path,
+    root_password: &str,
+) -> anyhow::Result<()> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let block = readme
+        .split("```")
+        .find(|block| block.starts_with("sh\n") && block.contains("etcdctl auth enable"))
+        .ok_or_else(|| anyhow::anyhow!("README has no block enabling etcd authentication"))?
+        .trim_start_matches("sh\n")
+        .to_string();
+    run_etcd_script(etcd, certs, root_password, &block)
+}
+
+/// Runs `script` (etcdctl commands) with bash against the secured `etcd` as its operator (the
+/// `herdctl` certificate in `certs`), `ROOT_PASSWORD` in its environment.
+pub fn etcdctl_script(
+    etcd: &Etcd,
+    certs: &Path,
+    root_password: &str,
+    script: &str,
+) -> anyhow::Result<()> {
+    let preamble = format!(
+        "export ETCDCTL_API=3 ETCDCTL_ENDPOINTS={} ETCDCTL_CACERT=certs/ca.pem \
+         ETCDCTL_CERT=certs/herdctl.pem ETCDCTL_KEY=certs/herdctl-key.pem\n",
+        etcd.endpoint
+    );
+    run_etcd_script(etcd, certs, root_password, &format!("{preamble}{script}"))
+}
+
+fn run_etcd_script(
+    etcd: &Etcd,
+    certs: &Path,
+    root_password: &str,
+    script: &str,
+) -> anyhow::Result<()> {
+    // README's block names the endpoint of a local etcd and the folder `certs`.
+    let script = script.replace("https://127.0.0.1:2379", &etcd.endpoint);
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(certs.parent().unwrap_or(certs))
+        .env("ROOT_PASSWORD", root_password)
+        .output()?;
+    if !out.status.success() {
+        bail!("{script}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// Writes development certificates for the reference mesh's services into `dir` with the real
 /// `herdctl certs init` (the CA kept if there, every certificate replaced: a rotation).
 pub fn certs_init(dir: &Path) -> anyhow::Result<()> {
