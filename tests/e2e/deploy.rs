@@ -214,18 +214,6 @@ fn each_deployment_runs_its_binary_with_settings_it_takes_and_a_grace_period_tha
     Ok(())
 }
 
-/// What a probe of the health port at `address` hears for `service` (plaintext, as the kubelet
-/// asks).
-async fn probe(address: &str, service: &str) -> Option<String> {
-    let channel = herd_tests::connect(address).await.ok()?;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let request = tonic_health::pb::HealthCheckRequest {
-        service: service.into(),
-    };
-    let status = client.check(request).await.ok()?.into_inner().status();
-    Some(status.as_str_name().to_string())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn each_deployment_started_as_written_reports_serving_to_its_probes() -> anyhow::Result<()> {
     // What the cluster provides, on this machine: the certificates its Secrets hold, etcd over
@@ -291,7 +279,10 @@ async fn each_deployment_started_as_written_reports_serving_to_its_probes() -> a
         herd_tests::eventually(
             &format!("{service}'s readiness probe to hear SERVING"),
             std::time::Duration::from_secs(30),
-            || async { (probe(&health, &asked).await.as_deref() == Some("SERVING")).then_some(()) },
+            || async {
+                (herd_tests::probe(&health, &asked).await.as_deref() == Some("SERVING"))
+                    .then_some(())
+            },
         )
         .await
         .map_err(|e| {

@@ -660,18 +660,6 @@ fn every_binary_explains_its_flags_and_refuses_bad_settings() -> anyhow::Result<
     Ok(())
 }
 
-/// What `address` answers to a health Check of `service`, as a probe asks it (a plain gRPC
-/// client: the health port has no reflection for grpcurl to use).
-async fn probe(address: &str, service: &str) -> Option<String> {
-    let channel = herd_tests::connect(address).await.ok()?;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let request = tonic_health::pb::HealthCheckRequest {
-        service: service.into(),
-    };
-    let status = client.check(request).await.ok()?.into_inner().status();
-    Some(status.as_str_name().to_string())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_health_port_answers_probes_in_plaintext_and_nothing_else() -> anyhow::Result<()> {
     // The instance serves mutual TLS; orchestrators' probes speak neither TLS nor anything but
@@ -696,7 +684,8 @@ async fn the_health_port_answers_probes_in_plaintext_and_nothing_else() -> anyho
             &format!("the health port to report {service:?} SERVING"),
             Duration::from_secs(20),
             || async {
-                (probe(&health_address, service).await.as_deref() == Some("SERVING")).then_some(())
+                (herd_tests::probe(&health_address, service).await.as_deref() == Some("SERVING"))
+                    .then_some(())
             },
         )
         .await?;
@@ -716,7 +705,11 @@ async fn the_health_port_answers_probes_in_plaintext_and_nothing_else() -> anyho
         },
     )
     .await?;
-    assert_eq!(probe(&registered, "").await, None, "plaintext served");
+    assert_eq!(
+        herd_tests::probe(&registered, "").await,
+        None,
+        "plaintext served"
+    );
     // Health alone: no reflection, no service.
     let listed = grpcurl(&["-plaintext", &health_address, "list"])?;
     assert!(!listed.status.success(), "reflection on the health port");
@@ -730,13 +723,14 @@ async fn the_health_port_answers_probes_in_plaintext_and_nothing_else() -> anyho
         "the health port to report NOT_SERVING while draining",
         Duration::from_secs(5),
         || async {
-            (probe(&health_address, "").await.as_deref() == Some("NOT_SERVING")).then_some(())
+            (herd_tests::probe(&health_address, "").await.as_deref() == Some("NOT_SERVING"))
+                .then_some(())
         },
     )
     .await?;
     let status = tax.wait_exit(Duration::from_secs(15)).await?;
     assert_eq!(status.code(), Some(0), "{}", tax.log_text());
-    assert_eq!(probe(&health_address, "").await, None);
+    assert_eq!(herd_tests::probe(&health_address, "").await, None);
     Ok(())
 }
 

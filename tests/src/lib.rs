@@ -627,6 +627,18 @@ pub fn health_over(transport: &[String], address: &str) -> Option<String> {
     }
 }
 
+/// What a probe of the plaintext health port at `address` hears for `service`, asked as the
+/// kubelet asks (a plain gRPC client: the health port has no reflection for grpcurl to use).
+pub async fn probe(address: &str, service: &str) -> Option<String> {
+    let channel = connect(address).await.ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    let status = client.check(request).await.ok()?.into_inner().status();
+    Some(status.as_str_name().to_string())
+}
+
 /// The health status (`SERVING`, `NOT_SERVING`, ...) that `address` reports for `service`.
 pub fn health(address: &str, service: &str) -> Option<String> {
     match call(
