@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
-use herd::tls::dev::{MESH_SERVICES, init};
+use herd::tls::dev::{MESH_SERVICES, init_with_names};
 
 /// Certificates for mutual TLS.
 #[derive(Debug, Subcommand)]
@@ -22,6 +22,10 @@ pub enum CertsCommand {
         /// The services to issue certificates for, comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = MESH_SERVICES.map(String::from))]
         services: Vec<String>,
+        /// DNS names every certificate also names, comma separated (for servers reached by host
+        /// name: etcd's members in Kubernetes, `*.etcd.herd.svc.cluster.local`).
+        #[arg(long, value_delimiter = ',')]
+        dns: Vec<String>,
         /// How long the service certificates are valid (the CA: ten times as long).
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         validity: Duration,
@@ -35,9 +39,10 @@ pub fn run(command: CertsCommand) -> anyhow::Result<()> {
             dir,
             trust_domain,
             services,
+            dns,
             validity,
         } => {
-            for (path, what) in init(&dir, &trust_domain, &services, validity)? {
+            for (path, what) in init_with_names(&dir, &trust_domain, &services, &dns, validity)? {
                 println!("{what:<8} {}", path.display());
             }
             Ok(())

@@ -29,6 +29,24 @@ fn check_trust_domain(trust_domain: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A DNS name, possibly a wildcard's (`*.etcd.herd.svc.cluster.local`): labels of letters,
+/// digits and inner `-`.
+fn check_dns(name: &str) -> anyhow::Result<()> {
+    let labels = name.strip_prefix("*.").unwrap_or(name);
+    let valid = !labels.is_empty()
+        && labels.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid {
+        bail!("--dns: {name:?} is not a DNS name");
+    }
+    Ok(())
+}
+
 fn check_service(service: &str) -> anyhow::Result<()> {
     if service.is_empty()
         || !service
@@ -110,6 +128,18 @@ pub fn init(
     services: &[String],
     validity: Duration,
 ) -> anyhow::Result<Vec<(PathBuf, &'static str)>> {
+    init_with_names(dir, trust_domain, services, &[], validity)
+}
+
+/// As [`init`], each certificate also naming the DNS names in `dns` (wildcards allowed): for
+/// servers reached by host name, such as etcd's members in Kubernetes.
+pub fn init_with_names(
+    dir: &Path,
+    trust_domain: &str,
+    services: &[String],
+    dns: &[String],
+    validity: Duration,
+) -> anyhow::Result<Vec<(PathBuf, &'static str)>> {
     check_trust_domain(trust_domain)?;
     for service in services {
         check_service(service)?;
@@ -133,6 +163,12 @@ pub fn init(
             SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
             SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
         ];
+        for name in dns {
+            check_dns(name)?;
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.clone().try_into()?));
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -268,5 +304,43 @@ mod tests {
         )
         .expect_err("not a service name");
         assert!(err.to_string().contains("--services"), "{err}");
+    }
+
+    #[test]
+    fn extra_dns_names_are_named_by_every_certificate() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dns = ["*.etcd.herd.svc.cluster.local".to_string()];
+        init_with_names(
+            dir.path(),
+            "herd.local",
+            &["etcd".to_string()],
+            &dns,
+            Duration::from_secs(60),
+        )
+        .expect("written");
+        let cert_der = der(&dir.path().join("etcd.pem"));
+        let (_, cert) = X509Certificate::from_der(&cert_der).expect("parses");
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .expect("well formed")
+            .expect("present")
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(name) => Some(name.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, ["localhost", "*.etcd.herd.svc.cluster.local"]);
+        let err = init_with_names(
+            dir.path(),
+            "herd.local",
+            &["etcd".to_string()],
+            &["not a name".to_string()],
+            Duration::from_secs(60),
+        )
+        .expect_err("not a DNS name");
+        assert!(format!("{err:#}").contains("--dns"), "{err:#}");
     }
 }
