@@ -169,7 +169,7 @@ async fn quorum_lost_for_30_s_the_mesh_serves_on_and_registers_again() -> anyhow
     more_calls(&load, 100).await?;
     let report = load.stop().await;
     println!("REPORT cluster, quorum lost for {outage:?}: {report}");
-    assert_eq!(report.failures(), 0, "{report}");
+    assert_eq!(report.failures(), 0, "{report}\n{}", logs(&mesh));
     assert!(
         again <= Duration::from_secs(2),
         "registered again only after {again:?}"

@@ -32,6 +32,8 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Bound on one attempt to renew a lease that could not be kept alive: while etcd has no quorum
 /// the attempt hangs, and the next one must not wait behind it.
 const RENEW_TIMEOUT: Duration = Duration::from_millis(500);
+/// Tries at starting the keepalive stream before the registration counts as lost.
+const START_TRIES: u32 = 3;
 
 /// A live registration. Dropping it stops renewal without revoking (the key then expires with its
 /// lease); call [`Registration::deregister`] to leave at once.
@@ -282,9 +284,27 @@ async fn keep_alive(client: &Client, state: &State, ttl: i64) -> LeaseLost {
     let mut client = client.clone();
     let lease = state.lease.load(Ordering::Acquire);
     let ttl = Duration::from_secs(ttl as u64);
-    let (mut keeper, mut responses) = match client.lease_keep_alive(lease).await {
-        Ok(pair) => pair,
-        Err(e) => return LeaseLost::Stream(format!("could not start: {e}")),
+    // A member that has just come back may take connections before it answers: a few short
+    // tries (each goes to the next member) rather than one that waits on it.
+    let mut tries = 0;
+    let (mut keeper, mut responses) = loop {
+        tries += 1;
+        match tokio::time::timeout(RENEW_TIMEOUT, client.lease_keep_alive(lease)).await {
+            Ok(Ok(pair)) => break pair,
+            Ok(Err(e)) if tries >= START_TRIES => {
+                return LeaseLost::Stream(format!("could not start: {e}"));
+            }
+            Err(_) if tries >= START_TRIES => {
+                return LeaseLost::Stream(format!(
+                    "could not start: no answer within {RENEW_TIMEOUT:?}, {START_TRIES} times"
+                ));
+            }
+            // etcd says the lease is gone: no use trying again.
+            Ok(Err(e @ etcd_client::Error::LeaseKeepAliveError(_))) => {
+                return LeaseLost::Stream(format!("could not start: {e}"));
+            }
+            _ => continue,
+        }
     };
     // Someone deleting the key (by hand or by tooling) must not leave the instance unlisted.
     let mut key_watch = client
