@@ -32,6 +32,8 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Bound on one attempt to renew a lease that could not be kept alive: while etcd has no quorum
 /// the attempt hangs, and the next one must not wait behind it.
 const RENEW_TIMEOUT: Duration = Duration::from_millis(500);
+/// While registering again keeps failing, a line at most this often (with the attempts so far).
+const FAILURES_LOGGED_EVERY: Duration = Duration::from_secs(10);
 /// Tries at starting the keepalive stream before the registration counts as lost.
 const START_TRIES: u32 = 3;
 
@@ -194,6 +196,7 @@ async fn maintain(
         state.registered.send_replace(false);
         tracing::warn!(key = %state.key, reason = %lost, "registration lost; registering again");
         let mut backoff = BACKOFF_START;
+        let (mut failed, mut logged) = (0u64, None);
         loop {
             let jitter = rand::rng().random_range(0.5..1.5);
             tokio::select! {
@@ -211,7 +214,13 @@ async fn maintain(
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(key = %state.key, error = %e, "registering again failed");
+                    // The first failure, then one line per interval with how many there were:
+                    // an outage of minutes must not write a line per attempt.
+                    failed += 1;
+                    if logged.is_none_or(|at: Instant| at.elapsed() >= FAILURES_LOGGED_EVERY) {
+                        tracing::warn!(key = %state.key, error = %e, attempts = failed, "registering again failed");
+                        logged = Some(Instant::now());
+                    }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
