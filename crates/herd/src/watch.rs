@@ -10,6 +10,8 @@ use crate::error::EtcdError;
 
 /// Pause before a fresh snapshot after a failure, so a down etcd is not hammered.
 const RESYNC_BACKOFF: Duration = Duration::from_millis(200);
+/// Bound on reading a prefix and starting its watch.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What a follower is told.
 #[derive(Debug)]
@@ -66,8 +68,17 @@ impl Follower {
         }
     }
 
-    /// Everything under the prefix, and a watch from the revision after it.
+    /// Everything under the prefix, and a watch from the revision after it; within
+    /// [`SNAPSHOT_TIMEOUT`], so that a member that takes connections but does not answer (one just
+    /// restarted, say) is not waited on: the next try goes to another.
     async fn snapshot(&mut self) -> Result<Update, EtcdError> {
+        match tokio::time::timeout(SNAPSHOT_TIMEOUT, self.snapshot_now()).await {
+            Ok(result) => result,
+            Err(_) => Err(EtcdError::Timeout(SNAPSHOT_TIMEOUT)),
+        }
+    }
+
+    async fn snapshot_now(&mut self) -> Result<Update, EtcdError> {
         let mut resp = self
             .client
             .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
