@@ -31,13 +31,7 @@ async fn under_load(per_service: usize, deadline: Duration) -> anyhow::Result<(T
 
 /// Waits until the load has made `n` more calls.
 async fn calls(load: &Load, n: u64) -> anyhow::Result<()> {
-    let target = load.report().sent + n;
-    eventually(
-        &format!("{n} more calls"),
-        Duration::from_secs(30),
-        || async { (load.report().sent >= target).then_some(()) },
-    )
-    .await
+    load.more(n).await
 }
 
 /// When each log first says `needles` at or after `since`, as seconds after `since`.

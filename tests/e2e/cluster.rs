@@ -35,16 +35,6 @@ async fn load(mesh: &TestMesh) -> anyhow::Result<Load> {
     .await
 }
 
-async fn more_calls(load: &Load, n: u64) -> anyhow::Result<()> {
-    let target = load.report().sent + n;
-    eventually(
-        &format!("{n} more calls"),
-        Duration::from_secs(30),
-        || async { (load.report().sent >= target).then_some(()) },
-    )
-    .await
-}
-
 /// Every instance's log, for a failure's message.
 fn logs(mesh: &TestMesh) -> String {
     mesh.logs_of(&herd_tests::SERVICES)
@@ -66,7 +56,7 @@ async fn the_leader_killed_under_load_fails_no_call_and_configuration_applies_af
 -> anyhow::Result<()> {
     let mut mesh = TestMesh::start_on(Etcd::start_cluster(3).await?, 1, &fixture()).await?;
     let load = load(&mesh).await?;
-    more_calls(&load, 100).await?;
+    load.more(100).await?;
     let leader = mesh
         .etcd
         .leader()
@@ -91,7 +81,7 @@ async fn the_leader_killed_under_load_fails_no_call_and_configuration_applies_af
     all_applied(&mesh, 4, revision)
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&mesh)))?;
-    more_calls(&load, 200).await?;
+    load.more(200).await?;
     mesh.etcd.resume_member(leader)?;
     let report = load.stop().await;
     println!("REPORT cluster, leader killed: {report}");
@@ -108,7 +98,7 @@ async fn quorum_lost_for_30_s_the_mesh_serves_on_and_registers_again() -> anyhow
         .collect::<anyhow::Result<Vec<_>>>()?
         .concat();
     let load = load(&mesh).await?;
-    more_calls(&load, 100).await?;
+    load.more(100).await?;
     // Two of three members stopped: no quorum, no leader, no lease renewed, no write.
     let lost = Instant::now();
     mesh.etcd.stop_member(1, "TERM").await?;
@@ -166,7 +156,7 @@ async fn quorum_lost_for_30_s_the_mesh_serves_on_and_registers_again() -> anyhow
     .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&mesh)))?;
     let again = quorum.elapsed();
     println!("REPORT cluster: every instance registered again {again:?} after quorum returned");
-    more_calls(&load, 100).await?;
+    load.more(100).await?;
     let report = load.stop().await;
     println!("REPORT cluster, quorum lost for {outage:?}: {report}");
     assert_eq!(report.failures(), 0, "{report}\n{}", logs(&mesh));
@@ -184,7 +174,7 @@ async fn an_endpoint_that_was_never_there_does_not_stop_an_instance() -> anyhow:
     etcd.stop_member(2, "TERM").await?;
     let mesh = TestMesh::start_on(etcd, 1, &fixture()).await?;
     let load = load(&mesh).await?;
-    more_calls(&load, 200).await?;
+    load.more(200).await?;
     let report = load.stop().await;
     assert_eq!(report.failures(), 0, "{report}");
     Ok(())

@@ -620,26 +620,14 @@ async fn certificates_and_the_ca_rotate_under_load_without_a_failed_call() -> an
         Duration::from_secs(5),
     )
     .await?;
-    let calls = |n: u64| {
-        let target = load.report().sent + n;
-        let load = &load;
-        async move {
-            eventually(
-                &format!("{n} more calls"),
-                Duration::from_secs(30),
-                || async { (load.report().sent >= target).then_some(()) },
-            )
-            .await
-        }
-    };
-    calls(200).await?;
+    load.more(200).await?;
 
     // 1. New certificates from the same CA (herdctl certs init again).
     let first = der(&certs.join("pricing.pem"))?;
     herd_tests::certs_init(&certs)?;
     assert_ne!(der(&certs.join("pricing.pem"))?, first);
     all_present(&mesh, &certs, "its new certificate").await?;
-    calls(200).await?;
+    load.more(200).await?;
 
     // 2. A new CA: trusted first, beside the old one; then certificates from it; then the old
     // one dropped.
@@ -660,14 +648,14 @@ async fn certificates_and_the_ca_rotate_under_load_without_a_failed_call() -> an
     // The new CA's certificates name both CAs too, so the probes below verify either side.
     replace(&next.join("ca.pem"), &[old_ca.as_slice(), &new_ca].concat())?;
     all_accept(&mesh, &next, true, "trust the new CA").await?;
-    calls(200).await?;
+    load.more(200).await?;
     for service in herd_tests::SERVICES {
         let (cert, key) = (format!("{service}.pem"), format!("{service}-key.pem"));
         replace(&certs.join(&key), &std::fs::read(next.join(&key))?)?;
         replace(&certs.join(&cert), &std::fs::read(next.join(&cert))?)?;
     }
     all_present(&mesh, &certs, "the new CA's certificate").await?;
-    calls(200).await?;
+    load.more(200).await?;
     replace(&certs.join("ca.pem"), &new_ca)?;
     all_accept(&mesh, &old, false, "refuse the old CA").await?;
 
@@ -687,7 +675,7 @@ async fn certificates_and_the_ca_rotate_under_load_without_a_failed_call() -> an
         },
     )
     .await?;
-    calls(400).await?;
+    load.more(400).await?;
     let report = load.stop().await;
     println!("REPORT rotation under load: {report}");
     assert_eq!(report.failures(), 0, "{report}");

@@ -1239,6 +1239,17 @@ impl Load {
         Ok(())
     }
 
+    /// Waits (up to 30 s) until `n` more calls have been made.
+    pub async fn more(&self, n: u64) -> anyhow::Result<()> {
+        let target = self.report().sent + n;
+        eventually(
+            &format!("{n} more calls"),
+            Duration::from_secs(30),
+            || async { (self.report().sent >= target).then_some(()) },
+        )
+        .await
+    }
+
     /// What the load has seen so far.
     pub fn report(&self) -> Report {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()

@@ -149,13 +149,8 @@ impl Registration {
     }
 }
 
-/// Grants a lease and puts the key under it. Returns the granted TTL.
-async fn register_once(client: &Client, state: &State, ttl: i64) -> Result<i64, EtcdError> {
-    let mut client = client.clone();
-    let grant = tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(ttl, None))
-        .await
-        .map_err(|_| EtcdError::Timeout(CALL_TIMEOUT))??;
-    let lease = grant.id();
+/// One transaction putting the key and its extras under `lease`.
+fn puts(state: &State, lease: i64) -> Txn {
     let with_lease = || Some(PutOptions::new().with_lease(lease));
     let mut ops = vec![TxnOp::put(
         state.key.as_str(),
@@ -169,7 +164,17 @@ async fn register_once(client: &Client, state: &State, ttl: i64) -> Result<i64, 
                 .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), with_lease())),
         );
     }
-    tokio::time::timeout(CALL_TIMEOUT, client.txn(Txn::new().and_then(ops)))
+    Txn::new().and_then(ops)
+}
+
+/// Grants a lease and puts the key under it. Returns the granted TTL.
+async fn register_once(client: &Client, state: &State, ttl: i64) -> Result<i64, EtcdError> {
+    let mut client = client.clone();
+    let grant = tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(ttl, None))
+        .await
+        .map_err(|_| EtcdError::Timeout(CALL_TIMEOUT))??;
+    let lease = grant.id();
+    tokio::time::timeout(CALL_TIMEOUT, client.txn(puts(state, lease)))
         .await
         .map_err(|_| EtcdError::Timeout(CALL_TIMEOUT))??;
     state.lease.store(lease, Ordering::Release);
@@ -264,20 +269,7 @@ async fn renew(client: &Client, state: &State) -> Renewed {
         Ok(Ok(Some(answer))) if answer.ttl() <= 0 => return Renewed::Gone,
         Ok(Ok(Some(answer))) => answer.ttl(),
     };
-    let with_lease = || Some(PutOptions::new().with_lease(lease));
-    let mut ops = vec![TxnOp::put(
-        state.key.as_str(),
-        state.value.as_str(),
-        with_lease(),
-    )];
-    if let Ok(extras) = state.extras.lock() {
-        ops.extend(
-            extras
-                .iter()
-                .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), with_lease())),
-        );
-    }
-    match tokio::time::timeout(CALL_TIMEOUT, client.txn(Txn::new().and_then(ops))).await {
+    match tokio::time::timeout(CALL_TIMEOUT, client.txn(puts(state, lease))).await {
         Err(_) => Renewed::Failed(EtcdError::Timeout(CALL_TIMEOUT)),
         Ok(Err(e)) => Renewed::Failed(e.into()),
         Ok(Ok(_)) => {
