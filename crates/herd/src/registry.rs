@@ -269,15 +269,21 @@ async fn renew(client: &Client, state: &State) -> Renewed {
         Ok(Ok(Some(answer))) if answer.ttl() <= 0 => return Renewed::Gone,
         Ok(Ok(Some(answer))) => answer.ttl(),
     };
-    match tokio::time::timeout(CALL_TIMEOUT, client.txn(puts(state, lease))).await {
-        Err(_) => Renewed::Failed(EtcdError::Timeout(CALL_TIMEOUT)),
-        Ok(Err(e)) => Renewed::Failed(e.into()),
-        Ok(Ok(_)) => {
-            state.registered.send_replace(true);
-            tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl, "registered again on the same lease");
-            Renewed::Alive(ttl.max(1))
-        }
+    // The keepalive answered: the lease, and the keys under it, live on. Putting them again only
+    // restores one deleted meanwhile; it is tried once, briefly (each etcd call goes to the next
+    // member, and one that has just come back may not answer yet), and its failure does not undo
+    // the renewal: a deletion seen from now on is put back by the key watch.
+    let put = tokio::time::timeout(RENEW_TIMEOUT, client.txn(puts(state, lease))).await;
+    if let Some(why) = match put {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {RENEW_TIMEOUT:?}")),
+    } {
+        tracing::debug!(key = %state.key, error = %why, "keys not put again after renewing");
     }
+    state.registered.send_replace(true);
+    tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl, "registered again on the same lease");
+    Renewed::Alive(ttl.max(1))
 }
 
 /// Keeps the current lease alive and the key present; returns why the registration was lost.
