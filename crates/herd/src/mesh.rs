@@ -146,17 +146,42 @@ impl Mesh {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        f(channels.entry(service.to_string()).or_insert_with(|| {
-            let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
-            let mut channel = MeshChannel::builder(service);
-            if let Some(tls) = &self.tls {
-                channel = match crate::tls::TlsConnector::new(tls.client.clone(), service) {
-                    Ok(connector) => channel.connector(connector),
-                    // Never plaintext instead: every call fails, saying why.
-                    Err(e) => channel.connector(crate::tls::Unusable(e.to_string())),
-                };
+        // The instances of this instance's own service rank it among the callers of every other.
+        let peers = match channels.get(&self.service) {
+            Some((_, peers)) => peers.subscribe(),
+            None => {
+                let own = self.open(&self.service, None);
+                let peers = own.1.subscribe();
+                channels.insert(self.service.clone(), own);
+                peers
             }
-            (channel.build(resolver.subscribe()), resolver)
-        }))
+        };
+        f(channels
+            .entry(service.to_string())
+            .or_insert_with(|| self.open(service, Some(peers))))
+    }
+
+    /// A resolver of `service` and a channel to it, subset among `peers` (the resolver's own set
+    /// when `None`: the channel to this instance's own service).
+    fn open(
+        &self,
+        service: &str,
+        peers: Option<watch::Receiver<Discovered>>,
+    ) -> (MeshChannel, Resolver) {
+        let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
+        let peers = peers.unwrap_or_else(|| resolver.subscribe());
+        let mut channel = MeshChannel::builder(service).subset(
+            &self.instance_id,
+            peers,
+            self.settings.subset_size,
+        );
+        if let Some(tls) = &self.tls {
+            channel = match crate::tls::TlsConnector::new(tls.client.clone(), service) {
+                Ok(connector) => channel.connector(connector),
+                // Never plaintext instead: every call fails, saying why.
+                Err(e) => channel.connector(crate::tls::Unusable(e.to_string())),
+            };
+        }
+        (channel.build(resolver.subscribe()), resolver)
     }
 }

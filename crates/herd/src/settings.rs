@@ -98,6 +98,12 @@ pub struct Settings {
     /// the limit are answered UNAVAILABLE at once.
     #[arg(long, env = "HERD_MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: u32,
+
+    /// How many instances of each service it calls an instance connects to (0: all): each caller
+    /// takes its own deterministic subset, so that connections stay bounded however many
+    /// instances run; raised to ⌈instances/callers⌉ when callers are too few to cover them all.
+    #[arg(long, env = "HERD_SUBSET_SIZE", default_value_t = 16)]
+    pub subset_size: usize,
 }
 
 impl Settings {

@@ -17,6 +17,7 @@
 
 mod discover;
 mod pool;
+pub mod subset;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,7 +35,7 @@ use crate::client::{Connector, DEFAULT_MAX_RESPONSE, RetryBudget, TcpConnector};
 use crate::discovery::Discovered;
 use crate::error::CallError;
 use discover::EndpointDiscover;
-use pool::{Pool, State, hopeless, track};
+use pool::{Pool, State, Subsetting, hopeless, track};
 
 /// Latency assumed for an endpoint before it has answered anything.
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
@@ -88,6 +89,7 @@ impl MeshChannel {
             service: service.into(),
             connector: Arc::new(TcpConnector::default()),
             max_response: DEFAULT_MAX_RESPONSE,
+            subsetting: None,
         }
     }
 
@@ -103,6 +105,12 @@ impl MeshChannel {
             .borrow()
             .as_ref()
             .map_or(0, |e| e.len())
+    }
+
+    /// The instance ids this channel connects to (its subset, and any it refilled from), in any
+    /// state.
+    pub fn connected_instances(&self) -> Vec<String> {
+        self.inner.pool.borrow().endpoints.keys().cloned().collect()
     }
 
     /// The instance ids currently offered to the balancer (discovered and SERVING).
@@ -240,6 +248,7 @@ pub struct ChannelBuilder {
     service: String,
     connector: Arc<dyn Connector>,
     max_response: usize,
+    subsetting: Option<Subsetting>,
 }
 
 impl std::fmt::Debug for ChannelBuilder {
@@ -266,6 +275,18 @@ impl ChannelBuilder {
         self
     }
 
+    /// Connects to a subset of `size` of the service's instances (0: all), chosen for the caller
+    /// `own` among the instances of its own service that `peers` publishes (see [`subset`]).
+    /// Without it, the channel connects to every instance discovered.
+    pub fn subset(mut self, own: &str, peers: watch::Receiver<Discovered>, size: usize) -> Self {
+        self.subsetting = Some(Subsetting {
+            own: own.to_string(),
+            peers,
+            size,
+        });
+        self
+    }
+
     /// The channel, over the endpoint sets published by `endpoints`. Must be called from within
     /// a tokio runtime; the probing stops when every clone is dropped.
     pub fn build(self, endpoints: watch::Receiver<Discovered>) -> MeshChannel {
@@ -274,6 +295,7 @@ impl ChannelBuilder {
             self.service.clone(),
             self.connector,
             endpoints.clone(),
+            self.subsetting,
             pool_tx,
         ));
         let loaded = PeakEwmaDiscover::new::<Request>(
@@ -379,6 +401,84 @@ pub(crate) mod tests {
         // Each endpoint serves a share; not an even one: one slow answer (this test shares two
         // cores with the rest of the suite) weighs on an endpoint's latency for the whole run.
         assert!(on_a >= 10 && on_b >= 10, "a={on_a} b={on_b}");
+    }
+
+    /// Six instances of "probe" and three callers: the subsets of size two of caller `g1`.
+    fn six_for_three() -> (Vec<String>, Resolver, subset::Subset) {
+        let callees: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+        let peers = Resolver::fixed(["g0", "g1", "g2"].map(|g| info(g, "127.0.0.1:1")));
+        let subset = subset::subset(
+            "g1",
+            ["g0", "g1", "g2"],
+            callees.iter().map(String::as_str),
+            2,
+        );
+        (callees, peers, subset)
+    }
+
+    #[tokio::test]
+    async fn a_caller_connects_to_its_subset_and_no_more() {
+        let (callees, peers, subset) = six_for_three();
+        let mut endpoints = Vec::new();
+        for id in &callees {
+            endpoints.push(info(id, &health_server("probe").await));
+        }
+        let resolver = Resolver::fixed(endpoints);
+        let channel = MeshChannel::builder("probe")
+            .subset("g1", peers.subscribe(), 2)
+            .build(resolver.subscribe());
+        let mut ready = channel.subscribe_ready();
+        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == 2))
+            .await
+            .expect("the subset is ready")
+            .expect("the channel lives");
+        let mut client = HealthClient::new(channel.clone());
+        for _ in 0..20 {
+            client
+                .check(HealthCheckRequest::default())
+                .await
+                .expect("served");
+        }
+        let mut members = subset.members().to_vec();
+        members.sort();
+        assert_eq!(channel.connected_instances(), members);
+        assert_eq!(channel.ready_instances(), members);
+        assert_eq!(channel.endpoint_count(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_subset_whose_members_died_refills_from_the_rest_at_once() {
+        let (callees, peers, subset) = six_for_three();
+        // The subset's two members are registered but dead; the others serve.
+        let mut endpoints = Vec::new();
+        for id in &callees {
+            let address = if subset.members().contains(id) {
+                closed_port().await
+            } else {
+                health_server("probe").await
+            };
+            endpoints.push(info(id, &address));
+        }
+        let resolver = Resolver::fixed(endpoints);
+        let channel = MeshChannel::builder("probe")
+            .subset("g1", peers.subscribe(), 2)
+            .build(resolver.subscribe());
+        let mut client = HealthClient::new(channel.clone());
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.check(HealthCheckRequest::default()),
+        )
+        .await
+        .expect("answered in time");
+        assert!(answer.is_ok(), "{answer:?}");
+        // Refilled with the next two in the caller's order, which serve; the dead are still
+        // probed, and nothing beyond.
+        let mut expected = subset.order[..4].to_vec();
+        expected.sort();
+        assert_eq!(channel.connected_instances(), expected);
+        let mut refill = subset.order[2..4].to_vec();
+        refill.sort();
+        assert_eq!(channel.ready_instances(), refill);
     }
 
     #[tokio::test]

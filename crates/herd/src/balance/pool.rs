@@ -14,9 +14,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::BoxError;
 
+use super::subset::subset;
 use crate::client::Connector;
 use crate::client::connection::Connection;
-use crate::discovery::Discovered;
+use crate::discovery::{Discovered, Endpoints};
 use crate::error::{CallError, with_causes};
 
 /// Backoff between probes of an endpoint that is not serving: starts here, doubles, capped below.
@@ -43,6 +44,9 @@ pub(super) struct Pool {
     /// Whether discovery has answered at least once.
     pub(super) resolved: bool,
     pub(super) endpoints: BTreeMap<String, State>,
+    /// Whether discovery knows instances beyond these (outside the caller's subset), which it
+    /// refills from when these fail.
+    pub(super) spare: bool,
 }
 
 impl Pool {
@@ -68,6 +72,10 @@ impl Pool {
                     why.get_or_insert(reason.as_str());
                 }
             }
+        }
+        if self.spare {
+            // Every member failed: the subset is about to be refilled from the rest.
+            return None;
         }
         let mut reasons = Vec::new();
         if not_serving > 0 {
@@ -104,20 +112,86 @@ pub(super) async fn hopeless(pool: &mut watch::Receiver<Pool>, service: &Arc<str
     })
 }
 
-/// Keeps one prober per discovered endpoint, until the channel is dropped.
+/// Which of the discovered instances a channel connects to (see [`super::subset`]).
+#[derive(Clone)]
+pub(super) struct Subsetting {
+    /// The calling instance's id.
+    pub(super) own: String,
+    /// The instances of the caller's own service: its rank among callers comes from them.
+    pub(super) peers: watch::Receiver<Discovered>,
+    /// Instances per subset; 0: all.
+    pub(super) size: usize,
+}
+
+/// The instance ids to connect to: every discovered one, or this caller's subset — refilled
+/// from the rest, in the caller's order of preference, while fewer than half of its members
+/// are healthy. `None` while the caller's peers are not known yet.
+fn chosen(
+    set: &Endpoints,
+    subsetting: Option<(&Subsetting, Option<&Endpoints>)>,
+    states: &Pool,
+) -> Option<Vec<String>> {
+    let Some((subsetting, peers)) = subsetting else {
+        return Some(set.keys().cloned().collect());
+    };
+    let peers = peers?;
+    let subset = subset(
+        &subsetting.own,
+        peers.keys().map(String::as_str),
+        set.keys().map(String::as_str),
+        subsetting.size,
+    );
+    let failed = |id: &String| {
+        matches!(
+            states.endpoints.get(id),
+            Some(State::NotServing | State::Unreachable(_))
+        )
+    };
+    let mut healthy = subset.members().iter().filter(|id| !failed(id)).count();
+    let mut take = subset.size;
+    if healthy * 2 < subset.size {
+        while take < subset.order.len() && healthy < subset.size {
+            if !failed(&subset.order[take]) {
+                healthy += 1;
+            }
+            take += 1;
+        }
+    }
+    let mut order = subset.order;
+    order.truncate(take);
+    Some(order)
+}
+
+/// Keeps one prober per chosen endpoint (see [`chosen`]), until the channel is dropped.
 pub(super) async fn track(
     service: String,
     connector: Arc<dyn Connector>,
     mut discovered: watch::Receiver<Discovered>,
+    mut subsetting: Option<Subsetting>,
     pool: watch::Sender<Pool>,
 ) {
     let mut probers: HashMap<String, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+    // Endpoint states matter to the choice only when refilling a subset.
+    let mut states = pool.subscribe();
+    let mut open = true;
     loop {
         let set = discovered.borrow_and_update().clone();
-        if let Some(set) = set {
+        let peers = subsetting
+            .as_mut()
+            .map(|s| s.peers.borrow_and_update().clone());
+        let choice = set.as_ref().and_then(|set| {
+            let states = states.borrow_and_update();
+            let subsetting = subsetting
+                .as_ref()
+                .map(|s| (s, peers.as_ref().and_then(Option::as_ref)));
+            chosen(set, subsetting, &states)
+        });
+        if let (Some(set), Some(choice)) = (set, choice) {
             let gone: Vec<String> = probers
                 .iter()
-                .filter(|(id, (address, _))| set.get(*id).map(|i| &i.address) != Some(address))
+                .filter(|(id, (address, _))| {
+                    !choice.contains(id) || set.get(*id).map(|i| &i.address) != Some(address)
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in gone {
@@ -127,17 +201,30 @@ pub(super) async fn track(
                         matches!(p.endpoints.remove(&id), Some(State::Serving(_)))
                     });
                     if was_serving {
-                        tracing::info!(%service, instance = %id, %address, "endpoint removed: deregistered");
+                        let reason = if set.contains_key(&id) {
+                            "left the subset"
+                        } else {
+                            "deregistered"
+                        };
+                        tracing::info!(%service, instance = %id, %address, reason, "endpoint removed");
                     }
                 }
             }
-            pool.send_modify(|p| {
+            pool.send_if_modified(|p| {
+                let spare = choice.len() < set.len();
+                let mut changed = !p.resolved || p.spare != spare;
                 p.resolved = true;
-                for id in set.keys() {
-                    p.endpoints.entry(id.clone()).or_insert(State::Connecting);
+                p.spare = spare;
+                for id in &choice {
+                    if !p.endpoints.contains_key(id) {
+                        p.endpoints.insert(id.clone(), State::Connecting);
+                        changed = true;
+                    }
                 }
+                changed
             });
-            for (id, info) in set.iter() {
+            for id in &choice {
+                let Some(info) = set.get(id) else { continue };
                 if probers.contains_key(id) {
                     continue;
                 }
@@ -151,17 +238,25 @@ pub(super) async fn track(
                 probers.insert(id.clone(), (info.address.clone(), task));
             }
         }
+        let refilling = subsetting.is_some();
         tokio::select! {
-            changed = discovered.changed() => if changed.is_err() {
-                // A fixed set: nothing more will change; probe until the channel is dropped.
-                pool.closed().await;
-                break;
-            },
+            // Closed: a fixed set, which will not change.
+            changed = discovered.changed(), if open => open = changed.is_ok(),
+            Ok(()) = peers_changed(&mut subsetting) => {}
+            Ok(()) = states.changed(), if refilling => {}
             _ = pool.closed() => break,
         }
     }
     for (_, (_, task)) in probers {
         task.abort();
+    }
+}
+
+/// Completes when the caller's peers change; never without subsetting.
+async fn peers_changed(subsetting: &mut Option<Subsetting>) -> Result<(), watch::error::RecvError> {
+    match subsetting {
+        Some(s) => s.peers.changed().await,
+        None => std::future::pending().await,
     }
 }
 
