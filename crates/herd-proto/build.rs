@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "herd/pricing/v1/pricing.proto",
         "herd/tax/v1/tax.proto",
         "herd/currency/v1/currency.proto",
+        "herd/admin/v1/admin.proto",
     ]
     .map(|f| proto_root.join(f));
     tonic_prost_build::configure()

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use herd_tests::{
-    Load, Report, TestMesh, eventually, first_line_time, fixture, log_time, now_secs,
-    start_instance_with_env,
+    Load, Report, TestMesh, connected_ports, eventually, first_line_time, fixture, log_time,
+    now_secs, start_instance_with_env,
 };
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -542,5 +542,110 @@ async fn h_with_every_instance_of_a_service_gone_calls_fail_at_once_saying_why()
     .await?;
     println!("REPORT churn h: no pricing registered: {message} after {took:?}");
     assert!(took < Duration::from_secs(3), "{took:?}");
+    Ok(())
+}
+
+/// The established connections from gateway `index` to instances of pricing, by pricing port.
+fn pricing_peers(mesh: &TestMesh, index: usize, pricing: &[(usize, u16)]) -> Vec<usize> {
+    let ports = connected_ports(mesh.instances[index].1.pid());
+    pricing
+        .iter()
+        .filter(|(_, port)| ports.contains(port))
+        .map(|(i, _)| *i)
+        .collect()
+}
+
+/// Three gateways over five pricing instances with `--subset-size 2`: each gateway connects to
+/// two (⌈5/3⌉ = 2) and no more, every pricing instance gets at least one; when both members of a
+/// gateway's subset are killed, it connects to two others at once — health, not discovery,
+/// tells it: the dead are still registered — and no call fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn i_a_gateway_holds_its_subset_and_refills_it_when_its_members_die() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut mesh = TestMesh::start_with_env(1, &fixture(), &[("HERD_SUBSET_SIZE", "2")]).await?;
+    for service in [
+        "gateway", "gateway", "pricing", "pricing", "pricing", "pricing",
+    ] {
+        mesh.add(service)?;
+    }
+    let mut ports = Vec::new();
+    for (index, (service, _)) in mesh.instances.iter().enumerate() {
+        if service == "gateway" || service == "pricing" {
+            let (_, address) = mesh.wait_serving(index).await?;
+            let port: u16 = address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(0);
+            ports.push((index, service.clone(), port));
+        }
+    }
+    let pricing: Vec<(usize, u16)> = ports
+        .iter()
+        .filter(|(_, s, _)| s == "pricing")
+        .map(|(i, _, p)| (*i, *p))
+        .collect();
+    let gateways: Vec<usize> = ports
+        .iter()
+        .filter(|(_, s, _)| s == "gateway")
+        .map(|(i, _, _)| *i)
+        .collect();
+    assert_eq!((pricing.len(), gateways.len()), (5, 3));
+    let load = Load::start(&mesh.etcd, WORKERS, PACE, Duration::from_secs(5)).await?;
+    calls(&load, 200).await?;
+    let subsets = eventually(
+        "every gateway to hold two pricing connections",
+        Duration::from_secs(10),
+        || async {
+            let subsets: Vec<Vec<usize>> = gateways
+                .iter()
+                .map(|g| pricing_peers(&mesh, *g, &pricing))
+                .collect();
+            subsets.iter().all(|s| s.len() == 2).then_some(subsets)
+        },
+    )
+    .await?;
+    calls(&load, 200).await?;
+    for (g, subset) in gateways.iter().zip(&subsets) {
+        assert_eq!(
+            &pricing_peers(&mesh, *g, &pricing),
+            subset,
+            "a subset moved"
+        );
+    }
+    let covered: std::collections::BTreeSet<usize> = subsets.iter().flatten().copied().collect();
+    assert_eq!(covered.len(), 5, "a pricing instance left out: {subsets:?}");
+
+    let victims = subsets[0].clone();
+    for v in &victims {
+        mesh.instances[*v].1.signal("KILL")?;
+    }
+    let killed_at = std::time::Instant::now();
+    let refilled = eventually(
+        "the first gateway to connect to two live pricing instances",
+        Duration::from_secs(3),
+        || async {
+            let now = pricing_peers(&mesh, gateways[0], &pricing);
+            (now.len() == 2 && now.iter().all(|p| !victims.contains(p))).then_some(now)
+        },
+    )
+    .await?;
+    let took = killed_at.elapsed();
+    // Still registered: their leases (5 s) have not run out.
+    assert_eq!(
+        mesh.addresses("pricing")?.len(),
+        5,
+        "refilled only once deregistered"
+    );
+    calls(&load, 200).await?;
+    let report = load.stop().await;
+    say(
+        "churn i",
+        &report,
+        &format!(
+            "subsets {subsets:?}; both of gateway 0's killed, refilled with {refilled:?} after {took:?}"
+        ),
+    );
+    assert!(took < Duration::from_secs(1), "refilled after {took:?}");
+    assert_eq!(report.failures(), 0, "{report}");
     Ok(())
 }

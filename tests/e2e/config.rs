@@ -51,7 +51,7 @@ fn widget_request(context: Option<herd_proto::context::RequestContext>) -> Creat
 
 /// `herdctl config status --output json`, as (instance id → (applied, rejected revision, reason)).
 fn status(mesh: &TestMesh) -> anyhow::Result<BTreeMap<String, (i64, i64, String)>> {
-    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let out = mesh.herdctl(&["config", "status", "--output", "json"])?;
     let v: Value = serde_json::from_slice(&out.stdout)?;
     Ok(v["instances"]
         .as_array()
@@ -209,7 +209,7 @@ async fn c_an_invalid_value_is_rejected_everywhere_reported_and_harmless() -> an
         },
     )
     .await?;
-    let table = herdctl(&mesh.etcd, &["config", "status"])?;
+    let table = mesh.herdctl(&["config", "status"])?;
     let table = String::from_utf8_lossy(&table.stdout).to_string();
     assert!(
         table.contains(&rejected.to_string())
@@ -243,6 +243,7 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
     let mesh = TestMesh::start(2, &fixture()).await?;
     let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
     let mut delays = Vec::new();
+    let mut revisions = Vec::new();
     for i in 0..100 {
         let revision = put(
             &mut etcd,
@@ -250,6 +251,7 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
             catalog_with_widget_price(3000 + i),
         )
         .await?;
+        revisions.push(revision);
         let written = now_secs();
         let needle = format!("configuration applied revision={revision}");
         let times = eventually(
@@ -271,6 +273,13 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
         let slowest = times.iter().copied().fold(f64::MIN, f64::max);
         delays.push(((slowest - written) * 1000.0).max(0.0));
     }
+    // Each change applied by eight instances cost etcd the one write that made it: nothing
+    // else was written between two changes (instances write nothing when they apply one).
+    assert_eq!(
+        revisions.last().zip(revisions.first()).map(|(l, f)| l - f),
+        Some(99),
+        "{revisions:?}"
+    );
     delays.sort_by(|a, b| a.total_cmp(b));
     let pct =
         |p: f64| delays[((delays.len() as f64 * p).ceil() as usize).clamp(1, delays.len()) - 1];
@@ -507,18 +516,18 @@ async fn herdctl_apply_diff_history_rollback() -> anyhow::Result<()> {
         &["config", "apply", &path("limits.json"), &path("quote.json")],
     )?;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("ttl_seconds"));
-    let out = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    let out = mesh.herdctl(&["config", "get", "limits"])?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"max_items\": 5"));
 
     // diff shows what would change, and says when the write would be refused.
-    let out = herdctl(&mesh.etcd, &["config", "diff", &path("quote.json")])?;
+    let out = mesh.herdctl(&["config", "diff", &path("quote.json")])?;
     assert!(
         !out.status.success()
             && String::from_utf8_lossy(&out.stdout).contains("+  \"ttl_seconds\": 0")
             && String::from_utf8_lossy(&out.stderr).contains("refused: quote: ttl_seconds"),
         "{out:?}"
     );
-    let out = herdctl(&mesh.etcd, &["config", "diff", &path("limits.json")])?;
+    let out = mesh.herdctl(&["config", "diff", &path("limits.json")])?;
     assert!(out.status.success(), "{out:?}");
     let diff = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
@@ -582,7 +591,7 @@ async fn herdctl_apply_diff_history_rollback() -> anyhow::Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    let out = mesh.herdctl(&["config", "get", "limits"])?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"max_items\": 5"));
     let rolled = history("limits")?;
     assert!(
@@ -592,7 +601,7 @@ async fn herdctl_apply_diff_history_rollback() -> anyhow::Result<()> {
             .contains("rollback")
     );
     all_applied(&mesh, 4, rolled[0]["revision"].as_i64().unwrap_or(0)).await?;
-    let table = herdctl(&mesh.etcd, &["config", "history", "limits"])?;
+    let table = mesh.herdctl(&["config", "history", "limits"])?;
     assert!(String::from_utf8_lossy(&table.stdout).contains("REVISION"));
     Ok(())
 }
@@ -610,7 +619,7 @@ fn documented_sections() -> Vec<String> {
 
 /// `herdctl config sections --output json`: every section instances read, with a valid example.
 fn sections(mesh: &TestMesh) -> anyhow::Result<Vec<(String, Value)>> {
-    let out = herdctl(&mesh.etcd, &["config", "sections", "--output", "json"])?;
+    let out = mesh.herdctl(&["config", "sections", "--output", "json"])?;
     anyhow::ensure!(
         out.status.success(),
         "{}",
@@ -632,7 +641,7 @@ fn sections(mesh: &TestMesh) -> anyhow::Result<Vec<(String, Value)>> {
 
 /// The newest revision of any configuration key, from `herdctl config status`.
 fn config_revision(mesh: &TestMesh) -> anyhow::Result<i64> {
-    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let out = mesh.herdctl(&["config", "status", "--output", "json"])?;
     Ok(serde_json::from_slice::<Value>(&out.stdout)?["revision"]
         .as_i64()
         .unwrap_or(0))
@@ -641,7 +650,7 @@ fn config_revision(mesh: &TestMesh) -> anyhow::Result<i64> {
 /// Waits until all `n` instances applied `revision` and none rejected or ignored anything.
 async fn all_applied_cleanly(mesh: &TestMesh, n: usize, revision: i64) -> anyhow::Result<()> {
     all_applied(mesh, n, revision).await?;
-    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let out = mesh.herdctl(&["config", "status", "--output", "json"])?;
     let status: Value = serde_json::from_slice(&out.stdout)?;
     for instance in status["instances"].as_array().cloned().unwrap_or_default() {
         assert!(
@@ -743,7 +752,7 @@ async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
         vec!["config", "put", "colour", &*colour.to_string_lossy()],
         vec!["config", "apply", &*colour.to_string_lossy()],
     ] {
-        let out = herdctl(&mesh.etcd, &args)?;
+        let out = mesh.herdctl(&args)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success() && stderr.contains("colour") && stderr.contains(&known),
@@ -756,7 +765,7 @@ async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
         .put("/herd/config/catalog", &catalog.to_string())?;
     let revision = config_revision(&mesh)?;
     all_applied(&mesh, 4, revision).await?;
-    let status = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let status = mesh.herdctl(&["config", "status", "--output", "json"])?;
     let status: Value = serde_json::from_slice(&status.stdout)?;
     for instance in status["instances"].as_array().cloned().unwrap_or_default() {
         assert_eq!(
@@ -766,7 +775,7 @@ async fn g_every_documented_key_can_be_written_and_configuration_still_applies()
         );
         assert!(instance["config"]["rejected"].is_null(), "{instance}");
     }
-    let table = herdctl(&mesh.etcd, &["config", "status"])?;
+    let table = mesh.herdctl(&["config", "status"])?;
     assert!(String::from_utf8_lossy(&table.stdout).contains("ignored unknown: colour"));
     Ok(())
 }

@@ -127,7 +127,7 @@ async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> 
             }
         }
     }
-    let got = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    let got = mesh.herdctl(&["config", "get", "limits"])?;
     assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));
 
     // Invalid files are refused with the reason, and nothing is written.
@@ -153,9 +153,9 @@ async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> 
     // A section that contradicts the rest of the configuration is refused too.
     let fx = dir.join("fx.json");
     std::fs::write(&fx, r#"{"base":"EUR","rates":{"USD":"1.08"}}"#)?;
-    let out = herdctl(&mesh.etcd, &["config", "put", "fx", &fx.to_string_lossy()])?;
+    let out = mesh.herdctl(&["config", "put", "fx", &fx.to_string_lossy()])?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("catalog currency"));
-    let got = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    let got = mesh.herdctl(&["config", "get", "limits"])?;
     assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));
 
     // Seeding again keeps what is there.
@@ -165,7 +165,7 @@ async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> 
         &["config", "seed", "--secrets", &secrets.to_string_lossy()],
     )?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("kept"));
-    let got = herdctl(&mesh.etcd, &["config", "get", "limits"])?;
+    let got = mesh.herdctl(&["config", "get", "limits"])?;
     assert!(String::from_utf8_lossy(&got.stdout).contains("\"max_items\": 7"));
     Ok(())
 }

@@ -99,6 +99,14 @@ struct TlsMesh {
 }
 
 impl TlsMesh {
+    /// `herdctl` against this mesh's etcd, presenting herdctl's certificate to instances.
+    fn herdctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let mut all: Vec<String> = herd_tests::tls_flags(&self.certs, "herdctl");
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        herdctl(&self.etcd, &all)
+    }
+
     async fn start() -> anyhow::Result<Self> {
         Self::start_with(EtcdAccess::Plain).await
     }
@@ -252,6 +260,26 @@ async fn the_mesh_over_mutual_tls_quotes_and_strangers_get_nowhere() -> anyhow::
     // Plaintext to the gateway: refused.
     let plain = grpcurl(&["-plaintext", "-connect-timeout", "2", gateway, "list"])?;
     assert!(!plain.status.success(), "plaintext served over a TLS port");
+    // The public gateway takes callers without a certificate, but tells its status only to
+    // those with one from the mesh's CA.
+    const STATUS: &str = "herd.admin.v1.AdminService/GetStatus";
+    let out = grpcurl_tls(&ca, None, &[gateway, STATUS])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("PermissionDenied"),
+        "{said}"
+    );
+    let gateway_cert = (certs.join("gateway.pem"), certs.join("gateway-key.pem"));
+    let out = grpcurl_tls(
+        &ca,
+        Some((&gateway_cert.0, &gateway_cert.1)),
+        &[gateway, STATUS],
+    )?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("appliedRevision"),
+        "{said}"
+    );
 
     // An internal service: only a certificate signed by the mesh's CA gets in.
     let pricing = mesh.address_of("pricing").await?;
@@ -357,7 +385,9 @@ async fn the_policy_decides_who_calls_what_and_changes_without_restart() -> anyh
         "the bad policy rejected by pricing",
         Duration::from_secs(10),
         || async {
-            let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"]).ok()?;
+            let out = mesh
+                .herdctl(&["config", "status", "--output", "json"])
+                .ok()?;
             let status: Value = serde_json::from_slice(&out.stdout).ok()?;
             status["instances"].as_array()?.iter().find(|i| {
                 i["service"] == "pricing"
@@ -512,14 +542,28 @@ async fn etcd_over_tls_with_client_certificates_users_and_roles() -> anyhow::Res
     let (ok, said) = etcdctl_as(&mesh.etcd, certs, None, &["get", "/herd/config/fx"]);
     assert!(!ok, "{said}");
     // The operator (herdctl's certificate) sees every instance's status.
-    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let out = mesh.herdctl(&["config", "status", "--output", "json"])?;
     let status: Value = serde_json::from_slice(&out.stdout)?;
+    let instances = status["instances"].as_array().cloned().unwrap_or_default();
     assert_eq!(
-        status["instances"].as_array().map(Vec::len),
-        Some(4),
+        instances.len(),
+        4,
         "{status}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        instances
+            .iter()
+            .all(|i| i["unreachable"].is_null() && i["config"]["applied"].as_i64() > Some(0)),
+        "{status}"
+    );
+    // Without the mesh's TLS, no instance can be asked, and each is listed saying why.
+    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"])?;
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    let reasons = status["instances"].as_array().map_or(0, |a| {
+        a.iter().filter(|i| i["unreachable"].is_string()).count()
+    });
+    assert_eq!(reasons, 4, "{status}");
     Ok(())
 }
 

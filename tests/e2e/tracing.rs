@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use herd_tests::otlp::{CLIENT, Receiver, SERVER, Span};
-use herd_tests::{TestMesh, call_as, eventually, fixture, grpcurl, herdctl};
+use herd_tests::{TestMesh, call_as, eventually, fixture, grpcurl};
 use serde_json::{Value, json};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -32,7 +32,9 @@ fn gateway_log(mesh: &TestMesh) -> String {
 
 /// Each instance's `config status`: (applied revision, rejected section).
 fn statuses(mesh: &TestMesh) -> Option<(i64, Vec<(i64, String)>)> {
-    let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"]).ok()?;
+    let out = mesh
+        .herdctl(&["config", "status", "--output", "json"])
+        .ok()?;
     let status: Value = serde_json::from_slice(&out.stdout).ok()?;
     let instances = status["instances"].as_array()?;
     Some((

@@ -670,6 +670,24 @@ pub struct TestMesh {
     pub certs: Option<PathBuf>,
 }
 
+impl TestMesh {
+    /// Runs `herdctl` against this mesh's etcd; over TLS presenting the gateway's certificate
+    /// when it asks instances (any from the mesh's CA would do).
+    pub fn herdctl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let tls = self
+            .certs
+            .as_deref()
+            .map(|certs| tls_flags(certs, "gateway"))
+            .unwrap_or_default();
+        Ok(Command::new(bin("herdctl")?)
+            .args(["--etcd", &self.etcd.endpoint])
+            .args(&self.etcd.herdctl_flags)
+            .args(tls)
+            .args(args)
+            .output()?)
+    }
+}
+
 /// The TLS flags of an instance holding `service`'s certificate from `certs` (as `herdctl certs
 /// init` writes them).
 pub fn tls_flags(certs: &Path, service: &str) -> Vec<String> {
@@ -799,21 +817,31 @@ impl TestMesh {
         Self::launch_as(etcd, dir, per_service, Vec::new(), Some(certs)).await
     }
 
+    /// As [`TestMesh::start`], every instance started with `env` added to its environment.
+    pub async fn start_with_env(
+        per_service: usize,
+        config: &[(&str, String)],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        for (section, json) in config {
+            etcd.put(&format!("/herd/config/{section}"), json)?;
+        }
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::launch(etcd, per_service, env).await
+    }
+
     /// As [`TestMesh::start`], every instance exporting spans to `otlp_endpoint`.
     pub async fn start_traced(
         per_service: usize,
         config: &[(&str, String)],
         otlp_endpoint: &str,
     ) -> anyhow::Result<Self> {
-        let etcd = Etcd::start().await?;
-        for (section, json) in config {
-            etcd.put(&format!("/herd/config/{section}"), json)?;
-        }
-        let env = vec![(
-            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
-            otlp_endpoint.to_string(),
-        )];
-        Self::launch(etcd, per_service, env).await
+        let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint)];
+        Self::start_with_env(per_service, config, &env).await
     }
 
     /// Starts etcd, seeds the demo configuration with `herdctl config seed` (as `make run` does),
@@ -979,6 +1007,48 @@ pub fn herdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<Output> {
         .args(&etcd.herdctl_flags)
         .args(args)
         .output()?)
+}
+
+/// The remote ports of the established TCP connections the process `pid` holds, from `/proc`: its
+/// socket inodes matched against the kernel's connection tables.
+pub fn connected_ports(pid: u32) -> Vec<u16> {
+    let sockets: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter_map(|link| {
+                    let link = link.to_string_lossy().to_string();
+                    Some(
+                        link.strip_prefix("socket:[")?
+                            .strip_suffix(']')?
+                            .to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl, local, remote, state (01: established), ..., inode (the tenth).
+            let (Some(remote), Some(state), Some(inode)) =
+                (fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if *state != "01" || !sockets.contains(*inode) {
+                continue;
+            }
+            if let Some(port) = remote
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports
 }
 
 /// Resident memory of a process, in MiB (0 once it has gone).
@@ -1284,7 +1354,9 @@ pub async fn all_applied(mesh: &TestMesh, n: usize, revision: i64) -> anyhow::Re
         &format!("{n} instances to apply revision {revision}"),
         Duration::from_secs(10),
         || async {
-            let out = herdctl(&mesh.etcd, &["config", "status", "--output", "json"]).ok()?;
+            let out = mesh
+                .herdctl(&["config", "status", "--output", "json"])
+                .ok()?;
             let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
             let instances = status["instances"].as_array()?;
             (instances.len() == n

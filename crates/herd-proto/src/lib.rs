@@ -20,6 +20,7 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/herd_descriptor.bin"));
 
+pub use pb::herd::admin::v1 as admin;
 pub use pb::herd::context::v1 as context;
 pub use pb::herd::currency::v1 as currency;
 pub use pb::herd::pricing::v1 as pricing;

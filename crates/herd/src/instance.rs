@@ -1,6 +1,6 @@
-//! What an instance says about itself in etcd: its registration record (under
-//! `<prefix>services/<service>/<instance-id>`) and its published status (under
-//! `<prefix>status/<service>/<instance-id>`), both bound to its lease.
+//! What an instance says about itself: its registration record in etcd (under
+//! `<prefix>services/<service>/<instance-id>`, bound to its lease), and its status when an operator
+//! asks it ([`crate::admin`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +19,7 @@ pub struct InstanceInfo {
     pub version: String,
 }
 
-/// What an instance publishes about itself under its status key.
+/// What an instance answers when an operator asks for its status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     /// Service name.
@@ -28,4 +28,7 @@ pub struct InstanceStatus {
     pub instance_id: String,
     /// The configuration revision applied and the latest one rejected.
     pub config: crate::config::ConfigStatus,
+    /// Why the instance could not be asked, when it could not (its status is then unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<String>,
 }

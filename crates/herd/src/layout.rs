@@ -1,7 +1,6 @@
 //! Where herd keeps things in etcd, under a configurable prefix (default `/herd/`):
 //! `<prefix>config/<section>` for shared configuration and
-//! `<prefix>services/<service>/<instance-id>` for registrations and
-//! `<prefix>status/<service>/<instance-id>` for what each instance has applied.
+//! `<prefix>services/<service>/<instance-id>` for registrations.
 
 /// Where herd's keys are, under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,16 +53,6 @@ impl Layout {
     /// The prefix of one service's registrations.
     pub fn service_prefix(&self, service: &str) -> String {
         format!("{}services/{service}/", self.prefix)
-    }
-
-    /// The prefix of every instance's published status.
-    pub fn status_prefix(&self) -> String {
-        format!("{}status/", self.prefix)
-    }
-
-    /// The status key of one instance, bound to its registration's lease.
-    pub fn status(&self, service: &str, instance_id: &str) -> String {
-        format!("{}status/{service}/{instance_id}", self.prefix)
     }
 
     /// The registration key of one instance.

@@ -2,7 +2,8 @@
 //!
 //! - [`settings`]: the process interface every herd binary shares (`--listen`, `--etcd`, `--prefix`).
 //! - [`layout`]: where herd's keys are in etcd.
-//! - [`instance`]: what an instance says about itself there (registration, status).
+//! - [`instance`]: what an instance says about itself there (its registration).
+//! - [`admin`]: what an instance tells its operators when asked (the configuration it applied).
 //! - [`etcd`]: connecting to etcd with the keepalive settings etcd tolerates.
 //! - [`registry`]: registration of an instance under a lease that is kept alive and renewed.
 //! - [`discovery`]: a snapshot-then-watch view of a service's live instances.
@@ -25,6 +26,7 @@
 //! - [`telemetry`]: logs, OpenTelemetry spans and W3C trace context on every hop.
 //! - [`watch`]: following an etcd prefix through compactions and broken watches.
 
+pub mod admin;
 pub mod authz;
 pub mod balance;
 pub mod binary;

@@ -4,8 +4,9 @@
 //! 1. **Start**: serve on the bound listener with health NOT_SERVING.
 //! 2. **Register**: once the configuration is loaded, register in etcd with the address actually
 //!    bound, retrying with backoff.
-//! 3. **Run**: report SERVING; mirror the registration's state into health and publish the
-//!    configuration status under the lease, until the shutdown signal.
+//! 3. **Run**: report SERVING and mirror the registration's state into health, until the shutdown
+//!    signal. Operators ask an instance what it applied ([`crate::admin`]); it writes nothing to
+//!    etcd when its configuration changes.
 //! 4. **Drain**: NOT_SERVING, deregister, keep serving for the drain delay so that watchers see
 //!    the instance leave, end health watches, stop accepting, and give in-flight calls a bounded
 //!    time.
@@ -27,11 +28,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::ConfigStatus;
 use crate::door::{DEFAULT_MAX_REQUEST, DoorLayer};
 use crate::error::ServeError;
 use crate::incoming::{Hygiene, guarded};
-use crate::instance::{InstanceInfo, InstanceStatus};
+use crate::instance::InstanceInfo;
 use crate::limit::{LimitSettings, Limiter};
 use crate::mesh::Mesh;
 use crate::registry::Registration;
@@ -176,9 +176,15 @@ impl Mesh {
     pub async fn serve(
         mut self,
         listener: TcpListener,
-        services: Services,
+        mut services: Services,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
+        services.routes = services.routes.add_service(crate::admin::Admin::server(
+            &self.service,
+            &self.instance_id,
+            self.config_status.clone(),
+            self.tls.is_some(),
+        ));
         let hygiene = self.settings.hygiene();
         let limits = self.settings.limit_settings();
         let health_listener = match self.settings.health_listen {
@@ -273,16 +279,7 @@ impl Mesh {
     async fn run(&self, address: SocketAddr, health: Health, registration: &Registration) {
         health.set_all(ServingStatus::Serving).await;
         tracing::info!(service = %self.service, instance = %self.instance_id, %address, "serving");
-        let status = InstanceStatus {
-            service: self.service.clone(),
-            instance_id: self.instance_id.clone(),
-            config: ConfigStatus::default(),
-        };
-        let key = self.layout.status(&self.service, &self.instance_id);
-        tokio::join!(
-            mirror_registration(health.reporter, registration.subscribe()),
-            publish_status(registration, key, status, self.config_status.clone()),
-        );
+        mirror_registration(health.reporter, registration.subscribe()).await;
     }
 }
 
@@ -492,52 +489,6 @@ async fn mirror_registration(health: HealthReporter, mut registered: watch::Rece
         }
     }
 }
-
-/// Publishes the instance's configuration status under its lease on every change, so that
-/// operators see what each instance applied and rejected (`herdctl config status`).
-async fn publish_status(
-    registration: &Registration,
-    key: String,
-    mut status: InstanceStatus,
-    feed: Option<watch::Receiver<ConfigStatus>>,
-) {
-    let Some(mut feed) = feed else {
-        return std::future::pending().await;
-    };
-    loop {
-        status.config = feed.borrow_and_update().clone();
-        match serde_json::to_string(&status) {
-            Ok(value) => {
-                // Tried again until it is written or a newer status replaces it.
-                let mut backoff = STATUS_RETRY_START;
-                while let Err(e) = registration.publish(key.clone(), value.clone()).await {
-                    tracing::warn!(%key, error = %e, retry_in = ?backoff, "publishing status failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        changed = feed.changed() => {
-                            if changed.is_err() {
-                                return std::future::pending().await;
-                            }
-                            break;
-                        }
-                    }
-                    backoff = (backoff * 2).min(STATUS_RETRY_MAX);
-                }
-                if feed.has_changed().unwrap_or(false) {
-                    continue;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "encoding status failed"),
-        }
-        if feed.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
-}
-
-/// Backoff between attempts to publish a status etcd did not take: starts here, doubles, capped.
-const STATUS_RETRY_START: Duration = Duration::from_millis(100);
-const STATUS_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// One debug line per call received (target `herd::access`), so that operators and tests can see
 /// which instance serves what; free when debug logging is off.

@@ -11,7 +11,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use herd::Registry;
 use herd::config::Presence;
 use herd::error::EtcdError;
-use herd::instance::InstanceStatus;
+use herd::instance::{InstanceInfo, InstanceStatus};
 use herd::layout::Layout;
 use herd_model::MeshConfig;
 use serde::{Deserialize, Serialize};
@@ -83,6 +83,9 @@ pub enum ConfigCommand {
     },
 }
 
+/// How long an instance has to answer `config status`.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A section as etcd holds it.
 struct Stored {
     value: Vec<u8>,
@@ -106,6 +109,8 @@ pub struct Ctl {
     pub layout: Layout,
     /// How to print.
     pub output: Output,
+    /// How to reach instances to ask them their status.
+    pub asker: herd::admin::Asker,
 }
 
 /// Every section herdctl reads and writes: the runtime's and the reference mesh's, declared
@@ -513,14 +518,28 @@ impl Ctl {
         let resp = self
             .client
             .get(
-                self.layout.status_prefix(),
+                self.layout.services_prefix(),
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
-        let statuses: Vec<InstanceStatus> = resp
+        let registered: Vec<InstanceInfo> = resp
             .kvs()
             .iter()
             .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect();
+        // Each instance is asked: none writes its status to etcd.
+        let answers = self.asker.statuses(&registered, STATUS_TIMEOUT).await;
+        let statuses: Vec<InstanceStatus> = registered
+            .into_iter()
+            .zip(answers)
+            .map(|(info, answer)| {
+                answer.unwrap_or_else(|why| InstanceStatus {
+                    service: info.service,
+                    instance_id: info.instance_id,
+                    config: Default::default(),
+                    unreachable: Some(why),
+                })
+            })
             .collect();
         match self.output {
             Output::Json => println!(
@@ -542,6 +561,9 @@ impl Ctl {
                         .map_or((String::from("-"), String::new()), |r| {
                             (r.revision.to_string(), r.error.to_string())
                         });
+                    if let Some(why) = &s.unreachable {
+                        reason = format!("not asked: {why}");
+                    }
                     if !s.config.ignored.is_empty() {
                         if !reason.is_empty() {
                             reason.push_str("; ");

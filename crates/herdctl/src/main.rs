@@ -25,6 +25,28 @@ struct Cli {
     /// Key prefix in etcd.
     #[arg(long, env = "HERD_PREFIX", default_value = herd::settings::DEFAULT_PREFIX, global = true)]
     prefix: String,
+    /// With mutual TLS in the mesh: the certificate herdctl presents when it asks instances
+    /// (`config status`), any from the mesh's CA.
+    #[arg(long, env = "HERDCTL_TLS_CERT", value_name = "FILE", global = true, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Its private key.
+    #[arg(
+        long,
+        env = "HERDCTL_TLS_KEY",
+        value_name = "FILE",
+        global = true,
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+    /// The mesh's CA certificates.
+    #[arg(
+        long,
+        env = "HERDCTL_TLS_CA",
+        value_name = "FILE",
+        global = true,
+        requires = "tls_cert"
+    )]
+    tls_ca: Option<std::path::PathBuf>,
     /// Output: tables for people, JSON for scripts.
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -97,10 +119,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Auth { command } => auth::run(command),
         Command::Keys { command } => keys::run(client, &layout, command).await,
         Command::Config { command } => {
+            let asker = match (cli.tls_cert, cli.tls_key, cli.tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => {
+                    herd::admin::Asker::with_tls(&herd::tls::TlsFiles { cert, key, ca })?
+                }
+                _ => herd::admin::Asker::plaintext(),
+            };
             config::Ctl {
                 client: etcd(client)?,
                 layout,
                 output: cli.output,
+                asker,
             }
             .run(command)
             .await
