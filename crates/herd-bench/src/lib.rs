@@ -8,8 +8,11 @@
 //!   addresses, with none of herd's layers (no etcd, discovery, balancing, tracing or context
 //!   forwarding), in the same call graph; and a hello-world server for the ceiling.
 //! - [`sink`]: an OTLP/gRPC receiver that counts and discards spans, for traced runs.
+//! - [`scale`]: many simulated instances and subsetting callers in one process against a real
+//!   etcd: how discovery, subsets and configuration hold as the instances grow to a thousand.
 
 pub mod caller;
 pub mod load;
 pub mod raw;
+pub mod scale;
 pub mod sink;

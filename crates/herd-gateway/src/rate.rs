@@ -154,21 +154,16 @@ mod tests {
     #[test]
     fn each_gateway_takes_its_share() {
         let peers = |n: usize| {
-            let endpoints: std::collections::BTreeMap<String, herd::instance::InstanceInfo> = (0
-                ..n)
-                .map(|i| {
-                    let id = format!("gateway-{i}");
-                    let info = herd::instance::InstanceInfo {
-                        service: "gateway".into(),
-                        instance_id: id.clone(),
-                        address: format!("127.0.0.1:{}", 1000 + i),
-                        pid: 0,
-                        version: "test".into(),
-                    };
-                    (id, info)
+            let endpoints: herd::discovery::Endpoints = (0..n)
+                .map(|i| herd::instance::InstanceInfo {
+                    service: "gateway".into(),
+                    instance_id: format!("gateway-{i}"),
+                    address: format!("127.0.0.1:{}", 1000 + i),
+                    pid: 0,
+                    version: "test".into(),
                 })
                 .collect();
-            watch::channel(Some(std::sync::Arc::new(endpoints))).1
+            watch::channel(Some(endpoints)).1
         };
         let limits = limits(&[("acme", 100)], None);
         let ok = admitted(

@@ -190,7 +190,7 @@ pub(super) async fn track(
             let gone: Vec<String> = probers
                 .iter()
                 .filter(|(id, (address, _))| {
-                    !choice.contains(id) || set.get(*id).map(|i| &i.address) != Some(address)
+                    !choice.contains(id) || set.get(id).map(|i| &i.address) != Some(address)
                 })
                 .map(|(id, _)| id.clone())
                 .collect();

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# herd at 100, 300 and 1000 instances: `herd-scale` (N simulated instances and subsetting callers in
+# one process, see crates/herd-bench/src/scale.rs) against a fresh etcd of one member, then of three,
+# for each N. Prints a table, writes bench/scale.dat (one JSON line per run) and docs/scale.svg, and
+# exits non-zero, naming it, when a goal is missed.
+# Settings: SIZES (default "100 300 1000"), MEMBERS (default "1 3"), CALLERS (64), RUNS (1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZES="${SIZES:-100 300 1000}"
+MEMBERS="${MEMBERS:-1 3}"
+CALLERS="${CALLERS:-64}"
+RUNS="${RUNS:-1}"
+BIN="${CARGO_TARGET_DIR:-target}/release"
+DATA=bench/scale.dat
+WORK=$(mktemp -d)
+PIDS=()
+
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    PIDS=()
+}
+trap 'cleanup; rm -rf "$WORK"' EXIT
+
+cargo build --release -q -p herd-bench --bin herd-scale
+# Every simulated instance holds an etcd connection, a listener and its callers' connections.
+ulimit -n "$(ulimit -Hn)"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+ETCD_URLS=""
+start_etcd() { # members
+    local n=$1 cluster="" clients=() peers=()
+    for i in $(seq 1 "$n"); do
+        clients+=("$(free_port)"); peers+=("$(free_port)")
+        cluster+="${cluster:+,}m$i=http://127.0.0.1:${peers[-1]}"
+    done
+    ETCD_URLS=""
+    for i in $(seq 1 "$n"); do
+        local c=${clients[$((i - 1))]} p=${peers[$((i - 1))]}
+        etcd --name "m$i" --data-dir "$WORK/etcd-$c" \
+            --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
+            --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
+            --initial-cluster "$cluster" --initial-cluster-state new >"$WORK/etcd-$c.log" 2>&1 &
+        PIDS+=($!)
+        ETCD_URLS+="${ETCD_URLS:+,}http://127.0.0.1:$c"
+    done
+    for _ in $(seq 1 200); do
+        ETCDCTL_API=3 etcdctl --endpoints "$ETCD_URLS" endpoint health >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "error: etcd ($n members) never became healthy" >&2
+    return 1
+}
+
+mkdir -p bench docs
+: >"$DATA"
+for members in $MEMBERS; do
+    for n in $SIZES; do
+        for run in $(seq 1 "$RUNS"); do
+            start_etcd "$members"
+            pids=$(IFS=,; echo "${PIDS[*]}")
+            echo "== $n instances, $CALLERS callers, etcd of $members (run $run)" >&2
+            "$BIN/herd-scale" --etcd "$ETCD_URLS" --etcd-pids "$pids" --instances "$n" --callers "$CALLERS" >>"$DATA"
+            cleanup
+        done
+    done
+done
+
+status=0
+python3 - "$DATA" <<'PY' || status=$?
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cols = [("members", "etcd", "{}"), ("instances", "N", "{}"), ("subset", "subset", "{}"),
+        ("start_ms", "start (ms)", "{:.0f}"), ("discovered_after_last_ms", "discovered after last (ms)", "{:.0f}"),
+        ("converged_after_last_ms", "subsets SERVING after last (ms)", "{:.0f}"),
+        ("new_instance_first_call_ms", "new instance: first call (ms)", "{:.0f}"),
+        ("config_p50_ms", "config p50 (ms)", "{:.1f}"), ("config_p99_ms", "config p99 (ms)", "{:.1f}"),
+        ("writes_per_change", "writes/change", "{:.1f}"),
+        ("connections_per_caller_max", "conns/caller max", "{}"),
+        ("connections_per_instance_min", "conns/instance min", "{}"), ("connections_per_instance_max", "max", "{}"),
+        ("failed_calls", "failed calls", "{}"), ("calls", "of", "{}"),
+        ("etcd_cpu_s", "etcd CPU (s)", "{:.1f}"), ("etcd_peak_rss_mib", "etcd peak RSS (MiB)", "{:.0f}"),
+        ("etcd_db_mib", "etcd db (MiB)", "{:.1f}"), ("harness_cpu_s", "harness CPU (s)", "{:.1f}")]
+print("| " + " | ".join(c[1] for c in cols) + " |")
+print("|" + " --- |" * len(cols))
+for r in rows:
+    print("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in cols) + " |")
+missed = []
+for r in rows:
+    n, m = r["instances"], r["members"]
+    if r["discovered_after_last_ms"] > 5000: missed.append(f"N={n}/{m}: discovered {r['discovered_after_last_ms']:.0f} ms after the last start (goal 5000)")
+    if r["config_p99_ms"] > 100: missed.append(f"N={n}/{m}: config p99 {r['config_p99_ms']:.1f} ms (goal 100)")
+    if r["connections_per_caller_max"] > r["subset"]: missed.append(f"N={n}/{m}: a caller held {r['connections_per_caller_max']} connections (subset {r['subset']})")
+    if r["writes_per_change"] > 1 + n / 100: missed.append(f"N={n}/{m}: {r['writes_per_change']:.1f} writes per change (goal {1 + n / 100:.0f})")
+    if r["etcd_peak_rss_mib"] > 300: missed.append(f"N={n}/{m}: etcd peak RSS {r['etcd_peak_rss_mib']:.0f} MiB (goal 300)")
+    if r["failed_calls"] > 0: missed.append(f"N={n}/{m}: {r['failed_calls']} failed calls")
+for line in missed: print("goal missed: " + line, file=sys.stderr)
+sys.exit(1 if missed else 0)
+PY
+scripts/scale-chart.sh "$DATA" docs/scale.svg || true
+exit $status
