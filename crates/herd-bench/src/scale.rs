@@ -57,6 +57,9 @@ pub struct ScaleSettings {
     pub lease_ttl: i64,
     /// Calls per second each caller sends.
     pub rate: u32,
+    /// Whether each simulated instance watches its own service's registrations, as an instance
+    /// that calls another service does (its rank among callers comes from them).
+    pub peers_watch: bool,
 }
 
 /// What a scale run measured.
@@ -114,7 +117,7 @@ pub struct ScaleReport {
 struct Simulated {
     _registration: Registration,
     _config: ConfigStore<()>,
-    _peers: Resolver,
+    _peers: Option<Resolver>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     calls: Arc<AtomicU64>,
 }
@@ -175,7 +178,9 @@ async fn simulate(
             applied.lock().await.entry(revision).or_default().push(at);
         }
     }));
-    let peers = Resolver::start(client.clone(), layout, SERVICE);
+    let peers = settings
+        .peers_watch
+        .then(|| Resolver::start(client.clone(), layout, SERVICE));
     let info = InstanceInfo {
         service: SERVICE.into(),
         instance_id: id.clone(),

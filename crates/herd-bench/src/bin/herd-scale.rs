@@ -33,6 +33,10 @@ struct Args {
     /// Calls per second each caller sends.
     #[arg(long, default_value_t = 20)]
     rate: u32,
+    /// Simulated instances do not watch their own service (an instance that calls no other does
+    /// not).
+    #[arg(long)]
+    no_peers_watch: bool,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         changes: args.changes,
         lease_ttl: args.lease_ttl,
         rate: args.rate,
+        peers_watch: !args.no_peers_watch,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -1,16 +1,26 @@
-//! Published endpoint sets turned into the insert/remove changes tower's balancer consumes.
+//! Published endpoint sets turned into the insert/remove changes tower's balancer consumes, each
+//! endpoint weighed by peak-EWMA latency.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use futures::Stream;
 use tokio_stream::wrappers::WatchStream;
 use tower::discover::Change;
+use tower::load::PeakEwma;
 
 use super::pool::{Pool, State};
+use super::{DEFAULT_RTT, EWMA_DECAY, PenalizeShed};
 use crate::client::connection::Connection;
+
+/// An endpoint as the balancer holds it: its connection, weighed by peak-EWMA latency.
+pub(super) type Weighed = PeakEwma<Connection, PenalizeShed>;
 
 /// Turns published ready sets into the insert/remove changes tower's balancer consumes. It only
 /// holds the latest set, so it never blocks discovery while no calls flow.
@@ -18,7 +28,12 @@ pub(super) struct EndpointDiscover {
     updates: WatchStream<Pool>,
     /// Instance id → generation of the connection the balancer holds.
     current: HashMap<String, u64>,
-    pending: VecDeque<Change<String, Connection>>,
+    pending: VecDeque<Change<String, Weighed>>,
+    /// The channel's typical latency (nanoseconds, 0 before any answer): a new endpoint is
+    /// assumed that fast. Assumed slower, p2c would pass it over for as long as others answer
+    /// faster than the assumption — until its estimate decayed, tens of seconds — and it would
+    /// get no call; assumed faster, it would draw a burst before its first answer.
+    typical: Arc<AtomicU64>,
 }
 
 impl EndpointDiscover {
@@ -45,14 +60,23 @@ impl EndpointDiscover {
                 continue;
             }
             self.current.insert(id.clone(), connection.generation);
-            self.pending
-                .push_back(Change::Insert(id.clone(), connection.clone()));
+            let typical = match self.typical.load(Ordering::Relaxed) {
+                0 => DEFAULT_RTT,
+                nanos => Duration::from_nanos(nanos),
+            };
+            let weighed = PeakEwma::new(
+                connection.clone(),
+                typical,
+                EWMA_DECAY.as_nanos() as f64,
+                PenalizeShed,
+            );
+            self.pending.push_back(Change::Insert(id.clone(), weighed));
         }
     }
 }
 
 impl Stream for EndpointDiscover {
-    type Item = Result<Change<String, Connection>, Infallible>;
+    type Item = Result<Change<String, Weighed>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
@@ -70,11 +94,12 @@ impl Stream for EndpointDiscover {
 
 impl EndpointDiscover {
     /// Follows the endpoint states `pool` publishes.
-    pub(super) fn new(pool: tokio::sync::watch::Receiver<Pool>) -> Self {
+    pub(super) fn new(pool: tokio::sync::watch::Receiver<Pool>, typical: Arc<AtomicU64>) -> Self {
         Self {
             updates: WatchStream::new(pool),
             current: HashMap::new(),
             pending: VecDeque::new(),
+            typical,
         }
     }
 }

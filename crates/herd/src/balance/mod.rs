@@ -20,6 +20,7 @@ mod pool;
 pub mod subset;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tonic::body::Body;
 use tower::balance::p2c::Balance;
-use tower::load::{PeakEwmaDiscover, TrackCompletion};
+use tower::load::TrackCompletion;
 use tower::{BoxError, Service};
 
 use crate::client::connection::{Request, Response, streamed};
@@ -37,13 +38,13 @@ use crate::error::CallError;
 use discover::EndpointDiscover;
 use pool::{Pool, State, Subsetting, hopeless, track};
 
-/// Latency assumed for an endpoint before it has answered anything.
+/// Latency assumed for a new endpoint before the channel has had any answer.
 const DEFAULT_RTT: Duration = Duration::from_millis(5);
 /// How fast peak-EWMA forgets a slow answer.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
 /// tower's power-of-two-choices balancer over peak-EWMA-weighted endpoint connections.
-type Balancer = Balance<PeakEwmaDiscover<EndpointDiscover, PenalizeShed>, Request>;
+type Balancer = Balance<EndpointDiscover, Request>;
 
 /// A cloneable gRPC channel that balances each call over a service's live, serving instances.
 ///
@@ -65,6 +66,8 @@ struct Shared {
     pool: watch::Receiver<Pool>,
     budget: RetryBudget,
     max_response: usize,
+    /// The typical time to a response's head over this channel, nanoseconds (an EWMA of 1/8).
+    typical: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for MeshChannel {
@@ -169,9 +172,20 @@ impl MeshChannel {
             ready.map_err(|e| CallError::not_sent(&shared.service, &*e))?;
             balancer.call(request)
         };
-        response
+        let sent = std::time::Instant::now();
+        let response = response
             .await
-            .map_err(|e| CallError::not_sent(&shared.service, &*e))
+            .map_err(|e| CallError::not_sent(&shared.service, &*e))?;
+        if shed_pushback(response.headers()).is_none() {
+            let took = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let typical = shared.typical.load(Ordering::Relaxed);
+            let next = match typical {
+                0 => took,
+                _ => typical - typical / 8 + took / 8,
+            };
+            shared.typical.store(next, Ordering::Relaxed);
+        }
+        Ok(response)
     }
 }
 
@@ -207,7 +221,7 @@ const SHED_PENALTY_MAX: Duration = Duration::from_millis(250);
 /// calls to it. Its measurement is held open for twice the pushback, so peak-EWMA counts it as a
 /// call that long, and in flight meanwhile: p2c sends it less until it serves again.
 #[derive(Debug, Clone, Copy, Default)]
-struct PenalizeShed;
+pub(super) struct PenalizeShed;
 
 impl<H: Send + 'static> TrackCompletion<H, Response> for PenalizeShed {
     type Output = Response;
@@ -298,12 +312,8 @@ impl ChannelBuilder {
             self.subsetting,
             pool_tx,
         ));
-        let loaded = PeakEwmaDiscover::new::<Request>(
-            EndpointDiscover::new(pool.clone()),
-            DEFAULT_RTT,
-            EWMA_DECAY,
-            PenalizeShed,
-        );
+        let typical = Arc::new(AtomicU64::new(0));
+        let loaded = EndpointDiscover::new(pool.clone(), typical.clone());
         MeshChannel {
             inner: Arc::new(Shared {
                 service: self.service.into(),
@@ -312,6 +322,7 @@ impl ChannelBuilder {
                 pool,
                 budget: RetryBudget::default(),
                 max_response: self.max_response,
+                typical,
             }),
         }
     }
