@@ -5,7 +5,7 @@ PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("sc
 export PATH := $(PY_SCRIPTS):$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build run test lint fmt-check clippy buf-lint dockerfile-lint k8s-lint dup-check bench clean
+.PHONY: deps build run test lint fmt-check clippy buf-lint dockerfile-lint k8s-lint dup-check bench bench-scale clean
 
 deps:
 	@scripts/install-deps.sh
@@ -51,6 +51,12 @@ bench: deps
 	scripts/install-deps.sh bench
 	scripts/bench.sh
 	scripts/bench-mesh.sh
+
+# N simulated instances (100, 300, 1000) and subsetting callers against etcd of one and of three
+# members: BENCHMARKS.md's scale figures, bench/scale.dat and docs/scale.svg.
+bench-scale: deps
+	scripts/install-deps.sh bench
+	scripts/bench-scale.sh
 
 clean:
 	$(CARGO) clean

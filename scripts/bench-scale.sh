@@ -86,6 +86,13 @@ print("| " + " | ".join(c[1] for c in cols) + " |")
 print("|" + " --- |" * len(cols))
 for r in rows:
     print("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in cols) + " |")
+print()
+print("| N callers over N instances (computed) | callers per instance | " + " | ".join(w for w, _, _ in rows[0]["ring_churn"]) + " |")
+print("| --- | --- |" + " --- |" * len(rows[0]["ring_churn"]))
+for n in sorted({r["instances"] for r in rows}):
+    r = next(r for r in rows if r["instances"] == n)
+    churn = " | ".join(f"{c} callers ({100 * c / n:.0f} %), {m} members" for _, c, m in r["ring_churn"])
+    print(f"| {n} | {r['ring_per_instance_min']}–{r['ring_per_instance_max']} | {churn} |")
 missed = []
 for r in rows:
     n, m = r["instances"], r["members"]
@@ -95,6 +102,7 @@ for r in rows:
     if r["writes_per_change"] > 1 + n / 100: missed.append(f"N={n}/{m}: {r['writes_per_change']:.1f} writes per change (goal {1 + n / 100:.0f})")
     if r["etcd_peak_rss_mib"] > 300: missed.append(f"N={n}/{m}: etcd peak RSS {r['etcd_peak_rss_mib']:.0f} MiB (goal 300)")
     if r["failed_calls"] > 0: missed.append(f"N={n}/{m}: {r['failed_calls']} failed calls")
+    if r["ring_per_instance_max"] > 1.3 * max(r["ring_per_instance_min"], 1): missed.append(f"N={n}: callers per instance {r['ring_per_instance_min']}–{r['ring_per_instance_max']} (goal max/min 1.3)")
 for line in missed: print("goal missed: " + line, file=sys.stderr)
 sys.exit(1 if missed else 0)
 PY

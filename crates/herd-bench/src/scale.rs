@@ -111,6 +111,14 @@ pub struct ScaleReport {
     pub etcd_db_mib: f64,
     /// This process's CPU time over the run, seconds.
     pub harness_cpu_s: f64,
+    /// With N callers over the N instances (computed, not run): the most and fewest callers
+    /// whose subset holds one instance.
+    pub ring_per_instance_max: usize,
+    /// The fewest.
+    pub ring_per_instance_min: usize,
+    /// With N callers over N instances, how many callers' subsets change when one instance is
+    /// added, one removed, one caller added, one removed; and the members they swap in all.
+    pub ring_churn: Vec<(String, usize, usize)>,
 }
 
 /// One simulated instance: alive while held.
@@ -482,10 +490,78 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
             .fold(0.0, f64::max),
         etcd_db_mib: db as f64 / (1024.0 * 1024.0),
         harness_cpu_s: cpu_seconds(std::process::id()) - harness_before,
+        ring_per_instance_max: 0,
+        ring_per_instance_min: 0,
+        ring_churn: Vec::new(),
     };
     drop(callers);
     drop(simulated);
-    Ok(report)
+    Ok(ring_figures(report, settings.subset_size))
+}
+
+/// Subsets of N callers over N instances, computed with herd's own function: the spread of
+/// callers per instance, and what one instance or caller coming or going changes.
+fn ring_figures(mut report: ScaleReport, size: usize) -> ScaleReport {
+    let n = report.instances;
+    let callers: Vec<String> = (0..n).map(|i| format!("{CALLERS}-{i:06}")).collect();
+    let instances: Vec<String> = (0..n).map(|i| format!("{SERVICE}-{i:06}")).collect();
+    let subsets = |callers: &[String], instances: &[String]| -> BTreeMap<String, Vec<String>> {
+        callers
+            .iter()
+            .map(|c| {
+                let s = subset(
+                    c,
+                    callers.iter().map(String::as_str),
+                    instances.iter().map(String::as_str),
+                    size,
+                );
+                let mut members = s.members().to_vec();
+                members.sort();
+                (c.clone(), members)
+            })
+            .collect()
+    };
+    let before = subsets(&callers, &instances);
+    let mut per: BTreeMap<&String, usize> = BTreeMap::new();
+    for m in before.values().flatten() {
+        *per.entry(m).or_default() += 1;
+    }
+    report.ring_per_instance_max = per.values().copied().max().unwrap_or(0);
+    report.ring_per_instance_min = per.values().copied().min().unwrap_or(0);
+    let with = |mut v: Vec<String>, extra: &str| {
+        v.push(extra.to_string());
+        v
+    };
+    let cases = [
+        (
+            "instance added",
+            callers.clone(),
+            with(instances.clone(), "scale-new"),
+        ),
+        ("instance removed", callers.clone(), instances[1..].to_vec()),
+        (
+            "caller added",
+            with(callers.clone(), "scale-caller-new"),
+            instances.clone(),
+        ),
+        ("caller removed", callers[1..].to_vec(), instances.clone()),
+    ];
+    for (what, c, i) in cases {
+        let after = subsets(&c, &i);
+        let (mut changed, mut swapped) = (0, 0);
+        for (caller, was) in &before {
+            let Some(now) = after.get(caller) else {
+                continue;
+            };
+            let gone = was.iter().filter(|m| !now.contains(m)).count();
+            if gone > 0 || was.len() != now.len() {
+                changed += 1;
+                swapped += gone;
+            }
+        }
+        report.ring_churn.push((what.to_string(), changed, swapped));
+    }
+    report
 }
 
 /// The subset each caller should hold: as [`subset`] computes it for these counts.
