@@ -29,12 +29,12 @@ set grid
 set ylabel "after the last instance registered (ms)"
 set yrange [0:*]
 plot "< awk '\$1 == 1' $table" using 2:3 with linespoints lw 2 pt 7 lc rgb "#2166ac" title "every caller discovered all (etcd ×1)", \
-     "< awk '\$1 == 3' $table" using 2:3 with linespoints lw 2 pt 5 dt 2 lc rgb "#2166ac" title "(etcd ×3)", \
+     "< awk '\$1 == 3' $table" using 2:3 with linespoints lw 2 pt 5 lc rgb "#92c5de" title "(etcd ×3)", \
      "< awk '\$1 == 1' $table" using 2:4 with linespoints lw 2 pt 7 lc rgb "#1b7837" title "every subset SERVING (etcd ×1)", \
-     "< awk '\$1 == 3' $table" using 2:4 with linespoints lw 2 pt 5 dt 2 lc rgb "#1b7837" title "(etcd ×3)"
+     "< awk '\$1 == 3' $table" using 2:4 with linespoints lw 2 pt 5 lc rgb "#a6dba0" title "(etcd ×3)"
 set ylabel "configuration applied on all N: p99 (ms)"
 plot "< awk '\$1 == 1' $table" using 2:5 with linespoints lw 2 pt 7 lc rgb "#b2182b" title "etcd ×1", \
-     "< awk '\$1 == 3' $table" using 2:5 with linespoints lw 2 pt 5 dt 2 lc rgb "#b2182b" title "etcd ×3"
+     "< awk '\$1 == 3' $table" using 2:5 with linespoints lw 2 pt 5 lc rgb "#f4a582" title "etcd ×3"
 unset multiplot
 PLOT
 echo "wrote $out"
