@@ -21,6 +21,7 @@ use herd::discovery::Resolver;
 use herd::instance::InstanceInfo;
 use herd::layout::Layout;
 use herd::registry::Registration;
+use herd::watch::Watches;
 use herd::{ConfigStore, MeshChannel};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -147,7 +148,8 @@ async fn simulate(
     index: usize,
     applied: Applied,
 ) -> anyhow::Result<(Simulated, Instant)> {
-    let client = herd::etcd::connect(&settings.endpoints).await?;
+    // One etcd connection and one watch stream per instance, as each process has.
+    let watches = Watches::new(herd::etcd::connect(&settings.endpoints).await?);
     let id = format!("{SERVICE}-{index:06}");
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
@@ -174,7 +176,7 @@ async fn simulate(
             eprintln!("health server: {e}");
         }
     })];
-    let config = ConfigStore::<()>::start(client.clone(), layout.clone());
+    let config = ConfigStore::<()>::start_on(&watches, layout.clone());
     tokio::time::timeout(WAIT, config.ready())
         .await
         .context("configuration not loaded")?;
@@ -188,7 +190,7 @@ async fn simulate(
     }));
     let peers = settings
         .peers_watch
-        .then(|| Resolver::start(client.clone(), layout, SERVICE));
+        .then(|| Resolver::start_on(&watches, layout, SERVICE));
     let info = InstanceInfo {
         service: SERVICE.into(),
         instance_id: id.clone(),
@@ -196,8 +198,8 @@ async fn simulate(
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    let registration = Registration::start(
-        client,
+    let registration = Registration::start_on(
+        &watches,
         layout.instance(SERVICE, &id),
         &info,
         settings.lease_ttl,
@@ -238,10 +240,10 @@ async fn caller(
     index: usize,
     go: Arc<AtomicBool>,
 ) -> anyhow::Result<Caller> {
-    let client = herd::etcd::connect(&settings.endpoints).await?;
+    let watches = Watches::new(herd::etcd::connect(&settings.endpoints).await?);
     let id = format!("{CALLERS}-{index:04}");
-    let peers = Resolver::start(client.clone(), layout, CALLERS);
-    let resolver = Resolver::start(client.clone(), layout, SERVICE);
+    let peers = Resolver::start_on(&watches, layout, CALLERS);
+    let resolver = Resolver::start_on(&watches, layout, SERVICE);
     let channel = MeshChannel::builder(SERVICE)
         .subset(&id, peers.subscribe(), settings.subset_size)
         .build(resolver.subscribe());
@@ -252,8 +254,8 @@ async fn caller(
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    let registration = Registration::start(
-        client,
+    let registration = Registration::start_on(
+        &watches,
         layout.instance(CALLERS, &id),
         &info,
         settings.lease_ttl,

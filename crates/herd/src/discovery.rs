@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::instance::InstanceInfo;
 use crate::layout::Layout;
-use crate::watch::{Follower, Update};
+use crate::watch::{Follower, Update, Watches};
 
 /// The instances of a service, by instance id: an immutable map whose copies share all but what
 /// changed. Its entries are spread over [`SHARDS`] shards by a hash of the id, each shared until
@@ -138,11 +138,17 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Starts watching `service`'s registrations under `layout` in the background.
+    /// Starts watching `service`'s registrations under `layout` in the background, on a watch
+    /// stream of its own.
     pub fn start(client: Client, layout: &Layout, service: &str) -> Self {
+        Self::start_on(&Watches::new(client), layout, service)
+    }
+
+    /// As [`Resolver::start`], watching on `watches`' stream (the instance's own).
+    pub fn start_on(watches: &Watches, layout: &Layout, service: &str) -> Self {
         let (tx, rx) = watch::channel(None);
         let prefix = layout.service_prefix(service);
-        let task = tokio::spawn(run(client, prefix, tx));
+        let task = tokio::spawn(run(watches.clone(), prefix, tx));
         Self {
             rx,
             task: Some(task),
@@ -169,9 +175,9 @@ impl Drop for Resolver {
     }
 }
 
-async fn run(client: Client, prefix: String, tx: watch::Sender<Discovered>) {
+async fn run(watches: Watches, prefix: String, tx: watch::Sender<Discovered>) {
     let mut endpoints = Endpoints::default();
-    let mut follower = Follower::new(client, prefix.clone());
+    let mut follower = Follower::new(watches, prefix.clone());
     loop {
         let update = tokio::select! {
             update = follower.next() => update,

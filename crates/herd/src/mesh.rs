@@ -22,6 +22,8 @@ pub struct Mesh {
     pub(crate) instance_id: String,
     pub(crate) layout: Layout,
     pub(crate) etcd: Client,
+    /// Every watch this instance makes, on one etcd Watch stream.
+    pub(crate) watches: crate::watch::Watches,
     channels: Mutex<HashMap<String, (MeshChannel, Resolver)>>,
     /// What must be true before the instance registers (its configuration loaded).
     pub(crate) ready: Vec<BoxFuture<'static, ()>>,
@@ -70,6 +72,7 @@ impl Mesh {
         };
         let etcd = crate::etcd::connect_with(&settings.etcd).await?;
         Ok(Self {
+            watches: crate::watch::Watches::new(etcd.clone()),
             tls,
             layout: Layout::new(settings.prefix.clone()),
             settings,
@@ -112,7 +115,7 @@ impl Mesh {
     /// The typed shared configuration: the runtime's sections and `M`'s. The instance reports
     /// SERVING only once it is loaded. Call it once per instance.
     pub fn config<M: ConfigModel>(&mut self) -> ConfigStore<M> {
-        let store = ConfigStore::<M>::start(self.etcd.clone(), self.layout.clone());
+        let store = ConfigStore::<M>::start_on(&self.watches, self.layout.clone());
         let waiter = store.clone();
         self.ready
             .push(Box::pin(async move { waiter.ready().await }));
@@ -168,7 +171,7 @@ impl Mesh {
         service: &str,
         peers: Option<watch::Receiver<Discovered>>,
     ) -> (MeshChannel, Resolver) {
-        let resolver = Resolver::start(self.etcd.clone(), &self.layout, service);
+        let resolver = Resolver::start_on(&self.watches, &self.layout, service);
         let peers = peers.unwrap_or_else(|| resolver.subscribe());
         let mut channel = MeshChannel::builder(service).subset(
             &self.instance_id,

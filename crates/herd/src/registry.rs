@@ -22,6 +22,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::error::{EtcdError, LeaseLost};
 use crate::instance::InstanceInfo;
+use crate::watch::{Watch, Watches};
 
 /// Bound on one etcd call made while registering or deregistering.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -57,13 +58,25 @@ struct State {
 
 impl Registration {
     /// Registers `info` under `key` with a lease of `ttl` seconds, then keeps it registered in the
-    /// background. Fails if the first registration fails.
+    /// background. Fails if the first registration fails. Watches its key on a watch stream of
+    /// its own.
     pub async fn start(
         client: Client,
         key: String,
         info: &InstanceInfo,
         ttl: i64,
     ) -> Result<Self, EtcdError> {
+        Self::start_on(&Watches::new(client), key, info, ttl).await
+    }
+
+    /// As [`Registration::start`], watching its key on `watches`' stream (the instance's own).
+    pub async fn start_on(
+        watches: &Watches,
+        key: String,
+        info: &InstanceInfo,
+        ttl: i64,
+    ) -> Result<Self, EtcdError> {
+        let client = watches.client().clone();
         // Cannot fail: the record is strings and numbers.
         let value = serde_json::to_string(info).unwrap_or_default();
         let state = Arc::new(State {
@@ -76,7 +89,7 @@ impl Registration {
         let granted = register_once(&client, &state, ttl).await?;
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(maintain(
-            client.clone(),
+            watches.clone(),
             state.clone(),
             ttl,
             granted,
@@ -184,7 +197,7 @@ async fn register_once(client: &Client, state: &State, ttl: i64) -> Result<i64, 
 }
 
 async fn maintain(
-    client: Client,
+    watches: Watches,
     state: Arc<State>,
     ttl: i64,
     mut granted: i64,
@@ -193,7 +206,7 @@ async fn maintain(
     loop {
         let lost = tokio::select! {
             _ = stop.changed() => return,
-            reason = keep_alive(&client, &state, granted) => reason,
+            reason = keep_alive(&watches, &state, granted) => reason,
         };
         if *stop.borrow() {
             return;
@@ -208,9 +221,9 @@ async fn maintain(
                 _ = stop.changed() => return,
                 _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
             }
-            let again = match renew(&client, &state).await {
+            let again = match renew(watches.client(), &state).await {
                 Renewed::Alive(t) => Ok(t),
-                Renewed::Gone => register_once(&client, &state, ttl).await,
+                Renewed::Gone => register_once(watches.client(), &state, ttl).await,
                 Renewed::Failed(e) => Err(e),
             };
             match again {
@@ -287,7 +300,8 @@ async fn renew(client: &Client, state: &State) -> Renewed {
 }
 
 /// Keeps the current lease alive and the key present; returns why the registration was lost.
-async fn keep_alive(client: &Client, state: &State, ttl: i64) -> LeaseLost {
+async fn keep_alive(watches: &Watches, state: &State, ttl: i64) -> LeaseLost {
+    let client = watches.client().clone();
     let mut client = client.clone();
     let lease = state.lease.load(Ordering::Acquire);
     let ttl = Duration::from_secs(ttl as u64);
@@ -314,8 +328,8 @@ async fn keep_alive(client: &Client, state: &State, ttl: i64) -> LeaseLost {
         }
     };
     // Someone deleting the key (by hand or by tooling) must not leave the instance unlisted.
-    let mut key_watch = client
-        .watch(state.key.as_str(), Some(WatchOptions::new()))
+    let mut key_watch = watches
+        .watch(state.key.as_str(), WatchOptions::new())
         .await
         .ok();
     let mut tick = tokio::time::interval(ttl / 3);
@@ -354,7 +368,7 @@ async fn keep_alive(client: &Client, state: &State, ttl: i64) -> LeaseLost {
 
 /// The next key-watch answer: `Some(true)` when it deleted the key, `Some(false)` otherwise, `None`
 /// when the watch broke. Pending forever without a watch.
-async fn next_watch(watch: &mut Option<etcd_client::WatchStream>) -> Option<bool> {
+async fn next_watch(watch: &mut Option<Watch>) -> Option<bool> {
     let Some(w) = watch.as_mut() else {
         return std::future::pending().await;
     };

@@ -263,7 +263,7 @@ impl Mesh {
         let mut backoff = REGISTER_BACKOFF_START;
         loop {
             let ttl = self.settings.lease_ttl;
-            match Registration::start(self.etcd.clone(), key.clone(), &info, ttl).await {
+            match Registration::start_on(&self.watches, key.clone(), &info, ttl).await {
                 Ok(registration) => return registration,
                 Err(e) => {
                     tracing::warn!(error = %e, "registering failed; retrying");

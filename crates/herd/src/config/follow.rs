@@ -9,7 +9,7 @@ use etcd_client::{EventType, GetOptions, KeyValue};
 
 use super::{ConfigError, Inner, Rejection, Snapshot, WALK_BACK_STEPS};
 use crate::config::ConfigModel;
-use crate::watch::{Follower, Update};
+use crate::watch::{Follower, Update, Watches};
 
 impl<M: ConfigModel> Inner<M> {
     /// Builds the configuration of `kvs` (read at one revision), sharing every section value a
@@ -150,11 +150,8 @@ impl<M: ConfigModel> Inner<M> {
 /// Raw sections with the revision each was last written at.
 type Raw = BTreeMap<String, (Vec<u8>, i64)>;
 
-pub(super) async fn run<M: ConfigModel>(inner: Weak<Inner<M>>) {
-    let Some((client, layout)) = inner
-        .upgrade()
-        .and_then(|i| Some((i.client.clone()?, i.layout.clone())))
-    else {
+pub(super) async fn run<M: ConfigModel>(inner: Weak<Inner<M>>, watches: Watches) {
+    let Some(layout) = inner.upgrade().map(|i| i.layout.clone()) else {
         return;
     };
     let section_of = |key: &[u8]| {
@@ -163,7 +160,7 @@ pub(super) async fn run<M: ConfigModel>(inner: Weak<Inner<M>>) {
             .and_then(|k| layout.section_of(k))
             .map(str::to_string)
     };
-    let mut follower = Follower::new(client, layout.config_prefix());
+    let mut follower = Follower::new(watches, layout.config_prefix());
     let mut raw = Raw::new();
     loop {
         let update = follower.next().await;

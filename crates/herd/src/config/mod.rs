@@ -141,10 +141,16 @@ struct Inner<M> {
 }
 
 impl<M: ConfigModel> ConfigStore<M> {
-    /// Starts loading and watching the configuration under `layout` in the background.
+    /// Starts loading and watching the configuration under `layout` in the background, on a
+    /// watch stream of its own.
     pub fn start(client: Client, layout: Layout) -> Self {
-        let inner = Arc::new(Inner::new(Some(client), layout));
-        tokio::spawn(follow::run(Arc::downgrade(&inner)));
+        Self::start_on(&crate::watch::Watches::new(client), layout)
+    }
+
+    /// As [`ConfigStore::start`], watching on `watches`' stream (the instance's own).
+    pub fn start_on(watches: &crate::watch::Watches, layout: Layout) -> Self {
+        let inner = Arc::new(Inner::new(Some(watches.client().clone()), layout));
+        tokio::spawn(follow::run(Arc::downgrade(&inner), watches.clone()));
         Self { inner }
     }
 
