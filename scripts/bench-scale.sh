@@ -3,13 +3,16 @@
 # one process, see crates/herd-bench/src/scale.rs) against a fresh etcd of one member, then of three,
 # for each N. Prints a table, writes bench/scale.dat (one JSON line per run) and docs/scale.svg, and
 # exits non-zero, naming it, when a goal is missed.
-# Settings: SIZES (default "100 300 1000"), MEMBERS (default "1 3"), CALLERS (64), RUNS (1).
+# Settings: SIZES (default "100 300 1000"), MEMBERS (default "1 3"), CALLERS (64), RUNS (1),
+# MEMLIMIT_SIZES (default "1000"): sizes run again with etcd under GOMEMLIMIT=256MiB (Go's soft
+# memory limit: etcd's heap is collected harder instead of growing to twice what it holds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES="${SIZES:-100 300 1000}"
 MEMBERS="${MEMBERS:-1 3}"
 CALLERS="${CALLERS:-64}"
 RUNS="${RUNS:-1}"
+MEMLIMIT_SIZES="${MEMLIMIT_SIZES:-1000}"
 BIN="${CARGO_TARGET_DIR:-target}/release"
 DATA=bench/scale.dat
 WORK=$(mktemp -d)
@@ -29,6 +32,7 @@ ulimit -n "$(ulimit -Hn)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 ETCD_URLS=""
+ETCD_ENV=()
 start_etcd() { # members
     local n=$1 cluster="" clients=() peers=()
     for i in $(seq 1 "$n"); do
@@ -38,7 +42,7 @@ start_etcd() { # members
     ETCD_URLS=""
     for i in $(seq 1 "$n"); do
         local c=${clients[$((i - 1))]} p=${peers[$((i - 1))]}
-        etcd --name "m$i" --data-dir "$WORK/etcd-$c" \
+        env "${ETCD_ENV[@]}" etcd --name "m$i" --data-dir "$WORK/etcd-$c" \
             --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
             --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
             --initial-cluster "$cluster" --initial-cluster-state new >"$WORK/etcd-$c.log" 2>&1 &
@@ -55,23 +59,29 @@ start_etcd() { # members
 
 mkdir -p bench docs
 : >"$DATA"
-for members in $MEMBERS; do
-    for n in $SIZES; do
-        for run in $(seq 1 "$RUNS"); do
-            start_etcd "$members"
-            pids=$(IFS=,; echo "${PIDS[*]}")
-            echo "== $n instances, $CALLERS callers, etcd of $members (run $run)" >&2
-            "$BIN/herd-scale" --etcd "$ETCD_URLS" --etcd-pids "$pids" --instances "$n" --callers "$CALLERS" >>"$DATA"
-            cleanup
+run_sizes() { # label sizes
+    local label=$1 sizes=$2
+    for members in $MEMBERS; do
+        for n in $sizes; do
+            for run in $(seq 1 "$RUNS"); do
+                start_etcd "$members"
+                pids=$(IFS=,; echo "${PIDS[*]}")
+                echo "== $n instances, $CALLERS callers, etcd of $members ${label:-with the default GC} (run $run)" >&2
+                "$BIN/herd-scale" --etcd "$ETCD_URLS" --etcd-pids "$pids" --instances "$n" --callers "$CALLERS" --label "$label" >>"$DATA"
+                cleanup
+            done
         done
     done
-done
+}
+run_sizes "" "$SIZES"
+ETCD_ENV=(GOMEMLIMIT=256MiB)
+run_sizes "GOMEMLIMIT=256MiB" "$MEMLIMIT_SIZES"
 
 status=0
 python3 - "$DATA" <<'PY' || status=$?
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-cols = [("members", "etcd", "{}"), ("instances", "N", "{}"), ("subset", "subset", "{}"),
+cols = [("members", "etcd", "{}"), ("label", "etcd run with", "{}"), ("instances", "N", "{}"), ("subset", "subset", "{}"),
         ("start_ms", "start (ms)", "{:.0f}"), ("discovered_after_last_ms", "discovered after last (ms)", "{:.0f}"),
         ("converged_after_last_ms", "subsets SERVING after last (ms)", "{:.0f}"),
         ("new_instance_first_call_ms", "new instance: first call (ms)", "{:.0f}"),
@@ -95,7 +105,7 @@ for n in sorted({r["instances"] for r in rows}):
     print(f"| {n} | {r['ring_per_instance_min']}–{r['ring_per_instance_max']} | {churn} |")
 missed = []
 for r in rows:
-    n, m = r["instances"], r["members"]
+    n, m = r["instances"], f'{r["members"]}{" " + r["label"] if r["label"] else ""}'
     if r["discovered_after_last_ms"] > 5000: missed.append(f"N={n}/{m}: discovered {r['discovered_after_last_ms']:.0f} ms after the last start (goal 5000)")
     if r["config_p99_ms"] > 100: missed.append(f"N={n}/{m}: config p99 {r['config_p99_ms']:.1f} ms (goal 100)")
     if r["connections_per_caller_max"] > r["subset"]: missed.append(f"N={n}/{m}: a caller held {r['connections_per_caller_max']} connections (subset {r['subset']})")

@@ -14,6 +14,8 @@ import json, sys
 for line in open(sys.argv[1]):
     if line.strip():
         r = json.loads(line)
+        if r.get("label"):
+            continue
         print(r["members"], r["instances"], r["discovered_after_last_ms"], r["converged_after_last_ms"], r["config_p99_ms"])
 PY
 gnuplot <<PLOT

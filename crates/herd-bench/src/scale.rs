@@ -61,6 +61,8 @@ pub struct ScaleSettings {
     /// Whether each simulated instance watches its own service's registrations, as an instance
     /// that calls another service does (its rank among callers comes from them).
     pub peers_watch: bool,
+    /// How etcd was run, for the report (`GOMEMLIMIT=256MiB`, say).
+    pub label: String,
 }
 
 /// What a scale run measured.
@@ -70,6 +72,8 @@ pub struct ScaleReport {
     pub instances: usize,
     /// Callers.
     pub callers: usize,
+    /// How etcd was run.
+    pub label: String,
     /// etcd members.
     pub members: usize,
     /// Each caller's subset, as it computes it (⌈N/M⌉ when callers are few).
@@ -84,6 +88,11 @@ pub struct ScaleReport {
     pub converged_after_last_ms: f64,
     /// From a new instance's registration to its first call, ms.
     pub new_instance_first_call_ms: f64,
+    /// From its registration until every caller had discovered it, ms (-1: not before its first
+    /// call).
+    pub new_instance_discovered_ms: f64,
+    /// From its registration until it was SERVING in some caller's balancer, ms (-1: likewise).
+    pub new_instance_ready_ms: f64,
     /// Configuration changes: from the write's answer to each instance applying it, ms.
     pub config_p50_ms: f64,
     /// The 99th percentile of the same.
@@ -395,11 +404,27 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
 
     // A new instance: from its registration to its first call.
     let (newcomer, registered) = simulate(&settings, &layout, n, applied.clone()).await?;
+    let newcomer_id = format!("{SERVICE}-{n:06}");
+    let (mut discovered_by_all, mut ready_somewhere) = (None, None);
     let first_call = until("the new instance's first call", || {
+        if discovered_by_all.is_none()
+            && callers.iter().all(|c| c.channel.endpoint_count() == n + 1)
+        {
+            discovered_by_all = Some(Instant::now());
+        }
+        if ready_somewhere.is_none()
+            && callers
+                .iter()
+                .any(|c| c.channel.ready_instances().contains(&newcomer_id))
+        {
+            ready_somewhere = Some(Instant::now());
+        }
         newcomer.calls.load(Ordering::Relaxed) > 0
     })
     .await?;
     simulated.push(newcomer);
+    let since_registered =
+        |at: Option<Instant>| at.map_or(-1.0, |t| ms(t.saturating_duration_since(registered)));
 
     // Configuration changes, one at a time: from the write's answer to every instance applying.
     let mut delays = Vec::new();
@@ -458,6 +483,7 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
     let report = ScaleReport {
         instances: n,
         callers: settings.callers,
+        label: settings.label.clone(),
         members: settings.endpoints.len(),
         subset: expected,
         start_ms: ms(last_registered - started),
@@ -465,6 +491,8 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
         converged_ms: ms(converged - started),
         converged_after_last_ms: ms(converged.saturating_duration_since(last_registered)),
         new_instance_first_call_ms: ms(first_call - registered),
+        new_instance_discovered_ms: since_registered(discovered_by_all),
+        new_instance_ready_ms: since_registered(ready_somewhere),
         config_p50_ms: pct(0.5),
         config_p99_ms: pct(0.99),
         config_max_ms: pct(1.0),

@@ -37,6 +37,9 @@ struct Args {
     /// not).
     #[arg(long)]
     no_peers_watch: bool,
+    /// How etcd was run, copied into the report.
+    #[arg(long, default_value = "")]
+    label: String,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         lease_ttl: args.lease_ttl,
         rate: args.rate,
         peers_watch: !args.no_peers_watch,
+        label: args.label,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

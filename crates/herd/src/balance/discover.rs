@@ -29,10 +29,11 @@ pub(super) struct EndpointDiscover {
     /// Instance id → generation of the connection the balancer holds.
     current: HashMap<String, u64>,
     pending: VecDeque<Change<String, Weighed>>,
-    /// The channel's typical latency (nanoseconds, 0 before any answer): a new endpoint is
-    /// assumed that fast. Assumed slower, p2c would pass it over for as long as others answer
-    /// faster than the assumption — until its estimate decayed, tens of seconds — and it would
-    /// get no call; assumed faster, it would draw a burst before its first answer.
+    /// The channel's typical latency (nanoseconds, 0 before any answer; a low quantile of recent
+    /// answers): a new endpoint is assumed that fast. Assumed slower, p2c would pass it over for
+    /// as long as others answer faster than the assumption — until its estimate decayed, tens of
+    /// seconds — and it would get no call; assumed faster than any, it would draw a burst before
+    /// its first answer.
     typical: Arc<AtomicU64>,
 }
 

@@ -66,7 +66,8 @@ struct Shared {
     pool: watch::Receiver<Pool>,
     budget: RetryBudget,
     max_response: usize,
-    /// The typical time to a response's head over this channel, nanoseconds (an EWMA of 1/8).
+    /// The typical time to a response's head over this channel, nanoseconds: a low quantile of
+    /// recent answers.
     typical: Arc<AtomicU64>,
 }
 
@@ -179,9 +180,12 @@ impl MeshChannel {
         if shed_pushback(response.headers()).is_none() {
             let took = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
             let typical = shared.typical.load(Ordering::Relaxed);
-            let next = match typical {
-                0 => took,
-                _ => typical - typical / 8 + took / 8,
+            // Down at once, up by 1/64 of the difference: a low quantile of recent answers, not
+            // the mean, which one slow answer would inflate for every endpoint added meanwhile.
+            let next = if typical == 0 || took < typical {
+                took
+            } else {
+                typical + (took - typical) / 64
             };
             shared.typical.store(next, Ordering::Relaxed);
         }
