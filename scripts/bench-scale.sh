@@ -97,7 +97,7 @@ print("|" + " --- |" * len(cols))
 for r in rows:
     print("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in cols) + " |")
 print()
-print("| N callers over N instances (computed) | callers per instance | " + " | ".join(w for w, _, _ in rows[0]["ring_churn"]) + " |")
+print("| N callers over N instances (computed; churn: the mean of ten places) | callers per instance | " + " | ".join(w for w, _, _ in rows[0]["ring_churn"]) + " |")
 print("| --- | --- |" + " --- |" * len(rows[0]["ring_churn"]))
 for n in sorted({r["instances"] for r in rows}):
     r = next(r for r in rows if r["instances"] == n)

@@ -36,6 +36,8 @@ const CALLERS: &str = "scale-caller";
 const STARTING_AT_ONCE: usize = 64;
 /// Every wait is bounded.
 const WAIT: Duration = Duration::from_secs(60);
+/// Places on the ring tried for one instance or caller coming or going.
+const CHURN_SAMPLES: usize = 10;
 /// How often a condition is checked.
 const POLL: Duration = Duration::from_millis(2);
 
@@ -127,7 +129,8 @@ pub struct ScaleReport {
     /// The fewest.
     pub ring_per_instance_min: usize,
     /// With N callers over N instances, how many callers' subsets change when one instance is
-    /// added, one removed, one caller added, one removed; and the members they swap in all.
+    /// added, one removed, one caller added, one removed; and the members they swap in all (the
+    /// mean of ten places on the ring).
     pub ring_churn: Vec<(String, usize, usize)>,
 }
 
@@ -558,38 +561,54 @@ fn ring_figures(mut report: ScaleReport, size: usize) -> ScaleReport {
     }
     report.ring_per_instance_max = per.values().copied().max().unwrap_or(0);
     report.ring_per_instance_min = per.values().copied().min().unwrap_or(0);
-    let with = |mut v: Vec<String>, extra: &str| {
-        v.push(extra.to_string());
+    let with = |mut v: Vec<String>, extra: String| {
+        v.push(extra);
         v
     };
-    let cases = [
-        (
-            "instance added",
-            callers.clone(),
-            with(instances.clone(), "scale-new"),
-        ),
-        ("instance removed", callers.clone(), instances[1..].to_vec()),
-        (
-            "caller added",
-            with(callers.clone(), "scale-caller-new"),
-            instances.clone(),
-        ),
-        ("caller removed", callers[1..].to_vec(), instances.clone()),
-    ];
-    for (what, c, i) in cases {
-        let after = subsets(&c, &i);
+    let without = |v: &[String], sample: usize| {
+        let mut v = v.to_vec();
+        v.remove(sample * v.len() / CHURN_SAMPLES);
+        v
+    };
+    // Where on the ring the one coming or going lands decides how many subsets move: the mean
+    // of several places.
+    for what in [
+        "instance added",
+        "instance removed",
+        "caller added",
+        "caller removed",
+    ] {
         let (mut changed, mut swapped) = (0, 0);
-        for (caller, was) in &before {
-            let Some(now) = after.get(caller) else {
-                continue;
+        for sample in 0..CHURN_SAMPLES {
+            let (c, i) = match what {
+                "instance added" => (
+                    callers.clone(),
+                    with(instances.clone(), format!("new-{sample}")),
+                ),
+                "instance removed" => (callers.clone(), without(&instances, sample)),
+                "caller added" => (
+                    with(callers.clone(), format!("new-caller-{sample}")),
+                    instances.clone(),
+                ),
+                _ => (without(&callers, sample), instances.clone()),
             };
-            let gone = was.iter().filter(|m| !now.contains(m)).count();
-            if gone > 0 || was.len() != now.len() {
-                changed += 1;
-                swapped += gone;
+            let after = subsets(&c, &i);
+            for (caller, was) in &before {
+                let Some(now) = after.get(caller) else {
+                    continue;
+                };
+                let gone = was.iter().filter(|m| !now.contains(m)).count();
+                if gone > 0 || was.len() != now.len() {
+                    changed += 1;
+                    swapped += gone;
+                }
             }
         }
-        report.ring_churn.push((what.to_string(), changed, swapped));
+        report.ring_churn.push((
+            what.to_string(),
+            changed / CHURN_SAMPLES,
+            swapped / CHURN_SAMPLES,
+        ));
     }
     report
 }
