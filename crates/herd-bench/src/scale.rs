@@ -409,7 +409,21 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
     let (newcomer, registered) = simulate(&settings, &layout, n, applied.clone()).await?;
     let newcomer_id = format!("{SERVICE}-{n:06}");
     let (mut discovered_by_all, mut ready_somewhere) = (None, None);
+    let mut told = false;
     let first_call = until("the new instance's first call", || {
+        if !told && registered.elapsed() > Duration::from_secs(3) {
+            told = true;
+            for (i, c) in callers.iter().enumerate() {
+                if c.channel.connected_instances().contains(&newcomer_id) {
+                    eprintln!(
+                        "slow first call: caller {i} connected to it, ready {:?}, typical {:?}, {} calls",
+                        c.channel.ready_instances().contains(&newcomer_id),
+                        c.channel.typical_latency(),
+                        c.calls.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        }
         if discovered_by_all.is_none()
             && callers.iter().all(|c| c.channel.endpoint_count() == n + 1)
         {

@@ -142,6 +142,15 @@ impl MeshChannel {
         rx
     }
 
+    /// The typical time to a response's head over this channel (a low quantile of recent
+    /// answers), which a new endpoint is assumed to take; `None` before any answer.
+    pub fn typical_latency(&self) -> Option<Duration> {
+        match self.inner.typical.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+
     /// The retry budget shared by every call over this channel.
     pub fn budget(&self) -> &RetryBudget {
         &self.inner.budget
