@@ -90,7 +90,8 @@ echo "etcd is up at $ETCD ($MEMBERS member(s), data in $RUN/)"
 SECRETS="$RUN/secrets"
 "$BIN/herdctl" --etcd "$ETCD" config seed --secrets "$SECRETS"
 CERTS="$RUN/certs"
-"$BIN/herdctl" certs init "$CERTS" >/dev/null
+# herdctl's own certificate: `config status` asks every instance over mutual TLS.
+"$BIN/herdctl" certs init "$CERTS" --services gateway,pricing,tax,currency,herdctl >/dev/null
 
 start() {
     local name=$1 listen=$2 log=$3
@@ -130,6 +131,7 @@ The mesh is up. Logs are in $RUN/logs/. Try:
   grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"items":[{"sku":"hammer","quantity":3},{"sku":"apple","quantity":4}],"currency":"EUR","region":"US-CA"}' 127.0.0.1:${GATEWAY_PORTS[0]} herd.quote.v1.QuoteService/CreateQuote
   grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"token":"<token from CreateQuote>"}' 127.0.0.1:${GATEWAY_PORTS[-1]} herd.quote.v1.QuoteService/VerifyQuote
   $BIN/herdctl --etcd $ETCD instances
+  $BIN/herdctl --etcd $ETCD --tls-cert $CERTS/herdctl.pem --tls-key $CERTS/herdctl-key.pem --tls-ca $CERTS/ca.pem config status
 
 Press Ctrl-C to stop everything.
 MSG

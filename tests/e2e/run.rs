@@ -118,6 +118,41 @@ async fn make_run(members: usize) -> anyhow::Result<()> {
         );
     }
 
+    // The status command run.sh prints: every instance asked over mutual TLS, each answering.
+    let certs = run_dir.join("certs");
+    let file = |name: &str| certs.join(name).to_string_lossy().to_string();
+    let out = Command::new(herd_tests::bin("herdctl")?)
+        .args(["--etcd", &endpoints])
+        .args([
+            "--tls-cert",
+            &file("herdctl.pem"),
+            "--tls-key",
+            &file("herdctl-key.pem"),
+        ])
+        .args([
+            "--tls-ca",
+            &file("ca.pem"),
+            "config",
+            "status",
+            "--output",
+            "json",
+        ])
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let instances = status["instances"].as_array().cloned().unwrap_or_default();
+    assert_eq!(instances.len(), 8, "{status}");
+    assert!(
+        instances
+            .iter()
+            .all(|i| i["unreachable"].is_null() && i["config"]["applied"].as_i64() > Some(0)),
+        "{status}"
+    );
+    assert!(
+        run.log_text().contains("--tls-ca") && run.log_text().contains("config status"),
+        "run.sh no longer prints the status command"
+    );
+
     // Ctrl-C.
     let status = Command::new("kill")
         .args(["-INT", "--", &format!("-{}", run.pid())])
