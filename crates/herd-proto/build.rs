@@ -20,6 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::HerdCodec")
         .include_file("_includes.rs")
         .compile_protos(&files, std::slice::from_ref(&proto_root))?;
+    // Each file as well as the folder: a folder's time changes only when an entry is added or
+    // removed, and a build sharing its target folder with another checkout would keep code
+    // generated from the other's files.
     println!("cargo:rerun-if-changed={}", proto_root.display());
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
     Ok(())
 }
