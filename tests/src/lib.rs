@@ -674,17 +674,16 @@ impl TestMesh {
     /// Runs `herdctl` against this mesh's etcd; over TLS presenting the gateway's certificate
     /// when it asks instances (any from the mesh's CA would do).
     pub fn herdctl(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let tls = self
+        let mut all: Vec<String> = self
             .certs
             .as_deref()
             .map(|certs| tls_flags(certs, "gateway"))
             .unwrap_or_default();
-        Ok(Command::new(bin("herdctl")?)
-            .args(["--etcd", &self.etcd.endpoint])
-            .args(&self.etcd.herdctl_flags)
-            .args(tls)
-            .args(args)
-            .output()?)
+        all.extend(args.iter().map(|a| a.to_string()));
+        herdctl(
+            &self.etcd,
+            &all.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
     }
 }
 

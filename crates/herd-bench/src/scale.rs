@@ -203,20 +203,7 @@ async fn simulate(
     let peers = settings
         .peers_watch
         .then(|| Resolver::start_on(&watches, layout, SERVICE));
-    let info = InstanceInfo {
-        service: SERVICE.into(),
-        instance_id: id.clone(),
-        address,
-        pid: std::process::id(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let registration = Registration::start_on(
-        &watches,
-        layout.instance(SERVICE, &id),
-        &info,
-        settings.lease_ttl,
-    )
-    .await?;
+    let registration = register(&watches, layout, SERVICE, &id, address, settings).await?;
     Ok((
         Simulated {
             _registration: registration,
@@ -227,6 +214,26 @@ async fn simulate(
         },
         Instant::now(),
     ))
+}
+
+/// Registers `id` of `service` at `address`, as an instance of this process.
+async fn register(
+    watches: &Watches,
+    layout: &Layout,
+    service: &str,
+    id: &str,
+    address: String,
+    settings: &ScaleSettings,
+) -> anyhow::Result<Registration> {
+    let info = InstanceInfo {
+        service: service.into(),
+        instance_id: id.into(),
+        address,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let key = layout.instance(service, id);
+    Ok(Registration::start_on(watches, key, &info, settings.lease_ttl).await?)
 }
 
 /// One caller: registered as a `scale-caller`, with a subset channel to `scale`, sending calls.
@@ -259,18 +266,14 @@ async fn caller(
     let channel = MeshChannel::builder(SERVICE)
         .subset(&id, peers.subscribe(), settings.subset_size)
         .build(resolver.subscribe());
-    let info = InstanceInfo {
-        service: CALLERS.into(),
-        instance_id: id.clone(),
-        address: "127.0.0.1:9".into(),
-        pid: std::process::id(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let registration = Registration::start_on(
+    // Callers serve nothing: the address is never dialled.
+    let registration = register(
         &watches,
-        layout.instance(CALLERS, &id),
-        &info,
-        settings.lease_ttl,
+        layout,
+        CALLERS,
+        &id,
+        "127.0.0.1:9".into(),
+        settings,
     )
     .await?;
     let (calls, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

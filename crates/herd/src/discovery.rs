@@ -43,11 +43,7 @@ impl std::fmt::Debug for Endpoints {
 
 impl Endpoints {
     fn shard(id: &str) -> usize {
-        // FNV-1a: cheap, and nothing here needs more than an even spread.
-        let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        (h % SHARDS as u64) as usize
+        (crate::balance::subset::position(id) % SHARDS as u64) as usize
     }
 
     /// The number of instances.

@@ -73,7 +73,7 @@ pub fn subset<'a>(
 /// Where an id stands on the ring: FNV-1a over its bytes, then splitmix64's finaliser so that ids
 /// that differ in their last characters land far apart. Fixed here rather than std's hasher,
 /// whose output may change between Rust releases: every caller must compute the same.
-fn position(id: &str) -> u64 {
+pub(crate) fn position(id: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.bytes() {
         h ^= u64::from(b);
