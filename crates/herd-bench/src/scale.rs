@@ -48,6 +48,9 @@ pub struct ScaleSettings {
     pub endpoints: Vec<String>,
     /// The pids of etcd's members, for their CPU time and memory.
     pub etcd_pids: Vec<u32>,
+    /// The pids of etcd gRPC proxies the instances reach etcd through, if any (their CPU time and
+    /// memory are reported apart from the members').
+    pub proxy_pids: Vec<u32>,
     /// Simulated instances.
     pub instances: usize,
     /// Callers.
@@ -119,6 +122,10 @@ pub struct ScaleReport {
     pub etcd_rss_mib: f64,
     /// The largest member's peak resident memory, MiB.
     pub etcd_peak_rss_mib: f64,
+    /// The proxies' CPU time over the run, all of them, seconds (0 without proxies).
+    pub proxy_cpu_s: f64,
+    /// The largest proxy's peak resident memory, MiB (0 without proxies).
+    pub proxy_peak_rss_mib: f64,
     /// The largest member's database, MiB.
     pub etcd_db_mib: f64,
     /// This process's CPU time over the run, seconds.
@@ -339,11 +346,8 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
         None,
     )
     .await?;
-    let cpu_before = settings
-        .etcd_pids
-        .iter()
-        .map(|p| cpu_seconds(*p))
-        .sum::<f64>();
+    let cpu_before = total_cpu_seconds(&settings.etcd_pids);
+    let proxy_cpu_before = total_cpu_seconds(&settings.proxy_pids);
     let harness_before = cpu_seconds(std::process::id());
 
     // Callers first: they watch the instances come.
@@ -522,22 +526,11 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
         connections_per_instance_min: instance_min,
         calls,
         failed_calls: failed,
-        etcd_cpu_s: settings
-            .etcd_pids
-            .iter()
-            .map(|p| cpu_seconds(*p))
-            .sum::<f64>()
-            - cpu_before,
-        etcd_rss_mib: settings
-            .etcd_pids
-            .iter()
-            .map(|p| status_mib(*p, "VmRSS:"))
-            .fold(0.0, f64::max),
-        etcd_peak_rss_mib: settings
-            .etcd_pids
-            .iter()
-            .map(|p| status_mib(*p, "VmHWM:"))
-            .fold(0.0, f64::max),
+        etcd_cpu_s: total_cpu_seconds(&settings.etcd_pids) - cpu_before,
+        etcd_rss_mib: largest_mib(&settings.etcd_pids, "VmRSS:"),
+        etcd_peak_rss_mib: largest_mib(&settings.etcd_pids, "VmHWM:"),
+        proxy_cpu_s: total_cpu_seconds(&settings.proxy_pids) - proxy_cpu_before,
+        proxy_peak_rss_mib: largest_mib(&settings.proxy_pids, "VmHWM:"),
         etcd_db_mib: db as f64 / (1024.0 * 1024.0),
         harness_cpu_s: cpu_seconds(std::process::id()) - harness_before,
         ring_per_instance_max: 0,
@@ -648,6 +641,18 @@ fn expected_subset(settings: &ScaleSettings) -> usize {
 }
 
 /// CPU time (user and system) of process `pid`, seconds.
+/// CPU time of processes `pids` together (see [`cpu_seconds`]), seconds.
+fn total_cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_seconds(*p)).sum()
+}
+
+/// The largest of a memory figure over processes `pids` (see [`status_mib`]), MiB.
+fn largest_mib(pids: &[u32], field: &str) -> f64 {
+    pids.iter()
+        .map(|p| status_mib(*p, field))
+        .fold(0.0, f64::max)
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): utime and stime are the 12th and

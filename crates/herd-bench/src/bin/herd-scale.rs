@@ -15,6 +15,9 @@ struct Args {
     /// The pids of etcd's members (for their CPU time and memory), comma-separated.
     #[arg(long, value_delimiter = ',')]
     etcd_pids: Vec<u32>,
+    /// The pids of the etcd gRPC proxies `--etcd` names, if any, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    proxy_pids: Vec<u32>,
     /// Simulated instances.
     #[arg(long, default_value_t = 100)]
     instances: usize,
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let settings = ScaleSettings {
         endpoints: args.etcd,
         etcd_pids: args.etcd_pids,
+        proxy_pids: args.proxy_pids,
         instances: args.instances,
         callers: args.callers,
         subset_size: args.subset_size,
