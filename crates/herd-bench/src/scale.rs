@@ -423,9 +423,8 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
             for (i, c) in callers.iter().enumerate() {
                 if c.channel.connected_instances().contains(&newcomer_id) {
                     eprintln!(
-                        "slow first call: caller {i} connected to it, ready {:?}, typical {:?}, {} calls",
+                        "slow first call: caller {i} connected to it, ready {:?}, {} calls",
                         c.channel.ready_instances().contains(&newcomer_id),
-                        c.channel.typical_latency(),
                         c.calls.load(Ordering::Relaxed)
                     );
                 }

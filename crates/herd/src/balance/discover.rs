@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
@@ -16,11 +15,17 @@ use tower::discover::Change;
 use tower::load::PeakEwma;
 
 use super::pool::{Pool, State};
-use super::{DEFAULT_RTT, EWMA_DECAY, PenalizeShed};
+use super::trial::{OnTrial, Trial};
+use super::{EWMA_DECAY, PenalizeShed};
 use crate::client::connection::Connection;
 
-/// An endpoint as the balancer holds it: its connection, weighed by peak-EWMA latency.
-pub(super) type Weighed = PeakEwma<Connection, PenalizeShed>;
+/// An endpoint as the balancer holds it: its connection, weighed by peak-EWMA latency, on trial
+/// until its first answer is measured.
+pub(super) type Weighed = OnTrial<PeakEwma<Connection, PenalizeShed>>;
+
+/// The estimate of an endpoint nobody has timed yet: as fast as can be (peak-EWMA needs more
+/// than zero), so that p2c tries it the first time it draws it (see [`super::trial`]).
+const UNTRIED_RTT: Duration = Duration::from_nanos(1);
 
 /// Turns published ready sets into the insert/remove changes tower's balancer consumes. It only
 /// holds the latest set, so it never blocks discovery while no calls flow.
@@ -29,12 +34,6 @@ pub(super) struct EndpointDiscover {
     /// Instance id → generation of the connection the balancer holds.
     current: HashMap<String, u64>,
     pending: VecDeque<Change<String, Weighed>>,
-    /// The channel's typical latency (nanoseconds, 0 before any answer; a low quantile of recent
-    /// answers): a new endpoint is assumed that fast. Assumed slower, p2c would pass it over for
-    /// as long as others answer faster than the assumption — until its estimate decayed, tens of
-    /// seconds — and it would get no call; assumed faster than any, it would draw a burst before
-    /// its first answer.
-    typical: Arc<AtomicU64>,
 }
 
 impl EndpointDiscover {
@@ -61,17 +60,15 @@ impl EndpointDiscover {
                 continue;
             }
             self.current.insert(id.clone(), connection.generation);
-            let typical = match self.typical.load(Ordering::Relaxed) {
-                0 => DEFAULT_RTT,
-                nanos => Duration::from_nanos(nanos),
-            };
+            let trial = Arc::new(Trial::default());
             let weighed = PeakEwma::new(
                 connection.clone(),
-                typical,
+                UNTRIED_RTT,
                 EWMA_DECAY.as_nanos() as f64,
-                PenalizeShed,
+                PenalizeShed::new(trial.clone()),
             );
-            self.pending.push_back(Change::Insert(id.clone(), weighed));
+            self.pending
+                .push_back(Change::Insert(id.clone(), OnTrial::new(weighed, trial)));
         }
     }
 }
@@ -95,12 +92,11 @@ impl Stream for EndpointDiscover {
 
 impl EndpointDiscover {
     /// Follows the endpoint states `pool` publishes.
-    pub(super) fn new(pool: tokio::sync::watch::Receiver<Pool>, typical: Arc<AtomicU64>) -> Self {
+    pub(super) fn new(pool: tokio::sync::watch::Receiver<Pool>) -> Self {
         Self {
             updates: WatchStream::new(pool),
             current: HashMap::new(),
             pending: VecDeque::new(),
-            typical,
         }
     }
 }

@@ -13,14 +13,14 @@
 //! (NOT_SERVING or unreachable), it fails at once with `UNAVAILABLE` naming the service and why.
 //!
 //! Parts: `pool` (the probers and each endpoint's state), `discover` (endpoint states as the
-//! balancer's changes).
+//! balancer's changes), `trial` (a new endpoint takes one call until it is measured).
 
 mod discover;
 mod pool;
 pub mod subset;
+mod trial;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,9 +38,6 @@ use crate::error::CallError;
 use discover::EndpointDiscover;
 use pool::{Pool, State, Subsetting, hopeless, track};
 
-/// Latency assumed for a new endpoint before the channel has had any answer (then the channel's
-/// typical latency is).
-const DEFAULT_RTT: Duration = Duration::from_millis(5);
 /// How fast peak-EWMA forgets a slow answer.
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
@@ -67,9 +64,6 @@ struct Shared {
     pool: watch::Receiver<Pool>,
     budget: RetryBudget,
     max_response: usize,
-    /// The typical time to a response's head over this channel, nanoseconds: a low quantile of
-    /// recent answers.
-    typical: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for MeshChannel {
@@ -143,15 +137,6 @@ impl MeshChannel {
         rx
     }
 
-    /// The typical time to a response's head over this channel (a low quantile of recent
-    /// answers), which a new endpoint is assumed to take; `None` before any answer.
-    pub fn typical_latency(&self) -> Option<Duration> {
-        match self.inner.typical.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(Duration::from_nanos(nanos)),
-        }
-    }
-
     /// The retry budget shared by every call over this channel.
     pub fn budget(&self) -> &RetryBudget {
         &self.inner.budget
@@ -183,42 +168,10 @@ impl MeshChannel {
             ready.map_err(|e| CallError::not_sent(&shared.service, &*e))?;
             balancer.call(request)
         };
-        // One call in eight is timed (and the first): enough for a low quantile, and the rest
-        // pay nothing.
-        let sent = (sampled() || shared.typical.load(Ordering::Relaxed) == 0)
-            .then(std::time::Instant::now);
-        let response = response
+        response
             .await
-            .map_err(|e| CallError::not_sent(&shared.service, &*e))?;
-        if let Some(sent) = sent
-            && shed_pushback(response.headers()).is_none()
-        {
-            let took = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let typical = shared.typical.load(Ordering::Relaxed);
-            // Down at once, up by 1/64 of the difference: a low quantile of recent answers, not
-            // the mean, which one slow answer would inflate for every endpoint added meanwhile.
-            let next = if typical == 0 || took < typical {
-                took
-            } else {
-                typical + (took - typical) / 64
-            };
-            shared.typical.store(next, Ordering::Relaxed);
-        }
-        Ok(response)
+            .map_err(|e| CallError::not_sent(&shared.service, &*e))
     }
-}
-
-/// Whether this call is one of the one in eight whose time feeds the channel's typical latency:
-/// counted per thread, so that no call writes memory another core reads.
-fn sampled() -> bool {
-    thread_local! {
-        static CALLS: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
-    }
-    CALLS.with(|calls| {
-        let n = calls.get().wrapping_add(1);
-        calls.set(n);
-        n % 8 == 1
-    })
 }
 
 /// Generated tonic clients over the balanced channel.
@@ -251,9 +204,19 @@ const SHED_PENALTY_MAX: Duration = Duration::from_millis(250);
 /// `CompleteOnResponse` does — except for a call the instance shed (`UNAVAILABLE` with a
 /// pushback): a fast refusal would make it look like the least loaded instance and draw more
 /// calls to it. Its measurement is held open for twice the pushback, so peak-EWMA counts it as a
-/// call that long, and in flight meanwhile: p2c sends it less until it serves again.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct PenalizeShed;
+/// call that long, and in flight meanwhile: p2c sends it less until it serves again. A completed
+/// measurement ends the endpoint's [`trial`](trial::Trial).
+#[derive(Debug, Clone, Default)]
+struct PenalizeShed {
+    trial: Arc<trial::Trial>,
+}
+
+impl PenalizeShed {
+    /// Reports every completed measurement to `trial`.
+    fn new(trial: Arc<trial::Trial>) -> Self {
+        Self { trial }
+    }
+}
 
 impl<H: Send + 'static> TrackCompletion<H, Response> for PenalizeShed {
     type Output = Response;
@@ -261,10 +224,15 @@ impl<H: Send + 'static> TrackCompletion<H, Response> for PenalizeShed {
     fn track_completion(&self, handle: H, response: Response) -> Response {
         if let Some(pushback) = shed_pushback(response.headers()) {
             let hold = (pushback * 2).clamp(SHED_PENALTY_MIN, SHED_PENALTY_MAX);
+            let trial = self.trial.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(hold).await;
                 drop(handle);
+                trial.measured();
             });
+        } else {
+            drop(handle);
+            self.trial.measured();
         }
         response
     }
@@ -344,8 +312,7 @@ impl ChannelBuilder {
             self.subsetting,
             pool_tx,
         ));
-        let typical = Arc::new(AtomicU64::new(0));
-        let loaded = EndpointDiscover::new(pool.clone(), typical.clone());
+        let loaded = EndpointDiscover::new(pool.clone());
         MeshChannel {
             inner: Arc::new(Shared {
                 service: self.service.into(),
@@ -354,7 +321,6 @@ impl ChannelBuilder {
                 pool,
                 budget: RetryBudget::default(),
                 max_response: self.max_response,
-                typical,
             }),
         }
     }
@@ -393,6 +359,24 @@ pub(crate) mod tests {
         address
     }
 
+    /// Makes `times` health Checks over `client`, each of which must be served.
+    async fn check_times(client: &mut HealthClient<MeshChannel>, times: usize) {
+        for _ in 0..times {
+            client
+                .check(HealthCheckRequest::default())
+                .await
+                .expect("served");
+        }
+    }
+
+    /// Waits (5 s at most) until `ready` lists `count` endpoints.
+    async fn until_ready(ready: &mut watch::Receiver<Vec<String>>, count: usize) {
+        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == count))
+            .await
+            .unwrap_or_else(|_| panic!("{count} endpoints ready in time"))
+            .expect("the channel lives");
+    }
+
     fn info(id: &str, address: &str) -> InstanceInfo {
         InstanceInfo {
             service: "probe".into(),
@@ -410,13 +394,10 @@ pub(crate) mod tests {
         let resolver = Resolver::fixed([info("a", &a), info("b", &b)]);
         let channel = MeshChannel::new("probe", resolver.subscribe());
         let mut ready = channel.subscribe_ready();
-        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == 2))
-            .await
-            .expect("both ready")
-            .expect("the channel lives");
+        until_ready(&mut ready, 2).await;
         // Eight callers at once: p2c weighs each endpoint's latency by the calls it has in
-        // flight, so concurrent calls spread. (One caller at a time would stay on whichever
-        // endpoint answered first: an endpoint not yet measured is assumed slower.)
+        // flight, so concurrent calls spread. (One caller at a time would try each endpoint
+        // once, then stay mostly on whichever answered faster.)
         let callers = (0..8).map(|_| {
             let mut client = HealthClient::new(channel.clone());
             tokio::spawn(async move {
@@ -471,17 +452,9 @@ pub(crate) mod tests {
             .subset("g1", peers.subscribe(), 2)
             .build(resolver.subscribe());
         let mut ready = channel.subscribe_ready();
-        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == 2))
-            .await
-            .expect("the subset is ready")
-            .expect("the channel lives");
+        until_ready(&mut ready, 2).await;
         let mut client = HealthClient::new(channel.clone());
-        for _ in 0..20 {
-            client
-                .check(HealthCheckRequest::default())
-                .await
-                .expect("served");
-        }
+        check_times(&mut client, 20).await;
         let mut members = subset.members().to_vec();
         members.sort();
         assert_eq!(channel.connected_instances(), members);
@@ -671,10 +644,7 @@ pub(crate) mod tests {
             .build(resolver.subscribe());
         // Ready means each endpoint answered a health watch over a connection the connector made.
         let mut ready = channel.subscribe_ready();
-        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == 2))
-            .await
-            .expect("both endpoints ready in time")
-            .expect("the channel lives");
+        until_ready(&mut ready, 2).await;
         let mut ready = channel.ready_instances();
         ready.sort();
         assert_eq!(ready, ["a", "b"]);
@@ -774,57 +744,14 @@ pub(crate) mod tests {
         assert!(channel.ready_instances().is_empty());
     }
 
-    /// Answers every health Check as an instance over its limit does, and lets Watch through.
-    #[derive(Clone)]
-    struct ShedChecks<S>(S);
-
-    impl<S> tower::Service<http::Request<Body>> for ShedChecks<S>
-    where
-        S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-    {
-        type Response = http::Response<Body>;
-        type Error = S::Error;
-        type Future = BoxFuture<'static, Result<http::Response<Body>, S::Error>>;
-
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-            self.0.poll_ready(cx)
-        }
-
-        fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-            if request.uri().path().ends_with("/Check") {
-                let mut shed = tonic::Status::unavailable("overloaded").into_http::<Body>();
-                shed.headers_mut()
-                    .insert(crate::door::PUSHBACK, "20".parse().unwrap());
-                return Box::pin(std::future::ready(Ok(shed)));
-            }
-            Box::pin(self.0.call(request))
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread")]
     async fn an_instance_that_sheds_is_sent_less_not_more() {
         let good = health_server("good").await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let shedding = listener.local_addr().unwrap().to_string();
-        let (reporter, service) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("probe", tonic_health::ServingStatus::Serving)
-            .await;
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .layer(tower::layer::layer_fn(ShedChecks))
-                .add_service(service)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-        );
+        let (shedding, _) = checked_server(Checks::Shed).await;
         let resolver = Resolver::fixed([info("good", &good), info("shedding", &shedding)]);
         let channel = MeshChannel::new("probe", resolver.subscribe());
         let mut ready = channel.subscribe_ready();
-        tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == 2))
-            .await
-            .expect("both ready")
-            .expect("the channel lives");
+        until_ready(&mut ready, 2).await;
         let callers = (0..8).map(|_| {
             let mut client = HealthClient::new(channel.clone());
             tokio::spawn(async move {
@@ -847,6 +774,142 @@ pub(crate) mod tests {
         assert!(
             shed < 60,
             "{shed} of 400 calls went to the instance that sheds"
+        );
+    }
+
+    /// What a test server does with health Checks (Watch always goes through).
+    #[derive(Clone, Copy)]
+    enum Checks {
+        /// Answers each as an instance over its limit does.
+        Shed,
+        /// Serves each, holding the first this long first.
+        HoldFirst(Duration),
+    }
+
+    /// Counts health Checks and treats them as `checks` says.
+    #[derive(Clone)]
+    struct OnChecks<S> {
+        inner: S,
+        checks: Checks,
+        count: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<S> tower::Service<http::Request<Body>> for OnChecks<S>
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+    {
+        type Response = http::Response<Body>;
+        type Error = S::Error;
+        type Future = BoxFuture<'static, Result<http::Response<Body>, S::Error>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+            if !request.uri().path().ends_with("/Check") {
+                return Box::pin(self.inner.call(request));
+            }
+            let before = self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let hold = match self.checks {
+                Checks::Shed => {
+                    let mut shed = tonic::Status::unavailable("overloaded").into_http::<Body>();
+                    shed.headers_mut()
+                        .insert(crate::door::PUSHBACK, "20".parse().unwrap());
+                    return Box::pin(std::future::ready(Ok(shed)));
+                }
+                Checks::HoldFirst(hold) => (before == 0).then_some(hold),
+            };
+            let answer = self.inner.call(request);
+            Box::pin(async move {
+                if let Some(hold) = hold {
+                    tokio::time::sleep(hold).await;
+                }
+                answer.await
+            })
+        }
+    }
+
+    /// A health server for "probe" treating Checks as `checks` says; returns its address and
+    /// its count of Checks.
+    async fn checked_server(checks: Checks) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("probe", tonic_health::ServingStatus::Serving)
+            .await;
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(tower::layer::layer_fn(move |inner| OnChecks {
+                    inner,
+                    checks,
+                    count: counted.clone(),
+                }))
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (address, count)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_new_endpoint_is_tried_at_once_with_one_call_until_it_answers() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (a, a_checks) = checked_server(Checks::HoldFirst(Duration::ZERO)).await;
+        let (b, b_checks) = checked_server(Checks::HoldFirst(Duration::ZERO)).await;
+        let (endpoints, discovered) =
+            watch::channel(Some([info("a", &a), info("b", &b)].into_iter().collect()));
+        let channel = MeshChannel::new("probe", discovered);
+        let mut ready = channel.subscribe_ready();
+        until_ready(&mut ready, 2).await;
+        // a and b answer fast and are measured: no guess about a newcomer could be lower.
+        let mut client = HealthClient::new(channel.clone());
+        check_times(&mut client, 200).await;
+        assert!(a_checks.load(SeqCst) > 0 && b_checks.load(SeqCst) > 0);
+
+        // c comes, and takes a second over its first answer.
+        let (c, c_checks) = checked_server(Checks::HoldFirst(Duration::from_secs(1))).await;
+        endpoints.send_replace(Some(
+            [info("a", &a), info("b", &b), info("c", &c)]
+                .into_iter()
+                .collect(),
+        ));
+        until_ready(&mut ready, 3).await;
+        // p2c tries it the first time it draws it: each call draws it with chance 2/3.
+        let mut calls = 0;
+        while c_checks.load(SeqCst) == 0 {
+            calls += 1;
+            assert!(calls <= 30, "c got no call of {calls}");
+            let mut client = client.clone();
+            tokio::spawn(async move { client.check(HealthCheckRequest::default()).await });
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // While that first call is out, c takes no other, however many come.
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    for _ in 0..25 {
+                        client
+                            .check(HealthCheckRequest::default())
+                            .await
+                            .expect("served by a or b meanwhile");
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.expect("caller");
+        }
+        assert_eq!(
+            c_checks.load(SeqCst),
+            1,
+            "c took more than its trial call before answering it"
         );
     }
 }
