@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -15,13 +14,14 @@ use tower::discover::Change;
 use tower::load::PeakEwma;
 
 use super::pool::{Pool, State};
-use super::trial::{OnTrial, Trial};
-use super::{EWMA_DECAY, PenalizeShed};
+use super::trial::OnTrial;
+use super::{EWMA_DECAY, PenalizeShed, shed_penalty};
 use crate::client::connection::Connection;
+use crate::client::connection::Response;
 
 /// An endpoint as the balancer holds it: its connection, weighed by peak-EWMA latency, on trial
 /// until its first answer is measured.
-pub(super) type Weighed = OnTrial<PeakEwma<Connection, PenalizeShed>>;
+pub(super) type Weighed = OnTrial<PeakEwma<Connection, PenalizeShed>, Response>;
 
 /// The estimate of an endpoint nobody has timed yet: as fast as can be (peak-EWMA needs more
 /// than zero), so that p2c tries it the first time it draws it (see [`super::trial`]).
@@ -60,15 +60,16 @@ impl EndpointDiscover {
                 continue;
             }
             self.current.insert(id.clone(), connection.generation);
-            let trial = Arc::new(Trial::default());
             let weighed = PeakEwma::new(
                 connection.clone(),
                 UNTRIED_RTT,
                 EWMA_DECAY.as_nanos() as f64,
-                PenalizeShed::new(trial.clone()),
+                PenalizeShed,
             );
-            self.pending
-                .push_back(Change::Insert(id.clone(), OnTrial::new(weighed, trial)));
+            self.pending.push_back(Change::Insert(
+                id.clone(),
+                OnTrial::new(weighed, shed_penalty),
+            ));
         }
     }
 }

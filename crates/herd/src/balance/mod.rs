@@ -204,38 +204,29 @@ const SHED_PENALTY_MAX: Duration = Duration::from_millis(250);
 /// `CompleteOnResponse` does — except for a call the instance shed (`UNAVAILABLE` with a
 /// pushback): a fast refusal would make it look like the least loaded instance and draw more
 /// calls to it. Its measurement is held open for twice the pushback, so peak-EWMA counts it as a
-/// call that long, and in flight meanwhile: p2c sends it less until it serves again. A completed
-/// measurement ends the endpoint's [`trial`](trial::Trial).
-#[derive(Debug, Clone, Default)]
-struct PenalizeShed {
-    trial: Arc<trial::Trial>,
-}
-
-impl PenalizeShed {
-    /// Reports every completed measurement to `trial`.
-    fn new(trial: Arc<trial::Trial>) -> Self {
-        Self { trial }
-    }
-}
+/// call that long, and in flight meanwhile: p2c sends it less until it serves again.
+#[derive(Debug, Clone, Copy, Default)]
+struct PenalizeShed;
 
 impl<H: Send + 'static> TrackCompletion<H, Response> for PenalizeShed {
     type Output = Response;
 
     fn track_completion(&self, handle: H, response: Response) -> Response {
-        if let Some(pushback) = shed_pushback(response.headers()) {
-            let hold = (pushback * 2).clamp(SHED_PENALTY_MIN, SHED_PENALTY_MAX);
-            let trial = self.trial.clone();
+        if let Some(hold) = shed_penalty(&response) {
             tokio::spawn(async move {
                 tokio::time::sleep(hold).await;
                 drop(handle);
-                trial.measured();
             });
-        } else {
-            drop(handle);
-            self.trial.measured();
         }
         response
     }
+}
+
+/// How long the balancer counts `response` as a call still in flight: `None` for an answer, twice
+/// the pushback (bounded) for a shed call.
+fn shed_penalty(response: &Response) -> Option<Duration> {
+    let pushback = shed_pushback(response.headers())?;
+    Some((pushback * 2).clamp(SHED_PENALTY_MIN, SHED_PENALTY_MAX))
 }
 
 /// The pushback of a shed call's trailers-only response: `grpc-status` 14 and

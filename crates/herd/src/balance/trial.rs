@@ -15,14 +15,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::task::AtomicWaker;
 use tower::Service;
 
-/// One endpoint's trial, shared by the endpoint as the balancer holds it ([`OnTrial`]) and the
-/// completion of its calls' measurements (which ends it).
+/// One endpoint's trial, shared by the endpoint as the balancer holds it ([`OnTrial`]) and its
+/// trial call.
 #[derive(Debug, Default)]
-pub(super) struct Trial {
+struct Trial {
     /// A call's answer has been measured: the trial is over for good.
     measured: AtomicBool,
     /// The trial's call is out.
@@ -32,12 +33,10 @@ pub(super) struct Trial {
 }
 
 impl Trial {
-    /// Called when a call's measurement completes (every call's: after the first, one load).
-    pub(super) fn measured(&self) {
-        if !self.measured.load(Ordering::Relaxed) {
-            self.measured.store(true, Ordering::Release);
-            self.waker.wake();
-        }
+    /// The trial call's answer has been measured.
+    fn measured(&self) {
+        self.measured.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     fn over(&self) -> bool {
@@ -56,26 +55,36 @@ impl Trial {
     }
 }
 
+/// How long after an answer its measurement completes (`None`: at once); a shed call's, say, is
+/// held open as a penalty.
+pub(super) type Penalty<T> = fn(&T) -> Option<Duration>;
+
 /// An endpoint on trial: not ready while its trial call is out.
-pub(super) struct OnTrial<S> {
+pub(super) struct OnTrial<S, T> {
     inner: S,
     trial: Arc<Trial>,
+    penalty: Penalty<T>,
 }
 
-impl<S> OnTrial<S> {
-    /// `inner` on `trial` (whose end its measurements report).
-    pub(super) fn new(inner: S, trial: Arc<Trial>) -> Self {
-        Self { inner, trial }
+impl<S, T> OnTrial<S, T> {
+    /// `inner`, new: on trial until the answer to one call is measured, `penalty` after it
+    /// arrives.
+    pub(super) fn new(inner: S, penalty: Penalty<T>) -> Self {
+        Self {
+            inner,
+            trial: Arc::default(),
+            penalty,
+        }
     }
 }
 
-impl<S, Request> Service<Request> for OnTrial<S>
+impl<S, Request> Service<Request> for OnTrial<S, S::Response>
 where
     S: Service<Request>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = TrialFuture<S::Future>;
+    type Future = TrialFuture<S::Future, S::Response>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         if self.trial.waiting() {
@@ -93,6 +102,7 @@ where
             self.trial.in_flight.store(true, Ordering::Release);
             TrialCall {
                 trial: self.trial.clone(),
+                penalty: self.penalty,
                 answered: false,
             }
         });
@@ -103,7 +113,7 @@ where
     }
 }
 
-impl<S: tower::load::Load> tower::load::Load for OnTrial<S> {
+impl<S: tower::load::Load, T> tower::load::Load for OnTrial<S, T> {
     type Metric = S::Metric;
 
     fn load(&self) -> S::Metric {
@@ -112,12 +122,31 @@ impl<S: tower::load::Load> tower::load::Load for OnTrial<S> {
 }
 
 /// The trial call, while it is out: ends the trial unmeasured if dropped unanswered.
-struct TrialCall {
+struct TrialCall<T> {
     trial: Arc<Trial>,
+    penalty: Penalty<T>,
     answered: bool,
 }
 
-impl Drop for TrialCall {
+impl<T> TrialCall<T> {
+    /// Ends the trial with `answer`'s measurement: at once, or when its penalty is over (a
+    /// little after the balancer's own measurement ends).
+    fn answered(&mut self, answer: &T) {
+        self.answered = true;
+        match (self.penalty)(answer) {
+            None => self.trial.measured(),
+            Some(penalty) => {
+                let trial = self.trial.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(penalty + Duration::from_millis(1)).await;
+                    trial.measured();
+                });
+            }
+        }
+    }
+}
+
+impl<T> Drop for TrialCall<T> {
     fn drop(&mut self) {
         if !self.answered {
             self.trial.abandoned();
@@ -127,14 +156,14 @@ impl Drop for TrialCall {
 
 pin_project_lite::pin_project! {
     /// A call to an endpoint, ending its trial unmeasured if it fails or is given up.
-    pub(super) struct TrialFuture<F> {
+    pub(super) struct TrialFuture<F, T> {
         #[pin]
         inner: F,
-        trial: Option<TrialCall>,
+        trial: Option<TrialCall<T>>,
     }
 }
 
-impl<F, T, E> Future for TrialFuture<F>
+impl<F, T, E> Future for TrialFuture<F, T>
 where
     F: Future<Output = Result<T, E>>,
 {
@@ -143,9 +172,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let output = std::task::ready!(this.inner.poll(cx));
-        if let (Ok(_), Some(call)) = (&output, this.trial.as_mut()) {
-            // Its measurement ends the trial (at once, or after a shed call's penalty).
-            call.answered = true;
+        if let (Ok(answer), Some(call)) = (&output, this.trial.as_mut()) {
+            call.answered(answer);
         }
         *this.trial = None;
         Poll::Ready(output)
@@ -159,17 +187,20 @@ mod tests {
     use std::future::{Ready, ready};
     use std::sync::atomic::AtomicUsize;
 
-    /// Always ready; counts calls; each answers with `Ok` or `Err` as told.
+    /// Always ready; counts calls; answers each `Ok(penalty)`, or `Err` if told to fail.
     #[derive(Clone, Default)]
     struct Counting {
         calls: Arc<AtomicUsize>,
+        penalty: Option<Duration>,
         fail: bool,
     }
 
+    type Answer = Option<Duration>;
+
     impl Service<()> for Counting {
-        type Response = ();
+        type Response = Answer;
         type Error = ();
-        type Future = Ready<Result<(), ()>>;
+        type Future = Ready<Result<Answer, ()>>;
 
         fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
             Poll::Ready(Ok(()))
@@ -177,8 +208,12 @@ mod tests {
 
         fn call(&mut self, _request: ()) -> Self::Future {
             self.calls.fetch_add(1, Ordering::Relaxed);
-            ready(if self.fail { Err(()) } else { Ok(()) })
+            ready(if self.fail { Err(()) } else { Ok(self.penalty) })
         }
+    }
+
+    fn on_trial(service: Counting) -> OnTrial<Counting, Answer> {
+        OnTrial::new(service, |penalty: &Answer| *penalty)
     }
 
     fn ready_now<S: Service<()>>(service: &mut S) -> bool {
@@ -187,22 +222,15 @@ mod tests {
     }
 
     #[test]
-    fn a_new_endpoint_takes_one_call_until_it_is_measured() {
-        let trial = Arc::new(Trial::default());
-        let mut endpoint = OnTrial::new(Counting::default(), trial.clone());
+    fn a_new_endpoint_takes_one_call_until_it_is_answered() {
+        let mut endpoint = on_trial(Counting::default());
         assert!(ready_now(&mut endpoint));
         let first = endpoint.call(());
         assert!(
             !ready_now(&mut endpoint),
             "ready again while its trial call is out"
         );
-        // Answered, but its measurement (a shed call's penalty, say) still runs.
-        assert_eq!(first.now_or_never(), Some(Ok(())));
-        assert!(
-            !ready_now(&mut endpoint),
-            "ready before its answer was measured"
-        );
-        trial.measured();
+        assert_eq!(first.now_or_never(), Some(Ok(None)));
         assert!(ready_now(&mut endpoint));
         // Measured: no more trial, any number of calls.
         let _second = endpoint.call(());
@@ -211,14 +239,32 @@ mod tests {
         assert_eq!(endpoint.inner.calls.load(Ordering::Relaxed), 3);
     }
 
+    #[tokio::test]
+    async fn a_trial_answer_with_a_penalty_ends_the_trial_when_the_penalty_does() {
+        let penalty = Duration::from_millis(50);
+        let mut endpoint = on_trial(Counting {
+            penalty: Some(penalty),
+            ..Counting::default()
+        });
+        let answered = std::time::Instant::now();
+        assert_eq!(endpoint.call(()).await, Ok(Some(penalty)));
+        assert!(!ready_now(&mut endpoint), "ready while its penalty runs");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| endpoint.poll_ready(cx)),
+        )
+        .await
+        .expect("woken when the penalty is over")
+        .expect("ready");
+        assert!(answered.elapsed() >= penalty);
+    }
+
     #[test]
     fn a_trial_call_that_fails_or_is_given_up_lets_the_next_call_try() {
-        let trial = Arc::new(Trial::default());
-        let failing = Counting {
+        let mut endpoint = on_trial(Counting {
             fail: true,
             ..Counting::default()
-        };
-        let mut endpoint = OnTrial::new(failing, trial.clone());
+        });
         let failed = endpoint.call(());
         assert!(!ready_now(&mut endpoint));
         assert_eq!(failed.now_or_never(), Some(Err(())));
@@ -234,28 +280,6 @@ mod tests {
             ready_now(&mut endpoint),
             "still held after its trial call was dropped"
         );
-        assert!(!trial.over());
-    }
-
-    #[test]
-    fn the_end_of_a_trial_wakes_the_balancer_waiting_for_it() {
-        let trial = Arc::new(Trial::default());
-        let mut endpoint = OnTrial::new(Counting::default(), trial.clone());
-        let _out = endpoint.call(());
-        let woken = Arc::new(AtomicUsize::new(0));
-        let waker = futures::task::waker(Arc::new(Wake(woken.clone())));
-        let mut cx = Context::from_waker(&waker);
-        assert!(endpoint.poll_ready(&mut cx).is_pending());
-        trial.measured();
-        assert_eq!(woken.load(Ordering::Relaxed), 1);
-        assert!(endpoint.poll_ready(&mut cx).is_ready());
-    }
-
-    struct Wake(Arc<AtomicUsize>);
-
-    impl futures::task::ArcWake for Wake {
-        fn wake_by_ref(arc_self: &Arc<Self>) {
-            arc_self.0.fetch_add(1, Ordering::Relaxed);
-        }
+        assert!(!endpoint.trial.over());
     }
 }
