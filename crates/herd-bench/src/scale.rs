@@ -507,7 +507,12 @@ pub async fn run(settings: ScaleSettings) -> anyhow::Result<ScaleReport> {
         instances: n,
         callers: settings.callers,
         label: settings.label.clone(),
-        members: settings.endpoints.len(),
+        // Through a proxy, the endpoints are the proxy's: count the members' pids when given.
+        members: if settings.etcd_pids.is_empty() {
+            settings.endpoints.len()
+        } else {
+            settings.etcd_pids.len()
+        },
         subset: expected,
         start_ms: ms(last_registered - started),
         discovered_after_last_ms: ms(discovered.saturating_duration_since(last_registered)),
