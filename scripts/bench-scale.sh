@@ -54,11 +54,15 @@ start_etcd() { # members
         PIDS+=($!)
         ETCD_URLS+="${ETCD_URLS:+,}http://127.0.0.1:$c"
     done
+    until_healthy "etcd ($n members)"
+}
+
+until_healthy() { # what: waits (20 s at most) until $ETCD_URLS answers etcd's health check
     for _ in $(seq 1 200); do
         ETCDCTL_API=3 etcdctl --endpoints "$ETCD_URLS" endpoint health >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    echo "error: etcd ($n members) never became healthy" >&2
+    echo "error: $1 never became healthy" >&2
     return 1
 }
 
@@ -70,12 +74,7 @@ start_proxy() { # in front of the members start_etcd started; sets ETCD_URLS to 
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
     ETCD_URLS="http://127.0.0.1:$port"
-    for _ in $(seq 1 200); do
-        ETCDCTL_API=3 etcdctl --endpoints "$ETCD_URLS" endpoint health >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "error: etcd grpc-proxy never became healthy" >&2
-    return 1
+    until_healthy "etcd grpc-proxy"
 }
 
 mkdir -p bench docs
