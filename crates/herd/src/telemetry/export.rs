@@ -1,11 +1,11 @@
 //! Span export: the OTLP exporter behind a bounded queue drained by its own thread.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData};
 
 use super::FLUSH_TIMEOUT;
 
@@ -49,15 +49,34 @@ pub(super) fn build_provider(
         .build())
 }
 
-/// A bounded span queue exported in batches from its own thread. A span that finds the queue full
-/// is dropped and counted, never waited for: a collector that is down or slow costs requests
-/// nothing. Counts are logged when dropping starts, at every power of two, on export failures (at
-/// most every ten seconds) and at shutdown.
+/// A bounded span queue exported in batches from its own thread. Ending a span takes a lock held
+/// for one push and wakes the export thread only when a whole batch is waiting: the thread
+/// otherwise wakes by itself every [`EXPORT_DELAY`], so a request never pays for a thread switch.
+/// A span that finds the queue full is dropped and counted, never waited for: a collector that is
+/// down or slow costs requests nothing. Counts are logged when dropping starts, at every power of
+/// two, on export failures (at most every ten seconds) and at shutdown.
 #[derive(Debug)]
 struct SpanQueue {
-    tx: std::sync::mpsc::SyncSender<QueueMsg>,
-    stats: Arc<QueueStats>,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What the requests' threads and the export thread share.
+#[derive(Debug, Default)]
+struct Shared {
+    waiting: Mutex<Waiting>,
+    /// Signalled when a batch is complete, or a flush, a shutdown or a resource is asked for.
+    wake: Condvar,
+    stats: QueueStats,
+}
+
+/// Spans and requests waiting for the export thread.
+#[derive(Debug, Default)]
+struct Waiting {
+    spans: Vec<SpanData>,
+    asks: Vec<Ask>,
+    /// The queue was dropped without a shutdown: export what waits and stop.
+    closed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -67,59 +86,73 @@ struct QueueStats {
     failed: AtomicU64,
 }
 
-enum QueueMsg {
-    Span(Box<opentelemetry_sdk::trace::SpanData>),
+#[derive(Debug)]
+enum Ask {
     Resource(opentelemetry_sdk::Resource),
     Flush(std::sync::mpsc::SyncSender<()>),
     Shutdown(std::sync::mpsc::SyncSender<()>),
 }
 
-/// Most spans in one export.
+/// Most spans in one export; a batch this size wakes the export thread at once.
 const MAX_BATCH: usize = 512;
 /// Least time between two export-failure warnings.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ask(&self, ask: Ask) {
+        self.lock().asks.push(ask);
+        self.wake.notify_one();
+    }
+}
+
 impl SpanQueue {
     fn new<E: opentelemetry_sdk::trace::SpanExporter + 'static>(exporter: E) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_SPANS);
-        let stats = Arc::new(QueueStats::default());
-        let thread_stats = stats.clone();
+        let shared = Arc::new(Shared::default());
+        let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("herd-span-export".into())
-            .spawn(move || export_loop(exporter, rx, thread_stats))
+            .spawn(move || export_loop(exporter, &thread_shared))
             .ok();
         Self {
-            tx,
-            stats,
-            thread: std::sync::Mutex::new(thread),
+            shared,
+            thread: Mutex::new(thread),
         }
     }
 
-    fn ask(
+    fn ask_and_wait(
         &self,
-        msg: fn(std::sync::mpsc::SyncSender<()>) -> QueueMsg,
+        ask: fn(std::sync::mpsc::SyncSender<()>) -> Ask,
         timeout: Duration,
     ) -> opentelemetry_sdk::error::OTelSdkResult {
         let (ack, done) = std::sync::mpsc::sync_channel(1);
-        self.tx
-            .send(msg(ack))
-            .map_err(|e| opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string()))?;
+        self.shared.ask(ask(ack));
         done.recv_timeout(timeout)
             .map_err(|_| opentelemetry_sdk::error::OTelSdkError::Timeout(timeout))
+    }
+}
+
+impl Drop for SpanQueue {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
     }
 }
 
 impl opentelemetry_sdk::trace::SpanProcessor for SpanQueue {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
 
-    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+    fn on_end(&self, span: SpanData) {
         if !span.span_context.is_sampled() {
             return;
         }
-        if let Err(std::sync::mpsc::TrySendError::Full(_)) =
-            self.tx.try_send(QueueMsg::Span(Box::new(span)))
-        {
-            let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut waiting = self.shared.lock();
+        if waiting.spans.len() >= QUEUE_SPANS {
+            drop(waiting);
+            let dropped = self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
                 tracing::warn!(
                     dropped_spans = dropped,
@@ -127,94 +160,107 @@ impl opentelemetry_sdk::trace::SpanProcessor for SpanQueue {
                     "span export queue full; dropping spans"
                 );
             }
+            return;
+        }
+        waiting.spans.push(span);
+        let batch_complete = waiting.spans.len() == MAX_BATCH;
+        drop(waiting);
+        if batch_complete {
+            self.shared.wake.notify_one();
         }
     }
 
     fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.ask(QueueMsg::Flush, FLUSH_TIMEOUT)
+        self.ask_and_wait(Ask::Flush, FLUSH_TIMEOUT)
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
-        let result = self.ask(QueueMsg::Shutdown, timeout);
+        let result = self.ask_and_wait(Ask::Shutdown, timeout);
         if let (Ok(()), Some(thread)) =
             (&result, self.thread.lock().ok().and_then(|mut t| t.take()))
         {
             let _ = thread.join();
         }
+        let stats = &self.shared.stats;
         tracing::info!(
-            exported_spans = self.stats.exported.load(Ordering::Relaxed),
-            failed_spans = self.stats.failed.load(Ordering::Relaxed),
-            dropped_spans = self.stats.dropped.load(Ordering::Relaxed),
+            exported_spans = stats.exported.load(Ordering::Relaxed),
+            failed_spans = stats.failed.load(Ordering::Relaxed),
+            dropped_spans = stats.dropped.load(Ordering::Relaxed),
             "span export stopped"
         );
         result
     }
 
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
-        let _ = self.tx.try_send(QueueMsg::Resource(resource.clone()));
+        self.shared.ask(Ask::Resource(resource.clone()));
     }
 }
 
-fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
-    mut exporter: E,
-    rx: std::sync::mpsc::Receiver<QueueMsg>,
-    stats: Arc<QueueStats>,
-) {
-    let mut batch: Vec<opentelemetry_sdk::trace::SpanData> = Vec::with_capacity(MAX_BATCH);
+/// The export thread: every [`EXPORT_DELAY`], or as soon as a batch is complete or something is
+/// asked, takes everything waiting and exports it in batches of at most [`MAX_BATCH`].
+fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(mut exporter: E, shared: &Shared) {
     let mut last_failure_log: Option<std::time::Instant> = None;
-    let mut export = |batch: &mut Vec<opentelemetry_sdk::trace::SpanData>, exporter: &E| {
-        if batch.is_empty() {
-            return;
-        }
-        let n = batch.len() as u64;
-        match futures::executor::block_on(exporter.export(std::mem::take(batch))) {
-            Ok(()) => {
-                stats.exported.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let failed = stats.failed.fetch_add(n, Ordering::Relaxed) + n;
-                if last_failure_log.is_none_or(|t| t.elapsed() >= FAILURE_LOG_EVERY) {
-                    last_failure_log = Some(std::time::Instant::now());
-                    tracing::warn!(error = %e, failed_spans = failed, "exporting spans failed; they are lost, requests are not affected");
+    let mut export = |spans: Vec<SpanData>, exporter: &E| {
+        let mut spans = spans.into_iter().peekable();
+        while spans.peek().is_some() {
+            let batch: Vec<SpanData> = spans.by_ref().take(MAX_BATCH).collect();
+            let n = batch.len() as u64;
+            match futures::executor::block_on(exporter.export(batch)) {
+                Ok(()) => {
+                    shared.stats.exported.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let failed = shared.stats.failed.fetch_add(n, Ordering::Relaxed) + n;
+                    if last_failure_log.is_none_or(|t| t.elapsed() >= FAILURE_LOG_EVERY) {
+                        last_failure_log = Some(std::time::Instant::now());
+                        tracing::warn!(error = %e, failed_spans = failed, "exporting spans failed; they are lost, requests are not affected");
+                    }
                 }
             }
         }
     };
-    let mut due = std::time::Instant::now() + EXPORT_DELAY;
     loop {
-        let wait = due.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(QueueMsg::Span(span)) => {
-                batch.push(*span);
-                if batch.len() >= MAX_BATCH {
-                    export(&mut batch, &exporter);
+        let due = std::time::Instant::now() + EXPORT_DELAY;
+        let (spans, asks, closed) = {
+            let mut waiting = shared.lock();
+            while waiting.spans.len() < MAX_BATCH && waiting.asks.is_empty() && !waiting.closed {
+                let left = due.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                waiting = shared
+                    .wake
+                    .wait_timeout(waiting, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            (
+                std::mem::take(&mut waiting.spans),
+                std::mem::take(&mut waiting.asks),
+                waiting.closed,
+            )
+        };
+        for ask in &asks {
+            if let Ask::Resource(resource) = ask {
+                exporter.set_resource(resource);
+            }
+        }
+        export(spans, &exporter);
+        for ask in asks {
+            match ask {
+                Ask::Resource(_) => {}
+                Ask::Flush(ack) => {
+                    let _ = ack.send(());
+                }
+                Ask::Shutdown(ack) => {
+                    let _ = exporter.shutdown();
+                    let _ = ack.send(());
+                    return;
                 }
             }
-            Ok(QueueMsg::Resource(resource)) => exporter.set_resource(&resource),
-            Ok(QueueMsg::Flush(ack)) => {
-                while let Ok(QueueMsg::Span(span)) = rx.try_recv() {
-                    batch.push(*span);
-                }
-                export(&mut batch, &exporter);
-                let _ = ack.send(());
-            }
-            Ok(QueueMsg::Shutdown(ack)) => {
-                while let Ok(QueueMsg::Span(span)) = rx.try_recv() {
-                    batch.push(*span);
-                }
-                export(&mut batch, &exporter);
-                let _ = exporter.shutdown();
-                let _ = ack.send(());
-                return;
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                export(&mut batch, &exporter);
-                due = std::time::Instant::now() + EXPORT_DELAY;
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                export(&mut batch, &exporter);
-                return;
-            }
+        }
+        if closed {
+            return;
         }
     }
 }
