@@ -29,7 +29,6 @@ pub use unary::{DEFAULT_MAX_RESPONSE, frame};
 use crate::balance::MeshChannel;
 use crate::context::Deadline;
 use crate::error::CallError;
-use crate::telemetry::PeerSpan;
 use connection::{Request, RequestBody};
 use unary::{read_unary, unary_head};
 
@@ -125,7 +124,6 @@ where
         let left = deadline.remaining()?;
         let mut metadata = MetadataMap::new();
         let (span, trace) = crate::telemetry::client_span(name, message.context(), &mut metadata);
-        let sampled = trace.is_some();
         let body = match trace {
             None => encoded.clone(),
             Some(trace) => {
@@ -138,20 +136,21 @@ where
         };
         let mut request = tonic::Request::from_parts(metadata, Default::default(), body);
         request.set_timeout(left);
-        if sampled {
-            request.extensions_mut().insert(PeerSpan(span.clone()));
+        if let Some(peer) = span.peer() {
+            request.extensions_mut().insert(peer);
         }
-        let outcome = tokio::time::timeout(left, attempt(request).instrument(span.clone())).await;
+        let outcome =
+            tokio::time::timeout(left, attempt(request).instrument(span.log.clone())).await;
         let error = match outcome {
             Ok(Ok(response)) => {
-                crate::telemetry::client_result(&span, None);
+                crate::telemetry::client_result(span, None);
                 budget.success();
                 return Ok(response);
             }
             Ok(Err(error)) => error,
             Err(_) => CallError::DeadlineExceeded,
         };
-        crate::telemetry::client_result(&span, Some(&error));
+        crate::telemetry::client_result(span, Some(&error));
         if !error.retryable() {
             return Err(error);
         }

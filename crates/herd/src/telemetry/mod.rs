@@ -5,17 +5,22 @@
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns export on; `OTEL_SERVICE_NAME` and
 //! `OTEL_RESOURCE_ATTRIBUTES` shape the resource; `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`
 //! set the initial ratio of the parent-based ratio sampler, which `/herd/config/telemetry` changes
-//! at run time. With no endpoint, no OpenTelemetry layer is installed: nothing is exported and
-//! nothing is paid beyond plain `tracing` spans.
+//! at run time. With no endpoint nothing is exported and nothing is paid beyond plain `tracing`
+//! spans for logs.
 //!
 //! Every server call runs in a `rpc.server` span ([`serve`]) whose parent is the caller's
 //! `traceparent` header, or the one carried in the message's `RequestContext`; every outgoing call
-//! ([`client::call`](crate::client::call)) runs in a `rpc.client` span whose context is injected into both the
-//! metadata and the message. Span names and attributes follow the OpenTelemetry RPC conventions.
+//! ([`client::call`](crate::client::call)) runs in a `rpc.client` span whose context is injected
+//! into both the metadata and the message. Span names and attributes follow the OpenTelemetry RPC
+//! conventions. A sampled call's spans are made with the OpenTelemetry SDK's tracer directly, not
+//! through a `tracing` layer: a `tracing` span still frames the call's logs (which carry its
+//! `trace_id` and `span_id`), and a task-local ties the server span to the client spans and the
+//! attributes its handler records.
 //!
 //! Parts: `sampling` (the ratio and `/herd/config/telemetry`), `server` (server spans),
 //! `propagation` (trace context between hops, client spans), `export` (the span queue and the
-//! OTLP exporter); this module installs logs and export.
+//! OTLP exporter), `budget` (failures logged at a bounded rate); this module installs logs and
+//! export.
 
 mod budget;
 mod export;
@@ -23,12 +28,11 @@ mod propagation;
 mod sampling;
 mod server;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -41,8 +45,9 @@ pub use server::{record_context, record_quote_id, serve};
 /// Bound on flushing pending spans at shutdown.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Whether spans are exported: when not, no trace context is extracted or created, only passed on.
-static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The tracer of exported spans, once export is on: without it no trace context is extracted or
+/// created, only passed on.
+static TRACER: std::sync::OnceLock<SdkTracer> = std::sync::OnceLock::new();
 
 /// The ratio new traces are sampled at, once telemetry is initialised.
 static SAMPLING: std::sync::OnceLock<SamplingRatio> = std::sync::OnceLock::new();
@@ -102,7 +107,11 @@ pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
         tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=info")
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    type Boxed = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+    type Filtered = tracing_subscriber::layer::Layered<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >;
+    type Boxed = Box<dyn Layer<Filtered> + Send + Sync>;
     let logs: Boxed = if log_format == "json" {
         tracing_subscriber::fmt::layer()
             .json()
@@ -110,29 +119,20 @@ pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(std::io::stderr)
-            .with_filter(filter)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_writer(std::io::stderr)
-            .with_filter(filter)
             .boxed()
     };
-    // Only herd's own spans are exported: the exporter's transport (tonic, h2, hyper) must not
-    // trace its own exports.
-    let spans: Option<Boxed> = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("herd"))
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                m.target().starts_with("herd") && !m.target().starts_with("herd::unsampled")
-            }))
-            .boxed()
-    });
-    EXPORTING.store(provider.is_some(), Ordering::Relaxed);
+    if let Some(provider) = &provider {
+        let _ = TRACER.set(provider.tracer("herd"));
+    }
     let _ = SAMPLING.set(ratio.clone());
-    let mut layers = vec![logs];
-    layers.extend(spans);
-    let _ = tracing_subscriber::registry().with(layers).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .try_init();
     Telemetry { provider, ratio }
 }

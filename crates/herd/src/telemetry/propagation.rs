@@ -1,66 +1,87 @@
 //! W3C trace context across hops: read from a call's metadata or its message, written into the
-//! metadata and the message of every outgoing attempt, which runs in its own `rpc.client` span.
+//! metadata and the message of every outgoing attempt. An attempt made while serving a sampled
+//! call is an OpenTelemetry `rpc.client` span, child of that call's server span.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
 
 use herd_proto::context::{RequestContext, TraceContext};
-use opentelemetry::Context;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TraceContextExt;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
+use tonic::metadata::{MetadataMap, MetadataValue};
 
-use super::EXPORTING;
 use super::budget::LogBudget;
 
-struct MetadataExtractor<'a>(&'a MetadataMap);
-
-impl Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
+tokio::task_local! {
+    /// The sampled server span the current task serves a call in: its context parents the
+    /// call's outgoing spans, and what the handler records about the call lands on it.
+    pub(super) static SERVING: Serving;
 }
 
-struct MetadataInjector<'a>(&'a mut MetadataMap);
+/// What a sampled server call shares with its handler's task.
+pub(super) struct Serving {
+    /// The server span's own context (not remote: the client spans it parents are local).
+    pub(super) context: SpanContext,
+    /// Attributes recorded while serving; at the end the last value of each key is kept.
+    pub(super) late: RefCell<Vec<KeyValue>>,
+}
 
-impl Injector for MetadataInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value.as_str()),
-        ) {
-            self.0.insert(k, v);
-        }
+/// Records `attribute` on the sampled server span the current task serves, if any.
+pub(super) fn record_late(attribute: impl FnOnce() -> KeyValue) {
+    let _ = SERVING.try_with(|s| s.late.borrow_mut().push(attribute()));
+}
+
+/// A span context from a W3C `traceparent` (the form [`valid_traceparent`] accepts) and
+/// `tracestate`, as a caller sent them.
+///
+/// [`valid_traceparent`]: crate::context::valid_traceparent
+pub(super) fn parse(traceparent: &str, tracestate: &str) -> Option<SpanContext> {
+    if !crate::context::valid_traceparent(traceparent) {
+        return None;
     }
+    let trace_id = TraceId::from_hex(traceparent.get(3..35)?).ok()?;
+    let span_id = SpanId::from_hex(traceparent.get(36..52)?).ok()?;
+    let flags = u8::from_str_radix(traceparent.get(53..55)?, 16).ok()?;
+    let state = if tracestate.is_empty() || !crate::context::valid_tracestate(tracestate) {
+        TraceState::NONE
+    } else {
+        tracestate.parse().unwrap_or(TraceState::NONE)
+    };
+    Some(SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::new(flags) & TraceFlags::SAMPLED,
+        true,
+        state,
+    ))
+}
+
+/// The `traceparent` of `context`.
+pub(super) fn traceparent(context: &SpanContext) -> String {
+    format!(
+        "00-{:032x}-{:016x}-{:02x}",
+        context.trace_id(),
+        context.span_id(),
+        context.trace_flags()
+    )
 }
 
 /// The caller's trace context: the `traceparent` header, else the one in the message.
-pub(super) fn parent_of(metadata: &MetadataMap, context: Option<&RequestContext>) -> Context {
-    let propagator = TraceContextPropagator::new();
-    let from_header = propagator.extract(&MetadataExtractor(metadata));
-    if from_header.span().span_context().is_valid() {
-        return from_header;
+pub(super) fn parent_of(
+    metadata: &MetadataMap,
+    context: Option<&RequestContext>,
+) -> Option<SpanContext> {
+    let header = |key| metadata.get(key).and_then(|v| v.to_str().ok());
+    if let Some(parent) = header("traceparent")
+        && let Some(parent) = parse(parent, header("tracestate").unwrap_or_default())
+    {
+        return Some(parent);
     }
-    let Some(trace) = context.and_then(|c| c.trace.as_ref()) else {
-        return from_header;
-    };
-    let mut carrier = HashMap::new();
-    carrier.insert("traceparent".to_string(), trace.traceparent.clone());
-    if !trace.tracestate.is_empty() {
-        carrier.insert("tracestate".to_string(), trace.tracestate.clone());
-    }
-    propagator.extract(&carrier)
+    let trace = context.and_then(|c| c.trace.as_ref())?;
+    parse(&trace.traceparent, &trace.tracestate)
 }
 
 /// `service/method` split for the RPC conventions.
@@ -68,72 +89,76 @@ pub(super) fn split_method(path: &str) -> (&str, &str) {
     path.rsplit_once('/').unwrap_or((path, ""))
 }
 
-/// Creates the `rpc.client` span of one outgoing attempt of `path` and writes its trace context
-/// into `metadata`. When the attempt is sampled, its own span is the parent of the next hop, and
-/// the trace context the message must carry instead of `context`'s is returned; otherwise the
+/// One outgoing attempt's spans: the `tracing` span its logs are written in, and, when the call
+/// it serves is sampled, its OpenTelemetry `rpc.client` span.
+pub(crate) struct ClientSpan {
+    pub(crate) log: tracing::Span,
+    exported: Option<(opentelemetry_sdk::trace::Span, PeerSpan)>,
+}
+
+impl ClientSpan {
+    /// Where the endpoint the attempt goes to is recorded, if its span is exported.
+    pub(crate) fn peer(&self) -> Option<PeerSpan> {
+        self.exported.as_ref().map(|(_, peer)| peer.clone())
+    }
+}
+
+/// Creates the spans of one outgoing attempt of `path` and writes its trace context into
+/// `metadata`. When the attempt is sampled, its own span is the parent of the next hop, and the
+/// trace context the message must carry instead of `context`'s is returned; otherwise the
 /// message's trace context travels unchanged (mirrored in the headers) and `None` is returned.
 pub(crate) fn client_span(
     path: &'static str,
     context: Option<&RequestContext>,
     metadata: &mut MetadataMap,
-) -> (tracing::Span, Option<TraceContext>) {
+) -> (ClientSpan, Option<TraceContext>) {
     let (service, method) = split_method(path);
-    let sampled = EXPORTING.load(Ordering::Relaxed) && {
-        let current = tracing::Span::current().context();
-        let current = current.span();
-        current.span_context().is_valid() && current.span_context().is_sampled()
+    let log = tracing::info_span!(
+        target: "herd::rpc",
+        "rpc.client",
+        otel.name = path,
+        otel.kind = "client",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    );
+    let parent = SERVING.try_with(|s| s.context.clone()).ok();
+    let (Some(parent), Some(tracer)) = (parent, super::TRACER.get()) else {
+        mirror_trace(context, metadata);
+        return (
+            ClientSpan {
+                log,
+                exported: None,
+            },
+            None,
+        );
     };
-    macro_rules! client_span {
-        ($target:literal) => {
-            tracing::info_span!(
-                target: $target,
-                "rpc.client",
-                otel.name = path,
-                otel.kind = "client",
-                otel.status_code = tracing::field::Empty,
-                rpc.system = "grpc",
-                rpc.service = service,
-                rpc.method = method,
-                rpc.grpc.status_code = tracing::field::Empty,
-                server.address = tracing::field::Empty,
-                server.port = tracing::field::Empty,
-            )
-        };
-    }
-    let span = if sampled {
-        client_span!("herd::rpc")
-    } else {
-        client_span!("herd::unsampled")
+    let span = tracer
+        .span_builder(path)
+        .with_kind(SpanKind::Client)
+        .with_attributes([
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", service),
+            KeyValue::new("rpc.method", method),
+        ])
+        .start_with_context(tracer, &Context::new().with_remote_span_context(parent));
+    let own = span.span_context();
+    let trace = TraceContext {
+        traceparent: traceparent(own),
+        tracestate: own.trace_state().header(),
     };
-    if sampled && let Some(trace) = inject_own(&span, metadata) {
-        return (span, Some(trace));
+    insert(metadata, "traceparent", &trace.traceparent);
+    if !trace.tracestate.is_empty() {
+        insert(metadata, "tracestate", &trace.tracestate);
     }
-    mirror_trace(context, metadata);
-    (span, None)
+    let exported = Some((span, PeerSpan::default()));
+    (ClientSpan { log, exported }, Some(trace))
 }
 
-/// Writes the trace context of a sampled client `span` into `metadata` and returns it, for the
-/// message to carry too; `None` if the span has no valid context.
-fn inject_own(span: &tracing::Span, metadata: &mut MetadataMap) -> Option<TraceContext> {
-    let cx = span.context();
-    if !cx.span().span_context().is_valid() {
-        return None;
+fn insert(metadata: &mut MetadataMap, key: &'static str, value: &str) {
+    if let Ok(value) = MetadataValue::try_from(value) {
+        metadata.insert(key, value);
     }
-    let mut carrier: HashMap<String, String> = HashMap::new();
-    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    let traceparent = carrier
-        .get("traceparent")
-        .filter(|t| !t.is_empty())?
-        .clone();
-    let tracestate = carrier.get("tracestate").cloned().unwrap_or_default();
-    let mut injector = MetadataInjector(metadata);
-    for (k, v) in carrier.into_iter().filter(|(_, v)| !v.is_empty()) {
-        injector.set(&k, v);
-    }
-    Some(TraceContext {
-        traceparent,
-        tracestate,
-    })
 }
 
 /// Copies the message's own trace context, if any and well formed, into the headers.
@@ -146,37 +171,101 @@ fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
     else {
         return;
     };
-    let mut injector = MetadataInjector(metadata);
-    injector.set("traceparent", trace.traceparent.clone());
+    insert(metadata, "traceparent", &trace.traceparent);
     if !trace.tracestate.is_empty() && crate::context::valid_tracestate(&trace.tracestate) {
-        injector.set("tracestate", trace.tracestate.clone());
+        insert(metadata, "tracestate", &trace.tracestate);
     }
 }
 
-/// The sampled `rpc.client` span of an outgoing attempt, travelling with its request until an
-/// endpoint is picked (unsampled attempts carry none, so record nothing).
-#[derive(Clone)]
-pub(crate) struct PeerSpan(pub(crate) tracing::Span);
+/// Where the endpoint a sampled outgoing attempt went to is written, travelling with its request
+/// until an endpoint is picked (unsampled attempts carry none).
+#[derive(Clone, Default)]
+pub(crate) struct PeerSpan(Arc<OnceLock<http::uri::Authority>>);
 
 impl PeerSpan {
     /// Records the endpoint the attempt goes to.
     pub(crate) fn record(&self, peer: &http::uri::Authority) {
-        self.0.record("server.address", peer.host());
-        if let Some(port) = peer.port_u16() {
-            self.0.record("server.port", i64::from(port));
-        }
+        let _ = self.0.set(peer.clone());
     }
 }
 
-/// Records how an outgoing attempt ended on its span.
-pub(crate) fn client_result(span: &tracing::Span, error: Option<&crate::error::CallError>) {
+/// Records how an outgoing attempt ended and ends its spans.
+pub(crate) fn client_result(span: ClientSpan, error: Option<&crate::error::CallError>) {
     let code = error.map_or(tonic::Code::Ok, |e| e.code());
-    span.record("rpc.grpc.status_code", code as i64);
+    span.log.record("rpc.grpc.status_code", code as i64);
     if let Some(error) = error {
-        span.record("otel.status_code", "ERROR");
         static FAILED: LogBudget = LogBudget::new("outgoing calls failed");
         if FAILED.admit(code) {
-            tracing::warn!(parent: span, rpc.grpc.status_code = code as i64, %error, "outgoing call failed");
+            tracing::warn!(parent: &span.log, rpc.grpc.status_code = code as i64, %error, "outgoing call failed");
         }
+    }
+    let Some((mut exported, peer)) = span.exported else {
+        return;
+    };
+    exported.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
+    if let Some(peer) = peer.0.get() {
+        exported.set_attribute(KeyValue::new("server.address", peer.host().to_string()));
+        if let Some(port) = peer.port_u16() {
+            exported.set_attribute(KeyValue::new("server.port", i64::from(port)));
+        }
+    }
+    if let Some(error) = error {
+        let message = error.to_string();
+        exported.add_event(
+            "outgoing call failed",
+            vec![
+                KeyValue::new("rpc.grpc.status_code", code as i64),
+                KeyValue::new("error", message.clone()),
+            ],
+        );
+        exported.set_status(Status::error(message));
+    }
+    exported.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_round_trips() {
+        let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parsed = parse(header, "rojo=00f067aa0ba902b7").expect("a valid traceparent");
+        assert!(parsed.is_sampled() && parsed.is_remote());
+        assert_eq!(traceparent(&parsed), header);
+        assert_eq!(parsed.trace_state().header(), "rojo=00f067aa0ba902b7");
+        let unsampled = parse(&header.replace("-01", "-00"), "").expect("valid");
+        assert!(!unsampled.is_sampled());
+        for bad in ["", "00-0000", &header.replace("4bf9", "XYZW")] {
+            assert!(parse(bad, "").is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_message_carries_the_trace_when_no_header_does() {
+        let trace = TraceContext {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: String::new(),
+        };
+        let ctx = RequestContext {
+            trace: Some(trace),
+            ..Default::default()
+        };
+        let from_message = parent_of(&MetadataMap::new(), Some(&ctx)).expect("from the message");
+        assert_eq!(
+            from_message.span_id(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap()
+        );
+        let mut metadata = MetadataMap::new();
+        insert(
+            &mut metadata,
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01",
+        );
+        let from_header = parent_of(&metadata, Some(&ctx)).expect("from the header");
+        assert_eq!(
+            from_header.span_id(),
+            SpanId::from_hex("1111111111111111").unwrap()
+        );
     }
 }
