@@ -121,10 +121,10 @@ start_herd() { # extra environment assignments for the services
     tls_of() { [ -n "$TLS_DIR" ] && echo "--tls-cert $TLS_DIR/$1.pem --tls-key $TLS_DIR/$1-key.pem --tls-ca $TLS_DIR/ca.pem"; }
     for s in tax currency pricing; do
         # shellcheck disable=SC2046
-        env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" $(tls_of "$s") >"$WORK/$s.log" 2>&1 & PIDS+=($!)
+        env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" $(tls_of "$s") >"$WORK/$s.log" 2>&1 & PIDS+=($!)
     done
     # shellcheck disable=SC2046
-    env "$@" RUST_LOG=warn taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" $(tls_of gateway) >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+    env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" $(tls_of gateway) >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
     SERVERS=("${PIDS[@]:first}")
     wait_serving "$GATEWAY"
     # Every downstream instance must be in its callers' balancers before measuring.
@@ -286,14 +286,70 @@ TLS_DIR=""
 cleanup
 fi
 
+# What tracing costs: per run, a fresh herd mesh without an exporter, then one for each sampling
+# ratio exporting into an OTLP sink (which counts and discards; it runs on the load generator's
+# core, as a collector would run elsewhere), each measured at saturation and at half the untraced
+# capacity of the same run. Ratios are taken within a run. Every instance logs, as it stops, how
+# many spans it exported, failed to export and dropped. Figures go to $TRACING_DATA;
+# scripts/tracing-chart.sh draws them.
 if part tracing; then
-SINK=127.0.0.1:$(free_port)
-for ratio in 0.01 1; do
-    on_servers "$BIN/herd-raw" --role sink --listen "$SINK" & PIDS+=($!)
-    start_herd OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG="$ratio"
-    measure "herd, tracing sampled at $ratio" "$HALF"
+RATIOS="${RATIOS:-0.01 0.1 1}"
+TRACING_DATA="${TRACING_DATA:-bench/tracing.dat}"
+TRACING_CHART="${TRACING_CHART:-docs/tracing.svg}"
+mkdir -p "$(dirname "$TRACING_DATA")"
+span_count() { # field of the instances' "span export stopped" lines, summed
+    cat "$WORK"/{gateway,pricing,tax,currency}.log | grep "span export stopped" | grep -o "$1=[0-9]*" | cut -d= -f2 | awk '{s += $1} END {print s + 0}'
+}
+ROWS=()
+for run in $(seq 1 "$RUNS"); do
+    start_herd
+    read -r sat0 cpu0 < <(sat_run "$GATEWAY" "${SERVERS[@]}")
+    half=$(awk -v c="$sat0" 'BEGIN {printf "%d", c / 2}')
+    read -r p50 p99 < <(half_run "$GATEWAY" "$half")
     cleanup
+    ROWS+=("0 $run $sat0 $cpu0 $p50 $p99 $half 0 0 0")
+    for ratio in $RATIOS; do
+        SINK=127.0.0.1:$(free_port)
+        on_load "$BIN/herd-raw" --role sink --listen "$SINK" & PIDS+=($!)
+        wait_listening "$SINK"
+        HERD_LOG="warn,herd::telemetry::export=info" start_herd OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG="$ratio"
+        read -r sat cpu < <(sat_run "$GATEWAY" "${SERVERS[@]}")
+        read -r p50 p99 < <(half_run "$GATEWAY" "$half")
+        cleanup
+        ROWS+=("$ratio $run $sat $cpu $p50 $p99 $half $(span_count exported_spans) $(span_count dropped_spans) $(span_count failed_spans)")
+        echo "tracing run $run: sampled $ratio: ${ROWS[-1]}" >&2
+    done
 done
+{
+    echo "# ratio run saturation_ok_s cpu_us_per_request p50_us p99_us half_load_per_s spans_exported spans_dropped spans_failed"
+    printf '%s\n' "${ROWS[@]}"
+} >"$TRACING_DATA"
+echo "== tracing ($RUNS runs; each ratio against the untraced mesh of the same run; half load ~$half calls/s in the last)"
+col() { printf '%s\n' "${ROWS[@]}" | awk -v r="$1" -v f="$2" '$1 == r {print $f}'; }
+against() { # ratio field: that field over the untraced one, per run
+    local ratio=$1 f=$2
+    printf '%s\n' "${ROWS[@]}" | awk -v r="$ratio" -v f="$f" '$1 == 0 {base[$2] = $f} $1 == r {printf "%.3f\n", $f / base[$2]}'
+}
+for ratio in 0 $RATIOS; do
+    label="sampled $ratio"; [ "$ratio" = 0 ] && label="no exporter"
+    # shellcheck disable=SC2046
+    stats "$label: throughput at saturation" "ok/s" $(col "$ratio" 3)
+    # shellcheck disable=SC2046
+    stats "$label: server CPU per request" "µs" $(col "$ratio" 4)
+    # shellcheck disable=SC2046
+    stats "$label: p99 at half load" "µs" $(col "$ratio" 6)
+    [ "$ratio" = 0 ] && continue
+    # shellcheck disable=SC2046
+    stats "$label / none: CPU per request" "" $(against "$ratio" 4)
+    # shellcheck disable=SC2046
+    stats "$label / none: throughput" "" $(against "$ratio" 3)
+    # shellcheck disable=SC2046
+    stats "$label / none: p99 at half load" "" $(against "$ratio" 6)
+    echo "$label: spans exported $(col "$ratio" 8 | paste -sd' '), dropped $(col "$ratio" 9 | paste -sd' '), failed $(col "$ratio" 10 | paste -sd' ') (per run)"
+done
+echo "goals: CPU per request at 100 % <= 1.25, at 1 % <= 1.03; throughput at 100 % >= 0.80; p99 at half load at 100 % <= 1.25; no span dropped"
+if command -v gnuplot >/dev/null 2>&1; then scripts/tracing-chart.sh "$TRACING_DATA" "$TRACING_CHART"; fi
+cleanup
 fi
 
 # Start-up: from exec to SERVING, as the instance logs it.

@@ -27,10 +27,11 @@ pub(super) fn build_provider(
     service: &str,
     instance_id: &str,
 ) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()?;
-    let processor = SpanQueue::new(exporter);
+    let processor = SpanQueue::new(|| {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+    })?;
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(format!("herd-{service}"));
@@ -110,17 +111,50 @@ impl Shared {
 }
 
 impl SpanQueue {
-    fn new<E: opentelemetry_sdk::trace::SpanExporter + 'static>(exporter: E) -> Self {
+    /// Starts the export thread, which makes the exporter with `make` inside a runtime of its
+    /// own: encoding and sending spans never take a turn on the runtime that serves calls.
+    fn new<E, F>(make: F) -> Result<Self, opentelemetry_otlp::ExporterBuildError>
+    where
+        E: opentelemetry_sdk::trace::SpanExporter + 'static,
+        F: FnOnce() -> Result<E, opentelemetry_otlp::ExporterBuildError> + Send + 'static,
+    {
         let shared = Arc::new(Shared::default());
         let thread_shared = shared.clone();
+        let (built, started) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("herd-span-export".into())
-            .spawn(move || export_loop(exporter, &thread_shared))
-            .ok();
-        Self {
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = built.send(Err(
+                            opentelemetry_otlp::ExporterBuildError::InternalFailure(e.to_string()),
+                        ));
+                        return;
+                    }
+                };
+                let _inside = runtime.enter();
+                match make() {
+                    Ok(exporter) => {
+                        let _ = built.send(Ok(()));
+                        export_loop(exporter, &runtime, &thread_shared);
+                    }
+                    Err(e) => {
+                        let _ = built.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| opentelemetry_otlp::ExporterBuildError::InternalFailure(e.to_string()))?;
+        started.recv().map_err(|e| {
+            opentelemetry_otlp::ExporterBuildError::InternalFailure(e.to_string())
+        })??;
+        Ok(Self {
             shared,
-            thread: Mutex::new(thread),
-        }
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     fn ask_and_wait(
@@ -198,14 +232,18 @@ impl opentelemetry_sdk::trace::SpanProcessor for SpanQueue {
 
 /// The export thread: every [`EXPORT_DELAY`], or as soon as a batch is complete or something is
 /// asked, takes everything waiting and exports it in batches of at most [`MAX_BATCH`].
-fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(mut exporter: E, shared: &Shared) {
+fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
+    mut exporter: E,
+    runtime: &tokio::runtime::Runtime,
+    shared: &Shared,
+) {
     let mut last_failure_log: Option<std::time::Instant> = None;
     let mut export = |spans: Vec<SpanData>, exporter: &E| {
         let mut spans = spans.into_iter().peekable();
         while spans.peek().is_some() {
             let batch: Vec<SpanData> = spans.by_ref().take(MAX_BATCH).collect();
             let n = batch.len() as u64;
-            match futures::executor::block_on(exporter.export(batch)) {
+            match runtime.block_on(exporter.export(batch)) {
                 Ok(()) => {
                     shared.stats.exported.fetch_add(n, Ordering::Relaxed);
                 }
