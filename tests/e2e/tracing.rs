@@ -284,6 +284,12 @@ async fn b_fifty_quotes_over_two_instances_each_are_all_complete() -> anyhow::Re
             "{service} spans came from {instances:?}"
         );
     }
+    // Every span arrived once: four server and three client spans per quote, none twice.
+    for id in &ids {
+        let trace = trace_of_request(&receiver, id).unwrap_or_default();
+        let ids: BTreeSet<&str> = trace.iter().map(|s| s.span_id.as_str()).collect();
+        assert_eq!((trace.len(), ids.len()), (7, 7), "{id}: {trace:?}");
+    }
     Ok(())
 }
 
