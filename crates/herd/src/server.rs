@@ -37,6 +37,15 @@ use crate::mesh::Mesh;
 use crate::registry::Registration;
 use crate::settings::Settings;
 
+/// Set once the instance begins to shut down: from then on, the etcd client, watches and
+/// connections it is letting go of end as expected, not as failures.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the instance has begun to shut down.
+pub(crate) fn stopping() -> bool {
+    STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// TCP keepalive on accepted connections, so that connections from callers that vanished are
 /// closed: first probe after this much silence, then every `TCP_KEEPALIVE_INTERVAL`, given up
 /// after `TCP_KEEPALIVE_RETRIES` unanswered probes. The kernel does this, so unlike HTTP/2 pings
@@ -412,6 +421,7 @@ impl Started {
         settings: &Settings,
     ) -> Result<(), ServeError> {
         tracing::info!("shutting down: NOT_SERVING, deregistering, draining");
+        STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
         self.health.set_all(ServingStatus::NotServing).await;
         if let Some(registration) = registration {
             registration.deregister().await;

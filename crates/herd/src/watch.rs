@@ -257,6 +257,11 @@ impl Follower {
             };
             match result {
                 Ok(update) => return update,
+                Err(e) if crate::server::stopping() => {
+                    // The instance is letting go of its etcd client: expected, not a failure.
+                    tracing::debug!(prefix = %self.prefix, error = %e, "watch ended while stopping");
+                    tokio::time::sleep(RESYNC_BACKOFF).await;
+                }
                 Err(e) => {
                     tracing::warn!(prefix = %self.prefix, error = %e, "watch interrupted; resyncing");
                     tokio::time::sleep(RESYNC_BACKOFF).await;
