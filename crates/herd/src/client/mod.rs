@@ -118,14 +118,16 @@ where
     F: FnMut(tonic::Request<Bytes>) -> Fut,
     Fut: Future<Output = Result<Res, CallError>>,
 {
-    let encoded = frame(message);
+    // Encoded once, when first needed: a sampled attempt sends the message with its own trace
+    // context instead.
+    let mut encoded: Option<Bytes> = None;
     let mut number = 1;
     loop {
         let left = deadline.remaining()?;
         let mut metadata = MetadataMap::new();
         let (span, trace) = crate::telemetry::client_span(name, message.context(), &mut metadata);
         let body = match trace {
-            None => encoded.clone(),
+            None => encoded.get_or_insert_with(|| frame(message)).clone(),
             Some(trace) => {
                 let mut traced = message.clone();
                 if let Some(ctx) = traced.context_mut().as_mut() {
