@@ -302,3 +302,122 @@ fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Instant, SystemTime};
+
+    use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId};
+    use opentelemetry_sdk::trace::SpanProcessor;
+
+    use super::*;
+
+    /// Records the size of every batch; while `held`, an export waits for the gate to open.
+    #[derive(Debug, Clone, Default)]
+    struct Recording {
+        batches: Arc<Mutex<Vec<usize>>>,
+        held: Arc<AtomicBool>,
+        exporting: Arc<AtomicBool>,
+        gate: Arc<tokio::sync::Notify>,
+    }
+
+    impl opentelemetry_sdk::trace::SpanExporter for Recording {
+        fn export(
+            &self,
+            batch: Vec<SpanData>,
+        ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send
+        {
+            let this = self.clone();
+            async move {
+                this.exporting.store(true, Ordering::SeqCst);
+                if this.held.load(Ordering::SeqCst) {
+                    this.gate.notified().await;
+                }
+                this.batches.lock().unwrap().push(batch.len());
+                Ok(())
+            }
+        }
+    }
+
+    fn span(sampled: bool) -> SpanData {
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_bytes([1; 16]),
+                SpanId::from_bytes([2; 8]),
+                flags,
+                false,
+                Default::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "test".into(),
+            start_time: SystemTime::now(),
+            end_time: SystemTime::now(),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    fn queue(exporter: &Recording) -> SpanQueue {
+        let exporter = exporter.clone();
+        SpanQueue::new(move || Ok(exporter)).unwrap()
+    }
+
+    #[test]
+    fn every_sampled_span_is_exported_in_batches_of_at_most_a_batch() {
+        let exporter = Recording::default();
+        let queue = queue(&exporter);
+        let sampled = 3 * MAX_BATCH + 5;
+        for i in 0..sampled + 40 {
+            queue.on_end(span(i < sampled));
+        }
+        queue.force_flush().unwrap();
+        let batches = exporter.batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), sampled, "{batches:?}");
+        assert!(batches.iter().all(|n| *n <= MAX_BATCH), "{batches:?}");
+        queue.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
+        assert_eq!(
+            queue.shared.stats.exported.load(Ordering::Relaxed),
+            sampled as u64
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        let exporter = Recording::default();
+        exporter.held.store(true, Ordering::SeqCst);
+        let queue = queue(&exporter);
+        // A whole batch wakes the export thread, which takes it and is held in the export.
+        for _ in 0..MAX_BATCH {
+            queue.on_end(span(true));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !exporter.exporting.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the batch was never taken");
+            std::thread::yield_now();
+        }
+        // Meanwhile the queue fills; what does not fit is dropped, at once.
+        let started = Instant::now();
+        for _ in 0..QUEUE_SPANS + 10 {
+            queue.on_end(span(true));
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(queue.shared.stats.dropped.load(Ordering::Relaxed), 10);
+        exporter.held.store(false, Ordering::SeqCst);
+        exporter.gate.notify_one();
+        queue.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
+        let exported: usize = exporter.batches.lock().unwrap().iter().sum();
+        assert_eq!(exported, MAX_BATCH + QUEUE_SPANS);
+    }
+}
