@@ -238,10 +238,11 @@ fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
     shared: &Shared,
 ) {
     let mut last_failure_log: Option<std::time::Instant> = None;
-    let mut export = |spans: Vec<SpanData>, exporter: &E| {
-        let mut spans = spans.into_iter().peekable();
-        while spans.peek().is_some() {
-            let batch: Vec<SpanData> = spans.by_ref().take(MAX_BATCH).collect();
+    let mut export = |mut spans: Vec<SpanData>, exporter: &E| {
+        while !spans.is_empty() {
+            // Most often everything waiting is one batch, exported as it is, without a copy.
+            let rest = spans.split_off(spans.len().min(MAX_BATCH));
+            let batch = std::mem::replace(&mut spans, rest);
             let n = batch.len() as u64;
             match runtime.block_on(exporter.export(batch)) {
                 Ok(()) => {
@@ -273,7 +274,12 @@ fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
                     .0;
             }
             (
-                std::mem::take(&mut waiting.spans),
+                // Room for a whole batch, made here: ending a span never grows the vector.
+                if waiting.spans.is_empty() {
+                    Vec::new()
+                } else {
+                    std::mem::replace(&mut waiting.spans, Vec::with_capacity(MAX_BATCH))
+                },
                 std::mem::take(&mut waiting.asks),
                 waiting.closed,
             )
