@@ -79,28 +79,7 @@ where
     }
     let result = match tracer {
         Some(tracer) if sampled => {
-            let mut attributes = Vec::with_capacity(8);
-            attributes.extend([
-                KeyValue::new("rpc.system", "grpc"),
-                KeyValue::new("rpc.service", service),
-                KeyValue::new("rpc.method", method),
-            ]);
-            if let Some(local) = local {
-                attributes.push(KeyValue::new("server.address", local.ip().to_string()));
-                attributes.push(KeyValue::new("server.port", i64::from(local.port())));
-            }
-            if let Some(caller) = caller {
-                attributes.push(KeyValue::new("herd.caller", caller.to_string()));
-            }
-            let parent = match parent {
-                Some(parent) => Context::new().with_remote_span_context(parent),
-                None => Context::new(),
-            };
-            let mut exported = tracer
-                .span_builder(path)
-                .with_kind(SpanKind::Server)
-                .with_attributes(attributes)
-                .start_with_context(tracer, &parent);
+            let mut exported = start_server_span(tracer, path, local, caller.as_deref(), parent);
             let own = exported.span_context().clone();
             if !span.is_disabled() {
                 span.record("trace_id", own.trace_id().to_string());
@@ -150,6 +129,40 @@ where
         }
     }
     result
+}
+
+/// Starts the exported `rpc.server` span of a call of `path` served at `local`, child of the
+/// caller's `parent` (a new trace without one).
+fn start_server_span(
+    tracer: &opentelemetry_sdk::trace::SdkTracer,
+    path: &'static str,
+    local: Option<std::net::SocketAddr>,
+    caller: Option<&str>,
+    parent: Option<SpanContext>,
+) -> opentelemetry_sdk::trace::Span {
+    let (service, method) = split_method(path);
+    let mut attributes = Vec::with_capacity(8);
+    attributes.extend([
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", service),
+        KeyValue::new("rpc.method", method),
+    ]);
+    if let Some(local) = local {
+        attributes.push(KeyValue::new("server.address", local.ip().to_string()));
+        attributes.push(KeyValue::new("server.port", i64::from(local.port())));
+    }
+    if let Some(caller) = caller {
+        attributes.push(KeyValue::new("herd.caller", caller.to_string()));
+    }
+    let parent = match parent {
+        Some(parent) => Context::new().with_remote_span_context(parent),
+        None => Context::new(),
+    };
+    tracer
+        .span_builder(path)
+        .with_kind(SpanKind::Server)
+        .with_attributes(attributes)
+        .start_with_context(tracer, &parent)
 }
 
 /// Ends an exported server span: the attributes recorded while serving (the last of each key),
