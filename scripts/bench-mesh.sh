@@ -26,7 +26,8 @@ cleanup() {
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     PIDS=()
 }
-trap 'cleanup; rm -rf "$WORK"' EXIT
+# The tracing part's sink is stopped apart (after the instances), or here if the script stops.
+trap 'cleanup; [ -n "${sink_pid:-}" ] && kill -TERM "$sink_pid" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 cargo build --release -q --workspace --bins
 
@@ -307,21 +308,26 @@ for run in $(seq 1 "$RUNS"); do
     half=$(awk -v c="$sat0" 'BEGIN {printf "%d", c / 2}')
     read -r p50 p99 < <(half_run "$GATEWAY" "$half")
     cleanup
-    ROWS+=("0 $run $sat0 $cpu0 $p50 $p99 $half 0 0 0")
+    ROWS+=("0 $run $sat0 $cpu0 $p50 $p99 $half 0 0 0 0")
     for ratio in $RATIOS; do
+        # The sink outlives the instances (it is not in PIDS): stopped after them, it says how
+        # many spans it received, which must be what they say they exported.
         SINK=127.0.0.1:$(free_port)
-        on_load "$BIN/herd-raw" --role sink --listen "$SINK" & PIDS+=($!)
+        # exec: the recorded pid is the sink's own.
+        (exec taskset -c 0 "$BIN/herd-raw" --role sink --listen "$SINK" >"$WORK/sink.log" 2>&1) & sink_pid=$!
         wait_listening "$SINK"
         HERD_LOG="warn,herd::telemetry::export=info" start_herd OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG="$ratio"
         read -r sat cpu < <(sat_run "$GATEWAY" "${SERVERS[@]}")
         read -r p50 p99 < <(half_run "$GATEWAY" "$half")
         cleanup
-        ROWS+=("$ratio $run $sat $cpu $p50 $p99 $half $(span_count exported_spans) $(span_count dropped_spans) $(span_count failed_spans)")
+        kill -TERM "$sink_pid"; wait "$sink_pid" || true; sink_pid=
+        received=$(grep -o 'spans received: [0-9]*' "$WORK/sink.log" | grep -o '[0-9]*$' || echo 0)
+        ROWS+=("$ratio $run $sat $cpu $p50 $p99 $half $(span_count exported_spans) $(span_count dropped_spans) $(span_count failed_spans) $received")
         echo "tracing run $run: sampled $ratio: ${ROWS[-1]}" >&2
     done
 done
 {
-    echo "# ratio run saturation_ok_s cpu_us_per_request p50_us p99_us half_load_per_s spans_exported spans_dropped spans_failed"
+    echo "# ratio run saturation_ok_s cpu_us_per_request p50_us p99_us half_load_per_s spans_exported spans_dropped spans_failed spans_received"
     printf '%s\n' "${ROWS[@]}"
 } >"$TRACING_DATA"
 echo "== tracing ($RUNS runs; each ratio against the untraced mesh of the same run; half load ~$half calls/s in the last)"
@@ -345,7 +351,7 @@ for ratio in 0 $RATIOS; do
     stats "$label / none: throughput" "" $(against "$ratio" 3)
     # shellcheck disable=SC2046
     stats "$label / none: p99 at half load" "" $(against "$ratio" 6)
-    echo "$label: spans exported $(col "$ratio" 8 | paste -sd' '), dropped $(col "$ratio" 9 | paste -sd' '), failed $(col "$ratio" 10 | paste -sd' ') (per run)"
+    echo "$label: spans exported $(col "$ratio" 8 | paste -sd' '), dropped $(col "$ratio" 9 | paste -sd' '), failed $(col "$ratio" 10 | paste -sd' '), received by the sink $(col "$ratio" 11 | paste -sd' ') (per run)"
 done
 echo "goals: CPU per request at 100 % <= 1.25, at 1 % <= 1.03; throughput at 100 % >= 0.80; p99 at half load at 100 % <= 1.25; no span dropped"
 if command -v gnuplot >/dev/null 2>&1; then scripts/tracing-chart.sh "$TRACING_DATA" "$TRACING_CHART"; fi

@@ -67,11 +67,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         let tls = tls.clone();
         async move { raw::channel_with(&address, tls.as_ref()).await }
     };
+    let sink = herd_bench::sink::Sink::default();
     let router = match args.role {
         Role::Hello => server.add_service(tonic_health::server::health_reporter().1),
-        Role::Sink => {
-            server.add_service(herd_bench::sink::server(herd_bench::sink::Sink::default()))
-        }
+        Role::Sink => server.add_service(herd_bench::sink::server(sink.clone())),
         Role::Tax => server.add_service(raw::tax_server(raw::load_config(&args.config)?)),
         Role::Currency => server.add_service(raw::currency_server(raw::load_config(&args.config)?)),
         Role::Pricing => server.add_service(raw::pricing_server(raw::RawPricing {
@@ -94,6 +93,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }))
         }
     };
+    if args.role == Role::Sink {
+        // A sink stops on SIGTERM and says how many spans it received, for the benchmark to
+        // compare with what the instances say they exported.
+        router
+            .serve_with_incoming_shutdown(incoming, herd::binary::shutdown_signal())
+            .await?;
+        println!(
+            "spans received: {}",
+            sink.spans.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        return Ok(());
+    }
     router.serve_with_incoming(incoming).await?;
     Ok(())
 }
