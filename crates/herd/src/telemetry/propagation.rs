@@ -241,6 +241,40 @@ mod tests {
         }
     }
 
+    /// What herd's own code does per hop for an unsampled call while export is on: read the
+    /// caller's trace context, then mirror it into the next attempt's headers. `cargo test
+    /// --release -p herd measure_unsampled_hop -- --ignored --nocapture` (figures in
+    /// BENCHMARKS.md).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_unsampled_hop() {
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let ctx = RequestContext {
+            trace: Some(TraceContext {
+                traceparent: traceparent.into(),
+                tracestate: String::new(),
+            }),
+            ..Default::default()
+        };
+        let mut incoming = MetadataMap::new();
+        insert(&mut incoming, "traceparent", traceparent);
+        let rounds = 1_000_000;
+        let started = std::time::Instant::now();
+        for _ in 0..rounds {
+            let parent = parent_of(&incoming, Some(&ctx));
+            assert!(parent.is_some_and(|p| !p.is_sampled()));
+            let mut outgoing = MetadataMap::new();
+            let (span, trace) = client_span(
+                "herd.tax.v1.TaxService/ComputeTax",
+                Some(&ctx),
+                &mut outgoing,
+            );
+            assert!(trace.is_none() && span.peer().is_none());
+            std::hint::black_box(outgoing);
+        }
+        println!("REPORT unsampled hop: {:?}", started.elapsed() / rounds);
+    }
+
     #[test]
     fn the_message_carries_the_trace_when_no_header_does() {
         let trace = TraceContext {
