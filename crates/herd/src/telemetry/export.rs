@@ -375,6 +375,57 @@ mod tests {
         }
     }
 
+    /// What the OTLP exporter does per span before sending: opentelemetry-proto's conversion
+    /// (`group_spans_by_resource_and_scope`) and prost's encoding, for spans shaped like a
+    /// sampled server span of herd's. `cargo test --release -p herd measure_otlp_encoding --
+    /// --ignored --nocapture` (figures in BENCHMARKS.md).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn measure_otlp_encoding() {
+        use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+        use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+        use prost::Message;
+        let resource = ResourceAttributesWithSchema::from(
+            &opentelemetry_sdk::Resource::builder()
+                .with_service_name("herd-pricing")
+                .build(),
+        );
+        let herd_span = || {
+            let mut span = span(true);
+            span.name = "herd.pricing.v1.PricingService/PriceItems".into();
+            span.attributes = vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", "herd.pricing.v1.PricingService"),
+                KeyValue::new("rpc.method", "PriceItems"),
+                KeyValue::new("server.address", "127.0.0.1".to_string()),
+                KeyValue::new("server.port", 41234_i64),
+                KeyValue::new("herd.tenant", "acme".to_string()),
+                KeyValue::new("herd.request_id", "0123456789abcdef0123".to_string()),
+                KeyValue::new("herd.config_revision", 42_i64),
+                KeyValue::new("rpc.grpc.status_code", 0_i64),
+            ];
+            span
+        };
+        let (batches, size) = (200, MAX_BATCH);
+        let spans: Vec<Vec<SpanData>> = (0..batches)
+            .map(|_| (0..size).map(|_| herd_span()).collect())
+            .collect();
+        let started = Instant::now();
+        let mut bytes = 0;
+        for batch in spans {
+            let request = group_spans_by_resource_and_scope(batch, &resource);
+            bytes += request
+                .iter()
+                .map(|r| r.encode_to_vec().len())
+                .sum::<usize>();
+        }
+        let per_span = started.elapsed() / (batches * size) as u32;
+        println!(
+            "REPORT OTLP conversion and encoding: {per_span:?} per span, {} bytes per span",
+            bytes / (batches * size)
+        );
+    }
+
     fn queue(exporter: &Recording) -> SpanQueue {
         let exporter = exporter.clone();
         SpanQueue::new(move || Ok(exporter)).unwrap()
