@@ -26,12 +26,8 @@ pub(super) fn exporter_configured() -> bool {
 pub(super) fn build_provider(
     service: &str,
     instance_id: &str,
-) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    let processor = SpanQueue::new(|| {
-        opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
-    })?;
+) -> Result<SdkTracerProvider, String> {
+    let processor = SpanQueue::new(super::otlp::OtlpExporter::from_env)?;
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(format!("herd-{service}"));
@@ -113,10 +109,10 @@ impl Shared {
 impl SpanQueue {
     /// Starts the export thread, which makes the exporter with `make` inside a runtime of its
     /// own: encoding and sending spans never take a turn on the runtime that serves calls.
-    fn new<E, F>(make: F) -> Result<Self, opentelemetry_otlp::ExporterBuildError>
+    fn new<E, F>(make: F) -> Result<Self, String>
     where
         E: opentelemetry_sdk::trace::SpanExporter + 'static,
-        F: FnOnce() -> Result<E, opentelemetry_otlp::ExporterBuildError> + Send + 'static,
+        F: FnOnce() -> Result<E, String> + Send + 'static,
     {
         let shared = Arc::new(Shared::default());
         let thread_shared = shared.clone();
@@ -130,9 +126,7 @@ impl SpanQueue {
                 {
                     Ok(runtime) => runtime,
                     Err(e) => {
-                        let _ = built.send(Err(
-                            opentelemetry_otlp::ExporterBuildError::InternalFailure(e.to_string()),
-                        ));
+                        let _ = built.send(Err(e.to_string()));
                         return;
                     }
                 };
@@ -147,10 +141,8 @@ impl SpanQueue {
                     }
                 }
             })
-            .map_err(|e| opentelemetry_otlp::ExporterBuildError::InternalFailure(e.to_string()))?;
-        started.recv().map_err(|e| {
-            opentelemetry_otlp::ExporterBuildError::InternalFailure(e.to_string())
-        })??;
+            .map_err(|e| e.to_string())?;
+        started.recv().map_err(|e| e.to_string())??;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -385,11 +377,16 @@ mod tests {
         use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
         use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
         use prost::Message;
-        let resource = ResourceAttributesWithSchema::from(
-            &opentelemetry_sdk::Resource::builder()
-                .with_service_name("herd-pricing")
-                .build(),
-        );
+        let sdk_resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("herd-pricing")
+            .build();
+        let resource = ResourceAttributesWithSchema::from(&sdk_resource);
+        let resource_attributes = || {
+            sdk_resource
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                .collect()
+        };
         let herd_span = || {
             let mut span = span(true);
             span.name = "herd.pricing.v1.PricingService/PriceItems".into();
@@ -421,7 +418,21 @@ mod tests {
         }
         let per_span = started.elapsed() / (batches * size) as u32;
         println!(
-            "REPORT OTLP conversion and encoding: {per_span:?} per span, {} bytes per span",
+            "REPORT opentelemetry-proto conversion and encoding: {per_span:?} per span, {} bytes per span",
+            bytes / (batches * size)
+        );
+        let attributes: Vec<KeyValue> = resource_attributes();
+        let spans: Vec<Vec<SpanData>> = (0..batches)
+            .map(|_| (0..size).map(|_| herd_span()).collect())
+            .collect();
+        let started = Instant::now();
+        let mut bytes = 0;
+        for batch in spans {
+            bytes += super::super::otlp::request(&attributes, &batch).len();
+        }
+        let per_span = started.elapsed() / (batches * size) as u32;
+        println!(
+            "REPORT herd's encoding: {per_span:?} per span, {} bytes per span",
             bytes / (batches * size)
         );
     }

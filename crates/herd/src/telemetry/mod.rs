@@ -24,6 +24,7 @@
 
 mod budget;
 mod export;
+mod otlp;
 mod propagation;
 mod sampling;
 mod server;
