@@ -404,37 +404,28 @@ mod tests {
             span
         };
         let (batches, size) = (200, MAX_BATCH);
-        let spans: Vec<Vec<SpanData>> = (0..batches)
-            .map(|_| (0..size).map(|_| herd_span()).collect())
-            .collect();
-        let started = Instant::now();
-        let mut bytes = 0;
-        for batch in spans {
-            let request = group_spans_by_resource_and_scope(batch, &resource);
-            bytes += request
+        let attributes: Vec<KeyValue> = resource_attributes();
+        // Each way encodes the same batches, made afresh (both consume or drop them), and
+        // reports time and bytes per span.
+        let measure = |what: &str, encode: &dyn Fn(Vec<SpanData>) -> usize| {
+            let spans: Vec<Vec<SpanData>> = (0..batches)
+                .map(|_| (0..size).map(|_| herd_span()).collect())
+                .collect();
+            let started = Instant::now();
+            let bytes: usize = spans.into_iter().map(encode).sum();
+            let per_span = started.elapsed() / (batches * size) as u32;
+            let bytes = bytes / (batches * size);
+            println!("REPORT {what}: {per_span:?} per span, {bytes} bytes per span");
+        };
+        measure("opentelemetry-proto conversion and encoding", &|batch| {
+            group_spans_by_resource_and_scope(batch, &resource)
                 .iter()
                 .map(|r| r.encode_to_vec().len())
-                .sum::<usize>();
-        }
-        let per_span = started.elapsed() / (batches * size) as u32;
-        println!(
-            "REPORT opentelemetry-proto conversion and encoding: {per_span:?} per span, {} bytes per span",
-            bytes / (batches * size)
-        );
-        let attributes: Vec<KeyValue> = resource_attributes();
-        let spans: Vec<Vec<SpanData>> = (0..batches)
-            .map(|_| (0..size).map(|_| herd_span()).collect())
-            .collect();
-        let started = Instant::now();
-        let mut bytes = 0;
-        for batch in spans {
-            bytes += super::super::otlp::request(&attributes, &batch).len();
-        }
-        let per_span = started.elapsed() / (batches * size) as u32;
-        println!(
-            "REPORT herd's encoding: {per_span:?} per span, {} bytes per span",
-            bytes / (batches * size)
-        );
+                .sum()
+        });
+        measure("herd's encoding", &|batch| {
+            super::super::otlp::request(&attributes, &batch).len()
+        });
     }
 
     fn queue(exporter: &Recording) -> SpanQueue {
