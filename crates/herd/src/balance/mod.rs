@@ -414,8 +414,10 @@ pub(crate) mod tests {
             on_b += b;
         }
         // Each endpoint serves a share; not an even one: one slow answer (this test shares two
-        // cores with the rest of the suite) weighs on an endpoint's latency for the whole run.
-        assert!(on_a >= 10 && on_b >= 10, "a={on_a} b={on_b}");
+        // cores with the rest of the suite) weighs on an endpoint's latency for the whole run,
+        // and p2c rightly prefers the other — once seen at 391 to 9. Both must serve more than
+        // their first (trial) call.
+        assert!(on_a >= 5 && on_b >= 5, "a={on_a} b={on_b}");
     }
 
     /// Six instances of "probe" and three callers: the subsets of size two of caller `g1`.
