@@ -644,7 +644,6 @@ fn expected_subset(settings: &ScaleSettings) -> usize {
     .size
 }
 
-/// CPU time (user and system) of process `pid`, seconds.
 /// CPU time of processes `pids` together (see [`cpu_seconds`]), seconds.
 fn total_cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
@@ -657,6 +656,7 @@ fn largest_mib(pids: &[u32], field: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// CPU time (user and system) of process `pid`, seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): utime and stime are the 12th and

@@ -360,6 +360,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// Eight callers at once, each making 50 health Checks of `service` over `channel`: how many
+    /// were answered and how many refused.
+    async fn eight_callers(channel: &MeshChannel, service: &str) -> (usize, usize) {
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let mut client = HealthClient::new(channel.clone());
+                let service = service.to_string();
+                tokio::spawn(async move {
+                    let mut answered = 0;
+                    for _ in 0..50 {
+                        let request = HealthCheckRequest {
+                            service: service.clone(),
+                        };
+                        answered += usize::from(client.check(request).await.is_ok());
+                    }
+                    answered
+                })
+            })
+            .collect();
+        let mut answered = 0;
+        for caller in callers {
+            answered += caller.await.expect("caller");
+        }
+        (answered, 8 * 50 - answered)
+    }
+
     /// Waits (5 s at most) until `ready` lists `count` endpoints.
     async fn until_ready(ready: &mut watch::Receiver<Vec<String>>, count: usize) {
         tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| r.len() == count))
@@ -388,31 +414,9 @@ pub(crate) mod tests {
         until_ready(&mut ready, 2).await;
         // Eight callers at once: p2c weighs each endpoint's latency by the calls it has in
         // flight, so concurrent calls spread. (One caller at a time would try each endpoint
-        // once, then stay mostly on whichever answered faster.)
-        let callers = (0..8).map(|_| {
-            let mut client = HealthClient::new(channel.clone());
-            tokio::spawn(async move {
-                let (mut on_a, mut on_b) = (0, 0);
-                for _ in 0..50 {
-                    // Each server knows only its own name, so the answer tells which one served.
-                    let request = HealthCheckRequest {
-                        service: "a".into(),
-                    };
-                    if client.check(request).await.is_ok() {
-                        on_a += 1;
-                    } else {
-                        on_b += 1;
-                    }
-                }
-                (on_a, on_b)
-            })
-        });
-        let (mut on_a, mut on_b) = (0, 0);
-        for caller in callers.collect::<Vec<_>>() {
-            let (a, b) = caller.await.expect("caller");
-            on_a += a;
-            on_b += b;
-        }
+        // once, then stay mostly on whichever answered faster.) Each server knows only its own
+        // name, so asking after "a" tells which one served.
+        let (on_a, on_b) = eight_callers(&channel, "a").await;
         // Each endpoint serves a share; not an even one: one slow answer (this test shares two
         // cores with the rest of the suite) weighs on an endpoint's latency for the whole run,
         // and p2c rightly prefers the other — once seen at 391 to 9. Both must serve more than
@@ -745,23 +749,7 @@ pub(crate) mod tests {
         let channel = MeshChannel::new("probe", resolver.subscribe());
         let mut ready = channel.subscribe_ready();
         until_ready(&mut ready, 2).await;
-        let callers = (0..8).map(|_| {
-            let mut client = HealthClient::new(channel.clone());
-            tokio::spawn(async move {
-                let mut shed = 0;
-                for _ in 0..50 {
-                    let answer = client.check(HealthCheckRequest::default()).await;
-                    if answer.is_err() {
-                        shed += 1;
-                    }
-                }
-                shed
-            })
-        });
-        let mut shed = 0;
-        for caller in callers.collect::<Vec<_>>() {
-            shed += caller.await.expect("caller");
-        }
+        let (_, shed) = eight_callers(&channel, "").await;
         // A refusal is fast: counted as a fast answer it would draw most calls. Counted as
         // load, it draws few.
         assert!(

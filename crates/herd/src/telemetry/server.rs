@@ -7,14 +7,15 @@ use std::future::Future;
 use herd_proto::WithContext;
 use herd_proto::context::{RequestContext, TraceContext};
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
 use tracing::Instrument;
 
 use super::SAMPLING;
 use super::budget::LogBudget;
-use super::propagation::{SERVING, Serving, parent_of, record_late, split_method};
+use super::propagation::{SERVING, Serving, parent_of, record_late, split_method, traceparent};
 use super::sampling::SamplingRatio;
 
 /// Runs one server call of `path` (`package.Service/Method`) inside its `rpc.server` span,
@@ -215,17 +216,23 @@ fn unsampled_context<Req: WithContext>(
     {
         return;
     }
-    let traceparent = if let Some(incoming) = parent {
-        format!("00-{}-{}-00", incoming.trace_id(), incoming.span_id())
-    } else {
-        format!(
-            "00-{:032x}-{:016x}-00",
-            rand::random::<u128>().max(1),
-            rand::random::<u64>().max(1)
-        )
+    // The caller's (not sampled, or this call would be), else a new trace's.
+    let fresh;
+    let context = match parent {
+        Some(incoming) => incoming,
+        None => {
+            fresh = SpanContext::new(
+                TraceId::from_bytes(rand::random::<u128>().max(1).to_be_bytes()),
+                SpanId::from_bytes(rand::random::<u64>().max(1).to_be_bytes()),
+                TraceFlags::NOT_SAMPLED,
+                false,
+                TraceState::NONE,
+            );
+            &fresh
+        }
     };
     ctx.trace = Some(TraceContext {
-        traceparent,
+        traceparent: traceparent(context),
         tracestate: String::new(),
     });
 }
