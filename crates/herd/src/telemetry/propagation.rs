@@ -155,8 +155,12 @@ pub(crate) fn client_span(
     (ClientSpan { log, exported }, Some(trace))
 }
 
+/// Writes a trace header. A trace context differs on every call: kept out of HPACK's dynamic
+/// table (sent as never indexed), it does not push out the headers that repeat on every call,
+/// which then would be sent in full again.
 fn insert(metadata: &mut MetadataMap, key: &'static str, value: &str) {
-    if let Ok(value) = MetadataValue::try_from(value) {
+    if let Ok(mut value) = MetadataValue::try_from(value) {
+        value.set_sensitive(true);
         metadata.insert(key, value);
     }
 }
