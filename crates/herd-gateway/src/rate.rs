@@ -90,6 +90,10 @@ impl TenantRates {
             bucket.tokens -= 1.0;
             return Ok(());
         }
+        herd::metrics::refused(
+            herd_proto::quote::quote_service_server::SERVICE_NAME,
+            herd::metrics::Refusal::RateLimited,
+        );
         Err(Status::resource_exhausted(format!(
             "tenant {}: over its rate of {rate} calls/s (this gateway's share: {share:.1}/s, one of {gateways})",
             herd::error::quoted(tenant)

@@ -33,7 +33,27 @@ where
     let served = block_on(async move {
         let instance_id = Mesh::new_instance_id(service);
         let telemetry = crate::telemetry::init(&settings.log_format, service, &instance_id);
+        let metrics =
+            crate::metrics::init(service, &instance_id, settings.metrics_listen.is_some());
         let served = async {
+            let metrics = metrics?;
+            let _exposition = match (&metrics, settings.metrics_listen) {
+                (Some(metrics), Some(address)) => {
+                    let listener =
+                        TcpListener::bind(address)
+                            .await
+                            .map_err(|source| ServeError::Bind {
+                                address: address.to_string(),
+                                source,
+                            })?;
+                    tracing::info!(address = %listener.local_addr().unwrap_or(address), "metrics listening");
+                    Some(AbortOnDrop(tokio::spawn(crate::metrics::exposition::serve(
+                        listener,
+                        metrics.reader(),
+                    ))))
+                }
+                _ => None,
+            };
             let listener =
                 TcpListener::bind(settings.listen)
                     .await
@@ -46,7 +66,12 @@ where
             // The runtime's own sections (the sampling ratio) apply even to an instance whose
             // services read no configuration.
             let _ = mesh.runtime_config();
-            mesh.serve(listener, services, shutdown_signal()).await
+            let served = mesh.serve(listener, services, shutdown_signal()).await;
+            // The calls of the drain are in the last push.
+            if let Some(metrics) = metrics {
+                metrics.shutdown().await;
+            }
+            served
         }
         .await;
         if let Err(e) = &served {
@@ -60,6 +85,15 @@ where
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(code) => code,
+    }
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -33,6 +33,7 @@ use arc_swap::ArcSwap;
 
 use crate::authz::Policy;
 use crate::limit::{Limiter, Permit};
+use crate::metrics::Refusal;
 
 /// The largest request message a service takes unless it says otherwise.
 pub const DEFAULT_MAX_REQUEST: usize = 2 * 1024 * 1024;
@@ -43,8 +44,9 @@ const FRAME_HEADER: usize = 5;
 /// concurrency limit, shared by all of them and every connection.
 #[derive(Debug, Clone)]
 pub struct DoorLayer {
-    /// `/pkg.Service/` → largest request message; a handful, so a scan beats a hash.
-    limits: Arc<[(String, usize)]>,
+    /// `/pkg.Service/`, `pkg.Service` → largest request message; a handful, so a scan beats a
+    /// hash.
+    limits: Arc<[(String, &'static str, usize)]>,
     limiter: Arc<Limiter>,
     authz: Option<Arc<ArcSwap<Policy>>>,
 }
@@ -56,7 +58,7 @@ impl DoorLayer {
         Self {
             limits: limits
                 .into_iter()
-                .map(|(name, limit)| (format!("/{name}/"), limit))
+                .map(|(name, limit)| (format!("/{name}/"), name, limit))
                 .collect(),
             limiter,
             authz: None,
@@ -87,7 +89,7 @@ impl<S> Layer<S> for DoorLayer {
 #[derive(Debug, Clone)]
 pub struct Door<S> {
     inner: S,
-    limits: Arc<[(String, usize)]>,
+    limits: Arc<[(String, &'static str, usize)]>,
     limiter: Arc<Limiter>,
     authz: Option<Arc<ArcSwap<Policy>>>,
 }
@@ -106,42 +108,49 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path();
-        let Some(limit) = self
+        let Some((service, limit)) = self
             .limits
             .iter()
-            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
-            .map(|(_, limit)| *limit)
+            .find(|(prefix, _, _)| path.starts_with(prefix.as_str()))
+            .map(|(_, service, limit)| (*service, *limit))
         else {
             return Either::Right(Admitted {
                 inner: self.inner.call(request),
                 permit: None,
             });
         };
-        let refuse = |status: Status| Either::Left(futures::future::ready(Ok(status.into_http())));
+        let refuse = |status: Status, reason| {
+            crate::metrics::refused(service, reason);
+            Either::Left(futures::future::ready(Ok(status.into_http())))
+        };
         if let Some(authz) = &self.authz {
             let identity = request
                 .extensions()
                 .get::<crate::tls::PeerInfo>()
                 .and_then(|peer| peer.identity.as_deref());
             if let Err(status) = authz.load().check(path, identity) {
-                return refuse(status);
+                return refuse(status, Refusal::Unauthorized);
             }
         }
         // Answered before anything is awaited, so before tonic's own timer can answer CANCELLED.
         let timeout = match check_timeout(request.headers()) {
             Ok(timeout) => timeout,
-            Err(status) => return refuse(status),
+            Err(status) => return refuse(status, Refusal::Invalid),
         };
         let typical = self.limiter.typical_latency();
         if let (Some(left), Some(typical)) = (timeout, typical)
             && left < typical
         {
-            return refuse(Status::deadline_exceeded(format!(
-                "grpc-timeout: {left:?} left, a call takes {typical:?} here now"
-            )));
+            return refuse(
+                Status::deadline_exceeded(format!(
+                    "grpc-timeout: {left:?} left, a call takes {typical:?} here now"
+                )),
+                Refusal::Deadline,
+            );
         }
         let now = tokio::time::Instant::now();
         let Some(permit) = self.limiter.try_acquire(now) else {
+            crate::metrics::refused(service, Refusal::Overloaded);
             return Either::Left(futures::future::ready(Ok(shed(&self.limiter, typical))));
         };
         // The first message is checked as the service reads it: a refusal is the status the
@@ -149,7 +158,7 @@ where
         Either::Right(Admitted {
             inner: self
                 .inner
-                .call(request.map(|body| Body::new(Checked::new(body, limit)))),
+                .call(request.map(|body| Body::new(Checked::new(body, limit, service)))),
             permit: Some(permit),
         })
     }
@@ -261,6 +270,8 @@ fn check_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, Status> 
 struct Checked {
     body: Body,
     limit: usize,
+    /// The service called, for the refusal's count.
+    service: &'static str,
     /// The first frame's header as it arrives.
     header: [u8; FRAME_HEADER],
     seen: usize,
@@ -269,10 +280,11 @@ struct Checked {
 }
 
 impl Checked {
-    fn new(body: Body, limit: usize) -> Self {
+    fn new(body: Body, limit: usize, service: &'static str) -> Self {
         Self {
             body,
             limit,
+            service,
             header: [0; FRAME_HEADER],
             seen: 0,
             remaining: None,
@@ -338,20 +350,18 @@ impl http_body::Body for Checked {
         if self.done() {
             return Poll::Ready(frame);
         }
-        Poll::Ready(match frame {
+        let refused = match frame {
             Some(Ok(frame)) => match frame.data_ref().map(|data| self.observe(data)) {
-                Some(Ok(())) => Some(Ok(frame)),
-                Some(Err(status)) => Some(Err(status)),
-                None => Some(Err(Status::invalid_argument(
-                    "request: trailers before the whole message",
-                ))),
+                Some(Ok(())) => return Poll::Ready(Some(Ok(frame))),
+                Some(Err(status)) => status,
+                None => Status::invalid_argument("request: trailers before the whole message"),
             },
-            Some(Err(status)) => Some(Err(status)),
-            None if self.seen == 0 => Some(Err(Status::invalid_argument("request: no message"))),
-            None => Some(Err(Status::invalid_argument(
-                "request: the message ends before its frame says",
-            ))),
-        })
+            Some(Err(status)) => return Poll::Ready(Some(Err(status))),
+            None if self.seen == 0 => Status::invalid_argument("request: no message"),
+            None => Status::invalid_argument("request: the message ends before its frame says"),
+        };
+        crate::metrics::refused(self.service, Refusal::Invalid);
+        Poll::Ready(Some(Err(refused)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -384,7 +394,7 @@ mod tests {
 
     /// Everything the checked body gives, or the status it ends with.
     async fn read(chunks: &[&[u8]], limit: usize) -> Result<Vec<u8>, Status> {
-        let mut checked = Checked::new(body(chunks), limit);
+        let mut checked = Checked::new(body(chunks), limit, "t.S");
         let mut all = Vec::new();
         while let Some(frame) =
             std::future::poll_fn(|cx| Pin::new(&mut checked).poll_frame(cx)).await

@@ -456,6 +456,9 @@ pub enum ServeError {
     /// The instance's TLS material could not be used.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// Metrics could not be turned on (an OTLP endpoint that is not a URI, for example).
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 #[cfg(test)]

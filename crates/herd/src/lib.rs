@@ -24,6 +24,7 @@
 //! - [`binary`]: the life of a service binary or tool: settings, logs, signals, exit code.
 //! - [`error`]: what can go wrong, typed, and the one place each becomes a gRPC status.
 //! - [`telemetry`]: logs, OpenTelemetry spans and W3C trace context on every hop.
+//! - [`metrics`]: golden metrics of every hop, scraped by Prometheus and pushed over OTLP.
 //! - [`watch`]: following an etcd prefix through compactions and broken watches.
 
 pub mod admin;
@@ -43,6 +44,7 @@ pub mod instance;
 pub mod layout;
 pub mod limit;
 pub mod mesh;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod settings;

@@ -194,6 +194,9 @@ impl Mesh {
             self.config_status.clone(),
             self.tls.is_some(),
         ));
+        if let Some(status) = &self.config_status {
+            crate::metrics::watch_config(status.clone());
+        }
         let hygiene = self.settings.hygiene();
         let limits = self.settings.limit_settings();
         let health_listener = match self.settings.health_listen {
@@ -288,6 +291,7 @@ impl Mesh {
     async fn run(&self, address: SocketAddr, health: Health, registration: &Registration) {
         health.set_all(ServingStatus::Serving).await;
         tracing::info!(service = %self.service, instance = %self.instance_id, %address, "serving");
+        crate::metrics::watch_registration(registration.subscribe());
         mirror_registration(health.reporter, registration.subscribe()).await;
     }
 }
@@ -338,6 +342,7 @@ impl Started {
         limits: LimitSettings,
     ) -> Result<Self, ServeError> {
         let limiter = Arc::new(Limiter::new(limits));
+        crate::metrics::watch_limiter(&limiter);
         let address = listener.local_addr().map_err(|source| ServeError::Bind {
             address: "the listener".into(),
             source,

@@ -37,6 +37,12 @@ pub struct Settings {
     #[arg(long, env = "HERD_HEALTH_LISTEN", value_name = "ADDR")]
     pub health_listen: Option<SocketAddr>,
 
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address. Metrics are also
+    /// pushed over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._METRICS_ENDPOINT`) is set;
+    /// with neither, none are kept.
+    #[arg(long, env = "HERD_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// This instance's certificate (PEM, leaf first, naming `spiffe://<trust-domain>/herd/<service>`).
     /// With --tls-key and --tls-ca every hop is mutual TLS; without all three, plaintext.
     #[arg(long, env = "HERD_TLS_CERT", value_name = "FILE")]

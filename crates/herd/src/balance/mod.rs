@@ -238,6 +238,14 @@ fn shed_pushback(headers: &http::HeaderMap) -> Option<Duration> {
     crate::door::pushback_of(headers.get(crate::door::PUSHBACK)?.to_str().ok()?)
 }
 
+/// How many endpoints in `pool` are SERVING.
+fn ready_count(pool: &Pool) -> usize {
+    pool.endpoints
+        .values()
+        .filter(|state| matches!(state, State::Serving(_)))
+        .count()
+}
+
 /// The instance ids of the endpoints in `pool` that are SERVING.
 fn ready_of(pool: &Pool) -> Vec<String> {
     pool.endpoints
@@ -304,7 +312,7 @@ impl ChannelBuilder {
             pool_tx,
         ));
         let loaded = EndpointDiscover::new(pool.clone());
-        MeshChannel {
+        let channel = MeshChannel {
             inner: Arc::new(Shared {
                 service: self.service.into(),
                 balancer: tokio::sync::Mutex::new(Balance::new(loaded)),
@@ -313,7 +321,19 @@ impl ChannelBuilder {
                 budget: RetryBudget::default(),
                 max_response: self.max_response,
             }),
-        }
+        };
+        let observed = Arc::downgrade(&channel.inner);
+        crate::metrics::watch_channel(move || {
+            let shared = observed.upgrade()?;
+            let channel = MeshChannel { inner: shared };
+            Some(crate::metrics::ChannelState {
+                service: channel.inner.service.clone(),
+                endpoints: channel.endpoint_count(),
+                ready: ready_count(&channel.inner.pool.borrow()),
+                budget: channel.inner.budget.tokens(),
+            })
+        });
+        channel
     }
 }
 

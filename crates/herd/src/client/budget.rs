@@ -46,6 +46,11 @@ impl RetryBudget {
             });
     }
 
+    /// Tokens left, of ten.
+    pub fn tokens(&self) -> f64 {
+        f64::from(self.tokens.load(Ordering::Relaxed)) / 1000.0
+    }
+
     /// Whether a retry may be made now.
     pub fn can_retry(&self) -> bool {
         self.tokens.load(Ordering::Relaxed) > BUDGET_MAX / 2

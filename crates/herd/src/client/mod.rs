@@ -141,10 +141,19 @@ where
         if let Some(peer) = span.peer() {
             request.extensions_mut().insert(peer);
         }
+        let measured = crate::metrics::on().then(|| {
+            (
+                std::time::Instant::now(),
+                crate::metrics::attempt_in_flight(),
+            )
+        });
         let outcome =
             tokio::time::timeout(left, attempt(request).instrument(span.log.clone())).await;
         let error = match outcome {
             Ok(Ok(response)) => {
+                if let Some((started, _)) = measured {
+                    crate::metrics::attempted(name, tonic::Code::Ok, started.elapsed());
+                }
                 crate::telemetry::client_result(span, None);
                 budget.success();
                 return Ok(response);
@@ -152,12 +161,19 @@ where
             Ok(Err(error)) => error,
             Err(_) => CallError::DeadlineExceeded,
         };
+        if let Some((started, _)) = measured {
+            crate::metrics::attempted(name, error.code(), started.elapsed());
+        }
         crate::telemetry::client_result(span, Some(&error));
         if !error.retryable() {
             return Err(error);
         }
         budget.failure();
-        if number >= MAX_ATTEMPTS || !budget.can_retry() {
+        if number >= MAX_ATTEMPTS {
+            return Err(error);
+        }
+        if !budget.can_retry() {
+            crate::metrics::throttled(name);
             return Err(error);
         }
         // An instance that shed the call says when to come back (gRPC A6); a wait the deadline
@@ -168,6 +184,7 @@ where
         }
         tracing::debug!(attempt = number, %error, "retrying a call that was not processed");
         number += 1;
+        crate::metrics::retried(name);
         tokio::time::sleep(pause).await;
     }
 }

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::Context;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData};
 
 use super::FLUSH_TIMEOUT;
@@ -15,35 +15,47 @@ const QUEUE_SPANS: usize = 8192;
 /// How long a batch waits before export.
 const EXPORT_DELAY: Duration = Duration::from_millis(200);
 
-/// Whether the standard variables ask for span export.
-pub(super) fn exporter_configured() -> bool {
-    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
-    std::env::var("OTEL_TRACES_EXPORTER").as_deref() != Ok("none")
-        && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-}
-
 /// The tracer provider: the OTLP exporter behind a [`SpanQueue`], the resource naming the instance.
 pub(super) fn build_provider(
     service: &str,
     instance_id: &str,
 ) -> Result<SdkTracerProvider, String> {
     let processor = SpanQueue::new(super::otlp::OtlpExporter::from_env)?;
-    let mut resource = opentelemetry_sdk::Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").is_err() {
-        resource = resource.with_service_name(format!("herd-{service}"));
+    if let Ok(mut exported) = EXPORTED.lock() {
+        *exported = Arc::downgrade(&processor.shared);
     }
-    let resource = resource
-        .with_attributes([
-            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-            KeyValue::new("service.instance.id", instance_id.to_string()),
-        ])
-        .build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
         // herd makes the head decision itself (see `serve`) before a span reaches the SDK.
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
-        .with_resource(resource)
+        .with_resource(super::resource(service, instance_id))
         .build())
+}
+
+/// The span queue of the process's tracer provider, for its counts.
+static EXPORTED: Mutex<std::sync::Weak<Shared>> = Mutex::new(std::sync::Weak::new());
+
+/// Spans the process has exported, dropped (the queue was full) and failed to export, while span
+/// export is on.
+pub(crate) fn span_counts() -> Option<SpanCounts> {
+    let shared = EXPORTED.lock().ok()?.upgrade()?;
+    let stats = &shared.stats;
+    Some(SpanCounts {
+        exported: stats.exported.load(Ordering::Relaxed),
+        dropped: stats.dropped.load(Ordering::Relaxed),
+        failed: stats.failed.load(Ordering::Relaxed),
+    })
+}
+
+/// What became of the spans the process ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SpanCounts {
+    /// Sent to the collector.
+    pub(crate) exported: u64,
+    /// Dropped: the queue was full.
+    pub(crate) dropped: u64,
+    /// Sent, and the export failed.
+    pub(crate) failed: u64,
 }
 
 /// A bounded span queue exported in batches from its own thread. Ending a span takes a lock held
@@ -306,6 +318,7 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::time::{Instant, SystemTime};
 
+    use opentelemetry::KeyValue;
     use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId};
     use opentelemetry_sdk::trace::SpanProcessor;
 

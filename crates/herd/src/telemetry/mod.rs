@@ -24,7 +24,7 @@
 
 mod budget;
 mod export;
-mod otlp;
+pub(crate) mod otlp;
 mod propagation;
 mod sampling;
 mod server;
@@ -38,6 +38,7 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+pub(crate) use export::{SpanCounts, span_counts};
 pub(crate) use propagation::{PeerSpan, client_result, client_span};
 pub(crate) use sampling::apply as apply_sampling;
 pub use sampling::{SamplingRatio, TelemetrySection};
@@ -87,13 +88,29 @@ impl Telemetry {
     }
 }
 
+/// The resource every signal of the instance names: `service.name` (`herd-<service>` unless
+/// `OTEL_SERVICE_NAME` says otherwise; `OTEL_RESOURCE_ATTRIBUTES` adds to it),
+/// `service.version`, `service.instance.id`.
+pub(crate) fn resource(service: &str, instance_id: &str) -> opentelemetry_sdk::Resource {
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(format!("herd-{service}"));
+    }
+    resource
+        .with_attributes([
+            opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            opentelemetry::KeyValue::new("service.instance.id", instance_id.to_string()),
+        ])
+        .build()
+}
+
 /// Installs logging (text or JSON on stderr, level from `RUST_LOG`) and, when an OTLP endpoint is
 /// configured, span export for `service` with `instance_id` as `service.instance.id`. Must run
 /// inside the tokio runtime. Calling it twice keeps the first.
 pub fn init(log_format: &str, service: &str, instance_id: &str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let ratio = SamplingRatio::from_env();
-    let provider = if export::exporter_configured() {
+    let provider = if otlp::configured("TRACES") {
         match export::build_provider(service, instance_id) {
             Ok(p) => Some(p),
             Err(e) => {

@@ -384,25 +384,32 @@ impl prost::Message for Encoded {
     }
 }
 
-/// An OTLP/gRPC span exporter configured by the standard variables: the endpoint
-/// (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`), headers
-/// (`..._HEADERS`, `key=value` pairs separated by commas) and the timeout of one export
-/// (`..._TIMEOUT`, milliseconds).
-#[derive(Debug)]
-pub(super) struct OtlpExporter {
+/// A connection to an OTLP/gRPC collector configured by the standard variables of one signal
+/// (`TRACES`, `METRICS`): the endpoint (`OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT`, else
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`), headers (`..._HEADERS`, `key=value` pairs separated by commas)
+/// and the timeout of one export (`..._TIMEOUT`, milliseconds).
+#[derive(Debug, Clone)]
+pub(crate) struct Collector {
     grpc: tonic::client::Grpc<tonic::transport::Channel>,
     metadata: tonic::metadata::MetadataMap,
     timeout: std::time::Duration,
-    resource: Vec<KeyValue>,
 }
 
-fn setting(name: &str) -> Option<String> {
+/// The value of `OTEL_EXPORTER_OTLP_<SIGNAL>_<NAME>`, else of `OTEL_EXPORTER_OTLP_<NAME>`.
+fn setting(signal: &str, name: &str) -> Option<String> {
     [
-        format!("OTEL_EXPORTER_OTLP_TRACES_{name}"),
+        format!("OTEL_EXPORTER_OTLP_{signal}_{name}"),
         format!("OTEL_EXPORTER_OTLP_{name}"),
     ]
     .iter()
     .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+}
+
+/// Whether the variables name a collector for `signal` (`TRACES`, `METRICS`), and
+/// `OTEL_<SIGNAL>_EXPORTER` does not say `none`.
+pub(crate) fn configured(signal: &str) -> bool {
+    std::env::var(format!("OTEL_{signal}_EXPORTER")).as_deref() != Ok("none")
+        && setting(signal, "ENDPOINT").is_some()
 }
 
 /// `%XX` escapes of a header value decoded (W3C baggage's encoding, which the variable uses).
@@ -446,36 +453,40 @@ fn headers(spec: &str) -> Result<tonic::metadata::MetadataMap, String> {
     Ok(metadata)
 }
 
-impl OtlpExporter {
-    /// The exporter the variables describe. Connects lazily, on the runtime it is made in.
-    pub(super) fn from_env() -> Result<Self, String> {
-        let endpoint = setting("ENDPOINT").unwrap_or_else(|| "http://localhost:4317".into());
+impl Collector {
+    /// The collector the variables of `signal` describe. Connects lazily, on the runtime it is
+    /// made in.
+    pub(crate) fn from_env(signal: &str) -> Result<Self, String> {
+        let endpoint =
+            setting(signal, "ENDPOINT").unwrap_or_else(|| "http://localhost:4317".into());
         let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
             .map_err(|e| format!("OTLP endpoint {endpoint:?}: {e}"))?
             .connect_timeout(std::time::Duration::from_secs(5))
             .connect_lazy();
-        let metadata = headers(&setting("HEADERS").unwrap_or_default())?;
-        let timeout = setting("TIMEOUT")
+        let metadata = headers(&setting(signal, "HEADERS").unwrap_or_default())?;
+        let timeout = setting(signal, "TIMEOUT")
             .and_then(|t| t.trim().parse::<u64>().ok())
             .map_or(DEFAULT_TIMEOUT, std::time::Duration::from_millis);
         Ok(Self {
             grpc: tonic::client::Grpc::new(channel),
             metadata,
             timeout,
-            resource: Vec::new(),
         })
     }
-}
 
-impl opentelemetry_sdk::trace::SpanExporter for OtlpExporter {
-    fn export(
+    /// Sends `body`, an encoded export request, to the collector's `path`; the answer is
+    /// ignored. Bounded by the export timeout.
+    pub(crate) fn send(
         &self,
-        batch: Vec<SpanData>,
-    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
-        let body = Encoded(request(&self.resource, &batch));
-        drop(batch);
-        let mut request =
-            tonic::Request::from_parts(self.metadata.clone(), tonic::Extensions::default(), body);
+        path: &'static str,
+        body: Vec<u8>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send + use<>
+    {
+        let mut request = tonic::Request::from_parts(
+            self.metadata.clone(),
+            tonic::Extensions::default(),
+            Encoded(body),
+        );
         request.set_timeout(self.timeout);
         let mut grpc = self.grpc.clone();
         let timeout = self.timeout;
@@ -486,7 +497,7 @@ impl opentelemetry_sdk::trace::SpanExporter for OtlpExporter {
                     .map_err(|e| format!("OTLP collector unreachable: {e}"))?;
                 grpc.unary::<_, Encoded, _>(
                     request,
-                    http::uri::PathAndQuery::from_static(EXPORT),
+                    http::uri::PathAndQuery::from_static(path),
                     tonic_prost::ProstCodec::default(),
                 )
                 .await
@@ -498,6 +509,34 @@ impl opentelemetry_sdk::trace::SpanExporter for OtlpExporter {
                 Err(_) => Err(opentelemetry_sdk::error::OTelSdkError::Timeout(timeout)),
             }
         }
+    }
+}
+
+/// The OTLP/gRPC span exporter: spans encoded by [`request`] and sent to the traces collector.
+#[derive(Debug)]
+pub(super) struct OtlpExporter {
+    collector: Collector,
+    resource: Vec<KeyValue>,
+}
+
+impl OtlpExporter {
+    /// The exporter the `TRACES` variables describe. Connects lazily, on the runtime it is made in.
+    pub(super) fn from_env() -> Result<Self, String> {
+        Ok(Self {
+            collector: Collector::from_env("TRACES")?,
+            resource: Vec::new(),
+        })
+    }
+}
+
+impl opentelemetry_sdk::trace::SpanExporter for OtlpExporter {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        let body = request(&self.resource, &batch);
+        drop(batch);
+        self.collector.send(EXPORT, body)
     }
 
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {

@@ -30,6 +30,7 @@ where
     F: FnOnce(tonic::Request<Req>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<Res>, tonic::Status>>,
 {
+    let started = crate::metrics::on().then(std::time::Instant::now);
     let (service, method) = split_method(path);
     // A served instance's connections carry `PeerInfo`; tonic's own info otherwise.
     let peer = request.extensions().get::<crate::tls::PeerInfo>();
@@ -122,6 +123,9 @@ where
         Err(status) => status.code(),
     };
     span.record("rpc.grpc.status_code", code as i64);
+    if let Some(started) = started {
+        crate::metrics::served(path, code, started.elapsed());
+    }
     if let Err(status) = &result {
         // At a bounded rate: a flood of failing calls is summarised, not logged call by call.
         static FAILED: LogBudget = LogBudget::new("calls failed");
