@@ -10,9 +10,9 @@ DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-2}"
 CONCURRENCY="${CONCURRENCY:-32}"
 BIN="${CARGO_TARGET_DIR:-target}/release"
-# PARTS picks what to run (for iterating on one part): any of ceiling mesh tls tracing startup
-# overload.
-PARTS="${PARTS:-ceiling mesh tls tracing startup overload}"
+# PARTS picks what to run (for iterating on one part): any of ceiling mesh tls tracing metrics
+# startup overload.
+PARTS="${PARTS:-ceiling mesh tls tracing metrics startup overload}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 HALF="${HALF:--}" # the fixed rate of half-load runs; the mesh part sets it from the raw capacity
 CONFIG=deploy/bench/config
@@ -115,17 +115,24 @@ start_etcd() {
     "$BIN/herdctl" --etcd "$ETCD" config apply "$CONFIG"/*.json >/dev/null
 }
 
-start_herd() { # extra environment assignments for the services
+start_herd() { # extra environment assignments for the services; METRICS=1: each serves /metrics
     start_etcd
     local first=${#PIDS[@]}
     GATEWAY=127.0.0.1:$(free_port)
+    METRICS_URLS=()
     tls_of() { [ -n "$TLS_DIR" ] && echo "--tls-cert $TLS_DIR/$1.pem --tls-key $TLS_DIR/$1-key.pem --tls-ca $TLS_DIR/ca.pem"; }
+    metrics_of() {
+        [ -n "${METRICS:-}" ] || return 0
+        local address; address=127.0.0.1:$(free_port)
+        METRICS_URLS+=("http://$address/metrics")
+        echo "--metrics-listen $address"
+    }
     for s in tax currency pricing; do
         # shellcheck disable=SC2046
-        env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" $(tls_of "$s") >"$WORK/$s.log" 2>&1 & PIDS+=($!)
+        env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" $(tls_of "$s") $(metrics_of) >"$WORK/$s.log" 2>&1 & PIDS+=($!)
     done
     # shellcheck disable=SC2046
-    env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" $(tls_of gateway) >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+    env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" $(tls_of gateway) $(metrics_of) >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
     SERVERS=("${PIDS[@]:first}")
     wait_serving "$GATEWAY"
     # Every downstream instance must be in its callers' balancers before measuring.
@@ -316,7 +323,7 @@ for run in $(seq 1 "$RUNS"); do
         # exec: the recorded pid is the sink's own.
         (exec taskset -c 0 "$BIN/herd-raw" --role sink --listen "$SINK" >"$WORK/sink.log" 2>&1) & sink_pid=$!
         wait_listening "$SINK"
-        HERD_LOG="warn,herd::telemetry::export=info" start_herd OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG="$ratio"
+        HERD_LOG="warn,herd::telemetry::export=info" start_herd OTEL_METRICS_EXPORTER=none OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG="$ratio"
         read -r sat cpu < <(sat_run "$GATEWAY" "${SERVERS[@]}")
         read -r p50 p99 < <(half_run "$GATEWAY" "$half")
         cleanup
@@ -355,6 +362,78 @@ for ratio in 0 $RATIOS; do
 done
 echo "goals: CPU per request at 100 % <= 1.25, at 1 % <= 1.03; throughput at 100 % >= 0.80; p99 at half load at 100 % <= 1.25; no span dropped"
 if command -v gnuplot >/dev/null 2>&1; then scripts/tracing-chart.sh "$TRACING_DATA" "$TRACING_CHART"; fi
+cleanup
+fi
+
+# What golden metrics cost: the mesh without them and with every instance serving /metrics, scraped
+# every second during the run (Prometheus scrapes every 15 s by default), in pairs whose order
+# alternates from run to run (the machine drifts). Saturation only: throughput and server CPU per
+# request, ratios within each pair.
+if part metrics; then
+METRICS_DATA="${METRICS_DATA:-bench/metrics.dat}"
+mkdir -p "$(dirname "$METRICS_DATA")"
+scraper() { # urls...: scrapes each every second until killed; prints the scrapes that failed
+    exec taskset -c 0 python3 -c '
+import signal, sys, time, urllib.request
+failed = 0
+def stop(*_):
+    print(failed); sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    for url in sys.argv[1:]:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+        except Exception:
+            failed += 1
+    time.sleep(1)
+' "$@"
+}
+metrics_run() { # on|off: prints throughput and CPU per request
+    if [ "$1" = on ]; then
+        METRICS=1 start_herd
+        scraper "${METRICS_URLS[@]}" >"$WORK/scrapes" & scraper_pid=$!
+    else
+        start_herd
+    fi
+    sat_run "$GATEWAY" "${SERVERS[@]}"
+    if [ "$1" = on ]; then
+        kill -TERM "$scraper_pid"; wait "$scraper_pid" || true
+        [ "$(cat "$WORK/scrapes")" = 0 ] || echo "metrics: $(cat "$WORK/scrapes") scrapes failed" >&2
+    fi
+    cleanup
+}
+ROWS=()
+for run in $(seq 1 "$RUNS"); do
+    order="off on"; [ $((run % 2)) = 0 ] && order="on off"
+    for m in $order; do
+        metrics_run "$m" >"$WORK/metrics_run"
+        read -r sat cpu <"$WORK/metrics_run"
+        ROWS+=("$m $run $sat $cpu")
+    done
+    echo "metrics run $run: ${ROWS[-2]} | ${ROWS[-1]}" >&2
+done
+{
+    echo "# metrics run saturation_ok_s cpu_us_per_request"
+    printf '%s
+' "${ROWS[@]}"
+} >"$METRICS_DATA"
+echo "== metrics ($RUNS pairs; each against the mesh without metrics of the same pair)"
+mcol() { printf '%s
+' "${ROWS[@]}" | awk -v m="$1" -v f="$2" '$1 == m {print $f}'; }
+mratio() { printf '%s
+' "${ROWS[@]}" | awk -v f="$1" '$1 == "off" {base[$2] = $f} $1 == "on" {on[$2] = $f} END {for (r in on) printf "%.3f\n", on[r] / base[r]}'; }
+# shellcheck disable=SC2046
+stats "without metrics: throughput at saturation" "ok/s" $(mcol off 3)
+# shellcheck disable=SC2046
+stats "without metrics: server CPU per request" "µs" $(mcol off 4)
+# shellcheck disable=SC2046
+stats "with metrics: throughput at saturation" "ok/s" $(mcol on 3)
+# shellcheck disable=SC2046
+stats "with metrics: server CPU per request" "µs" $(mcol on 4)
+# shellcheck disable=SC2046
+stats "with / without: throughput (goal >= 0.97)" "" $(mratio 3)
+# shellcheck disable=SC2046
+stats "with / without: CPU per request (goal <= 1.03)" "" $(mratio 4)
 cleanup
 fi
 

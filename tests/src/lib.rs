@@ -668,6 +668,9 @@ pub struct TestMesh {
     pub env: Vec<(String, String)>,
     /// With mutual TLS on every hop: the folder of `herdctl certs init`'s certificates.
     pub certs: Option<PathBuf>,
+    /// When instances serve Prometheus metrics: (service, `--metrics-listen` address) of each
+    /// instance, in start order.
+    pub metrics: Option<Vec<(String, String)>>,
 }
 
 impl TestMesh {
@@ -833,6 +836,33 @@ impl TestMesh {
         Self::launch(etcd, per_service, env).await
     }
 
+    /// As [`TestMesh::start_with_env`], every instance serving Prometheus metrics on a port of its
+    /// own (see [`TestMesh::metrics`]).
+    pub async fn start_with_metrics(
+        per_service: usize,
+        config: &[(&str, String)],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        for (section, json) in config {
+            etcd.put(&format!("/herd/config/{section}"), json)?;
+        }
+        let mut mesh = Self {
+            etcd,
+            instances: Vec::new(),
+            gateways: Vec::new(),
+            dir: tempfile::tempdir()?,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            certs: None,
+            metrics: Some(Vec::new()),
+        };
+        mesh.populate(per_service).await?;
+        Ok(mesh)
+    }
+
     /// As [`TestMesh::start`], every instance exporting spans to `otlp_endpoint`.
     pub async fn start_traced(
         per_service: usize,
@@ -900,14 +930,20 @@ impl TestMesh {
             dir,
             env,
             certs,
+            metrics: None,
         };
+        mesh.populate(per_service).await?;
+        Ok(mesh)
+    }
+
+    /// Starts `per_service` instances of every service and waits until they are registered.
+    async fn populate(&mut self, per_service: usize) -> anyhow::Result<()> {
         for service in SERVICES {
             for _ in 0..per_service {
-                mesh.add(service)?;
+                self.add(service)?;
             }
         }
-        mesh.wait_registered(per_service).await?;
-        Ok(mesh)
+        self.wait_registered(per_service).await
     }
 
     /// Starts one more instance of `service`; returns its index in `instances`.
@@ -921,11 +957,16 @@ impl TestMesh {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let flags = self
+        let mut flags = self
             .certs
             .as_deref()
             .map(|certs| tls_flags(certs, service))
             .unwrap_or_default();
+        if let Some(metrics) = &mut self.metrics {
+            let address = format!("127.0.0.1:{}", free_port());
+            flags.extend(["--metrics-listen".to_string(), address.clone()]);
+            metrics.push((service.to_string(), address));
+        }
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let proc =
             start_instance_with_env(service, &self.etcd, port, self.dir.path(), &flags, &env)?;

@@ -1,8 +1,15 @@
-//! A real OTLP/gRPC trace receiver for tests: it records every exported span with its resource.
+//! A real OTLP/gRPC receiver for tests: it records every exported span with its resource, and the
+//! latest value of every metric point pushed.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -10,6 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 
 /// One span as received.
 #[derive(Debug, Clone)]
@@ -60,9 +68,83 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Which instance pushed a metric point, the metric and the point's attributes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PointKey {
+    /// `service.instance.id` of the resource.
+    pub instance: String,
+    /// Metric name.
+    pub name: String,
+    /// The point's attributes, as strings.
+    pub attrs: BTreeMap<String, String>,
+}
+
+/// The latest value pushed for one point: a histogram's count, or a sum's or gauge's value.
+pub type Points = BTreeMap<PointKey, f64>;
+
 #[derive(Clone, Default)]
 struct Recorder {
     spans: Arc<Mutex<Vec<Span>>>,
+    points: Arc<Mutex<Points>>,
+}
+
+fn number(point: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint) -> f64 {
+    match point.value {
+        Some(number_data_point::Value::AsDouble(d)) => d,
+        Some(number_data_point::Value::AsInt(i)) => i as f64,
+        None => 0.0,
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Recorder {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut received = Points::new();
+        for rm in request.into_inner().resource_metrics {
+            let resource = rm
+                .resource
+                .map(|r| attrs(&r.attributes))
+                .unwrap_or_default();
+            let instance = resource
+                .get("service.instance.id")
+                .cloned()
+                .unwrap_or_default();
+            for sm in rm.scope_metrics {
+                for m in sm.metrics {
+                    let key = |point_attrs: &[KeyValue]| PointKey {
+                        instance: instance.clone(),
+                        name: m.name.clone(),
+                        attrs: attrs(point_attrs),
+                    };
+                    match &m.data {
+                        Some(metric::Data::Histogram(h)) => {
+                            for p in &h.data_points {
+                                received.insert(key(&p.attributes), p.count as f64);
+                            }
+                        }
+                        Some(metric::Data::Sum(sum)) => {
+                            for p in &sum.data_points {
+                                received.insert(key(&p.attributes), number(p));
+                            }
+                        }
+                        Some(metric::Data::Gauge(gauge)) => {
+                            for p in &gauge.data_points {
+                                received.insert(key(&p.attributes), number(p));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if let Ok(mut points) = self.points.lock() {
+            points.extend(received);
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
 }
 
 #[tonic::async_trait]
@@ -120,9 +202,11 @@ impl Receiver {
         let endpoint = format!("http://{}", listener.local_addr()?);
         let recorder = Recorder::default();
         let service = TraceServiceServer::new(recorder.clone());
+        let metrics = MetricsServiceServer::new(recorder.clone());
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(metrics)
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
                 .await;
         });
@@ -139,6 +223,17 @@ impl Receiver {
             .spans
             .lock()
             .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Receiver {
+    /// The latest value of every metric point pushed so far.
+    pub fn points(&self) -> Points {
+        self.recorder
+            .points
+            .lock()
+            .map(|p| p.clone())
             .unwrap_or_default()
     }
 }

@@ -15,7 +15,7 @@
 //! | `herd.server.refused` | counter | `rpc.service`, `reason` |
 //! | `herd.client.in_flight` | gauge | |
 //! | `herd.client.retries`, `herd.client.retries_throttled` | counter | `rpc.service`, `rpc.method` |
-//! | `herd.client.endpoints`, `herd.client.ready_endpoints`, `herd.client.retry_budget` | gauge | `rpc.service` (callee) |
+//! | `herd.client.endpoints`, `herd.client.ready_endpoints`, `herd.client.retry_budget` | gauge | `herd.service` (the callee as registered: `pricing`) |
 //! | `herd.registration.registered` | gauge | |
 //! | `herd.config.revision`, `herd.config.rejected_revision` | gauge | |
 //! | `herd.spans.exported`, `herd.spans.dropped`, `herd.spans.failed` | counter | |
@@ -391,7 +391,7 @@ fn observe_state(meter: &Meter) {
             .with_description(what)
             .with_callback(move |observer| {
                 for (service, value) in channel_values(read) {
-                    observer.observe(value, &[KeyValue::new("rpc.service", service.to_string())]);
+                    observer.observe(value, &[KeyValue::new("herd.service", service.to_string())]);
                 }
             })
             .build()
