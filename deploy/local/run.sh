@@ -6,7 +6,10 @@
 #
 # Settings (environment): ETCD_MEMBERS (1, or 3 for a three-member cluster), HERD_ETCD_PORTS and
 # HERD_ETCD_PEER_PORTS (one port per member: "2379" and "2380", or for three members
-# "2379 22379 32379" and "2380 22380 32380"), HERD_GATEWAY_PORTS ("50051 50052"), HERD_RUN_DIR
+# "2379 22379 32379" and "2380 22380 32380"), HERD_GATEWAY_PORTS ("50051 50052"),
+# HERD_METRICS_PORTS (each instance's Prometheus endpoint, in start order: tax, currency, pricing,
+# tax, currency, pricing, gateway, gateway; "9471 9472 9473 9474 9475 9476 9477 9478", the targets
+# of deploy/prometheus/prometheus.yml), HERD_RUN_DIR
 # (.run: etcd's data, logs, and the pids of what was started), HERD_BIN_DIR (the debug binaries
 # of the build). The gateways' private signing keys are in $HERD_RUN_DIR/secrets; every hop is
 # mutual TLS, with development certificates in $HERD_RUN_DIR/certs (the CA kept from run to run,
@@ -29,6 +32,11 @@ if [ "${#ETCD_PORTS[@]}" -ne "$MEMBERS" ] || [ "${#ETCD_PEER_PORTS[@]}" -ne "$ME
     exit 64
 fi
 read -r -a GATEWAY_PORTS <<<"${HERD_GATEWAY_PORTS:-50051 50052}"
+read -r -a METRICS_PORTS <<<"${HERD_METRICS_PORTS:-9471 9472 9473 9474 9475 9476 9477 9478}"
+if [ "${#METRICS_PORTS[@]}" -ne $((6 + ${#GATEWAY_PORTS[@]})) ]; then
+    echo "error: HERD_METRICS_PORTS needs one port per instance ($((6 + ${#GATEWAY_PORTS[@]})))" >&2
+    exit 64
+fi
 endpoints=(); cluster=(); names=()
 for i in $(seq 0 $((MEMBERS - 1))); do
     endpoints+=("http://127.0.0.1:${ETCD_PORTS[$i]}")
@@ -93,9 +101,12 @@ CERTS="$RUN/certs"
 # herdctl's own certificate: `config status` asks every instance over mutual TLS.
 "$BIN/herdctl" certs init "$CERTS" --services gateway,pricing,tax,currency,herdctl >/dev/null
 
+started=0
 start() {
     local name=$1 listen=$2 log=$3
-    "$BIN/herd-$name" --etcd "$ETCD" --listen "$listen" --secrets "$SECRETS" \
+    local metrics="127.0.0.1:${METRICS_PORTS[$started]}"
+    started=$((started + 1))
+    "$BIN/herd-$name" --etcd "$ETCD" --listen "$listen" --secrets "$SECRETS" --metrics-listen "$metrics" \
         --tls-cert "$CERTS/$name.pem" --tls-key "$CERTS/$name-key.pem" --tls-ca "$CERTS/ca.pem" \
         >"$RUN/logs/$log.log" 2>&1 &
     pids+=($!)
@@ -132,6 +143,9 @@ The mesh is up. Logs are in $RUN/logs/. Try:
   grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"token":"<token from CreateQuote>"}' 127.0.0.1:${GATEWAY_PORTS[-1]} herd.quote.v1.QuoteService/VerifyQuote
   $BIN/herdctl --etcd $ETCD instances
   $BIN/herdctl --etcd $ETCD --tls-cert $CERTS/herdctl.pem --tls-key $CERTS/herdctl-key.pem --tls-ca $CERTS/ca.pem config status
+
+Each instance serves Prometheus metrics on http://127.0.0.1:<port>/metrics, ports ${METRICS_PORTS[*]}
+(deploy/prometheus/prometheus.yml scrapes them; deploy/grafana/ has the dashboard).
 
 Press Ctrl-C to stop everything.
 MSG

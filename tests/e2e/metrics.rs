@@ -7,24 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use herd_tests::otlp::Receiver;
-use herd_tests::{Answer, TestMesh, call_as, eventually, fixture};
+use herd_tests::{Answer, TestMesh, call_as, eventually, fixture, scrape_metrics};
 use serde_json::{Value, json};
 
 const CREATE: &str = "herd.quote.v1.QuoteService/CreateQuote";
-
-/// Every sample of the exposition at `address`, as the parser read it.
-fn scrape(address: &str) -> anyhow::Result<Vec<Value>> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/scrape-metrics.py");
-    let out = std::process::Command::new("python3")
-        .args([script, &format!("http://{address}/metrics")])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "scraping {address}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice::<Vec<Value>>(&out.stdout)?)
-}
 
 /// (metric, service, method, status code) → calls, summed over `samples` of `_count` series.
 type Calls = BTreeMap<(String, String, String, String), f64>;
@@ -114,7 +100,7 @@ async fn every_hop_is_counted_on_both_sides_by_method_and_status_code() -> anyho
     let mut scraped = Calls::new();
     let mut per_instance = Vec::new();
     for (service, address) in &addresses {
-        let samples = scrape(address)?;
+        let samples = scrape_metrics(address)?;
         calls(&samples, &mut scraped);
         per_instance.push((service.clone(), samples));
     }

@@ -46,6 +46,7 @@ async fn make_run(members: usize) -> anyhow::Result<()> {
             .join(" ")
     };
     let etcd_ports = ports(members);
+    let metrics_ports = ports(8);
     let mut cmd = Command::new("bash");
     cmd.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -60,6 +61,7 @@ async fn make_run(members: usize) -> anyhow::Result<()> {
         "HERD_GATEWAY_PORTS",
         format!("{} {}", gateways[0], gateways[1]),
     )
+    .env("HERD_METRICS_PORTS", &metrics_ports)
     // Its own process group, as a shell gives a foreground job: Ctrl-C signals the group.
     .process_group(0);
     let mut run = Proc::spawn("run.sh", cmd, dir.path().join("run.log"))?;
@@ -116,6 +118,16 @@ async fn make_run(members: usize) -> anyhow::Result<()> {
             plaintext, None,
             "a gateway of make run answered in plaintext"
         );
+    }
+
+    // Every instance serves Prometheus metrics on the port it was given, registered.
+    for port in metrics_ports.split(' ') {
+        let samples = herd_tests::scrape_metrics(&format!("127.0.0.1:{port}"))?;
+        let registered = samples
+            .iter()
+            .find(|s| s["name"] == "herd_registration_registered")
+            .and_then(|s| s["value"].as_f64());
+        assert_eq!(registered, Some(1.0), "metrics on {port}: {samples:?}");
     }
 
     // The status command run.sh prints: every instance asked over mutual TLS, each answering.

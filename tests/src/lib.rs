@@ -1515,3 +1515,21 @@ pub fn widget_quote(tenant: &str, request_id: &str) -> herd_proto::quote::Create
         region: "US-CA".into(),
     }
 }
+
+/// Every sample of the Prometheus exposition at `http://<address>/metrics`, as the Prometheus
+/// project's own parser (`scripts/scrape-metrics.py`) read it: `family`, `type`, `name`,
+/// `labels`, `value`.
+pub fn scrape_metrics(address: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/scrape-metrics.py");
+    let out = std::process::Command::new("python3")
+        .args([script, &format!("http://{address}/metrics")])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "scraping {address}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice::<Vec<serde_json::Value>>(
+        &out.stdout,
+    )?)
+}
