@@ -210,6 +210,28 @@ fn each_deployment_runs_its_binary_with_settings_it_takes_and_a_grace_period_tha
         );
         // Registered at the pod's IP, not at loopback.
         assert_eq!(env.get("HERD_ADVERTISE"), Some(&"$(POD_IP)"), "{service}");
+        // Prometheus finds the metrics where the instance serves them: the annotations' port is
+        // the container's metrics port and the port of HERD_METRICS_LISTEN.
+        let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{service}");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics", "{service}");
+        let metrics_port = env
+            .get("HERD_METRICS_LISTEN")
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(_, p)| p.to_string());
+        assert_eq!(
+            annotations["prometheus.io/port"].as_str(),
+            metrics_port.as_deref(),
+            "{service}"
+        );
+        let declared = container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "metrics")
+            .and_then(|p| p["containerPort"].as_u64())
+            .map(|p| p.to_string());
+        assert_eq!(declared, metrics_port, "{service}");
     }
     Ok(())
 }
@@ -245,6 +267,7 @@ async fn each_deployment_started_as_written_reports_serving_to_its_probes() -> a
         let container = &deployment["spec"]["template"]["spec"]["containers"][0];
         let binary = container["command"][0].as_str().unwrap_or_default();
         let health = format!("127.0.0.1:{}", herd_tests::free_port());
+        let metrics = format!("127.0.0.1:{}", herd_tests::free_port());
         let mut cmd = Command::new(bin_dir().join(binary));
         // The manifest's settings, with the cluster's addresses and mounted files replaced by
         // this machine's.
@@ -258,6 +281,7 @@ async fn each_deployment_started_as_written_reports_serving_to_its_probes() -> a
             let local = match (name, value) {
                 ("HERD_LISTEN", _) => "127.0.0.1:0".to_string(),
                 ("HERD_HEALTH_LISTEN", _) => health.clone(),
+                ("HERD_METRICS_LISTEN", _) => metrics.clone(),
                 ("HERD_ADVERTISE", _) => "127.0.0.1".to_string(),
                 ("HERD_ETCD_ENDPOINTS", _) => etcd.endpoint.clone(),
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", _) => "http://127.0.0.1:1".to_string(),
@@ -288,6 +312,14 @@ async fn each_deployment_started_as_written_reports_serving_to_its_probes() -> a
         .map_err(|e| {
             anyhow::anyhow!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
         })?;
+        // And its metrics, as Prometheus scrapes them.
+        let samples = herd_tests::scrape_metrics(&metrics)?;
+        assert!(
+            samples
+                .iter()
+                .any(|s| s["name"] == "herd_registration_registered" && s["value"] == 1.0),
+            "{service}: {samples:?}"
+        );
     }
     Ok(())
 }
