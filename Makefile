@@ -5,7 +5,7 @@ PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("sc
 export PATH := $(PY_SCRIPTS):$(PATH)
 CARGO ?= cargo
 
-.PHONY: deps build run test lint fmt-check clippy buf-lint dockerfile-lint k8s-lint dup-check bench bench-scale clean
+.PHONY: deps build run test lint fmt-check clippy buf-lint dockerfile-lint k8s-lint metrics-lint dup-check bench bench-scale clean
 
 deps:
 	@scripts/install-deps.sh
@@ -37,10 +37,16 @@ k8s-lint: deps
 	kubernetes-validate --strict --quiet -k $(K8S_VERSION) deploy/k8s/*.yaml
 	checkov --config-file deploy/k8s/.checkov.yaml
 
+# The scrape configuration with Prometheus' own checker; the Grafana dashboard is JSON (its
+# queries run against a real Prometheus in the metrics test).
+metrics-lint: deps
+	promtool check config deploy/prometheus/prometheus.yml
+	python3 -m json.tool deploy/grafana/herd-golden-signals.json >/dev/null
+
 dup-check:
 	scripts/check-duplicates.sh
 
-lint: fmt-check clippy buf-lint dockerfile-lint k8s-lint dup-check
+lint: fmt-check clippy buf-lint dockerfile-lint k8s-lint metrics-lint dup-check
 
 test: deps lint build
 	@mkdir -p .run

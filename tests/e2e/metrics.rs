@@ -220,3 +220,234 @@ async fn every_hop_is_counted_on_both_sides_by_method_and_status_code() -> anyho
     assert!(!pushed.is_empty());
     Ok(())
 }
+
+/// Answers `GET <url>` (Prometheus' HTTP API), as JSON; fails on an HTTP error (a query that does
+/// not parse is a 400).
+fn get_json(url: &str) -> anyhow::Result<Value> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())",
+            url,
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The result vector of the instant query `promql`.
+fn query(prometheus: &str, promql: &str) -> anyhow::Result<Vec<Value>> {
+    let encoded: String =
+        percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+    let answer = get_json(&format!("http://{prometheus}/api/v1/query?query={encoded}"))?;
+    anyhow::ensure!(answer["status"] == "success", "{promql}: {answer}");
+    Ok(answer["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// The value of one result of an instant query.
+fn sample(result: &Value) -> f64 {
+    result["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// The lines of README's `promql` blocks.
+fn readme_promql() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .unwrap_or_default();
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            inside = line == "```promql";
+            continue;
+        }
+        if inside && !line.trim().is_empty() && !line.starts_with('#') {
+            out.push(line.to_string());
+        }
+    }
+    out
+}
+
+/// Every query of the Grafana dashboard, as Grafana would send it for all services.
+fn dashboard_queries() -> anyhow::Result<Vec<(String, String)>> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/herd-golden-signals.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            queries.push((
+                panel["title"].as_str().unwrap_or_default().to_string(),
+                expr.replace("$__rate_interval", "1m")
+                    .replace("$service", ".*"),
+            ));
+        }
+    }
+    Ok(queries)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_scrapes_the_mesh_and_answers_the_dashboard_and_readme_queries()
+-> anyhow::Result<()> {
+    let mesh = TestMesh::start_with_metrics(1, &fixture(), &[]).await?;
+    // The repository's scrape configuration, with this mesh's instances as its targets and a
+    // scrape every second.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/prometheus/prometheus.yml"
+    );
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+            path,
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut config: Value = serde_json::from_slice(&out.stdout)?;
+    config["global"]["scrape_interval"] = json!("1s");
+    config["global"]["evaluation_interval"] = json!("1s");
+    let jobs = config["scrape_configs"]
+        .as_array_mut()
+        .ok_or_else(|| anyhow::anyhow!("no scrape_configs"))?;
+    let local = jobs
+        .iter_mut()
+        .find(|j| j["job_name"] == "herd-local")
+        .ok_or_else(|| anyhow::anyhow!("no herd-local job"))?;
+    let groups = local["static_configs"]
+        .as_array_mut()
+        .ok_or_else(|| anyhow::anyhow!("no static_configs"))?;
+    for group in groups.iter_mut() {
+        let service = group["labels"]["service"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let targets: Vec<String> = mesh
+            .metrics
+            .iter()
+            .flatten()
+            .filter(|(s, _)| *s == service)
+            .map(|(_, a)| a.clone())
+            .collect();
+        anyhow::ensure!(!targets.is_empty(), "no {service} instance");
+        group["targets"] = json!(targets);
+    }
+    let file = mesh.dir.path().join("prometheus.yml");
+    std::fs::write(&file, config.to_string())?;
+    let prometheus = format!("127.0.0.1:{}", herd_tests::free_port());
+    let mut cmd = std::process::Command::new("prometheus");
+    cmd.arg(format!("--config.file={}", file.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            mesh.dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={prometheus}"));
+    let _running =
+        herd_tests::Proc::spawn("prometheus", cmd, mesh.dir.path().join("prometheus.log"))?;
+    // Calls flow while Prometheus scrapes: OK, and NOT_FOUND from pricing.
+    let gateway = mesh.gateways[0].clone();
+    let target_up = format!("up{{job=\"herd-local\"}}");
+    eventually(
+        "Prometheus to scrape every instance",
+        Duration::from_secs(30),
+        || async {
+            let up = query(&prometheus, &target_up).ok()?;
+            (up.len() == 4 && up.iter().all(|r| sample(r) == 1.0)).then_some(())
+        },
+    )
+    .await?;
+    let mut made = 0;
+    let rates = eventually(
+        "rates over at least two scrapes",
+        Duration::from_secs(30),
+        || {
+            made += 1;
+            let gateway = gateway.clone();
+            let prometheus = prometheus.clone();
+            async move {
+                for i in 0..4 {
+                    call_as(
+                        "acme",
+                        &gateway,
+                        CREATE,
+                        &quote(&format!("p-{made}-{i}"), "widget"),
+                    )
+                    .ok()?
+                    .ok()
+                    .ok()?;
+                }
+                call_as(
+                    "acme",
+                    &gateway,
+                    CREATE,
+                    &quote(&format!("p-{made}"), "unicorn"),
+                )
+                .ok()?;
+                let rate = query(
+                    &prometheus,
+                    "sum by (rpc_service) (rate(rpc_server_duration_seconds_count[1m]))",
+                )
+                .ok()?;
+                (rate.len() == 4 && rate.iter().all(|r| sample(r) > 0.0)).then_some(rate)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(rates.len(), 4, "{rates:?}");
+
+    // README's examples.
+    let readme = readme_promql();
+    assert!(readme.len() >= 2, "README shows no PromQL");
+    for promql in &readme {
+        let result = query(&prometheus, promql)?;
+        assert!(!result.is_empty(), "README: {promql} answers nothing");
+        for r in &result {
+            let v = sample(r);
+            assert!(v.is_finite() && v > 0.0, "README: {promql}: {r}");
+        }
+    }
+    // Every query of the dashboard parses, and those of signals this load makes answer.
+    let quiet = ["herd_server_refused", "herd_client_retries", "herd_spans"];
+    for (panel, promql) in dashboard_queries()? {
+        let result = query(&prometheus, &promql).map_err(|e| anyhow::anyhow!("{panel}: {e}"))?;
+        if !quiet.iter().any(|q| promql.contains(q)) {
+            assert!(
+                !result.is_empty(),
+                "dashboard panel {panel:?}: {promql} answers nothing"
+            );
+        }
+    }
+    // The success rate the dashboard shows: below 1 for the gateway (a fifth of the quotes asked
+    // for an unknown SKU), 1 for tax.
+    let success = query(
+        &prometheus,
+        "sum by (rpc_service) (rate(rpc_server_duration_seconds_count{rpc_grpc_status_code=\"0\"}[1m])) / sum by (rpc_service) (rate(rpc_server_duration_seconds_count[1m]))",
+    )?;
+    let of = |service: &str| {
+        success
+            .iter()
+            .find(|r| r["metric"]["rpc_service"] == service)
+            .map(sample)
+    };
+    let quotes = of("herd.quote.v1.QuoteService").unwrap_or(f64::NAN);
+    assert!(quotes > 0.5 && quotes < 1.0, "{success:?}");
+    assert_eq!(of("herd.tax.v1.TaxService"), Some(1.0), "{success:?}");
+    Ok(())
+}
