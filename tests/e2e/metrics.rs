@@ -363,7 +363,7 @@ async fn prometheus_scrapes_the_mesh_and_answers_the_dashboard_and_readme_querie
         herd_tests::Proc::spawn("prometheus", cmd, mesh.dir.path().join("prometheus.log"))?;
     // Calls flow while Prometheus scrapes: OK, and NOT_FOUND from pricing.
     let gateway = mesh.gateways[0].clone();
-    let target_up = format!("up{{job=\"herd-local\"}}");
+    let target_up = "up{job=\"herd-local\"}";
     eventually(
         "Prometheus to scrape every instance",
         Duration::from_secs(30),

@@ -43,7 +43,7 @@ fn figure(summary: &Value, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn three_times_the_capacity_is_shed_fast_and_goodput_comes_back() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    let mesh = TestMesh::start(1, &fixture()).await?;
+    let mesh = TestMesh::start_with_metrics(1, &fixture(), &[]).await?;
     let gateway = mesh.gateways[0].clone();
     let capacity = figure(
         &bench(
@@ -134,6 +134,37 @@ async fn three_times_the_capacity_is_shed_fast_and_goodput_comes_back() -> anyho
     for code in after_failed.keys() {
         assert_eq!(code, "Unavailable", "{after}");
     }
+    // The metrics say so: instances counted the calls they shed, and every quote refused was
+    // either shed at the gateway's door or served UNAVAILABLE by it (shed further down). The
+    // bench's warm-up is not in its count, so the metrics may count more.
+    let mut shed = 0.0;
+    let mut refused_by_gateway = 0.0;
+    for (service, address) in mesh.metrics.iter().flatten() {
+        let samples = herd_tests::scrape_metrics(address)?;
+        let overloaded = herd_tests::sample_sum(
+            &samples,
+            "herd_server_refused_total",
+            &[("reason", "overloaded")],
+        );
+        shed += overloaded;
+        if service == "gateway" {
+            refused_by_gateway += overloaded
+                + herd_tests::sample_sum(
+                    &samples,
+                    "rpc_server_duration_seconds_count",
+                    &[
+                        ("rpc_method", "CreateQuote"),
+                        ("rpc_grpc_status_code", "14"),
+                    ],
+                );
+        }
+    }
+    let refused_all = refused + after_failed.values().filter_map(Value::as_f64).sum::<f64>();
+    assert!(shed > 0.0, "no instance counted a call it shed");
+    assert!(
+        refused_by_gateway >= refused_all,
+        "the gateway counted {refused_by_gateway} refused quotes, the bench {refused_all}"
+    );
     Ok(())
 }
 
@@ -178,7 +209,7 @@ async fn a_tenant_over_its_rate_is_held_to_it_across_two_gateways() -> anyhow::R
             _ => (section, json),
         })
         .collect();
-    let mut mesh = TestMesh::start(1, &config).await?;
+    let mut mesh = TestMesh::start_with_metrics(1, &config, &[]).await?;
     mesh.add("gateway")?;
     let second = mesh.gateways[1].clone();
     eventually("two gateways serving", Duration::from_secs(30), || async {
@@ -232,6 +263,32 @@ async fn a_tenant_over_its_rate_is_held_to_it_across_two_gateways() -> anyhow::R
     assert!(
         (rate * 0.8..=rate * 1.2).contains(&served),
         "served {served:.1}/s for a rate of {rate}/s"
+    );
+    // Each gateway counted every call it held to the rate, as a refusal and as a call served
+    // RESOURCE_EXHAUSTED.
+    let mut limited = 0.0;
+    for (service, address) in mesh.metrics.iter().flatten() {
+        if service != "gateway" {
+            continue;
+        }
+        let samples = herd_tests::scrape_metrics(address)?;
+        let refused = herd_tests::sample_sum(
+            &samples,
+            "herd_server_refused_total",
+            &[("reason", "rate_limited")],
+        );
+        let served_8 = herd_tests::sample_sum(
+            &samples,
+            "rpc_server_duration_seconds_count",
+            &[("rpc_method", "CreateQuote"), ("rpc_grpc_status_code", "8")],
+        );
+        assert_eq!(refused, served_8, "{address}");
+        limited += refused;
+    }
+    let bench_refused: f64 = failed.values().filter_map(Value::as_f64).sum();
+    assert!(
+        limited >= bench_refused && limited > 0.0,
+        "{limited} counted, {bench_refused} refused"
     );
     Ok(())
 }

@@ -1533,3 +1533,13 @@ pub fn scrape_metrics(address: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         &out.stdout,
     )?)
 }
+
+/// The sum of the samples called `name` in `samples` (from [`scrape_metrics`]) whose labels include
+/// every pair of `labels`.
+pub fn sample_sum(samples: &[serde_json::Value], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .filter_map(|s| s["value"].as_f64())
+        .sum()
+}
