@@ -368,7 +368,7 @@ async fn prometheus_scrapes_the_mesh_and_answers_the_dashboard_and_readme_querie
         "Prometheus to scrape every instance",
         Duration::from_secs(30),
         || async {
-            let up = query(&prometheus, &target_up).ok()?;
+            let up = query(&prometheus, target_up).ok()?;
             (up.len() == 4 && up.iter().all(|r| sample(r) == 1.0)).then_some(())
         },
     )
