@@ -451,3 +451,51 @@ async fn prometheus_scrapes_the_mesh_and_answers_the_dashboard_and_readme_querie
     assert_eq!(of("herd.tax.v1.TaxService"), Some(1.0), "{success:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_pushes_its_metrics_once_more_as_it_stops() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    // No push before the instances stop: only the last one can carry the calls.
+    let env = [
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            receiver.endpoint.as_str(),
+        ),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
+    ];
+    let mut mesh = TestMesh::start_with_env(1, &fixture(), &env).await?;
+    let calls = 5;
+    for i in 0..calls {
+        call_as(
+            "acme",
+            &mesh.gateways[0],
+            CREATE,
+            &quote(&format!("s-{i}"), "widget"),
+        )?
+        .ok()?;
+    }
+    assert!(receiver.points().is_empty(), "pushed before the end");
+    for (_, instance) in &mut mesh.instances {
+        instance.signal("TERM")?;
+        assert!(instance.wait_exit(Duration::from_secs(20)).await?.success());
+    }
+    let served = |service: &str, method: &str| {
+        receiver
+            .points()
+            .into_iter()
+            .filter(|(k, _)| {
+                k.name == "rpc.server.duration"
+                    && k.attrs.get("rpc.service").map(String::as_str) == Some(service)
+                    && k.attrs.get("rpc.method").map(String::as_str) == Some(method)
+                    && k.attrs.get("rpc.grpc.status_code").map(String::as_str) == Some("0")
+            })
+            .map(|(_, n)| n)
+            .sum::<f64>()
+    };
+    assert_eq!(
+        served("herd.quote.v1.QuoteService", "CreateQuote"),
+        calls as f64
+    );
+    assert_eq!(served("herd.tax.v1.TaxService", "ComputeTax"), calls as f64);
+    Ok(())
+}

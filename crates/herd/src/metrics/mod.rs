@@ -485,3 +485,56 @@ impl opentelemetry_sdk::metrics::reader::MetricReader for SharedReader {
         self.0.temporality(kind)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(service: &str, ready: usize) -> ChannelState {
+        ChannelState {
+            service: service.into(),
+            endpoints: 3,
+            ready,
+            budget: 10.0,
+        }
+    }
+
+    #[test]
+    fn channels_to_one_callee_give_one_value_and_gone_channels_are_forgotten() {
+        let gone = Arc::new(());
+        let weak = Arc::downgrade(&gone);
+        drop(gone);
+        {
+            let mut sources = sources();
+            sources.channels.clear();
+            sources
+                .channels
+                .push(Box::new(|| Some(state("t-pricing", 1))));
+            sources
+                .channels
+                .push(Box::new(|| Some(state("t-pricing", 3))));
+            sources.channels.push(Box::new(|| Some(state("t-tax", 2))));
+            sources
+                .channels
+                .push(Box::new(move || weak.upgrade().map(|_| state("t-gone", 1))));
+        }
+        let mut values = channel_values(|c| c.ready as f64);
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        let values: Vec<(&str, f64)> = values.iter().map(|(s, v)| (&**s, *v)).collect();
+        assert_eq!(values, [("t-pricing", 3.0), ("t-tax", 2.0)]);
+        assert_eq!(sources().channels.len(), 3, "the gone channel is forgotten");
+        sources().channels.clear();
+    }
+
+    #[test]
+    fn a_path_splits_into_service_and_method() {
+        assert_eq!(
+            split("/herd.tax.v1.TaxService/ComputeTax"),
+            ("herd.tax.v1.TaxService", "ComputeTax")
+        );
+        assert_eq!(
+            split("herd.tax.v1.TaxService/ComputeTax"),
+            ("herd.tax.v1.TaxService", "ComputeTax")
+        );
+    }
+}
