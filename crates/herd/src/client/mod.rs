@@ -234,13 +234,37 @@ mod tests {
             })
             .await;
         }
-        // Three attempts while the budget lasts (half of ten tokens), then one each.
-        assert!(tries < 20, "{tries} attempts for 10 calls");
+        // Three attempts while the budget lasts (half of ten tokens: the first call takes it
+        // from 10 to 7, the second to 5, where retries stop), then one each.
+        assert_eq!(tries, 3 + 2 + 8, "attempts for 10 calls");
         assert!(!budget.can_retry());
         for _ in 0..60 {
             budget.success();
         }
         assert!(budget.can_retry());
+    }
+
+    #[tokio::test]
+    async fn retries_and_the_retries_the_budget_refused_are_counted() {
+        let metrics = crate::metrics::init("test", "test-1", true)
+            .expect("metrics turn on")
+            .expect("metrics are kept while listening");
+        let budget = RetryBudget::default();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        for _ in 0..4 {
+            let _: Result<(), CallError> =
+                attempts(deadline, &budget, "t.Retry/Counted", &msg(), |_| async {
+                    Err(CallError::Refused(Status::unavailable("down")))
+                })
+                .await;
+        }
+        // Attempts 3, 2, 1, 1: three retries, then the budget refuses the next three.
+        assert_eq!(metrics.total("rpc.client.duration", "Counted"), 7.0);
+        assert_eq!(metrics.total("herd.client.retries", "Counted"), 3.0);
+        assert_eq!(
+            metrics.total("herd.client.retries_throttled", "Counted"),
+            3.0
+        );
     }
 
     #[tokio::test]

@@ -487,6 +487,44 @@ impl opentelemetry_sdk::metrics::reader::MetricReader for SharedReader {
 }
 
 #[cfg(test)]
+impl Metrics {
+    /// `name` summed over its points whose `rpc.method` is `method`: counters' values,
+    /// histograms' counts.
+    pub(crate) fn total(&self, name: &str, method: &str) -> f64 {
+        use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+        use opentelemetry_sdk::metrics::reader::MetricReader as _;
+        let mut collected = ResourceMetrics::default();
+        self.reader.collect(&mut collected).expect("collects");
+        let of = |kv: &KeyValue| kv.key.as_str() == "rpc.method" && kv.value.as_str() == method;
+        let mut total = 0.0;
+        for metric in collected
+            .scope_metrics()
+            .flat_map(|s| s.metrics())
+            .filter(|m| m.name() == name)
+        {
+            match metric.data() {
+                AggregatedMetrics::U64(MetricData::Sum(sum)) => {
+                    for point in sum.data_points() {
+                        if point.attributes().any(of) {
+                            total += point.value() as f64;
+                        }
+                    }
+                }
+                AggregatedMetrics::F64(MetricData::Histogram(histogram)) => {
+                    for point in histogram.data_points() {
+                        if point.attributes().any(of) {
+                            total += point.count() as f64;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        total
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
