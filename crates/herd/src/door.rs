@@ -591,6 +591,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn refusals_are_counted_by_service_and_reason() {
+        let metrics = crate::metrics::for_tests();
+        let limiter = Arc::new(Limiter::new(crate::limit::LimitSettings {
+            initial: 2,
+            min: 1,
+            max: 1,
+            ..Default::default()
+        }));
+        let layer = DoorLayer::new(HashMap::from([("t.Refusals", 1024)]), limiter);
+        let mut door = layer.layer(Forever(Default::default()));
+        let to = |timeout: Option<&str>| {
+            let mut request = http::Request::builder().uri("/t.Refusals/M");
+            if let Some(timeout) = timeout {
+                request = request.header("grpc-timeout", timeout);
+            }
+            request.body(Body::empty()).unwrap()
+        };
+        let _admitted = door.call(to(None));
+        for _ in 0..2 {
+            let shed = door.call(to(None)).await.unwrap();
+            assert_eq!(shed.headers()["grpc-status"], "14");
+        }
+        let invalid = door.call(to(Some("soon"))).await.unwrap();
+        assert_eq!(invalid.headers()["grpc-status"], "3");
+        let refused = |reason| {
+            metrics.total(
+                "herd.server.refused",
+                &[("rpc.service", "t.Refusals"), ("reason", reason)],
+            )
+        };
+        assert_eq!(refused("overloaded"), 2.0);
+        assert_eq!(refused("invalid"), 1.0);
+    }
+
+    #[tokio::test]
     async fn a_call_whose_caller_went_away_stops_and_gives_its_place_back() {
         let (mut door, limiter, dropped) = door(2);
         let mut pending = Box::pin(door.call(call()));

@@ -486,16 +486,34 @@ impl opentelemetry_sdk::metrics::reader::MetricReader for SharedReader {
     }
 }
 
+/// The metrics of a unit-test binary, turned on by the first test that asks.
+#[cfg(test)]
+pub(crate) fn for_tests() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        init("test", "test-1", true)
+            .ok()
+            .flatten()
+            .expect("nothing else turns metrics on in unit tests")
+    })
+}
+
 #[cfg(test)]
 impl Metrics {
-    /// `name` summed over its points whose `rpc.method` is `method`: counters' values,
+    /// `name` summed over its points with every attribute of `with`: counters' values,
     /// histograms' counts.
-    pub(crate) fn total(&self, name: &str, method: &str) -> f64 {
+    pub(crate) fn total(&self, name: &str, with: &[(&str, &str)]) -> f64 {
         use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
         use opentelemetry_sdk::metrics::reader::MetricReader as _;
         let mut collected = ResourceMetrics::default();
         self.reader.collect(&mut collected).expect("collects");
-        let of = |kv: &KeyValue| kv.key.as_str() == "rpc.method" && kv.value.as_str() == method;
+        let of = |attributes: Vec<&KeyValue>| {
+            with.iter().all(|(key, value)| {
+                attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == *key && kv.value.as_str() == *value)
+            })
+        };
         let mut total = 0.0;
         for metric in collected
             .scope_metrics()
@@ -505,14 +523,14 @@ impl Metrics {
             match metric.data() {
                 AggregatedMetrics::U64(MetricData::Sum(sum)) => {
                     for point in sum.data_points() {
-                        if point.attributes().any(of) {
+                        if of(point.attributes().collect()) {
                             total += point.value() as f64;
                         }
                     }
                 }
                 AggregatedMetrics::F64(MetricData::Histogram(histogram)) => {
                     for point in histogram.data_points() {
-                        if point.attributes().any(of) {
+                        if of(point.attributes().collect()) {
                             total += point.count() as f64;
                         }
                     }
