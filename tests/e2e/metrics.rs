@@ -218,6 +218,39 @@ async fn every_hop_is_counted_on_both_sides_by_method_and_status_code() -> anyho
     )
     .await?;
     assert!(!pushed.is_empty());
+
+    // A configuration revision the gateway refuses shows, and the one in force stays.
+    let (gateway_metrics, applied) = {
+        let (_, address) = addresses
+            .iter()
+            .find(|(s, _)| s == "gateway")
+            .expect("a gateway");
+        let applied = value(&scrape_metrics(address)?, "herd_config_revision");
+        (address.clone(), applied)
+    };
+    mesh.etcd.put(
+        "/herd/config/limits",
+        r#"{"max_items":"many","max_quantity":50}"#,
+    )?;
+    let out = mesh
+        .etcd
+        .ctl(&["get", "/herd/config/limits", "-w", "json"])?;
+    let rejected = serde_json::from_slice::<Value>(&out.stdout)?["kvs"][0]["mod_revision"]
+        .as_f64()
+        .unwrap_or(0.0);
+    eventually(
+        "the gateway to report the rejected revision",
+        Duration::from_secs(10),
+        || async {
+            let samples = scrape_metrics(&gateway_metrics).ok()?;
+            (value(&samples, "herd_config_rejected_revision") == Some(rejected)).then_some(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        value(&scrape_metrics(&gateway_metrics)?, "herd_config_revision"),
+        applied
+    );
     Ok(())
 }
 
@@ -497,5 +530,49 @@ async fn an_instance_pushes_its_metrics_once_more_as_it_stops() -> anyhow::Resul
         calls as f64
     );
     assert_eq!(served("herd.tax.v1.TaxService", "ComputeTax"), calls as f64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_span_counts_are_what_the_collector_received() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
+        ("OTEL_METRICS_EXPORTER", "none"),
+    ];
+    let mesh = TestMesh::start_with_metrics(1, &fixture(), &env).await?;
+    let quotes = 4;
+    for i in 0..quotes {
+        call_as(
+            "acme",
+            &mesh.gateways[0],
+            CREATE,
+            &quote(&format!("t-{i}"), "widget"),
+        )?
+        .ok()?;
+    }
+    // A quote is seven spans (four served calls, three outgoing); every one exported is counted.
+    let counted = |name: &str| -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for (_, address) in mesh.metrics.iter().flatten() {
+            total += herd_tests::sample_sum(&scrape_metrics(address)?, name, &[]);
+        }
+        Ok(total)
+    };
+    let spans = eventually(
+        "every span exported and counted",
+        Duration::from_secs(10),
+        || async {
+            let received = receiver.spans().len() as f64;
+            let exported = counted("herd_spans_exported_total").ok()?;
+            (received >= (7 * quotes) as f64 && exported == received).then_some(received)
+        },
+    )
+    .await?;
+    assert_eq!(spans, (7 * quotes) as f64);
+    assert_eq!(counted("herd_spans_dropped_total")?, 0.0);
+    assert_eq!(counted("herd_spans_failed_total")?, 0.0);
+    // Spans went out, metrics did not (OTEL_METRICS_EXPORTER=none).
+    assert!(receiver.points().is_empty());
     Ok(())
 }
