@@ -170,14 +170,23 @@ async fn b_a_silent_peer_is_avoided_and_serves_again() -> anyhow::Result<()> {
             max(&back)
         ),
     );
-    assert!(max(&avoided) < 2.0, "avoided only after {avoided:?} s");
-    let other: u64 = report
-        .failed
-        .iter()
-        .filter(|(code, _)| code.as_str() != "DeadlineExceeded")
-        .map(|(_, n)| n)
-        .sum();
-    assert_eq!(other, 0, "failures other than deadlines: {report}");
+    // README: a silent peer leaves the balancer within 1.5 s of its last answer (which came
+    // before the SIGSTOP); 0.1 s more for the balancer to hear of it and log it on this loaded
+    // machine (measured: 1.42–1.49 s).
+    assert!(max(&avoided) < 1.6, "avoided only after {avoided:?} s");
+    // Only calls already on the silent instance fail, with their deadline: each gateway's
+    // balancer gives it a call or two before their growing wait makes p2c pick the other
+    // instance — at most one per load worker (measured: 4 of 8, every run).
+    let deadlines = report.failed.get("DeadlineExceeded").copied().unwrap_or(0);
+    assert_eq!(
+        report.failures(),
+        deadlines,
+        "failures other than deadlines: {report}"
+    );
+    assert!(
+        deadlines <= WORKERS as u64,
+        "{deadlines} calls failed on the silent instance: {report}"
+    );
     Ok(())
 }
 
@@ -406,6 +415,11 @@ async fn f_watchers_converge_after_compaction_past_their_revision() -> anyhow::R
         compacted,
         "the frozen watcher never saw its revision compacted: the scenario did not happen"
     );
+    // The frozen instance's calls waited (within their 5 s deadline) and the killed one's were
+    // retried elsewhere; the new tax instance, started after etcd compacted past the
+    // configuration's last write, names it as the others do and serves the calls pinned to it:
+    // no caller noticed.
+    assert_eq!(report.failures(), 0, "{report}");
     Ok(())
 }
 

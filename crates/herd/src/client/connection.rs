@@ -25,8 +25,8 @@ use super::connector::Connector;
 
 /// A connection that has answered nothing for this long is pinged...
 const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
-/// ...and closed when a ping is not answered within this: a silent peer is noticed within
-/// 1.5 s, and its endpoint leaves the balancer with the connection.
+/// ...and closed when a ping is not answered within this: a peer that falls silent is noticed
+/// within 1.5 s of its last answer, and its endpoint leaves the balancer with the connection.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 settings as hyper's client sets them: receive windows (per stream, per connection),
 /// the largest header block accepted, the most bytes buffered for sending per stream, and the
@@ -73,8 +73,36 @@ pub(crate) struct Connection {
     scheme: Scheme,
     /// Distinguishes this connection from an earlier one to the same endpoint.
     pub(crate) generation: u64,
-    /// Responses received so far: while they keep coming, the peer needs no ping.
-    responses: Arc<AtomicU64>,
+    /// When the peer last answered: while answers keep coming, it needs no ping.
+    heard: Arc<Heard>,
+}
+
+/// When a connection's peer last sent a response head.
+pub(crate) struct Heard {
+    opened: tokio::time::Instant,
+    /// Milliseconds after `opened`.
+    last: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Self {
+            opened: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes note of an answer now.
+    fn answer(&self) {
+        let since = self.opened.elapsed().as_millis();
+        self.last
+            .fetch_max(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// When the peer last answered (the handshake, if it never did).
+    fn last(&self) -> tokio::time::Instant {
+        self.opened + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
 }
 
 impl Connection {
@@ -97,14 +125,14 @@ impl Connection {
             .handshake(io)
             .await?;
         let pings = connection.ping_pong();
-        let responses = Arc::new(AtomicU64::new(0));
-        let heard = responses.clone();
+        let heard = Arc::new(Heard::new());
+        let watched = heard.clone();
         let peer = authority.to_string();
         tokio::spawn(async move {
             let outcome: Result<(), BoxError> = match pings {
                 Some(pings) => tokio::select! {
                     closed = &mut connection => closed.map_err(Into::into),
-                    silent = keepalive(pings, heard) => Err(silent),
+                    silent = keepalive(pings, watched) => Err(silent),
                 },
                 None => connection.await.map_err(Into::into),
             };
@@ -118,7 +146,7 @@ impl Connection {
             authority,
             scheme: connector.scheme(),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
-            responses,
+            heard,
         })
     }
 
@@ -148,19 +176,19 @@ impl Connection {
     }
 }
 
-/// Pings the peer whenever a [`KEEPALIVE_INTERVAL`] passed without an answer (a busy peer that
-/// keeps answering is never pinged); returns why once a ping goes unanswered.
-async fn keepalive(mut pings: h2::PingPong, responses: Arc<AtomicU64>) -> BoxError {
-    let mut seen = responses.load(Ordering::Relaxed);
+/// Pings the peer once a [`KEEPALIVE_INTERVAL`] has passed since its last answer (a busy peer
+/// that keeps answering is never pinged); returns why once a ping goes unanswered, at most
+/// [`KEEPALIVE_INTERVAL`] + [`KEEPALIVE_TIMEOUT`] after the last answer.
+async fn keepalive(mut pings: h2::PingPong, heard: Arc<Heard>) -> BoxError {
+    let mut pong = heard.opened;
     loop {
-        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-        let now = responses.load(Ordering::Relaxed);
-        if now != seen {
-            seen = now;
+        let due = heard.last().max(pong) + KEEPALIVE_INTERVAL;
+        if tokio::time::Instant::now() < due {
+            tokio::time::sleep_until(due).await;
             continue;
         }
         match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => pong = tokio::time::Instant::now(),
             Ok(Err(e)) => return e.into(),
             Err(_) => {
                 return format!("no answer to a keepalive ping within {KEEPALIVE_TIMEOUT:?}")
@@ -246,7 +274,7 @@ impl Service<Request> for Connection {
 
     fn call(&mut self, request: Request) -> ResponseFuture {
         match self.start(request) {
-            Ok(response) => ResponseFuture::Waiting(response, self.responses.clone()),
+            Ok(response) => ResponseFuture::Waiting(response, self.heard.clone()),
             Err(e) => ResponseFuture::Failed(Some(e)),
         }
     }
@@ -271,8 +299,8 @@ impl Service<http::Request<Body>> for Connection {
 /// The response to one request, once its head has arrived.
 pub(crate) enum ResponseFuture {
     Failed(Option<BoxError>),
-    /// The response's head, and the connection's count of responses.
-    Waiting(h2::client::ResponseFuture, Arc<AtomicU64>),
+    /// The response's head, and when the connection's peer last answered.
+    Waiting(h2::client::ResponseFuture, Arc<Heard>),
 }
 
 impl Future for ResponseFuture {
@@ -283,9 +311,9 @@ impl Future for ResponseFuture {
             ResponseFuture::Failed(e) => Poll::Ready(Err(e
                 .take()
                 .unwrap_or_else(|| "request polled after it failed".into()))),
-            ResponseFuture::Waiting(response, responses) => {
+            ResponseFuture::Waiting(response, heard) => {
                 let response = ready!(Pin::new(response).poll(cx))?;
-                responses.fetch_add(1, Ordering::Relaxed);
+                heard.answer();
                 Poll::Ready(Ok(response))
             }
         }
@@ -426,9 +454,68 @@ mod tests {
             .expect("the keepalive closes the connection")
             .unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        // Never answered: pinged half a second after the handshake, closed a second later.
         let waited = started.elapsed();
         assert!(
-            waited < KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + Duration::from_secs(2),
+            waited >= KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT - Duration::from_millis(100),
+            "{waited:?}"
+        );
+        assert!(
+            waited < KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + Duration::from_millis(300),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_falls_silent_is_noticed_within_one_and_a_half_seconds_of_its_last_answer()
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Answers the first call, then reads nothing more: no ping is answered.
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut server = h2::server::handshake(tcp).await.unwrap();
+            let (_, mut respond) = server.accept().await.unwrap().unwrap();
+            let response = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "0")
+                .body(())
+                .unwrap();
+            respond.send_response(response, true).unwrap();
+            // Flushes the answer; returns once the client has sent its second call.
+            let _second = server.accept().await;
+            let _ = stopped.await;
+            drop(server);
+        });
+        let mut connection = open(&address).await;
+        let call = || Request {
+            head: unary_head(
+                &http::uri::PathAndQuery::from_static(CHECK),
+                MetadataMap::new(),
+            ),
+            body: RequestBody::Frame(frame(&HealthCheckRequest::default())),
+        };
+        Service::<Request>::call(&mut connection, call())
+            .await
+            .expect("the first call is answered");
+        let answered = std::time::Instant::now();
+        let second = tokio::time::timeout(
+            Duration::from_secs(5),
+            Service::<Request>::call(&mut connection, call()),
+        )
+        .await;
+        let _ = stop.send(());
+        assert!(
+            second
+                .expect("the keepalive closes the connection")
+                .is_err()
+        );
+        // Not "a ping interval after the check that last saw an answer": half a second after
+        // the answer itself, then a second for the ping.
+        let waited = answered.elapsed();
+        assert!(
+            waited < KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + Duration::from_millis(200),
             "{waited:?}"
         );
     }

@@ -9,6 +9,7 @@ use etcd_client::{EventType, GetOptions, KeyValue};
 
 use super::{ConfigError, Inner, Rejection, Snapshot, WALK_BACK_STEPS};
 use crate::config::ConfigModel;
+use crate::error::EtcdError;
 use crate::watch::{Follower, Update, Watches};
 
 impl<M: ConfigModel> Inner<M> {
@@ -96,6 +97,13 @@ impl<M: ConfigModel> Inner<M> {
     /// The name of a configuration of `keys` keys read whole at `read_at`, whose newest write is
     /// `newest`: the write's revision when etcd held as many keys then (so none was deleted
     /// since, and the two revisions hold the same), otherwise the revision it was read at.
+    ///
+    /// When etcd has compacted `newest` away, it cannot say whether a key was deleted since: the
+    /// configuration is named by its newest write, as every instance that saw that write names
+    /// it (etcd compacts regularly, and an instance started later must serve the calls pinned to
+    /// the name the others use). Only a configuration whose last change was a deletion, compacted
+    /// since, is named differently (the deletion's revision elsewhere); calls pinned to that name
+    /// then fail with `FAILED_PRECONDITION` until the next change.
     pub(super) async fn name_of_reset(&self, newest: i64, read_at: i64, keys: usize) -> i64 {
         let Some(mut client) = self.client.clone().filter(|_| newest > 0) else {
             return read_at;
@@ -104,8 +112,13 @@ impl<M: ConfigModel> Inner<M> {
             .with_prefix()
             .with_count_only()
             .with_revision(newest);
-        match client.get(self.layout.config_prefix(), Some(options)).await {
+        match client
+            .get(self.layout.config_prefix(), Some(options))
+            .await
+            .map_err(|e| EtcdError::at(newest, e))
+        {
             Ok(resp) if usize::try_from(resp.count()).ok() == Some(keys) => newest,
+            Err(EtcdError::Compacted { .. }) => newest,
             _ => read_at,
         }
     }
@@ -169,15 +182,26 @@ pub(super) async fn run<M: ConfigModel>(inner: Weak<Inner<M>>, watches: Watches)
         };
         let revision = match update {
             Update::Reset { revision, kvs } => {
-                raw = kvs
-                    .iter()
-                    .filter_map(|kv| {
-                        let section = section_of(kv.key())?;
-                        Some((section, (kv.value().to_vec(), kv.mod_revision())))
-                    })
-                    .collect();
-                let newest = raw.values().map(|(_, rev)| *rev).max().unwrap_or(0);
-                inner.name_of_reset(newest, revision, kvs.len()).await
+                let before = std::mem::replace(
+                    &mut raw,
+                    kvs.iter()
+                        .filter_map(|kv| {
+                            let section = section_of(kv.key())?;
+                            Some((section, (kv.value().to_vec(), kv.mod_revision())))
+                        })
+                        .collect(),
+                );
+                let applied = inner.current.load().as_ref().map(|c| c.revision);
+                match applied {
+                    // Nothing changed while the watch was down (it may have been compacted past,
+                    // so the revision this content had cannot be asked of etcd): the
+                    // configuration keeps its name, which callers pin.
+                    Some(applied) if before == raw && !raw.is_empty() => applied,
+                    _ => {
+                        let newest = raw.values().map(|(_, rev)| *rev).max().unwrap_or(0);
+                        inner.name_of_reset(newest, revision, kvs.len()).await
+                    }
+                }
             }
             Update::Events { events, newest } => {
                 for event in &events {
