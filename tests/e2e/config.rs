@@ -82,8 +82,36 @@ async fn put(etcd: &mut etcd_client::Client, key: &str, value: String) -> anyhow
     Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
 }
 
+/// What a quote of 3 widgets depends on, as written at one revision: the widget's price (USD
+/// minor units, catalog, read by pricing), the US-CA tax rate (basis points, read by tax) and the
+/// EUR rate (thousandths, read by currency).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Written {
+    price: i64,
+    tax_bps: i64,
+    eur_per_mille: i64,
+}
+
+/// The line of a quote of 3 widgets in EUR at `w`, computed apart from the mesh: (unit price,
+/// gross, discount, net, tax, total), EUR minor units. The sku rule's 15 % off wins over the
+/// category's 5 %; every USD amount is converted on its own, half to even.
+fn widget_line(w: Written) -> [i64; 6] {
+    let gross = i128::from(w.price) * 3;
+    let discount = half_even(gross * 15, 100);
+    let tax = half_even((gross - discount) * i128::from(w.tax_bps), 10_000);
+    let eur = |a: i128| half_even(a * i128::from(w.eur_per_mille), 1000) as i64;
+    let (unit, gross, discount, tax) = (
+        eur(i128::from(w.price)),
+        eur(gross),
+        eur(discount),
+        eur(tax),
+    );
+    let net = gross - discount;
+    [unit, gross, discount, net, tax, net + tax]
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_fifty_price_changes_under_load_never_mix_revisions() -> anyhow::Result<()> {
+async fn a_fifty_changes_to_three_hops_under_load_never_mix_revisions() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let mesh = TestMesh::start(2, &fixture()).await?;
     let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
@@ -94,44 +122,94 @@ async fn a_fifty_price_changes_under_load_never_mix_revisions() -> anyhow::Resul
         Duration::from_secs(5),
     )
     .await?;
-    let mut prices = vec![(0i64, 1999i64)];
-    for i in 1..=50 {
-        let price = 1999 + i * 7;
-        let revision = put(
-            &mut etcd,
-            "/herd/config/catalog",
-            catalog_with_widget_price(price),
-        )
-        .await?;
-        prices.push((revision, price));
+    // Each change is read by another hop: the catalog by pricing, the tax rate by tax, the EUR
+    // rate by currency. A quote priced with one hop's configuration at one revision and another
+    // hop's at another would differ from the computation at its revision.
+    let mut now = Written {
+        price: 1999,
+        tax_bps: 725,
+        eur_per_mille: 925,
+    };
+    let mut written = vec![(0i64, now)];
+    for i in 1..=51i64 {
+        let (key, value) = match i % 3 {
+            0 => {
+                now.price = 1999 + i * 7;
+                ("catalog", catalog_with_widget_price(now.price))
+            }
+            1 => {
+                now.tax_bps = 700 + i;
+                (
+                    "tax",
+                    json!({"regions": {"US-CA": {"rate_bps": now.tax_bps, "exempt_categories": ["food"]}}})
+                        .to_string(),
+                )
+            }
+            _ => {
+                now.eur_per_mille = 900 + i;
+                (
+                    "fx",
+                    json!({"base": "USD", "rates": {"EUR": format!("0.{}", now.eur_per_mille)}})
+                        .to_string(),
+                )
+            }
+        };
+        let revision = put(&mut etcd, &format!("/herd/config/{key}"), value).await?;
+        written.push((revision, now));
         // Pacing so that quotes land at many revisions.
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
-    let last = prices.last().map(|p| p.0).unwrap_or(0);
+    let last = written.last().map(|w| w.0).unwrap_or(0);
     all_applied(&mesh, 8, last).await?;
     let (report, quotes) = load.finish().await;
-    let price_at = |rev: i64| {
-        prices
+    let at = |revision: i64| {
+        written
             .iter()
             .rev()
-            .find(|(r, _)| *r <= rev)
-            .map(|p| p.1)
-            .unwrap_or(1999)
+            .find(|(r, _)| *r <= revision)
+            .map_or(written[0].1, |w| w.1)
     };
+    let minor = |m: &Option<herd_proto::types::Money>| m.as_ref().map_or(-1, |m| m.minor_units);
     let mut revisions = BTreeMap::new();
     for quote in &quotes {
-        let price = price_at(quote.config_revision);
-        let total = quote.total.as_ref().map(|m| m.minor_units).unwrap_or(-1);
+        let expected = widget_line(at(quote.config_revision));
+        let [line] = quote.lines.as_slice() else {
+            anyhow::bail!("a quote of one item has {} lines", quote.lines.len());
+        };
+        let got = [
+            minor(&line.unit_price),
+            minor(&line.gross),
+            minor(&line.discount),
+            minor(&line.net),
+            minor(&line.tax),
+            minor(&line.total),
+        ];
         assert_eq!(
-            total,
-            widget_total(price),
-            "quote at revision {} priced a widget at something other than {price}",
-            quote.config_revision
+            got,
+            expected,
+            "the line of a quote at revision {} (unit, gross, discount, net, tax, total) is not \
+             what {:?} makes",
+            quote.config_revision,
+            at(quote.config_revision)
         );
+        assert_eq!(line.promotion_id, "widget-15");
+        let totals = [
+            minor(&quote.subtotal),
+            minor(&quote.discount),
+            minor(&quote.tax),
+            minor(&quote.total),
+        ];
+        assert_eq!(totals, [expected[1], expected[2], expected[4], expected[5]]);
         *revisions.entry(quote.config_revision).or_insert(0) += 1;
     }
+    // Quotes at revisions of each kind of change.
+    let kinds: std::collections::BTreeSet<i64> = revisions
+        .keys()
+        .filter_map(|r| written.iter().position(|w| w.0 == *r))
+        .map(|i| i as i64 % 3)
+        .collect();
     println!(
-        "REPORT config a: {report}; {} quotes at {} distinct revisions, each equal to the recomputation at its revision",
+        "REPORT config a: {report}; {} quotes at {} distinct revisions (catalog, tax and fx changes), each line and total equal to the computation at its revision",
         quotes.len(),
         revisions.len()
     );
@@ -140,6 +218,11 @@ async fn a_fifty_price_changes_under_load_never_mix_revisions() -> anyhow::Resul
         revisions.len() >= 25,
         "quotes covered only {} revisions",
         revisions.len()
+    );
+    assert_eq!(
+        kinds.len(),
+        3,
+        "quotes at revisions of only {kinds:?} kinds of change"
     );
     Ok(())
 }
