@@ -14,6 +14,8 @@ BIN="${CARGO_TARGET_DIR:-target}/release"
 # startup overload.
 PARTS="${PARTS:-ceiling mesh tls tracing metrics startup overload}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
+# shellcheck source=scripts/goals.sh
+. scripts/goals.sh
 HALF="${HALF:--}" # the fixed rate of half-load runs; the mesh part sets it from the raw capacity
 CONFIG=deploy/bench/config
 # The benchmark's quote-signing private key (its public key is in $CONFIG/keys.json): for benchmarks only.
@@ -252,6 +254,8 @@ pairs() {
     stats "p50 at half the raw capacity" "" "${P50_RATIO[@]}"
     stats "p99 at half the raw capacity (goal <= 1.25)" "" "${P99_RATIO[@]}"
     stats "server CPU time per request" "" "${CPU_RATIO[@]}"
+    goal "herd/raw throughput$LABEL" "$(median "${SAT_RATIO[@]}")" ge 0.95
+    goal "herd/raw p99 at half load$LABEL" "$(median "${P99_RATIO[@]}")" le 1.25
     cleanup
 }
 
@@ -360,7 +364,16 @@ for ratio in 0 $RATIOS; do
     stats "$label / none: p99 at half load" "" $(against "$ratio" 6)
     echo "$label: spans exported $(col "$ratio" 8 | paste -sd' '), dropped $(col "$ratio" 9 | paste -sd' '), failed $(col "$ratio" 10 | paste -sd' '), received by the sink $(col "$ratio" 11 | paste -sd' ') (per run)"
 done
-echo "goals: CPU per request at 100 % <= 1.25, at 1 % <= 1.03; throughput at 100 % >= 0.80; p99 at half load at 100 % <= 1.25; no span dropped"
+# shellcheck disable=SC2046
+goal "tracing 1 %: CPU per request / untraced" "$(median $(against 0.01 4))" le 1.03
+# shellcheck disable=SC2046
+goal "tracing 100 %: CPU per request / untraced" "$(median $(against 1 4))" le 1.25
+# shellcheck disable=SC2046
+goal "tracing 100 %: throughput / untraced" "$(median $(against 1 3))" ge 0.80
+# shellcheck disable=SC2046
+goal "tracing 100 %: p99 at half load / untraced" "$(median $(against 1 6))" le 1.25
+goal "tracing: spans dropped" "$(printf '%s\n' "${ROWS[@]}" | awk '$1 != 0 {d += $9} END {print d + 0}')" le 0
+goal "tracing: spans the sink did not receive" "$(printf '%s\n' "${ROWS[@]}" | awk '$1 != 0 {m += $8 - $11} END {print m + 0}')" le 0
 if command -v gnuplot >/dev/null 2>&1; then scripts/tracing-chart.sh "$TRACING_DATA" "$TRACING_CHART"; fi
 cleanup
 fi
@@ -434,6 +447,10 @@ stats "with metrics: server CPU per request" "µs" $(mcol on 4)
 stats "with / without: throughput (goal >= 0.97)" "" $(mratio 3)
 # shellcheck disable=SC2046
 stats "with / without: CPU per request (goal <= 1.03)" "" $(mratio 4)
+# shellcheck disable=SC2046
+goal "metrics: throughput with / without" "$(median $(mratio 3))" ge 0.97
+# shellcheck disable=SC2046
+goal "metrics: CPU per request with / without" "$(median $(mratio 4))" le 1.03
 cleanup
 fi
 
@@ -506,6 +523,15 @@ for mesh in raw herd; do
         stats "$mesh at ${level}x: peak RSS (largest instance)" "MB" $(mine 8)
     done
 done
+herd_share() { printf '%s\n' "${ROWS[@]}" | awk -v l="$1" '$1 == "herd" && $2 == l {printf "%.3f\n", $6 / $5}'; }
+herd_col() { printf '%s\n' "${ROWS[@]}" | awk -v l="$1" -v f="$2" '$1 == "herd" && $2 == l {print $f}'; }
+# shellcheck disable=SC2046
+goal "overload: herd goodput/capacity at 2x" "$(median $(herd_share 2))" ge 0.90
+# shellcheck disable=SC2046
+goal "overload: herd goodput/capacity at 8x" "$(median $(herd_share 8))" ge 0.85
+# shellcheck disable=SC2046
+goal "overload: herd p99 of successes at 2x / at 0.5x" "$(awk -v a="$(median $(herd_col 2 7))" -v b="$(median $(herd_col 0.5 7))" 'BEGIN {printf "%.2f", a / b}')" le 3
+goal "overload: herd peak RSS, largest instance (MB)" "$(printf '%s\n' "${ROWS[@]}" | awk '$1 == "herd" && $8 > m {m = $8} END {print m + 0}')" le 30
 if command -v gnuplot >/dev/null 2>&1; then scripts/overload-chart.sh "$OVERLOAD_DATA" "$OVERLOAD_CHART"; fi
 
 # Memory under a flood with every span exported: herd offered 4x the raw capacity for
@@ -543,4 +569,7 @@ echo "== flood with tracing at 100 % ($flood_rate calls/s = 4x raw capacity, $FL
 stats "largest instance's RSS, steady" "MB" "${STEADY[@]}"
 stats "largest instance's RSS, peak" "MB" "${PEAK[@]}"
 echo "seconds until every instance is back to steady: ${BACK[*]}"
+goal "flood with tracing: peak RSS, largest instance (MB)" "$(printf '%s\n' "${PEAK[@]}" | sort -g | tail -1)" le 30
 fi
+
+goals_exit

@@ -23,4 +23,12 @@ summary "propagation p50" "p50" " ms"
 summary "propagation p99" "p99" " ms"
 summary "quote latency, collector up" "collector up" " ms"
 summary "quote latency, collector down" "collector down" " ms"
+median_of() { # pattern whose second word is the figure, unit
+    grep -o "$1 [0-9.]*$2" "$out" | sed "s/$2\$//" | awk '{print $NF}' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'
+}
+# shellcheck source=scripts/goals.sh
+. scripts/goals.sh
+goal "configuration propagation p99 (ms)" "$(median_of p99 " ms")" le 10
+goal "quote latency, collector down / up" "$(awk -v d="$(median_of "collector down" " ms")" -v u="$(median_of "collector up" " ms")" 'BEGIN {printf "%.3f", d / u}')" le 1.10
 rm -f "$out"
+goals_exit

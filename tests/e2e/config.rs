@@ -328,6 +328,8 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
     let mut delays = Vec::new();
     let mut revisions = Vec::new();
     for i in 0..100 {
+        // From the moment the write is sent: etcd's commit, the watch and the apply.
+        let sent = now_secs();
         let revision = put(
             &mut etcd,
             "/herd/config/catalog",
@@ -335,7 +337,6 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
         )
         .await?;
         revisions.push(revision);
-        let written = now_secs();
         let needle = format!("configuration applied revision={revision}");
         let times = eventually(
             &format!("8 instances to apply {revision}"),
@@ -354,7 +355,7 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
         )
         .await?;
         let slowest = times.iter().copied().fold(f64::MIN, f64::max);
-        delays.push(((slowest - written) * 1000.0).max(0.0));
+        delays.push((slowest - sent) * 1000.0);
     }
     // Each change applied by eight instances cost etcd the one write that made it: nothing
     // else was written between two changes (instances write nothing when they apply one).
@@ -373,7 +374,12 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
         pct(0.99),
         pct(1.0)
     );
-    // The goal (p99 ≤ 10 ms) is judged on release builds by `make bench`; here only gross regressions fail.
+    // Every instance applied the change after it was sent (the same clock: no delay is negative).
+    assert!(delays[0] > 0.0, "{delays:?}");
+    // The goal (p99 ≤ 10 ms) cannot be asserted here without flaking: a debug build, every
+    // process of the mesh and the test on two loaded cores. `make bench` judges it on release
+    // builds and exits non-zero when it is missed; here only a gross regression (25 times the
+    // goal) fails.
     assert!(pct(0.99) < 250.0, "p99 {} ms", pct(0.99));
     Ok(())
 }
