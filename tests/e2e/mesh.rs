@@ -909,3 +909,74 @@ async fn keys_export_moves_private_keys_from_etcd_into_files() -> anyhow::Result
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to export"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_is_not_serving_nor_registered_until_its_configuration_is_loaded()
+-> anyhow::Result<()> {
+    // etcd without any configuration yet; the instance writes its logs as JSON.
+    let etcd = herd_tests::Etcd::start().await?;
+    let dir = tempfile::tempdir()?;
+    let health = format!("127.0.0.1:{}", herd_tests::free_port());
+    let mut tax = herd_tests::start_instance(
+        "tax",
+        &etcd,
+        0,
+        dir.path(),
+        &["--health-listen", &health, "--log-format", "json"],
+    )?;
+    let registered = || {
+        etcd.get_prefix("/herd/services/tax/")
+            .map(|kvs| !kvs.is_empty())
+            .unwrap_or(false)
+    };
+    // Up and answering its probes, but neither serving nor registered.
+    let answer = eventually(
+        "the health port to answer",
+        Duration::from_secs(20),
+        || async { herd_tests::probe(&health, "").await },
+    )
+    .await?;
+    assert_eq!(answer, "NOT_SERVING");
+    assert_eq!(
+        herd_tests::probe(&health, "herd.registration")
+            .await
+            .as_deref(),
+        Some("NOT_SERVING")
+    );
+    assert!(
+        !registered(),
+        "registered before its configuration was loaded"
+    );
+    // Once the configuration is there: serving, and registered.
+    for (section, json) in fixture() {
+        etcd.put(&format!("/herd/config/{section}"), &json)?;
+    }
+    eventually(
+        "SERVING and registered",
+        Duration::from_secs(20),
+        || async {
+            (herd_tests::probe(&health, "").await.as_deref() == Some("SERVING") && registered())
+                .then_some(())
+        },
+    )
+    .await?;
+    tax.signal("TERM")?;
+    assert_eq!(
+        tax.wait_exit(Duration::from_secs(15)).await?.code(),
+        Some(0)
+    );
+    // --log-format json: every line is one JSON object with a level and a message.
+    let log = tax.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).map_err(|e| anyhow::anyhow!("{e}: {l}")))
+        .collect::<anyhow::Result<_>>()?;
+    assert!(lines.len() >= 3, "{log}");
+    for line in &lines {
+        assert!(
+            line["level"].is_string() && line["message"].is_string(),
+            "{line}"
+        );
+    }
+    Ok(())
+}

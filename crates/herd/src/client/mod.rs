@@ -223,6 +223,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retry_sends_the_same_bytes_with_the_same_trace_context() {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mut message = msg();
+        message.context = Some(herd_proto::context::RequestContext {
+            tenant_id: "acme".into(),
+            request_id: "r-1".into(),
+            config_revision: 7,
+            trace: Some(herd_proto::context::TraceContext {
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00".into(),
+                tracestate: String::new(),
+            }),
+            ..Default::default()
+        });
+        let mut sent: Vec<(Bytes, Option<String>)> = Vec::new();
+        let answer: Result<(), CallError> = attempts(
+            deadline,
+            &RetryBudget::default(),
+            "t.S/M",
+            &message,
+            |request| {
+                let traceparent = request
+                    .metadata()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                sent.push((request.into_inner(), traceparent));
+                let last = sent.len() == 3;
+                async move {
+                    if last {
+                        Ok(())
+                    } else {
+                        Err(CallError::Refused(Status::unavailable("down")))
+                    }
+                }
+            },
+        )
+        .await;
+        assert!(answer.is_ok());
+        assert_eq!(sent.len(), 3);
+        assert!(sent.iter().all(|s| *s == sent[0]), "{sent:?}");
+        assert_eq!(sent[0].0, frame(&message));
+        assert_eq!(
+            sent[0].1.as_deref(),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")
+        );
+    }
+
+    #[tokio::test]
     async fn the_budget_stops_retry_storms() {
         let budget = RetryBudget::default();
         let deadline = Deadline::after(Duration::from_secs(5));
