@@ -356,6 +356,14 @@ pub(crate) mod tests {
         name: &'static str,
         status: tonic_health::ServingStatus,
     ) -> String {
+        health_server_reported(name, status).await.0
+    }
+
+    /// As [`health_server_reporting`], with the reporter, to change the status later.
+    async fn health_server_reported(
+        name: &'static str,
+        status: tonic_health::ServingStatus,
+    ) -> (String, tonic_health::server::HealthReporter) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (reporter, service) = tonic_health::server::health_reporter();
@@ -367,7 +375,7 @@ pub(crate) mod tests {
                 .add_service(service)
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
-        address
+        (address, reporter)
     }
 
     /// Makes `times` health Checks over `client`, each of which must be served.
@@ -559,6 +567,29 @@ pub(crate) mod tests {
             started.elapsed()
         );
         assert!(channel.ready_instances().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_endpoint_that_reports_not_serving_leaves_the_balancer_and_comes_back() {
+        let (a, reporter) = health_server_reported("a", tonic_health::ServingStatus::Serving).await;
+        let b = health_server("b").await;
+        // Registered all along: only its health changes.
+        let resolver = Resolver::fixed([info("a", &a), info("b", &b)]);
+        let channel = MeshChannel::new("probe", resolver.subscribe());
+        let mut ready = channel.subscribe_ready();
+        until_ready(&mut ready, 2).await;
+        reporter
+            .set_service_status("probe", tonic_health::ServingStatus::NotServing)
+            .await;
+        until_ready(&mut ready, 1).await;
+        assert_eq!(channel.ready_instances(), ["b"]);
+        // Every call goes to the other endpoint.
+        let (on_a, answered_by_b) = eight_callers(&channel, "a").await;
+        assert_eq!((on_a, answered_by_b), (0, 400));
+        reporter
+            .set_service_status("probe", tonic_health::ServingStatus::Serving)
+            .await;
+        until_ready(&mut ready, 2).await;
     }
 
     #[tokio::test]
