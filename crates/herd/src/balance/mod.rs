@@ -592,6 +592,64 @@ pub(crate) mod tests {
         until_ready(&mut ready, 2).await;
     }
 
+    /// A health server that answers every call after `delay`: a slow endpoint.
+    async fn slow_health_server(name: &'static str, delay: Duration) -> String {
+        #[derive(Clone)]
+        struct Slow<S>(S, Duration);
+        impl<S, B> tower::Service<http::Request<B>> for Slow<S>
+        where
+            S: tower::Service<http::Request<B>> + Clone + Send + 'static,
+            S::Future: Send,
+            B: Send + 'static,
+        {
+            type Response = S::Response;
+            type Error = S::Error;
+            type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+                self.0.poll_ready(cx)
+            }
+            fn call(&mut self, request: http::Request<B>) -> Self::Future {
+                let answer = self.0.call(request);
+                let delay = self.1;
+                Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    answer.await
+                })
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        for service in [name, "", "probe"] {
+            reporter
+                .set_service_status(service, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(tower::layer::layer_fn(move |s| Slow(s, delay)))
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        std::mem::forget(reporter);
+        address
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn peak_ewma_sends_most_calls_to_the_faster_endpoint() {
+        let fast = health_server("fast").await;
+        let slow = slow_health_server("slow", Duration::from_millis(20)).await;
+        let resolver = Resolver::fixed([info("fast", &fast), info("slow", &slow)]);
+        let channel = MeshChannel::new("probe", resolver.subscribe());
+        let mut ready = channel.subscribe_ready();
+        until_ready(&mut ready, 2).await;
+        let (on_fast, on_slow) = eight_callers(&channel, "fast").await;
+        // Power of two choices between the two, each weighed by its latency times the calls it
+        // has in flight: the one 20 ms slower draws few (a trial call, and a few while the fast
+        // one is busy with all eight callers).
+        assert!(on_fast >= 8 * on_slow, "fast={on_fast} slow={on_slow}");
+    }
+
     #[tokio::test]
     async fn a_call_waits_while_an_endpoint_is_still_connecting() {
         // Accepts connections and never says a word: the first connection is neither up nor
