@@ -1048,3 +1048,115 @@ async fn i_history_is_bounded_by_bytes_and_an_old_pin_is_read_once() -> anyhow::
     assert_eq!(etcd_ranges(&etcd)? - ranges, 1, "reads of revision {first}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn j_a_gateway_behind_on_a_rotation_verifies_at_the_revision_the_token_names()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = TestMesh::start(1, &fixture()).await?;
+    // A second gateway that reaches etcd only through a grpc-proxy: stopping the proxy holds it
+    // at the revision it has applied, while everything else moves on.
+    let proxy_address = format!("127.0.0.1:{}", herd_tests::free_port());
+    let mut proxy_cmd = std::process::Command::new("etcd");
+    proxy_cmd.args([
+        "grpc-proxy",
+        "start",
+        "--endpoints",
+        &mesh.etcd.endpoint,
+        "--listen-addr",
+        &proxy_address,
+    ]);
+    let proxy = herd_tests::Proc::spawn(
+        "etcd grpc-proxy",
+        proxy_cmd,
+        mesh.dir.path().join("proxy.log"),
+    )?;
+    let behind = format!("127.0.0.1:{}", herd_tests::free_port());
+    let mut gateway_cmd = std::process::Command::new(herd_tests::bin("herd-gateway")?);
+    gateway_cmd
+        .args([
+            "--etcd",
+            &format!("http://{proxy_address}"),
+            "--listen",
+            &behind,
+        ])
+        // Its lease outlives the pause below.
+        .env("HERD_LEASE_TTL", "10")
+        .env("RUST_LOG", "info")
+        .env("HERD_SECRETS", herd_tests::secrets_dir(mesh.dir.path())?);
+    let _behind_gateway = herd_tests::Proc::spawn(
+        "herd-gateway behind a proxy",
+        gateway_cmd,
+        mesh.dir.path().join("gateway-behind.log"),
+    )?;
+    eventually(
+        "the gateway behind the proxy to serve",
+        Duration::from_secs(30),
+        || async { (herd_tests::health(&behind, "").as_deref() == Some("SERVING")).then_some(()) },
+    )
+    .await?;
+    let mut etcd = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
+    let keys = keys_json(&mesh, &[("t1", 9, false), ("t2", 4, true)]).await?;
+
+    proxy.signal("STOP")?;
+    let rotated = put(&mut etcd, "/herd/config/keys", keys).await?;
+    // The first gateway signs with the new key at the rotation's revision.
+    let signer = client(&mesh.gateways[0]).await?;
+    let token = eventually(
+        "the first gateway to sign at the rotation",
+        Duration::from_secs(10),
+        || {
+            let mut signer = signer.clone();
+            async move {
+                let created = signer
+                    .create_quote(widget_request(None))
+                    .await
+                    .ok()?
+                    .into_inner();
+                (created.quote.as_ref()?.config_revision == rotated).then_some(created.token)
+            }
+        },
+    )
+    .await?;
+    let mut verifier = client(&behind).await?;
+    let request = VerifyQuoteRequest {
+        context: widget_request(None).context,
+        token,
+    };
+    let mut verify = tokio::spawn(async move { verifier.verify_quote(request).await });
+    // It does not know the key: it asks etcd for the keys of the token's revision, and waits for
+    // an answer that cannot come while the proxy is stopped.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut verify)
+            .await
+            .is_err(),
+        "verified without reading the token's revision"
+    );
+    // Still at the revision before the rotation (its admin service answers from memory): of the
+    // two gateways, the one that signed is at the rotation, the one behind before it.
+    let out = mesh.herdctl(&["config", "status", "--output", "json"])?;
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    let mut gateways: Vec<i64> = status["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["service"] == "gateway")
+        .filter_map(|i| i["config"]["applied"].as_i64())
+        .collect();
+    gateways.sort();
+    assert!(
+        matches!(gateways.as_slice(), [behind, signer] if *behind < rotated && *signer >= rotated),
+        "gateways at {gateways:?}, the rotation at {rotated}: {status}"
+    );
+    proxy.signal("CONT")?;
+    let verified = tokio::time::timeout(Duration::from_secs(10), verify)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer once etcd is reachable again"))???
+        .into_inner();
+    assert_eq!(
+        verified.quote.map(|q| q.config_revision),
+        Some(rotated),
+        "verified at the token's revision"
+    );
+    Ok(())
+}
