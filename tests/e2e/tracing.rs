@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use herd_tests::otlp::{CLIENT, Receiver, SERVER, Span};
-use herd_tests::{TestMesh, call_as, eventually, fixture, grpcurl};
+use herd_tests::{Answer, TestMesh, call_as, eventually, fixture, grpcurl};
 use serde_json::{Value, json};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -144,6 +144,15 @@ fn check_trace(trace: &[Span]) -> Result<BTreeMap<&'static str, Span>, String> {
     }
     if !found["herd-gateway"].attrs.contains_key("herd.quote_id") {
         return Err("the gateway span lacks herd.quote_id".into());
+    }
+    // Every hop served the quote at the revision the gateway pinned, and says which.
+    let revisions: BTreeSet<Option<&String>> = found
+        .values()
+        .map(|s| s.attrs.get("herd.config_revision"))
+        .collect();
+    match revisions.into_iter().collect::<Vec<_>>().as_slice() {
+        [Some(r)] if r.parse::<i64>().is_ok_and(|r| r > 0) => {}
+        other => return Err(format!("herd.config_revision across the hops: {other:?}")),
     }
     Ok(found)
 }
@@ -294,7 +303,8 @@ async fn b_fifty_quotes_over_two_instances_each_are_all_complete() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn c_a_callers_traceparent_is_honoured() -> anyhow::Result<()> {
+async fn c_a_callers_trace_context_is_honoured_and_a_failure_is_an_event_not_an_error()
+-> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let receiver = Receiver::start().await?;
     let mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
@@ -306,6 +316,8 @@ async fn c_a_callers_traceparent_is_honoured() -> anyhow::Result<()> {
         "-plaintext",
         "-H",
         &header,
+        "-H",
+        "tracestate: vendor=opaque-1",
         "-H",
         &authorization,
         "-d",
@@ -328,6 +340,44 @@ async fn c_a_callers_traceparent_is_honoured() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(spans.1["herd-gateway"].parent, parent);
+    // The caller's tracestate travels with the trace to every span of every hop.
+    for span in &spans.0 {
+        assert_eq!(span.trace_state, "vendor=opaque-1", "{span:?}");
+    }
+
+    // A call that fails on a hop: the failure is an event on the spans it crossed, and a
+    // caller's mistake (NOT_FOUND) is not a server fault: no error status.
+    let mut unknown = basket("trace-c-unknown");
+    unknown["items"] = json!([{"sku": "unicorn", "quantity": 1}]);
+    let answer = call_as("acme", &mesh.gateways[0], CREATE, &unknown)?;
+    assert!(
+        matches!(&answer, Answer::Err { code, .. } if code == "NotFound"),
+        "{answer:?}"
+    );
+    let failed = eventually(
+        "the failed quote's spans",
+        Duration::from_secs(10),
+        || async {
+            let spans = trace_of_request(&receiver, "trace-c-unknown")?;
+            let servers: Vec<Span> = spans
+                .into_iter()
+                .filter(|s| {
+                    s.kind == SERVER && (s.service == "herd-gateway" || s.service == "herd-pricing")
+                })
+                .collect();
+            (servers.len() == 2).then_some(servers)
+        },
+    )
+    .await?;
+    for span in &failed {
+        assert_eq!(
+            span.attrs.get("rpc.grpc.status_code").map(String::as_str),
+            Some("5"),
+            "{span:?}"
+        );
+        assert!(span.events.iter().any(|e| e == "call failed"), "{span:?}");
+        assert_ne!(span.status, 2, "NOT_FOUND set an error status: {span:?}");
+    }
     Ok(())
 }
 

@@ -40,6 +40,10 @@ pub struct Span {
     pub attrs: BTreeMap<String, String>,
     /// Status code (0 unset, 1 ok, 2 error).
     pub status: i32,
+    /// The W3C `tracestate` the span carries.
+    pub trace_state: String,
+    /// The names of the span's events.
+    pub events: Vec<String>,
 }
 
 /// OTLP span kinds.
@@ -176,6 +180,8 @@ impl TraceService for Recorder {
                         parent: hex(&s.parent_span_id),
                         attrs: attrs(&s.attributes),
                         status: s.status.map(|st| st.code).unwrap_or(0),
+                        trace_state: s.trace_state,
+                        events: s.events.into_iter().map(|e| e.name).collect(),
                     });
                 }
             }
