@@ -228,6 +228,110 @@ async fn a_fifty_changes_to_three_hops_under_load_never_mix_revisions() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a2_config_apply_of_three_sections_is_one_revision_for_requests_in_flight()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = TestMesh::start(2, &fixture()).await?;
+    let load = Load::start(
+        &mesh.etcd,
+        8,
+        Duration::from_millis(5),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let dir = mesh.dir.path();
+    let file = |name: &str| dir.join(name).to_string_lossy().to_string();
+    let mut written = vec![(
+        0i64,
+        Written {
+            price: 1999,
+            tax_bps: 725,
+            eur_per_mille: 925,
+        },
+    )];
+    // Each apply changes what three hops read (pricing, tax, currency) in one write: a quote sees
+    // all three old values or all three new ones, never some of each.
+    for i in 1..=12i64 {
+        let now = Written {
+            price: 2000 + i * 11,
+            tax_bps: 730 + i,
+            eur_per_mille: 910 + i,
+        };
+        std::fs::write(file("catalog.json"), catalog_with_widget_price(now.price))?;
+        std::fs::write(
+            file("tax.json"),
+            json!({"regions": {"US-CA": {"rate_bps": now.tax_bps, "exempt_categories": ["food"]}}})
+                .to_string(),
+        )?;
+        std::fs::write(
+            file("fx.json"),
+            json!({"base": "USD", "rates": {"EUR": format!("0.{}", now.eur_per_mille)}})
+                .to_string(),
+        )?;
+        let out = mesh.herdctl(&[
+            "config",
+            "apply",
+            "--output",
+            "json",
+            &file("catalog.json"),
+            &file("tax.json"),
+            &file("fx.json"),
+        ])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let applied: Value = serde_json::from_slice(&out.stdout)?;
+        let revision = applied["revision"].as_i64().unwrap_or(0);
+        written.push((revision, now));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let last = written.last().map(|w| w.0).unwrap_or(0);
+    all_applied(&mesh, 8, last).await?;
+    // One revision per apply: etcd moved by exactly one per apply (each section's write note
+    // rides in the same transaction).
+    assert_eq!(
+        written
+            .windows(2)
+            .skip(1)
+            .map(|w| w[1].0 - w[0].0)
+            .collect::<Vec<_>>(),
+        vec![1; 11],
+        "{written:?}"
+    );
+    let (report, quotes) = load.finish().await;
+    let at = |revision: i64| {
+        written
+            .iter()
+            .rev()
+            .find(|(r, _)| *r <= revision)
+            .map_or(written[0].1, |w| w.1)
+    };
+    let mut revisions = std::collections::BTreeSet::new();
+    for quote in &quotes {
+        let expected = widget_line(at(quote.config_revision));
+        let total = quote.total.as_ref().map_or(-1, |m| m.minor_units);
+        assert_eq!(
+            total,
+            expected[5],
+            "a quote at revision {} is not what {:?} makes",
+            quote.config_revision,
+            at(quote.config_revision)
+        );
+        revisions.insert(quote.config_revision);
+    }
+    println!(
+        "REPORT config a2: {report}; {} quotes at {} revisions of 13",
+        quotes.len(),
+        revisions.len()
+    );
+    assert_eq!(report.failures(), 0, "{report}");
+    assert!(revisions.len() >= 8, "quotes at only {revisions:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn b_a_retry_after_a_change_is_byte_identical_on_another_gateway() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let mesh = TestMesh::start(2, &fixture()).await?;
