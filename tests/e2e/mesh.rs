@@ -980,3 +980,120 @@ async fn an_instance_is_not_serving_nor_registered_until_its_configuration_is_lo
     }
     Ok(())
 }
+
+/// A tax instance that takes its time: records the `grpc-timeout` each call arrives with, and
+/// answers after ten seconds.
+#[derive(Clone, Default)]
+struct SlowTax(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+#[tonic::async_trait]
+impl herd_proto::tax::tax_service_server::TaxService for SlowTax {
+    async fn compute_tax(
+        &self,
+        request: tonic::Request<herd_proto::tax::ComputeTaxRequest>,
+    ) -> Result<tonic::Response<herd_proto::tax::ComputeTaxResponse>, tonic::Status> {
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        if let Ok(mut seen) = self.0.lock() {
+            seen.push(timeout);
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Err(tonic::Status::internal("answered too late to matter"))
+    }
+}
+
+/// A `grpc-timeout` value (`<digits><unit>`) as a duration.
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
+    let mut mesh = TestMesh::start(1, &fixture()).await?;
+    // The only tax instance pricing can reach: one that sleeps past any deadline.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let slow = SlowTax::default();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in ["", "tax", "herd.tax.v1.TaxService"] {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(herd_proto::tax::tax_service_server::TaxServiceServer::new(
+                slow.clone(),
+            ))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let info = json!({
+        "service": "tax", "instance_id": "tax-slow", "address": address, "pid": 0, "version": "test"
+    });
+    mesh.etcd
+        .put("/herd/services/tax/tax-slow", &info.to_string())?;
+    for (service, instance) in &mesh.instances {
+        if service == "tax" {
+            instance.signal("KILL")?;
+        }
+    }
+    mesh.instances.retain(|(service, _)| service != "tax");
+    eventually(
+        "only the slow tax instance registered",
+        Duration::from_secs(20),
+        || async {
+            let left = mesh.addresses("tax").ok()?;
+            (left == [address.clone()]).then_some(())
+        },
+    )
+    .await?;
+
+    let client = herd_tests::quote_client(&mesh.gateways[0], "acme").await?;
+    let deadline = Duration::from_millis(1500);
+    let waited = eventually(
+        "a call to reach the slow tax",
+        Duration::from_secs(20),
+        || {
+            let (mut client, slow) = (client.clone(), slow.clone());
+            async move {
+                let mut request = tonic::Request::new(herd_tests::widget_quote("acme", ""));
+                request.set_timeout(deadline);
+                let started = std::time::Instant::now();
+                let failed = client.create_quote(request).await.is_err();
+                // Until pricing's balancer offers the slow instance, calls fail at once.
+                let reached = slow.0.lock().map(|s| !s.is_empty()).unwrap_or(false);
+                (failed && reached).then(|| started.elapsed())
+            }
+        },
+    )
+    .await?;
+    // The caller's deadline ended the call, not tax's ten seconds or a default.
+    assert!(waited < deadline + Duration::from_millis(500), "{waited:?}");
+    // Tax was told the time left, less what the gateway and pricing took: the caller's 1.5 s,
+    // forwarded hop by hop, not reset.
+    let seen = slow.0.lock().map(|s| s.clone()).unwrap_or_default();
+    let told: Vec<Duration> = seen.iter().filter_map(|v| grpc_timeout(v)).collect();
+    assert!(!told.is_empty() && told.len() == seen.len(), "{seen:?}");
+    let last = told[told.len() - 1];
+    assert!(
+        last <= deadline && last > deadline / 2,
+        "tax was told {last:?} of {deadline:?}"
+    );
+    server.abort();
+    Ok(())
+}
