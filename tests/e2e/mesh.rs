@@ -982,9 +982,12 @@ async fn an_instance_is_not_serving_nor_registered_until_its_configuration_is_lo
 }
 
 /// A tax instance that takes its time: records the `grpc-timeout` each call arrives with, and
-/// answers after ten seconds.
+/// after the delay it holds (ten seconds unless set) answers a tax of zero on every line.
 #[derive(Clone, Default)]
-struct SlowTax(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+struct SlowTax(
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    Option<Duration>,
+);
 
 #[tonic::async_trait]
 impl herd_proto::tax::tax_service_server::TaxService for SlowTax {
@@ -1001,8 +1004,16 @@ impl herd_proto::tax::tax_service_server::TaxService for SlowTax {
         if let Ok(mut seen) = self.0.lock() {
             seen.push(timeout);
         }
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        Err(tonic::Status::internal("answered too late to matter"))
+        tokio::time::sleep(self.1.unwrap_or(Duration::from_secs(10))).await;
+        let request = request.into_inner();
+        let zero = |line: &herd_proto::tax::TaxableLine| herd_proto::types::Money {
+            minor_units: 0,
+            ..line.net.clone().unwrap_or_default()
+        };
+        Ok(tonic::Response::new(herd_proto::tax::ComputeTaxResponse {
+            taxes: request.lines.iter().map(zero).collect(),
+            rate_bps: 0,
+        }))
     }
 }
 
@@ -1021,27 +1032,32 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
-    let mut mesh = TestMesh::start(1, &fixture()).await?;
-    // The only tax instance pricing can reach: one that sleeps past any deadline.
+/// Replaces `mesh`'s tax instances with `slow`, served on a port of the test's: returns its
+/// server's task once it is the only tax instance registered.
+async fn with_slow_tax(
+    mesh: &mut TestMesh,
+    slow: &SlowTax,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
-    let slow = SlowTax::default();
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in ["", "tax", "herd.tax.v1.TaxService"] {
         reporter
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let server = tokio::spawn(
+    let slow = slow.clone();
+    let server = tokio::spawn(async move {
+        // The reporter lives as long as the server.
+        let _reporter = reporter;
         tonic::transport::Server::builder()
             .add_service(health)
             .add_service(herd_proto::tax::tax_service_server::TaxServiceServer::new(
-                slow.clone(),
+                slow,
             ))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+    });
     let info = json!({
         "service": "tax", "instance_id": "tax-slow", "address": address, "pid": 0, "version": "test"
     });
@@ -1062,6 +1078,15 @@ async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
         },
     )
     .await?;
+    Ok(server)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
+    let mut mesh = TestMesh::start(1, &fixture()).await?;
+    // The only tax instance pricing can reach: one that sleeps past any deadline.
+    let slow = SlowTax::default();
+    let server = with_slow_tax(&mut mesh, &slow).await?;
 
     let client = herd_tests::quote_client(&mesh.gateways[0], "acme").await?;
     let deadline = Duration::from_millis(1500);
@@ -1093,6 +1118,65 @@ async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
     assert!(
         last <= deadline && last > deadline / 2,
         "tax was told {last:?} of {deadline:?}"
+    );
+    server.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_in_flight_at_sigterm_finishes_before_the_instance_exits() -> anyhow::Result<()> {
+    let mut mesh = TestMesh::start(1, &fixture()).await?;
+    // Tax answers after a second: a quote is in flight at pricing that long.
+    let slow = SlowTax(Default::default(), Some(Duration::from_secs(1)));
+    let server = with_slow_tax(&mut mesh, &slow).await?;
+    let client = herd_tests::quote_client(&mesh.gateways[0], "acme").await?;
+    eventually(
+        "a quote through the slow tax",
+        Duration::from_secs(20),
+        || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .create_quote(herd_tests::widget_quote("acme", ""))
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await?;
+    let reached = slow.0.lock().map(|s| s.len()).unwrap_or(0);
+    let mut in_flight = client.clone();
+    let call = tokio::spawn(async move {
+        in_flight
+            .create_quote(herd_tests::widget_quote("acme", "in-flight"))
+            .await
+    });
+    // Once tax holds the call, pricing is told to stop.
+    eventually("the call to reach tax", Duration::from_secs(10), || async {
+        (slow.0.lock().map(|s| s.len()).unwrap_or(0) > reached).then_some(())
+    })
+    .await?;
+    let pricing = mesh
+        .instances
+        .iter_mut()
+        .find(|(s, _)| s == "pricing")
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow::anyhow!("no pricing instance"))?;
+    pricing.signal("TERM")?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), call).await???;
+    let quote = answer
+        .into_inner()
+        .quote
+        .ok_or_else(|| anyhow::anyhow!("no quote"))?;
+    assert_eq!(
+        quote.tax.map(|t| t.minor_units),
+        Some(0),
+        "tax's answer, zero"
+    );
+    // Then it drains and exits 0, well within its drain bound.
+    assert_eq!(
+        pricing.wait_exit(Duration::from_secs(15)).await?.code(),
+        Some(0)
     );
     server.abort();
     Ok(())
