@@ -64,3 +64,42 @@ impl Connector for TcpConnector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_that_is_not_accepted_in_time_fails_after_the_connect_timeout() {
+        // A listener that never accepts, its queue full: further handshakes go unanswered.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let attempt = tokio::net::TcpStream::connect(address);
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), attempt).await
+            {
+                queued.push(stream);
+            }
+        }
+        let authority: Authority = address.to_string().parse().unwrap();
+        let started = std::time::Instant::now();
+        let failed = TcpConnector::default()
+            .connect(&authority)
+            .await
+            .err()
+            .expect("no connection");
+        let waited = started.elapsed();
+        assert!(
+            failed.to_string().contains("took longer than 1s"),
+            "{failed}"
+        );
+        assert!(
+            waited >= DEFAULT_CONNECT_TIMEOUT && waited < DEFAULT_CONNECT_TIMEOUT * 2,
+            "{waited:?}"
+        );
+        drop(listener);
+    }
+}
