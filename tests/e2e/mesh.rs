@@ -981,42 +981,6 @@ async fn an_instance_is_not_serving_nor_registered_until_its_configuration_is_lo
     Ok(())
 }
 
-/// A tax instance that takes its time: records the `grpc-timeout` each call arrives with, and
-/// after the delay it holds (ten seconds unless set) answers a tax of zero on every line.
-#[derive(Clone, Default)]
-struct SlowTax(
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    Option<Duration>,
-);
-
-#[tonic::async_trait]
-impl herd_proto::tax::tax_service_server::TaxService for SlowTax {
-    async fn compute_tax(
-        &self,
-        request: tonic::Request<herd_proto::tax::ComputeTaxRequest>,
-    ) -> Result<tonic::Response<herd_proto::tax::ComputeTaxResponse>, tonic::Status> {
-        let timeout = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_string();
-        if let Ok(mut seen) = self.0.lock() {
-            seen.push(timeout);
-        }
-        tokio::time::sleep(self.1.unwrap_or(Duration::from_secs(10))).await;
-        let request = request.into_inner();
-        let zero = |line: &herd_proto::tax::TaxableLine| herd_proto::types::Money {
-            minor_units: 0,
-            ..line.net.clone().unwrap_or_default()
-        };
-        Ok(tonic::Response::new(herd_proto::tax::ComputeTaxResponse {
-            taxes: request.lines.iter().map(zero).collect(),
-            rate_bps: 0,
-        }))
-    }
-}
-
 /// A `grpc-timeout` value (`<digits><unit>`) as a duration.
 fn grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
@@ -1032,61 +996,12 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Replaces `mesh`'s tax instances with `slow`, served on a port of the test's: returns its
-/// server's task once it is the only tax instance registered.
-async fn with_slow_tax(
-    mesh: &mut TestMesh,
-    slow: &SlowTax,
-) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?.to_string();
-    let (reporter, health) = tonic_health::server::health_reporter();
-    for name in ["", "tax", "herd.tax.v1.TaxService"] {
-        reporter
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
-    let slow = slow.clone();
-    let server = tokio::spawn(async move {
-        // The reporter lives as long as the server.
-        let _reporter = reporter;
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(herd_proto::tax::tax_service_server::TaxServiceServer::new(
-                slow,
-            ))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-            .await
-    });
-    let info = json!({
-        "service": "tax", "instance_id": "tax-slow", "address": address, "pid": 0, "version": "test"
-    });
-    mesh.etcd
-        .put("/herd/services/tax/tax-slow", &info.to_string())?;
-    for (service, instance) in &mesh.instances {
-        if service == "tax" {
-            instance.signal("KILL")?;
-        }
-    }
-    mesh.instances.retain(|(service, _)| service != "tax");
-    eventually(
-        "only the slow tax instance registered",
-        Duration::from_secs(20),
-        || async {
-            let left = mesh.addresses("tax").ok()?;
-            (left == [address.clone()]).then_some(())
-        },
-    )
-    .await?;
-    Ok(server)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
     let mut mesh = TestMesh::start(1, &fixture()).await?;
     // The only tax instance pricing can reach: one that sleeps past any deadline.
-    let slow = SlowTax::default();
-    let server = with_slow_tax(&mut mesh, &slow).await?;
+    let slow = herd_tests::SlowTax::default();
+    let server = herd_tests::with_slow_tax(&mut mesh, &slow).await?;
 
     let client = herd_tests::quote_client(&mesh.gateways[0], "acme").await?;
     let deadline = Duration::from_millis(1500);
@@ -1101,7 +1016,7 @@ async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
                 let started = std::time::Instant::now();
                 let failed = client.create_quote(request).await.is_err();
                 // Until pricing's balancer offers the slow instance, calls fail at once.
-                let reached = slow.0.lock().map(|s| !s.is_empty()).unwrap_or(false);
+                let reached = slow.seen.lock().map(|s| !s.is_empty()).unwrap_or(false);
                 (failed && reached).then(|| started.elapsed())
             }
         },
@@ -1111,7 +1026,7 @@ async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
     assert!(waited < deadline + Duration::from_millis(500), "{waited:?}");
     // Tax was told the time left, less what the gateway and pricing took: the caller's 1.5 s,
     // forwarded hop by hop, not reset.
-    let seen = slow.0.lock().map(|s| s.clone()).unwrap_or_default();
+    let seen = slow.seen.lock().map(|s| s.clone()).unwrap_or_default();
     let told: Vec<Duration> = seen.iter().filter_map(|v| grpc_timeout(v)).collect();
     assert!(!told.is_empty() && told.len() == seen.len(), "{seen:?}");
     let last = told[told.len() - 1];
@@ -1127,8 +1042,11 @@ async fn the_callers_deadline_travels_to_the_last_hop() -> anyhow::Result<()> {
 async fn a_call_in_flight_at_sigterm_finishes_before_the_instance_exits() -> anyhow::Result<()> {
     let mut mesh = TestMesh::start(1, &fixture()).await?;
     // Tax answers after a second: a quote is in flight at pricing that long.
-    let slow = SlowTax(Default::default(), Some(Duration::from_secs(1)));
-    let server = with_slow_tax(&mut mesh, &slow).await?;
+    let slow = herd_tests::SlowTax {
+        answer_after: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let server = herd_tests::with_slow_tax(&mut mesh, &slow).await?;
     let client = herd_tests::quote_client(&mesh.gateways[0], "acme").await?;
     eventually(
         "a quote through the slow tax",
@@ -1144,7 +1062,7 @@ async fn a_call_in_flight_at_sigterm_finishes_before_the_instance_exits() -> any
         },
     )
     .await?;
-    let reached = slow.0.lock().map(|s| s.len()).unwrap_or(0);
+    let reached = slow.seen.lock().map(|s| s.len()).unwrap_or(0);
     let mut in_flight = client.clone();
     let call = tokio::spawn(async move {
         in_flight
@@ -1153,7 +1071,7 @@ async fn a_call_in_flight_at_sigterm_finishes_before_the_instance_exits() -> any
     });
     // Once tax holds the call, pricing is told to stop.
     eventually("the call to reach tax", Duration::from_secs(10), || async {
-        (slow.0.lock().map(|s| s.len()).unwrap_or(0) > reached).then_some(())
+        (slow.seen.lock().map(|s| s.len()).unwrap_or(0) > reached).then_some(())
     })
     .await?;
     let pricing = mesh

@@ -559,3 +559,57 @@ async fn f_spans_of_calls_served_before_sigterm_reach_the_collector() -> anyhow:
     assert!(missing.is_empty(), "{missing:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn g_a_server_fault_is_an_error_status_on_the_spans_it_crossed() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let receiver = Receiver::start().await?;
+    let mut mesh = TestMesh::start_traced(1, &fixture(), &receiver.endpoint).await?;
+    // The only tax instance fails every call with INTERNAL.
+    let failing = herd_tests::SlowTax {
+        answer_after: Some(Duration::ZERO),
+        fail: Some(tonic::Code::Internal),
+        ..Default::default()
+    };
+    let server = herd_tests::with_slow_tax(&mut mesh, &failing).await?;
+    let gateway = mesh.gateways[0].clone();
+    let mut n = 0;
+    let request_id = eventually(
+        "a quote to reach the failing tax",
+        Duration::from_secs(20),
+        || {
+            n += 1;
+            let (gateway, failing, id) = (gateway.clone(), failing.clone(), format!("trace-g-{n}"));
+            async move {
+                let answer = call_as("acme", &gateway, CREATE, &basket(&id)).ok()?;
+                let reached = failing.seen.lock().map(|s| !s.is_empty()).unwrap_or(false);
+                (matches!(answer, Answer::Err { .. }) && reached).then_some(id)
+            }
+        },
+    )
+    .await?;
+    let servers = eventually(
+        "the failed quote's server spans",
+        Duration::from_secs(10),
+        || async {
+            let servers: Vec<Span> = trace_of_request(&receiver, &request_id)?
+                .into_iter()
+                .filter(|s| {
+                    s.kind == SERVER && (s.service == "herd-gateway" || s.service == "herd-pricing")
+                })
+                .collect();
+            (servers.len() == 2).then_some(servers)
+        },
+    )
+    .await?;
+    // A fault of the servers (not of the caller): an error status, and the failure's event.
+    let server_faults = ["2", "4", "12", "13", "14", "15"];
+    for span in &servers {
+        let code = span.attrs.get("rpc.grpc.status_code").map(String::as_str);
+        assert!(code.is_some_and(|c| server_faults.contains(&c)), "{span:?}");
+        assert_eq!(span.status, 2, "no error status: {span:?}");
+        assert!(span.events.iter().any(|e| e == "call failed"), "{span:?}");
+    }
+    server.abort();
+    Ok(())
+}

@@ -1543,3 +1543,96 @@ pub fn sample_sum(samples: &[serde_json::Value], name: &str, labels: &[(&str, &s
         .filter_map(|s| s["value"].as_f64())
         .sum()
 }
+
+/// A tax instance of the test's (see [`with_slow_tax`]): records the `grpc-timeout` each call
+/// arrives with, then after `answer_after` (ten seconds unless set) answers `fail` if set, else a
+/// tax of zero on every line.
+#[derive(Clone, Default)]
+pub struct SlowTax {
+    /// The `grpc-timeout` of every call, as it arrived.
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// How long it takes to answer.
+    pub answer_after: Option<Duration>,
+    /// The status it answers with instead of a result.
+    pub fail: Option<tonic::Code>,
+}
+
+#[tonic::async_trait]
+impl herd_proto::tax::tax_service_server::TaxService for SlowTax {
+    async fn compute_tax(
+        &self,
+        request: tonic::Request<herd_proto::tax::ComputeTaxRequest>,
+    ) -> Result<tonic::Response<herd_proto::tax::ComputeTaxResponse>, tonic::Status> {
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push(timeout);
+        }
+        tokio::time::sleep(self.answer_after.unwrap_or(Duration::from_secs(10))).await;
+        if let Some(code) = self.fail {
+            return Err(tonic::Status::new(code, "the test's tax instance fails"));
+        }
+        let request = request.into_inner();
+        let zero = |line: &herd_proto::tax::TaxableLine| herd_proto::types::Money {
+            minor_units: 0,
+            ..line.net.clone().unwrap_or_default()
+        };
+        Ok(tonic::Response::new(herd_proto::tax::ComputeTaxResponse {
+            taxes: request.lines.iter().map(zero).collect(),
+            rate_bps: 0,
+        }))
+    }
+}
+
+/// Replaces `mesh`'s tax instances with `slow`, served on a port of the test's: returns its
+/// server's task once it is the only tax instance registered.
+pub async fn with_slow_tax(
+    mesh: &mut TestMesh,
+    slow: &SlowTax,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in ["", "tax", "herd.tax.v1.TaxService"] {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let slow = slow.clone();
+    let server = tokio::spawn(async move {
+        // The reporter lives as long as the server.
+        let _reporter = reporter;
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(herd_proto::tax::tax_service_server::TaxServiceServer::new(
+                slow,
+            ))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+    });
+    let info = serde_json::json!({
+        "service": "tax", "instance_id": "tax-slow", "address": address, "pid": 0, "version": "test"
+    });
+    mesh.etcd
+        .put("/herd/services/tax/tax-slow", &info.to_string())?;
+    for (service, instance) in &mesh.instances {
+        if service == "tax" {
+            instance.signal("KILL")?;
+        }
+    }
+    mesh.instances.retain(|(service, _)| service != "tax");
+    eventually(
+        "only the slow tax instance registered",
+        Duration::from_secs(20),
+        || async {
+            let left = mesh.addresses("tax").ok()?;
+            (left == [address.clone()]).then_some(())
+        },
+    )
+    .await?;
+    Ok(server)
+}
