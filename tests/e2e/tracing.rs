@@ -157,6 +157,25 @@ fn check_trace(trace: &[Span]) -> Result<BTreeMap<&'static str, Span>, String> {
     Ok(found)
 }
 
+/// The gateway's and pricing's server spans of the quote of `request_id` (one that failed at
+/// pricing or further down), once both are exported.
+async fn failed_quote_servers(receiver: &Receiver, request_id: &str) -> anyhow::Result<Vec<Span>> {
+    eventually(
+        "the failed quote's server spans",
+        Duration::from_secs(10),
+        || async {
+            let servers: Vec<Span> = trace_of_request(receiver, request_id)?
+                .into_iter()
+                .filter(|s| {
+                    s.kind == SERVER && (s.service == "herd-gateway" || s.service == "herd-pricing")
+                })
+                .collect();
+            (servers.len() == 2).then_some(servers)
+        },
+    )
+    .await
+}
+
 fn traces_of(receiver: &Receiver) -> BTreeMap<String, Vec<Span>> {
     let mut traces: BTreeMap<String, Vec<Span>> = BTreeMap::new();
     for s in receiver.spans() {
@@ -354,21 +373,7 @@ async fn c_a_callers_trace_context_is_honoured_and_a_failure_is_an_event_not_an_
         matches!(&answer, Answer::Err { code, .. } if code == "NotFound"),
         "{answer:?}"
     );
-    let failed = eventually(
-        "the failed quote's spans",
-        Duration::from_secs(10),
-        || async {
-            let spans = trace_of_request(&receiver, "trace-c-unknown")?;
-            let servers: Vec<Span> = spans
-                .into_iter()
-                .filter(|s| {
-                    s.kind == SERVER && (s.service == "herd-gateway" || s.service == "herd-pricing")
-                })
-                .collect();
-            (servers.len() == 2).then_some(servers)
-        },
-    )
-    .await?;
+    let failed = failed_quote_servers(&receiver, "trace-c-unknown").await?;
     for span in &failed {
         assert_eq!(
             span.attrs.get("rpc.grpc.status_code").map(String::as_str),
@@ -588,20 +593,7 @@ async fn g_a_server_fault_is_an_error_status_on_the_spans_it_crossed() -> anyhow
         },
     )
     .await?;
-    let servers = eventually(
-        "the failed quote's server spans",
-        Duration::from_secs(10),
-        || async {
-            let servers: Vec<Span> = trace_of_request(&receiver, &request_id)?
-                .into_iter()
-                .filter(|s| {
-                    s.kind == SERVER && (s.service == "herd-gateway" || s.service == "herd-pricing")
-                })
-                .collect();
-            (servers.len() == 2).then_some(servers)
-        },
-    )
-    .await?;
+    let servers = failed_quote_servers(&receiver, &request_id).await?;
     // A fault of the servers (not of the caller): an error status, and the failure's event.
     let server_faults = ["2", "4", "12", "13", "14", "15"];
     for span in &servers {
