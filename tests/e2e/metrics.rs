@@ -495,6 +495,12 @@ async fn an_instance_pushes_its_metrics_once_more_as_it_stops() -> anyhow::Resul
             receiver.endpoint.as_str(),
         ),
         ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
+        // Every push carries these headers (values %-encoded) and this bound.
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "x-team=payments,authorization=Bearer%20s3cret",
+        ),
+        ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "2500"),
     ];
     let mut mesh = TestMesh::start_with_env(1, &fixture(), &env).await?;
     let calls = 5;
@@ -530,6 +536,21 @@ async fn an_instance_pushes_its_metrics_once_more_as_it_stops() -> anyhow::Resul
         calls as f64
     );
     assert_eq!(served("herd.tax.v1.TaxService", "ComputeTax"), calls as f64);
+    let headers = receiver.headers();
+    assert_eq!(headers.len(), 4, "one push per instance: {headers:?}");
+    for h in &headers {
+        assert_eq!(
+            h.get("x-team").map(String::as_str),
+            Some("payments"),
+            "{h:?}"
+        );
+        assert_eq!(
+            h.get("authorization").map(String::as_str),
+            Some("Bearer s3cret")
+        );
+        // The export's bound travels as its gRPC deadline (tonic writes microseconds).
+        assert_eq!(h.get("grpc-timeout").map(String::as_str), Some("2500000u"));
+    }
     Ok(())
 }
 

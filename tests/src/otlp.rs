@@ -90,6 +90,25 @@ pub type Points = BTreeMap<PointKey, f64>;
 struct Recorder {
     spans: Arc<Mutex<Vec<Span>>>,
     points: Arc<Mutex<Points>>,
+    /// The metadata of every export, as text pairs.
+    headers: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
+}
+
+impl Recorder {
+    fn note_headers(&self, metadata: &tonic::metadata::MetadataMap) {
+        let headers = metadata
+            .iter()
+            .filter_map(|kv| match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))
+                }
+                tonic::metadata::KeyAndValueRef::Binary(..) => None,
+            })
+            .collect();
+        if let Ok(mut all) = self.headers.lock() {
+            all.push(headers);
+        }
+    }
 }
 
 fn number(point: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint) -> f64 {
@@ -106,6 +125,7 @@ impl MetricsService for Recorder {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.note_headers(request.metadata());
         let mut received = Points::new();
         for rm in request.into_inner().resource_metrics {
             let resource = rm
@@ -157,6 +177,7 @@ impl TraceService for Recorder {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.note_headers(request.metadata());
         let mut received = Vec::new();
         for rs in request.into_inner().resource_spans {
             let resource = rs
@@ -234,6 +255,15 @@ impl Receiver {
 }
 
 impl Receiver {
+    /// The metadata of every export received so far (spans and metrics), as text pairs.
+    pub fn headers(&self) -> Vec<BTreeMap<String, String>> {
+        self.recorder
+            .headers
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
+    }
+
     /// The latest value of every metric point pushed so far.
     pub fn points(&self) -> Points {
         self.recorder
