@@ -1264,3 +1264,75 @@ async fn j_a_gateway_behind_on_a_rotation_verifies_at_the_revision_the_token_nam
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn k_a_write_based_on_a_revision_that_changed_is_refused() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = TestMesh::start(1, &fixture()).await?;
+    let dir = mesh.dir.path();
+    let revision_of = |section: &str| -> anyhow::Result<i64> {
+        let out = mesh.herdctl(&["config", "get", section, "--output", "json"])?;
+        let got: Value = serde_json::from_slice(&out.stdout)?;
+        got["revision"]
+            .as_i64()
+            .ok_or_else(|| anyhow::anyhow!("no revision: {got}"))
+    };
+    // Two writers read the catalog at the same revision; the first writes.
+    let read = revision_of("catalog")?;
+    let first = dir.join("first.json");
+    let second = dir.join("second.json");
+    std::fs::write(&first, catalog_with_widget_price(2100))?;
+    std::fs::write(&second, catalog_with_widget_price(2200))?;
+    let path = |p: &std::path::Path| p.to_string_lossy().to_string();
+    let read_at = read.to_string();
+    let out = mesh.herdctl(&[
+        "config",
+        "put",
+        "catalog",
+        &path(&first),
+        "--if-revision",
+        &read_at,
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The second, based on what it read, is refused: nothing of it is written.
+    let out = mesh.herdctl(&[
+        "config",
+        "put",
+        "catalog",
+        &path(&second),
+        "--if-revision",
+        &read_at,
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a write over a change went through");
+    assert!(
+        stderr.contains("it changed since; nothing written"),
+        "{stderr}"
+    );
+    let out = mesh.herdctl(&["config", "get", "catalog", "--output", "json"])?;
+    let got: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        got["value"]["items"]["widget"]["price_minor"], 2100,
+        "{got}"
+    );
+    // Based on the revision it has now, it goes through.
+    let now = revision_of("catalog")?.to_string();
+    let out = mesh.herdctl(&[
+        "config",
+        "put",
+        "catalog",
+        &path(&second),
+        "--if-revision",
+        &now,
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

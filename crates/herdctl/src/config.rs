@@ -37,6 +37,10 @@ pub enum ConfigCommand {
         section: String,
         /// A JSON file, or - for standard input.
         file: String,
+        /// Write only if the section is still at this revision (the one `config get` showed;
+        /// 0: only if it does not exist yet); otherwise nothing is written.
+        #[arg(long, value_name = "REV")]
+        if_revision: Option<i64>,
     },
     /// Write several sections in one transaction; nothing is written if any is invalid.
     /// Each FILE is `SECTION.json` (the section from its name) or `SECTION=PATH`.
@@ -149,6 +153,15 @@ fn read_spec(spec: &str) -> anyhow::Result<(String, Vec<u8>)> {
 
 /// Checks `changes` as a write would: each section by its own rules, then the configuration they
 /// would make with the rest of what etcd holds.
+/// The sections of `changes`, as a list for a message.
+fn names_of(changes: &[(String, Vec<u8>)]) -> String {
+    changes
+        .iter()
+        .map(|(s, _)| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn validate(
     current: &BTreeMap<String, Stored>,
     changes: &[(String, Vec<u8>)],
@@ -202,10 +215,15 @@ impl Ctl {
         match command {
             ConfigCommand::Sections => self.sections(),
             ConfigCommand::Get { section } => self.get(&section).await,
-            ConfigCommand::Put { section, file } => {
+            ConfigCommand::Put {
+                section,
+                file,
+                if_revision,
+            } => {
                 known(&section)?;
                 let raw = read_file(&file)?;
-                self.change(vec![(section, raw)], "config put").await
+                self.change_from(vec![(section, raw)], "config put", if_revision)
+                    .await
             }
             ConfigCommand::Apply { files } => {
                 let changes = files
@@ -319,6 +337,17 @@ impl Ctl {
     /// Validates `changes` against the rest of the configuration, then writes them in one
     /// transaction guarded by the revisions that were validated.
     async fn change(&mut self, changes: Vec<(String, Vec<u8>)>, by: &str) -> anyhow::Result<()> {
+        self.change_from(changes, by, None).await
+    }
+
+    /// As [`Self::change`]; with `expected`, the one section changed must still be at that
+    /// revision when the transaction runs, whatever was validated.
+    async fn change_from(
+        &mut self,
+        changes: Vec<(String, Vec<u8>)>,
+        by: &str,
+        expected: Option<i64>,
+    ) -> anyhow::Result<()> {
         let (current, _) = self.current().await?;
         validate(&current, &changes)?;
         let note = serde_json::to_string(&WriteNote {
@@ -329,8 +358,9 @@ impl Ctl {
         let mut ops = Vec::new();
         for (section, raw) in &changes {
             let key = self.layout.config(section);
-            guards.push(match current.get(section) {
-                Some(s) => Compare::mod_revision(key.as_str(), CompareOp::Equal, s.mod_revision),
+            let validated = current.get(section).map(|s| s.mod_revision);
+            guards.push(match expected.or(validated).filter(|r| *r > 0) {
+                Some(revision) => Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
                 None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
             });
             ops.push(TxnOp::put(key.as_str(), raw.clone(), None));
@@ -345,6 +375,12 @@ impl Ctl {
             .txn(Txn::new().when(guards).and_then(ops))
             .await?;
         if !resp.succeeded() {
+            if let Some(expected) = expected {
+                bail!(
+                    "{} is no longer at revision {expected}: it changed since; nothing written",
+                    names_of(&changes)
+                );
+            }
             bail!(
                 "the configuration changed while it was being validated; nothing written, try again"
             );
