@@ -441,6 +441,8 @@ async fn d_propagation_to_eight_instances() -> anyhow::Result<()> {
         )
         .await?;
         revisions.push(revision);
+        // When each instance applied it: only its log line says (with its timestamp); the state
+        // it exposes (`config status`) says that, not when.
         let needle = format!("configuration applied revision={revision}");
         let times = eventually(
             &format!("8 instances to apply {revision}"),

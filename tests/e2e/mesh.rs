@@ -486,18 +486,7 @@ async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> 
     let mut bad = catalog.clone();
     bad["items"]["lamp"]["price_minor"] = json!(-5);
     mesh.etcd.put("/herd/config/catalog", &bad.to_string())?;
-    for (service, proc) in &mesh.instances {
-        eventually(
-            &format!("{service} to reject the invalid catalog"),
-            Duration::from_secs(10),
-            || async {
-                let log = proc.log_text();
-                (log.contains("configuration rejected") && log.contains("items.lamp.price_minor"))
-                    .then_some(())
-            },
-        )
-        .await?;
-    }
+    rejected_everywhere(&mesh, "catalog", "items.lamp.price_minor").await?;
     for g in &mesh.gateways {
         let q = call_as("acme", g, &format!("{QUOTE}/CreateQuote"), &basket())?.ok()?;
         assert_eq!(
@@ -513,14 +502,7 @@ async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> 
         "/herd/config/limits",
         r#"{"max_items":5,"max_quantity":50,"max_weight":3}"#,
     )?;
-    for (service, proc) in &mesh.instances {
-        eventually(
-            &format!("{service} to reject the unknown field"),
-            Duration::from_secs(10),
-            || async { proc.log_text().contains("max_weight").then_some(()) },
-        )
-        .await?;
-    }
+    rejected_everywhere(&mesh, "limits", "max_weight").await?;
     call_as(
         "acme",
         &mesh.gateways[1],
@@ -529,6 +511,39 @@ async fn config_changes_reach_every_instance_and_invalid_ones_are_rejected() -> 
     )?
     .ok()?;
     Ok(())
+}
+
+/// Waits until every instance reports, through `herdctl config status` (which asks each one),
+/// the latest write of `section` as rejected, its reason naming `field`.
+async fn rejected_everywhere(mesh: &TestMesh, section: &str, field: &str) -> anyhow::Result<()> {
+    let key = format!("/herd/config/{section}");
+    let out = mesh.etcd.ctl(&["get", &key, "-w", "json"])?;
+    let written = serde_json::from_slice::<Value>(&out.stdout)?["kvs"][0]["mod_revision"]
+        .as_i64()
+        .unwrap_or(0);
+    let instances = mesh.instances.len();
+    eventually(
+        &format!("every instance to reject revision {written} of {section}"),
+        Duration::from_secs(10),
+        || async {
+            let out = mesh
+                .herdctl(&["config", "status", "--output", "json"])
+                .ok()?;
+            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let all = status["instances"].as_array()?;
+            (all.len() == instances
+                && all.iter().all(|i| {
+                    let rejected = &i["config"]["rejected"];
+                    rejected["revision"].as_i64() == Some(written)
+                        && rejected["error"]["section"] == section
+                        && rejected["error"]["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains(field))
+                }))
+            .then_some(())
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
