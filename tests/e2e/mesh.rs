@@ -526,11 +526,7 @@ async fn rejected_everywhere(mesh: &TestMesh, section: &str, field: &str) -> any
         &format!("every instance to reject revision {written} of {section}"),
         Duration::from_secs(10),
         || async {
-            let out = mesh
-                .herdctl(&["config", "status", "--output", "json"])
-                .ok()?;
-            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
-            let all = status["instances"].as_array()?;
+            let all = mesh.config_statuses()?;
             (all.len() == instances
                 && all.iter().all(|i| {
                     let rejected = &i["config"]["rejected"];

@@ -674,6 +674,17 @@ pub struct TestMesh {
 }
 
 impl TestMesh {
+    /// What `herdctl config status` reports of each instance (it asks each one): `instance_id`,
+    /// `service`, `config.applied`, `config.rejected` (`revision`, `error.section`,
+    /// `error.message`); `None` if it could not be asked.
+    pub fn config_statuses(&self) -> Option<Vec<serde_json::Value>> {
+        let out = self
+            .herdctl(&["config", "status", "--output", "json"])
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        status["instances"].as_array().cloned()
+    }
+
     /// Runs `herdctl` against this mesh's etcd; over TLS presenting the gateway's certificate
     /// when it asks instances (any from the mesh's CA would do).
     pub fn herdctl(&self, args: &[&str]) -> anyhow::Result<Output> {
@@ -1394,11 +1405,7 @@ pub async fn all_applied(mesh: &TestMesh, n: usize, revision: i64) -> anyhow::Re
         &format!("{n} instances to apply revision {revision}"),
         Duration::from_secs(10),
         || async {
-            let out = mesh
-                .herdctl(&["config", "status", "--output", "json"])
-                .ok()?;
-            let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            let instances = status["instances"].as_array()?;
+            let instances = mesh.config_statuses()?;
             (instances.len() == n
                 && instances
                     .iter()
