@@ -504,20 +504,3 @@ async fn a_registration_pointing_at_another_service_is_never_used() -> anyhow::R
     assert_eq!(report.failures(), 0, "{report}");
     Ok(())
 }
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_connection_carries_at_most_256_calls_at_once() -> anyhow::Result<()> {
-    let mesh = TestMesh::start(1, &fixture()).await?;
-    let tcp = tokio::net::TcpStream::connect(&mesh.gateways[0]).await?;
-    let (send, connection) = h2::client::handshake(tcp).await?;
-    let driving = tokio::spawn(connection);
-    // The server's SETTINGS_MAX_CONCURRENT_STREAMS, once its settings have arrived.
-    let limit = herd_tests::eventually("the server's settings", Duration::from_secs(5), || {
-        let send = send.clone();
-        async move { Some(send.current_max_send_streams()).filter(|n| *n != 100) }
-    })
-    .await?;
-    assert_eq!(limit, 256);
-    driving.abort();
-    Ok(())
-}
