@@ -92,6 +92,69 @@ struct Written {
     eur_per_mille: i64,
 }
 
+impl Written {
+    /// As the test configuration (`fixture()`) has it.
+    const FIXTURE: Written = Written {
+        price: 1999,
+        tax_bps: 725,
+        eur_per_mille: 925,
+    };
+
+    /// The `tax` section with this US-CA rate.
+    fn tax_section(&self) -> String {
+        json!({"regions": {"US-CA": {"rate_bps": self.tax_bps, "exempt_categories": ["food"]}}})
+            .to_string()
+    }
+
+    /// The `fx` section with this EUR rate.
+    fn fx_section(&self) -> String {
+        json!({"base": "USD", "rates": {"EUR": format!("0.{}", self.eur_per_mille)}}).to_string()
+    }
+}
+
+/// What was in force at `revision`, of the values `written` (revision, values; oldest first).
+fn written_at(written: &[(i64, Written)], revision: i64) -> Written {
+    written
+        .iter()
+        .rev()
+        .find(|(r, _)| *r <= revision)
+        .map_or(Written::FIXTURE, |w| w.1)
+}
+
+/// Checks every line field and total of `quote` (3 widgets in EUR) against [`widget_line`] at
+/// what was in force at its revision.
+fn check_widget_quote(quote: &Quote, written: &[(i64, Written)]) -> anyhow::Result<()> {
+    let values = written_at(written, quote.config_revision);
+    let expected = widget_line(values);
+    let minor = |m: &Option<herd_proto::types::Money>| m.as_ref().map_or(-1, |m| m.minor_units);
+    let [line] = quote.lines.as_slice() else {
+        anyhow::bail!("a quote of one item has {} lines", quote.lines.len());
+    };
+    let got = [
+        minor(&line.unit_price),
+        minor(&line.gross),
+        minor(&line.discount),
+        minor(&line.net),
+        minor(&line.tax),
+        minor(&line.total),
+    ];
+    assert_eq!(
+        got, expected,
+        "the line of a quote at revision {} (unit, gross, discount, net, tax, total) is not what \
+         {values:?} makes",
+        quote.config_revision
+    );
+    assert_eq!(line.promotion_id, "widget-15");
+    let totals = [
+        minor(&quote.subtotal),
+        minor(&quote.discount),
+        minor(&quote.tax),
+        minor(&quote.total),
+    ];
+    assert_eq!(totals, [expected[1], expected[2], expected[4], expected[5]]);
+    Ok(())
+}
+
 /// The line of a quote of 3 widgets in EUR at `w`, computed apart from the mesh: (unit price,
 /// gross, discount, net, tax, total), EUR minor units. The sku rule's 15 % off wins over the
 /// category's 5 %; every USD amount is converted on its own, half to even.
@@ -125,11 +188,7 @@ async fn a_fifty_changes_to_three_hops_under_load_never_mix_revisions() -> anyho
     // Each change is read by another hop: the catalog by pricing, the tax rate by tax, the EUR
     // rate by currency. A quote priced with one hop's configuration at one revision and another
     // hop's at another would differ from the computation at its revision.
-    let mut now = Written {
-        price: 1999,
-        tax_bps: 725,
-        eur_per_mille: 925,
-    };
+    let mut now = Written::FIXTURE;
     let mut written = vec![(0i64, now)];
     for i in 1..=51i64 {
         let (key, value) = match i % 3 {
@@ -139,19 +198,11 @@ async fn a_fifty_changes_to_three_hops_under_load_never_mix_revisions() -> anyho
             }
             1 => {
                 now.tax_bps = 700 + i;
-                (
-                    "tax",
-                    json!({"regions": {"US-CA": {"rate_bps": now.tax_bps, "exempt_categories": ["food"]}}})
-                        .to_string(),
-                )
+                ("tax", now.tax_section())
             }
             _ => {
                 now.eur_per_mille = 900 + i;
-                (
-                    "fx",
-                    json!({"base": "USD", "rates": {"EUR": format!("0.{}", now.eur_per_mille)}})
-                        .to_string(),
-                )
+                ("fx", now.fx_section())
             }
         };
         let revision = put(&mut etcd, &format!("/herd/config/{key}"), value).await?;
@@ -162,44 +213,9 @@ async fn a_fifty_changes_to_three_hops_under_load_never_mix_revisions() -> anyho
     let last = written.last().map(|w| w.0).unwrap_or(0);
     all_applied(&mesh, 8, last).await?;
     let (report, quotes) = load.finish().await;
-    let at = |revision: i64| {
-        written
-            .iter()
-            .rev()
-            .find(|(r, _)| *r <= revision)
-            .map_or(written[0].1, |w| w.1)
-    };
-    let minor = |m: &Option<herd_proto::types::Money>| m.as_ref().map_or(-1, |m| m.minor_units);
     let mut revisions = BTreeMap::new();
     for quote in &quotes {
-        let expected = widget_line(at(quote.config_revision));
-        let [line] = quote.lines.as_slice() else {
-            anyhow::bail!("a quote of one item has {} lines", quote.lines.len());
-        };
-        let got = [
-            minor(&line.unit_price),
-            minor(&line.gross),
-            minor(&line.discount),
-            minor(&line.net),
-            minor(&line.tax),
-            minor(&line.total),
-        ];
-        assert_eq!(
-            got,
-            expected,
-            "the line of a quote at revision {} (unit, gross, discount, net, tax, total) is not \
-             what {:?} makes",
-            quote.config_revision,
-            at(quote.config_revision)
-        );
-        assert_eq!(line.promotion_id, "widget-15");
-        let totals = [
-            minor(&quote.subtotal),
-            minor(&quote.discount),
-            minor(&quote.tax),
-            minor(&quote.total),
-        ];
-        assert_eq!(totals, [expected[1], expected[2], expected[4], expected[5]]);
+        check_widget_quote(quote, &written)?;
         *revisions.entry(quote.config_revision).or_insert(0) += 1;
     }
     // Quotes at revisions of each kind of change.
@@ -241,14 +257,7 @@ async fn a2_config_apply_of_three_sections_is_one_revision_for_requests_in_fligh
     .await?;
     let dir = mesh.dir.path();
     let file = |name: &str| dir.join(name).to_string_lossy().to_string();
-    let mut written = vec![(
-        0i64,
-        Written {
-            price: 1999,
-            tax_bps: 725,
-            eur_per_mille: 925,
-        },
-    )];
+    let mut written = vec![(0i64, Written::FIXTURE)];
     // Each apply changes what three hops read (pricing, tax, currency) in one write: a quote sees
     // all three old values or all three new ones, never some of each.
     for i in 1..=12i64 {
@@ -258,16 +267,8 @@ async fn a2_config_apply_of_three_sections_is_one_revision_for_requests_in_fligh
             eur_per_mille: 910 + i,
         };
         std::fs::write(file("catalog.json"), catalog_with_widget_price(now.price))?;
-        std::fs::write(
-            file("tax.json"),
-            json!({"regions": {"US-CA": {"rate_bps": now.tax_bps, "exempt_categories": ["food"]}}})
-                .to_string(),
-        )?;
-        std::fs::write(
-            file("fx.json"),
-            json!({"base": "USD", "rates": {"EUR": format!("0.{}", now.eur_per_mille)}})
-                .to_string(),
-        )?;
+        std::fs::write(file("tax.json"), now.tax_section())?;
+        std::fs::write(file("fx.json"), now.fx_section())?;
         let out = mesh.herdctl(&[
             "config",
             "apply",
@@ -301,24 +302,9 @@ async fn a2_config_apply_of_three_sections_is_one_revision_for_requests_in_fligh
         "{written:?}"
     );
     let (report, quotes) = load.finish().await;
-    let at = |revision: i64| {
-        written
-            .iter()
-            .rev()
-            .find(|(r, _)| *r <= revision)
-            .map_or(written[0].1, |w| w.1)
-    };
     let mut revisions = std::collections::BTreeSet::new();
     for quote in &quotes {
-        let expected = widget_line(at(quote.config_revision));
-        let total = quote.total.as_ref().map_or(-1, |m| m.minor_units);
-        assert_eq!(
-            total,
-            expected[5],
-            "a quote at revision {} is not what {:?} makes",
-            quote.config_revision,
-            at(quote.config_revision)
-        );
+        check_widget_quote(quote, &written)?;
         revisions.insert(quote.config_revision);
     }
     println!(
@@ -845,9 +831,10 @@ fn config_revision(mesh: &TestMesh) -> anyhow::Result<i64> {
 /// Waits until all `n` instances applied `revision` and none rejected or ignored anything.
 async fn all_applied_cleanly(mesh: &TestMesh, n: usize, revision: i64) -> anyhow::Result<()> {
     all_applied(mesh, n, revision).await?;
-    let out = mesh.herdctl(&["config", "status", "--output", "json"])?;
-    let status: Value = serde_json::from_slice(&out.stdout)?;
-    for instance in status["instances"].as_array().cloned().unwrap_or_default() {
+    let statuses = mesh
+        .config_statuses()
+        .ok_or_else(|| anyhow::anyhow!("herdctl config status answered nothing"))?;
+    for instance in statuses {
         assert!(
             instance["config"]["rejected"].is_null() && instance["config"]["ignored"].is_null(),
             "{instance}"

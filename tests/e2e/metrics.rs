@@ -119,31 +119,19 @@ async fn every_hop_is_counted_on_both_sides_by_method_and_status_code() -> anyho
     let pricing = "herd.pricing.v1.PricingService";
     let server = "rpc_server_duration";
     let client = "rpc_client_duration";
-    assert_eq!(
-        count(server, quotes, "CreateQuote", 0),
-        good as f64,
-        "{scraped:#?}"
-    );
-    assert_eq!(
-        count(server, quotes, "CreateQuote", 5),
-        unknown as f64,
-        "{scraped:#?}"
-    );
-    assert_eq!(
-        count(server, quotes, "CreateQuote", 3),
-        empty as f64,
-        "{scraped:#?}"
-    );
-    assert_eq!(
-        count(client, pricing, "PriceItems", 0),
-        good as f64,
-        "{scraped:#?}"
-    );
-    assert_eq!(
-        count(client, pricing, "PriceItems", 5),
-        unknown as f64,
-        "{scraped:#?}"
-    );
+    for (metric, service, method, code, calls) in [
+        (server, quotes, "CreateQuote", 0, good),
+        (server, quotes, "CreateQuote", 5, unknown),
+        (server, quotes, "CreateQuote", 3, empty),
+        (client, pricing, "PriceItems", 0, good),
+        (client, pricing, "PriceItems", 5, unknown),
+    ] {
+        assert_eq!(
+            count(metric, service, method, code),
+            calls as f64,
+            "{metric} {service}/{method} code {code}: {scraped:#?}"
+        );
+    }
     // Both sides of every hop: what callers counted, their callees counted, code by code.
     let mut hops = 0;
     for ((metric, service, method, code), n) in &scraped {

@@ -797,6 +797,21 @@ pub fn certs_init(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `config` (section, JSON) under `/herd/config/` with etcdctl.
+fn write_config(etcd: &Etcd, config: &[(&str, String)]) -> anyhow::Result<()> {
+    for (section, json) in config {
+        etcd.put(&format!("/herd/config/{section}"), json)?;
+    }
+    Ok(())
+}
+
+/// Environment pairs, owned.
+fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 impl TestMesh {
     /// Starts etcd, writes `config` (section, JSON) with etcdctl, starts the instances (tax and
     /// currency on port 0, the others on free ports) and waits until every one is registered and
@@ -811,23 +826,19 @@ impl TestMesh {
         per_service: usize,
         config: &[(&str, String)],
     ) -> anyhow::Result<Self> {
-        for (section, json) in config {
-            etcd.put(&format!("/herd/config/{section}"), json)?;
-        }
-        Self::launch(etcd, per_service, Vec::new()).await
+        write_config(&etcd, config)?;
+        Self::launch(etcd, per_service, Vec::new(), false).await
     }
 
     /// As [`TestMesh::start`], with mutual TLS on every hop: certificates from `herdctl certs
     /// init` in `dir/certs`.
     pub async fn start_tls(per_service: usize, config: &[(&str, String)]) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
-        for (section, json) in config {
-            etcd.put(&format!("/herd/config/{section}"), json)?;
-        }
+        write_config(&etcd, config)?;
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
         certs_init(&certs)?;
-        Self::launch_as(etcd, dir, per_service, Vec::new(), Some(certs)).await
+        Self::launch_as(etcd, dir, per_service, Vec::new(), Some(certs), false).await
     }
 
     /// As [`TestMesh::start`], every instance started with `env` added to its environment.
@@ -837,14 +848,8 @@ impl TestMesh {
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
-        for (section, json) in config {
-            etcd.put(&format!("/herd/config/{section}"), json)?;
-        }
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Self::launch(etcd, per_service, env).await
+        write_config(&etcd, config)?;
+        Self::launch(etcd, per_service, owned(env), false).await
     }
 
     /// As [`TestMesh::start_with_env`], every instance serving Prometheus metrics on a port of its
@@ -855,23 +860,8 @@ impl TestMesh {
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
-        for (section, json) in config {
-            etcd.put(&format!("/herd/config/{section}"), json)?;
-        }
-        let mut mesh = Self {
-            etcd,
-            instances: Vec::new(),
-            gateways: Vec::new(),
-            dir: tempfile::tempdir()?,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            certs: None,
-            metrics: Some(Vec::new()),
-        };
-        mesh.populate(per_service).await?;
-        Ok(mesh)
+        write_config(&etcd, config)?;
+        Self::launch(etcd, per_service, owned(env), true).await
     }
 
     /// As [`TestMesh::start`], every instance exporting spans to `otlp_endpoint`.
@@ -916,23 +906,27 @@ impl TestMesh {
         } else {
             None
         };
-        Self::launch_as(etcd, dir, per_service, Vec::new(), certs).await
+        Self::launch_as(etcd, dir, per_service, Vec::new(), certs, false).await
     }
 
     async fn launch(
         etcd: Etcd,
         per_service: usize,
         env: Vec<(String, String)>,
+        metrics: bool,
     ) -> anyhow::Result<Self> {
-        Self::launch_as(etcd, tempfile::tempdir()?, per_service, env, None).await
+        Self::launch_as(etcd, tempfile::tempdir()?, per_service, env, None, metrics).await
     }
 
+    /// Starts `per_service` instances of every service (each serving metrics when `metrics`)
+    /// and waits until they are registered.
     async fn launch_as(
         etcd: Etcd,
         dir: tempfile::TempDir,
         per_service: usize,
         env: Vec<(String, String)>,
         certs: Option<PathBuf>,
+        metrics: bool,
     ) -> anyhow::Result<Self> {
         let mut mesh = Self {
             etcd,
@@ -941,20 +935,15 @@ impl TestMesh {
             dir,
             env,
             certs,
-            metrics: None,
+            metrics: metrics.then(Vec::new),
         };
-        mesh.populate(per_service).await?;
-        Ok(mesh)
-    }
-
-    /// Starts `per_service` instances of every service and waits until they are registered.
-    async fn populate(&mut self, per_service: usize) -> anyhow::Result<()> {
         for service in SERVICES {
             for _ in 0..per_service {
-                self.add(service)?;
+                mesh.add(service)?;
             }
         }
-        self.wait_registered(per_service).await
+        mesh.wait_registered(per_service).await?;
+        Ok(mesh)
     }
 
     /// Starts one more instance of `service`; returns its index in `instances`.

@@ -212,23 +212,19 @@ impl Drop for InFlight {
 
 /// Records a retry of a call of `path`.
 pub(crate) fn retried(path: &'static str) {
-    if let Some(m) = INSTRUMENTS.get() {
-        let (service, method) = split(path);
-        m.retries.add(
-            1,
-            &[
-                KeyValue::new("rpc.service", service),
-                KeyValue::new("rpc.method", method),
-            ],
-        );
-    }
+    count_call(path, |m| &m.retries);
 }
 
 /// Records a retry of a call of `path` that the retry budget did not allow.
 pub(crate) fn throttled(path: &'static str) {
+    count_call(path, |m| &m.throttled);
+}
+
+/// Adds one to the counter `of` picks, for the service and method of `path`.
+fn count_call(path: &'static str, of: fn(&Instruments) -> &Counter<u64>) {
     if let Some(m) = INSTRUMENTS.get() {
         let (service, method) = split(path);
-        m.throttled.add(
+        of(m).add(
             1,
             &[
                 KeyValue::new("rpc.service", service),
