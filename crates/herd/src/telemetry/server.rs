@@ -288,3 +288,46 @@ pub fn record_quote_id(quote_id: &str) {
     tracing::Span::current().record("herd.quote_id", quote_id);
     record_late(|| KeyValue::new("herd.quote_id", quote_id.to_string()));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_codes_that_mean_the_server_failed_make_a_server_span_an_error() {
+        use tonic::Code::*;
+        let faults: Vec<tonic::Code> = [
+            Ok,
+            Cancelled,
+            Unknown,
+            InvalidArgument,
+            DeadlineExceeded,
+            NotFound,
+            AlreadyExists,
+            PermissionDenied,
+            ResourceExhausted,
+            FailedPrecondition,
+            Aborted,
+            OutOfRange,
+            Unimplemented,
+            Internal,
+            Unavailable,
+            DataLoss,
+            Unauthenticated,
+        ]
+        .into_iter()
+        .filter(|code| is_server_fault(*code))
+        .collect();
+        assert_eq!(
+            faults,
+            [
+                Unknown,
+                DeadlineExceeded,
+                Unimplemented,
+                Internal,
+                Unavailable,
+                DataLoss
+            ]
+        );
+    }
+}
