@@ -504,3 +504,30 @@ async fn a_registration_pointing_at_another_service_is_never_used() -> anyhow::R
     assert_eq!(report.failures(), 0, "{report}");
     Ok(())
 }
+
+/// What one instance tells a new HTTP/2 connection it may have open at once. The server's SETTINGS
+/// frame is the first it sends, so once a PING is answered it has been read; until then h2's
+/// client assumes no limit at all.
+async fn stream_limit(address: &str) -> anyhow::Result<usize> {
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    let (send, mut connection) = h2::client::handshake(tcp).await?;
+    let mut ping = connection
+        .ping_pong()
+        .ok_or_else(|| anyhow::anyhow!("no ping handle"))?;
+    let driving = tokio::spawn(connection);
+    tokio::time::timeout(Duration::from_secs(5), ping.ping(h2::Ping::opaque())).await??;
+    let limit = send.current_max_send_streams();
+    driving.abort();
+    Ok(limit)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_carries_at_most_256_calls_at_once() -> anyhow::Result<()> {
+    let mesh = TestMesh::start(1, &fixture()).await?;
+    for service in ["gateway", "pricing", "tax", "currency"] {
+        for address in mesh.addresses(service)? {
+            assert_eq!(stream_limit(&address).await?, 256, "{service} at {address}");
+        }
+    }
+    Ok(())
+}
