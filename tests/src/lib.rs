@@ -33,12 +33,9 @@ where
 
 /// A plain tonic channel to one instance at `address` (`host:port`), as an outside client has.
 pub async fn connect(address: &str) -> anyhow::Result<tonic::transport::Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?,
-    )
+    Ok(herd::client::fixed_endpoint(address, false)?
+        .connect()
+        .await?)
 }
 
 /// A free port on 127.0.0.1 for a process to bind later, taken below the kernel's ephemeral

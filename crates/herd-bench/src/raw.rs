@@ -280,9 +280,8 @@ impl RawTls {
 
 /// A channel to `address`, over TLS when `tls` is given (presenting its certificate).
 pub async fn channel_with(address: &str, tls: Option<&RawTls>) -> anyhow::Result<Channel> {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))?.tcp_nodelay(true);
+    // Plain tonic, as the baseline must be: herd's helper only names the endpoint.
+    let mut endpoint = herd::client::fixed_endpoint(address, tls.is_some())?;
     if let Some(tls) = tls {
         endpoint = endpoint.tls_config(
             tonic::transport::ClientTlsConfig::new()

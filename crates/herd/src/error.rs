@@ -435,7 +435,10 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
-    /// etcd could not be connected to.
+    /// A setting that cannot be used, naming it.
+    #[error("{0}")]
+    Settings(String),
+    /// etcd could not be reached.
     #[error("connecting to etcd: {0}")]
     Etcd(#[from] crate::etcd::EtcdConnectError),
     /// Reflection could not be built from the descriptor sets.

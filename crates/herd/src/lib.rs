@@ -31,6 +31,7 @@ pub mod admin;
 pub mod authz;
 pub mod balance;
 pub mod binary;
+pub mod caller;
 pub mod client;
 pub mod config;
 pub mod context;
@@ -53,6 +54,7 @@ pub mod tls;
 pub mod watch;
 
 pub use balance::MeshChannel;
+pub use caller::{Caller, CallerSettings};
 pub use config::{
     ConfigError, ConfigModel, ConfigStore, Registry, Section, SectionSpec, Sections, Snapshot,
 };

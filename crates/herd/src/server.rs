@@ -192,7 +192,7 @@ impl Mesh {
             &self.service,
             &self.instance_id,
             self.config_status.clone(),
-            self.tls.is_some(),
+            self.caller.tls.is_some(),
         ));
         if let Some(status) = &self.config_status {
             crate::metrics::watch_config(status.clone());
@@ -212,13 +212,18 @@ impl Mesh {
                 )
             }
         };
-        let tls = match &self.tls {
+        let credentials = self
+            .caller
+            .tls
+            .as_ref()
+            .and_then(|t| t.credentials.as_ref());
+        let tls = match credentials {
             None => None,
-            Some(tls) => {
+            Some(credentials) => {
                 let public = services.public;
                 Some(ServerTls {
                     config: crate::tls::server_config(
-                        &tls.credentials,
+                        credentials,
                         if public {
                             crate::tls::ClientAuth::Optional
                         } else {
@@ -271,11 +276,14 @@ impl Mesh {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        let key = self.layout.instance(&self.service, &self.instance_id);
+        let key = self
+            .caller
+            .layout
+            .instance(&self.service, &self.instance_id);
         let mut backoff = REGISTER_BACKOFF_START;
         loop {
             let ttl = self.settings.lease_ttl;
-            match Registration::start_on(&self.watches, key.clone(), &info, ttl).await {
+            match Registration::start_on(&self.caller.watches, key.clone(), &info, ttl).await {
                 Ok(registration) => return registration,
                 Err(e) => {
                     tracing::warn!(error = %e, "registering failed; retrying");

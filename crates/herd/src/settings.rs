@@ -43,31 +43,14 @@ pub struct Settings {
     #[arg(long, env = "HERD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// This instance's certificate (PEM, leaf first, naming `spiffe://<trust-domain>/herd/<service>`).
-    /// With --tls-key and --tls-ca every hop is mutual TLS; without all three, plaintext.
-    #[arg(long, env = "HERD_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<std::path::PathBuf>,
-
-    /// This instance's private key (PEM).
-    #[arg(long, env = "HERD_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<std::path::PathBuf>,
-
-    /// The CA certificates (PEM) that sign the mesh's identities.
-    #[arg(long, env = "HERD_TLS_CA", value_name = "FILE")]
-    pub tls_ca: Option<std::path::PathBuf>,
+    /// How the instance reaches the mesh: etcd, the prefix, its TLS identity, subset size.
+    #[command(flatten)]
+    pub connect: ConnectSettings,
 
     /// A folder of secret files this instance's services read (a mounted Kubernetes Secret), such
     /// as the gateway's private quote-signing keys (`<key-id>.pem`); read again while it runs.
     #[arg(long, env = "HERD_SECRETS", value_name = "DIR")]
     pub secrets: Option<std::path::PathBuf>,
-
-    /// How to reach etcd: endpoints, TLS and credentials.
-    #[command(flatten)]
-    pub etcd: crate::etcd::EtcdSettings,
-
-    /// Key prefix in etcd under which config and registrations live.
-    #[arg(long, env = "HERD_PREFIX", default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
 
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "HERD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -104,12 +87,65 @@ pub struct Settings {
     /// the limit are answered UNAVAILABLE at once.
     #[arg(long, env = "HERD_MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: u32,
+}
 
-    /// How many instances of each service it calls an instance connects to (0: all): each caller
+/// How a process reaches the mesh — an instance, or a caller outside it: etcd, the prefix herd's
+/// keys are under, the TLS identity it presents, and how many instances of a service it
+/// connects to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectSettings {
+    /// How to reach etcd: endpoints, TLS and credentials.
+    #[command(flatten)]
+    pub etcd: crate::etcd::EtcdSettings,
+
+    /// Key prefix in etcd under which config and registrations live.
+    #[arg(long, env = "HERD_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// How many instances of each service it calls a process connects to (0: all): each caller
     /// takes its own deterministic subset, so that connections stay bounded however many
     /// instances run; raised to ⌈instances/callers⌉ when callers are too few to cover them all.
     #[arg(long, env = "HERD_SUBSET_SIZE", default_value_t = 16)]
     pub subset_size: usize,
+
+    /// This process's certificate (PEM, leaf first, naming `spiffe://<trust-domain>/herd/<service>`).
+    /// With --tls-key and --tls-ca every hop is mutual TLS; without all three, plaintext.
+    #[arg(long, env = "HERD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// This process's private key (PEM).
+    #[arg(long, env = "HERD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// The CA certificates (PEM) that sign the mesh's identities.
+    #[arg(long, env = "HERD_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl ConnectSettings {
+    /// Checks the settings that clap's types cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        self.etcd.validate()?;
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
+            return Err(format!(
+                "--prefix: must start and end with '/', got {:?}",
+                self.prefix
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the process's TLS material is, when it speaks TLS (all three files given).
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl Settings {
@@ -141,12 +177,16 @@ impl Settings {
 
     /// Checks the settings that clap's types cannot.
     pub fn validate(&self) -> Result<(), String> {
-        self.etcd.validate()?;
-        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
-            return Err(format!(
-                "--prefix: must start and end with '/', got {:?}",
-                self.prefix
-            ));
+        self.connect.validate()?;
+        let c = &self.connect;
+        let tls_given = [&c.tls_cert, &c.tls_key, &c.tls_ca]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if tls_given != 0 && tls_given != 3 {
+            return Err(
+                "--tls-cert, --tls-key, --tls-ca: give all three (mutual TLS) or none".into(),
+            );
         }
         if self.max_in_flight == 0 {
             return Err("--max-in-flight: at least 1".into());
@@ -157,15 +197,6 @@ impl Settings {
         if self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
             return Err("--handshake-timeout-ms, --idle-timeout-ms: at least 1".into());
         }
-        let tls_given = [&self.tls_cert, &self.tls_key, &self.tls_ca]
-            .iter()
-            .filter(|f| f.is_some())
-            .count();
-        if tls_given != 0 && tls_given != 3 {
-            return Err(
-                "--tls-cert, --tls-key, --tls-ca: give all three (mutual TLS) or none".into(),
-            );
-        }
         if !(1..=3600).contains(&self.lease_ttl) {
             return Err(format!(
                 "--lease-ttl: must be 1..=3600 seconds, got {}",
@@ -173,18 +204,6 @@ impl Settings {
             ));
         }
         Ok(())
-    }
-
-    /// Where the instance's TLS material is, when it speaks TLS (all three files given).
-    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
-        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-            (Some(cert), Some(key), Some(ca)) => Some(crate::tls::TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: ca.clone(),
-            }),
-            _ => None,
-        }
     }
 
     /// The instance's concurrency limit: adaptive, under `--max-in-flight`.
@@ -225,8 +244,8 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let s = Settings::try_parse_from(["svc"]).expect("defaults parse");
-        assert_eq!(s.prefix, "/herd/");
-        assert_eq!(s.etcd.endpoints, vec![DEFAULT_ETCD.to_string()]);
+        assert_eq!(s.connect.prefix, "/herd/");
+        assert_eq!(s.connect.etcd.endpoints, vec![DEFAULT_ETCD.to_string()]);
         assert!(s.validate().is_ok());
     }
 
@@ -240,6 +259,6 @@ mod tests {
     fn several_etcd_endpoints() {
         let s =
             Settings::try_parse_from(["svc", "--etcd", "http://a:1,http://b:2"]).expect("parses");
-        assert_eq!(s.etcd.endpoints.len(), 2);
+        assert_eq!(s.connect.etcd.endpoints.len(), 2);
     }
 }

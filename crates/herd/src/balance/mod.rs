@@ -33,7 +33,7 @@ use tower::{BoxError, Service};
 
 use crate::client::connection::{Request, Response, streamed};
 use crate::client::{Connector, DEFAULT_MAX_RESPONSE, RetryBudget, TcpConnector};
-use crate::discovery::Discovered;
+use crate::discovery::{Discovered, Endpoints};
 use crate::error::CallError;
 use discover::EndpointDiscover;
 use pool::{Pool, State, Subsetting, hopeless, track};
@@ -64,6 +64,8 @@ struct Shared {
     pool: watch::Receiver<Pool>,
     budget: RetryBudget,
     max_response: usize,
+    /// Sent with every call that carries none of its own.
+    authorization: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for MeshChannel {
@@ -89,6 +91,7 @@ impl MeshChannel {
             connector: Arc::new(TcpConnector::default()),
             max_response: DEFAULT_MAX_RESPONSE,
             subsetting: None,
+            authorization: None,
         }
     }
 
@@ -147,8 +150,14 @@ impl MeshChannel {
     /// Sends `request` to an endpoint the balancer picks; resolves once the response's head
     /// arrives.
     /// Fails at once with `UNAVAILABLE` when no endpoint can serve (see the module docs).
-    pub(crate) async fn send(&self, request: Request) -> Result<Response, CallError> {
+    pub(crate) async fn send(&self, mut request: Request) -> Result<Response, CallError> {
         let shared = &self.inner;
+        if let Some(authorization) = &shared.authorization {
+            let headers = &mut request.head.headers;
+            if !headers.contains_key(http::header::AUTHORIZATION) {
+                headers.insert(http::header::AUTHORIZATION, authorization.clone());
+            }
+        }
         let response = {
             let mut balancer = shared.balancer.lock().await;
             // The common case costs one poll: an endpoint is ready.
@@ -174,7 +183,8 @@ impl MeshChannel {
     }
 }
 
-/// Generated tonic clients over the balanced channel.
+/// Generated tonic clients over the balanced channel; their unary calls are retried as herd's own
+/// are (see [`client::call`](crate::client::call)).
 impl Service<http::Request<Body>> for MeshChannel {
     type Response = http::Response<Body>;
     type Error = BoxError;
@@ -188,7 +198,7 @@ impl Service<http::Request<Body>> for MeshChannel {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let channel = self.clone();
         Box::pin(async move {
-            match channel.send(request.into()).await {
+            match crate::client::generated::send(&channel, request).await {
                 Ok(response) => Ok(streamed(response)),
                 Err(e) => Err(Box::new(tonic::Status::from(e)) as BoxError),
             }
@@ -262,6 +272,7 @@ pub struct ChannelBuilder {
     connector: Arc<dyn Connector>,
     max_response: usize,
     subsetting: Option<Subsetting>,
+    authorization: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for ChannelBuilder {
@@ -296,7 +307,28 @@ impl ChannelBuilder {
             own: own.to_string(),
             peers,
             size,
+            alone: false,
         });
+        self
+    }
+
+    /// Connects to a subset of `size` of the service's instances (0: all): those that follow
+    /// `own` round the ring of [`subset`], for a caller that has no peers to rank among (one
+    /// outside the mesh). Many such callers, with random ids, spread over every instance.
+    pub fn subset_alone(mut self, own: &str, size: usize) -> Self {
+        self.subsetting = Some(Subsetting {
+            own: own.to_string(),
+            peers: watch::channel(Some(Endpoints::default())).1,
+            size,
+            alone: true,
+        });
+        self
+    }
+
+    /// Sends `authorization` (for example `Bearer <token>`) with every call that carries none of
+    /// its own.
+    pub fn authorization(mut self, authorization: http::HeaderValue) -> Self {
+        self.authorization = Some(authorization);
         self
     }
 
@@ -320,6 +352,7 @@ impl ChannelBuilder {
                 pool,
                 budget: RetryBudget::default(),
                 max_response: self.max_response,
+                authorization: self.authorization,
             }),
         };
         let observed = Arc::downgrade(&channel.inner);
@@ -853,18 +886,67 @@ pub(crate) mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn an_instance_that_sheds_is_sent_less_not_more() {
         let good = health_server("good").await;
-        let (shedding, _) = checked_server(Checks::Shed).await;
+        let (shedding, shed) = checked_server(Checks::Shed).await;
         let resolver = Resolver::fixed([info("good", &good), info("shedding", &shedding)]);
         let channel = MeshChannel::new("probe", resolver.subscribe());
         let mut ready = channel.subscribe_ready();
         until_ready(&mut ready, 2).await;
-        let (_, shed) = eight_callers(&channel, "").await;
+        let (_, refused) = eight_callers(&channel, "").await;
         // A refusal is fast: counted as a fast answer it would draw most calls. Counted as
-        // load, it draws few.
+        // load, it draws few (attempts, retries included); and each is retried on the other.
+        let shed = shed.load(std::sync::atomic::Ordering::SeqCst);
         assert!(
             shed < 60,
-            "{shed} of 400 calls went to the instance that sheds"
+            "{shed} attempts of 400 calls went to the instance that sheds"
         );
+        assert_eq!(
+            refused, 0,
+            "a shed call is retried on the instance that serves"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_generated_clients_calls_are_retried_as_herds_own_within_the_budget() {
+        // Every attempt is shed: ten calls make 13 attempts, as gRPC A6's budget allows (the
+        // same count as `client::tests::the_budget_stops_retry_storms`), each failing with the
+        // instance's status.
+        let (shedding, attempts) = checked_server(Checks::Shed).await;
+        let resolver = Resolver::fixed([info("shedding", &shedding)]);
+        let channel = MeshChannel::new("probe", resolver.subscribe());
+        let mut ready = channel.subscribe_ready();
+        until_ready(&mut ready, 1).await;
+        let mut client = HealthClient::new(channel.clone());
+        for _ in 0..10 {
+            let err = client
+                .check(HealthCheckRequest::default())
+                .await
+                .expect_err("shed");
+            assert_eq!(
+                (err.code(), err.message()),
+                (tonic::Code::Unavailable, "overloaded")
+            );
+        }
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 13);
+    }
+
+    #[tokio::test]
+    async fn a_channels_authorization_goes_with_every_call_that_has_none() {
+        let (address, _) = checked_server(Checks::EchoAuthorization).await;
+        let resolver = Resolver::fixed([info("a", &address)]);
+        let channel = MeshChannel::builder("probe")
+            .authorization(http::HeaderValue::from_static("Bearer channel"))
+            .build(resolver.subscribe());
+        let mut client = HealthClient::new(channel.clone());
+        let seen = client
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err("refused");
+        assert_eq!(seen.message(), "Bearer channel");
+        let mut own = tonic::Request::new(HealthCheckRequest::default());
+        own.metadata_mut()
+            .insert("authorization", "Bearer own".parse().unwrap());
+        let seen = client.check(own).await.expect_err("refused");
+        assert_eq!(seen.message(), "Bearer own");
     }
 
     /// What a test server does with health Checks (Watch always goes through).
@@ -874,6 +956,8 @@ pub(crate) mod tests {
         Shed,
         /// Serves each, holding the first this long first.
         HoldFirst(Duration),
+        /// Refuses each, `NOT_FOUND` naming the `authorization` it carried.
+        EchoAuthorization,
     }
 
     /// Counts health Checks and treats them as `checks` says.
@@ -911,6 +995,15 @@ pub(crate) mod tests {
                     return Box::pin(std::future::ready(Ok(shed)));
                 }
                 Checks::HoldFirst(hold) => (before == 0).then_some(hold),
+                Checks::EchoAuthorization => {
+                    let seen = request
+                        .headers()
+                        .get(http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none");
+                    let refused = tonic::Status::not_found(seen).into_http::<Body>();
+                    return Box::pin(std::future::ready(Ok(refused)));
+                }
             };
             let answer = self.inner.call(request);
             Box::pin(async move {

@@ -14,7 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::BoxError;
 
-use super::subset::subset;
+use super::subset::{subset, subset_alone};
 use crate::client::Connector;
 use crate::client::connection::Connection;
 use crate::discovery::{Discovered, Endpoints};
@@ -121,6 +121,8 @@ pub(super) struct Subsetting {
     pub(super) peers: watch::Receiver<Discovered>,
     /// Instances per subset; 0: all.
     pub(super) size: usize,
+    /// The caller has no peers: its subset follows its own place on the ring.
+    pub(super) alone: bool,
 }
 
 /// The instance ids to connect to: every discovered one, or this caller's subset — refilled
@@ -135,12 +137,20 @@ fn chosen(
         return Some(set.keys().cloned().collect());
     };
     let peers = peers?;
-    let subset = subset(
-        &subsetting.own,
-        peers.keys().map(String::as_str),
-        set.keys().map(String::as_str),
-        subsetting.size,
-    );
+    let subset = if subsetting.alone {
+        subset_alone(
+            &subsetting.own,
+            set.keys().map(String::as_str),
+            subsetting.size,
+        )
+    } else {
+        subset(
+            &subsetting.own,
+            peers.keys().map(String::as_str),
+            set.keys().map(String::as_str),
+            subsetting.size,
+        )
+    };
     let failed = |id: &String| {
         matches!(
             states.endpoints.get(id),

@@ -40,9 +40,7 @@ pub fn subset<'a>(
     callees: impl IntoIterator<Item = &'a str>,
     size: usize,
 ) -> Subset {
-    let mut ring: Vec<(u64, &str)> = callees.into_iter().map(|id| (position(id), id)).collect();
-    ring.sort_unstable();
-    ring.dedup();
+    let ring = ring(callees);
     let n = ring.len();
     if n == 0 {
         return Subset::default();
@@ -64,10 +62,46 @@ pub fn subset<'a>(
         size.max(n.div_ceil(callers)).min(n)
     };
     let start = before * n / callers;
-    let order = (0..n)
+    Subset {
+        order: round_from(&ring, start),
+        size,
+    }
+}
+
+/// The subset of `callees` for a caller with no peers to rank among (one outside the mesh): the
+/// `size` instances (0: all) that follow its own place on the ring. Callers with random ids land
+/// at random places, so many of them spread over every instance, if less evenly than ranked
+/// callers do.
+pub fn subset_alone<'a>(
+    own: &str,
+    callees: impl IntoIterator<Item = &'a str>,
+    size: usize,
+) -> Subset {
+    let ring = ring(callees);
+    let n = ring.len();
+    let me = (position(own), own);
+    let start = ring.partition_point(|callee| *callee < me);
+    let size = if size == 0 { n } else { size.min(n) };
+    Subset {
+        order: round_from(&ring, start),
+        size,
+    }
+}
+
+/// The callees in ring order: by [`position`], once each.
+fn ring<'a>(callees: impl IntoIterator<Item = &'a str>) -> Vec<(u64, &'a str)> {
+    let mut ring: Vec<(u64, &str)> = callees.into_iter().map(|id| (position(id), id)).collect();
+    ring.sort_unstable();
+    ring.dedup();
+    ring
+}
+
+/// The ring's ids, starting at `start` and going round once.
+fn round_from(ring: &[(u64, &str)], start: usize) -> Vec<String> {
+    let n = ring.len();
+    (0..n)
         .map(|i| ring[(start + i) % n].1.to_string())
-        .collect();
-    Subset { order, size }
+        .collect()
 }
 
 /// Where an id stands on the ring: FNV-1a over its bytes, then splitmix64's finaliser so that ids
@@ -249,5 +283,35 @@ mod tests {
             assert_eq!(members, changed, "{what}");
             assert!(changed < callers.len() * 2 / 3, "{what}: {changed} callers");
         }
+    }
+
+    #[test]
+    fn a_caller_alone_takes_the_instances_that_follow_it_and_many_cover_all() {
+        let callees = ids("pricing", 100);
+        let alone =
+            |caller: &str, size| subset_alone(caller, callees.iter().map(String::as_str), size);
+        let one = alone("caller-0", 16);
+        assert_eq!((one.size, one.order.len()), (16, 100));
+        // The members follow the caller's place round the ring, in ring order.
+        let me = position("caller-0");
+        let first = position(&one.order[0]);
+        let last = position(&one.order[99]);
+        assert!(first >= me || last < me, "starts after the caller's place");
+        assert_eq!(alone("caller-0", 0).size, 100, "0 takes all");
+        assert_eq!(alone("caller-0", 500).size, 100, "no more than there are");
+        assert!(subset_alone("x", std::iter::empty(), 16).order.is_empty());
+        // Unlike a ranked caller, one alone does not widen its subset to cover every instance:
+        // many of them, with random ids, cover them between them.
+        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+        let callers = ids("caller", 200);
+        for caller in &callers {
+            let s = alone(caller, 16);
+            for m in s.members() {
+                *per.entry(callees.iter().find(|c| *c == m).unwrap())
+                    .or_default() += 1;
+            }
+        }
+        assert_eq!(per.len(), 100, "every instance is in some caller's subset");
+        assert_eq!(per.values().sum::<usize>(), 200 * 16);
     }
 }

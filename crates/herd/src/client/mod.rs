@@ -6,11 +6,13 @@
 //! - [`budget`]: gRPC A6's retry throttle.
 //! - [`connector`]: the transport seam ([`Connector`]; [`TcpConnector`] by default).
 //! - `connection`: one HTTP/2 connection on `h2`, with keepalive.
+//! - `generated`: generated tonic clients' calls, unary ones retried as [`call`] retries.
 //! - `unary`: framing a request and reading a unary response within a size limit.
 
 pub mod budget;
 pub(crate) mod connection;
 pub mod connector;
+pub(crate) mod generated;
 pub(crate) mod unary;
 
 use std::future::Future;
@@ -36,6 +38,23 @@ use unary::{read_unary, unary_head};
 const MAX_ATTEMPTS: u32 = 3;
 /// Pause before a retry, so a restarting endpoint is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+/// A plain tonic endpoint for one fixed address (`host:port`): no discovery, balancing, health
+/// watching or retries — for tools, tests and baselines that must reach one given instance (a
+/// health probe of an instance that is draining, say), or that measure plain tonic. `tls` picks
+/// `https://`, the caller adding its TLS configuration. Nagle's algorithm is off and connecting
+/// is bounded as on herd's own channels; `.connect().await` gives the channel.
+pub fn fixed_endpoint(
+    address: &str,
+    tls: bool,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    let scheme = if tls { "https" } else { "http" };
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(connector::DEFAULT_CONNECT_TIMEOUT),
+    )
+}
 
 /// Makes one unary call of `method` over `channel` with the remaining time as its timeout,
 /// retrying only failures that mean the call was not processed (`UNAVAILABLE`), at most three

@@ -312,6 +312,28 @@ pub fn client_config(credentials: &Credentials) -> Result<Arc<rustls::ClientConf
     Ok(Arc::new(config))
 }
 
+/// The client side of a caller outside the mesh that has no certificate of its own: verifies the
+/// callee's chain against the CA in `ca` and its identity against the service called, in
+/// `trust_domain`; presents nothing (it is known by its token). The CA is read once.
+pub fn anonymous_client_config(
+    ca: &Path,
+    trust_domain: &str,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(IdentityVerifier {
+        roots: Arc::new(arc_swap::ArcSwap::from_pointee(roots(ca)?)),
+        provider: provider.clone(),
+        trust_domain: trust_domain.to_string(),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The server name to connect to an instance of `service` with: the verifier expects the
 /// callee's certificate to name `service` in the caller's own trust domain.
 pub fn server_name(service: &str) -> Result<ServerName<'static>, TlsError> {

@@ -1,0 +1,231 @@
+//! Calls of generated tonic clients over a [`MeshChannel`]. A request whose body is whole as soon
+//! as it is asked for — every unary call: tonic encodes its one message at once — is sent as one
+//! frame and retried as [`call`](super::call) retries: only `UNAVAILABLE` (not processed), at most
+//! three attempts, after the instance's pushback or a short pause, within the call's
+//! `grpc-timeout` and the channel's retry budget. Any other request (a client stream) is sent
+//! once, as it streams.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as _, Frame};
+use tonic::body::Body;
+
+use super::connection::{Request, RequestBody, Response};
+use super::{MAX_ATTEMPTS, RETRY_PAUSE};
+use crate::balance::MeshChannel;
+use crate::context::Deadline;
+use crate::error::CallError;
+
+/// Sends `request` over `channel`, retrying what may be retried (see the module docs).
+pub(crate) async fn send(
+    channel: &MeshChannel,
+    request: http::Request<Body>,
+) -> Result<Response, CallError> {
+    let (head, body) = request.into_parts();
+    let frame = match whole_now(body) {
+        Ok(frame) => frame,
+        Err(body) => {
+            let body = RequestBody::Stream(body);
+            return channel.send(Request { head, body }).await;
+        }
+    };
+    let deadline = head
+        .headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::context::parse_grpc_timeout)
+        .map(Deadline::after);
+    let template = http::Request::from_parts(head, ());
+    let budget = channel.budget();
+    let mut number = 1;
+    loop {
+        let mut head = copy(&template);
+        if let Some(deadline) = &deadline {
+            let left = deadline.remaining()?;
+            head.headers.insert("grpc-timeout", timeout_header(left));
+        }
+        let sent = channel.send(Request {
+            head,
+            body: RequestBody::Frame(frame.clone()),
+        });
+        let outcome = match &deadline {
+            Some(deadline) => tokio::time::timeout(deadline.remaining()?, sent)
+                .await
+                .unwrap_or(Err(CallError::DeadlineExceeded)),
+            None => sent.await,
+        };
+        let pushback = match &outcome {
+            Ok(response) => match shed(response) {
+                None => {
+                    budget.success();
+                    return outcome;
+                }
+                Some(pushback) => pushback,
+            },
+            Err(error) if error.retryable() => error.pushback(),
+            Err(_) => return outcome,
+        };
+        budget.failure();
+        if number >= MAX_ATTEMPTS || !budget.can_retry() {
+            return outcome;
+        }
+        let pause = pushback.unwrap_or(RETRY_PAUSE);
+        if let Some(deadline) = &deadline
+            && pause >= deadline.remaining()?
+        {
+            return outcome;
+        }
+        tracing::debug!(attempt = number, path = %template.uri().path(), "retrying a call that was not processed");
+        number += 1;
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The body's bytes when all of them, and its end, are ready now; otherwise the body, with what
+/// was read of it put back in front.
+fn whole_now(mut body: Body) -> Result<Bytes, Body> {
+    let mut read = BytesMut::new();
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if body.is_end_stream() {
+            return Ok(read.freeze());
+        }
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(None) => return Ok(read.freeze()),
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => read.extend_from_slice(&data),
+                Err(frame) => return Err(Body::new(Prefixed::new(read, Some(frame), body))),
+            },
+            Poll::Ready(Some(Err(status))) => {
+                return Err(Body::new(Prefixed::failed(read, status)));
+            }
+            Poll::Pending => return Err(Body::new(Prefixed::new(read, None, body))),
+        }
+    }
+}
+
+/// A copy of `template`'s head: method, path, metadata and extensions.
+fn copy(template: &http::Request<()>) -> http::request::Parts {
+    let mut request = http::Request::new(());
+    *request.method_mut() = template.method().clone();
+    *request.uri_mut() = template.uri().clone();
+    *request.version_mut() = template.version();
+    *request.headers_mut() = template.headers().clone();
+    *request.extensions_mut() = template.extensions().clone();
+    request.into_parts().0
+}
+
+/// `grpc-timeout` for `left`, in milliseconds (at least one).
+fn timeout_header(left: Duration) -> http::HeaderValue {
+    let millis = left.as_millis().clamp(1, 99_999_999);
+    // Cannot fail: digits and a letter.
+    http::HeaderValue::from_str(&format!("{millis}m"))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("1m"))
+}
+
+/// For a call an instance shed or could not take (a trailers-only `UNAVAILABLE`), its pushback,
+/// if it gave one; `None` for any other answer.
+fn shed(response: &Response) -> Option<Option<Duration>> {
+    let headers = response.headers();
+    if headers.get("grpc-status")?.as_bytes() != b"14" {
+        return None;
+    }
+    Some(
+        headers
+            .get(crate::door::PUSHBACK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::door::pushback_of),
+    )
+}
+
+/// A body whose first bytes (and perhaps a frame after them) were read already.
+struct Prefixed {
+    read: Option<Bytes>,
+    next: Option<Frame<Bytes>>,
+    failed: Option<tonic::Status>,
+    rest: Option<Body>,
+}
+
+impl Prefixed {
+    fn new(read: BytesMut, next: Option<Frame<Bytes>>, rest: Body) -> Self {
+        Self {
+            read: Some(read.freeze()).filter(|b| !b.is_empty()),
+            next,
+            failed: None,
+            rest: Some(rest),
+        }
+    }
+
+    fn failed(read: BytesMut, status: tonic::Status) -> Self {
+        Self {
+            read: Some(read.freeze()).filter(|b| !b.is_empty()),
+            next: None,
+            failed: Some(status),
+            rest: None,
+        }
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if let Some(read) = self.read.take() {
+            return Poll::Ready(Some(Ok(Frame::data(read))));
+        }
+        if let Some(next) = self.next.take() {
+            return Poll::Ready(Some(Ok(next)));
+        }
+        if let Some(status) = self.failed.take() {
+            return Poll::Ready(Some(Err(status)));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_body_whole_at_once_is_one_frame_and_a_stream_keeps_every_byte_in_order() {
+        let unary = Body::new(http_body_util::Full::new(Bytes::from_static(b"whole")));
+        assert_eq!(whole_now(unary).ok(), Some(Bytes::from_static(b"whole")));
+        assert_eq!(whole_now(Body::empty()).ok(), Some(Bytes::new()));
+
+        // A client stream: one message now, the next later.
+        let (tx, rx) =
+            tokio::sync::mpsc::unbounded_channel::<Result<Frame<Bytes>, tonic::Status>>();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first "))))
+            .expect("open");
+        let stream = Body::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        ));
+        let Err(streaming) = whole_now(stream) else {
+            panic!("a body still streaming was taken as whole");
+        };
+        tx.send(Ok(Frame::data(Bytes::from_static(b"then more"))))
+            .expect("open");
+        drop(tx);
+        let all = streaming.collect().await.expect("read").to_bytes();
+        assert_eq!(all, Bytes::from_static(b"first then more"));
+    }
+
+    #[test]
+    fn the_time_left_goes_as_grpc_timeout_in_milliseconds() {
+        assert_eq!(timeout_header(Duration::from_millis(1500)), "1500m");
+        assert_eq!(timeout_header(Duration::from_micros(10)), "1m");
+        assert_eq!(timeout_header(Duration::from_secs(10_000_000)), "99999999m");
+    }
+}

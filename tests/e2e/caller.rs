@@ -1,0 +1,104 @@
+//! A caller outside the mesh — `examples/caller`, a process that registers nothing and serves
+//! nothing — gets every quote while the gateways it calls are killed, stopped and replaced.
+
+use std::process::Command;
+use std::time::Duration;
+
+use herd_tests::{Proc, TestMesh, bin, eventually};
+
+/// The quotes the caller has printed so far, each asked for and verified.
+fn quotes(caller: &Proc) -> usize {
+    caller
+        .log_text()
+        .lines()
+        .filter(|l| l.starts_with("quote ") && l.ends_with(", verified"))
+        .count()
+}
+
+/// Waits until the caller has printed `more` quotes beyond `after`, and is still running (it
+/// exits at its first failed call).
+async fn more_quotes(caller: &mut Proc, after: usize, more: usize) -> anyhow::Result<usize> {
+    let wanted = after + more;
+    let done = eventually(&format!("{wanted} quotes"), Duration::from_secs(30), || {
+        let exited = caller.try_wait().ok().flatten();
+        let done = quotes(caller);
+        async move { (exited.is_some() || done >= wanted).then_some(done) }
+    })
+    .await?;
+    if let Some(status) = caller.try_wait()? {
+        anyhow::bail!(
+            "the caller exited ({status}) after {done} quotes:\n{}",
+            caller.log_text()
+        );
+    }
+    Ok(done)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_outside_the_mesh_gets_every_quote_while_gateways_are_killed_and_replaced()
+-> anyhow::Result<()> {
+    let mut mesh = TestMesh::start_seeded(2).await?;
+    let token = mesh.dir.path().join("token.jwt");
+    // A token from the development issuer `herdctl config seed` made, as README has it.
+    let issuer = herd_tests::secrets_dir(mesh.dir.path())?.join("dev-issuer.json");
+    let issued = mesh.herdctl(&[
+        "auth",
+        "token",
+        "--issuer-file",
+        &issuer.to_string_lossy(),
+        "--tenant",
+        "acme",
+        "--subject",
+        "batch-job",
+        "--ttl",
+        "10m",
+    ])?;
+    std::fs::write(&token, String::from_utf8_lossy(&issued.stdout).trim())?;
+    let mut command = Command::new(bin("herd-caller")?);
+    command
+        .args(["--etcd", &mesh.etcd.endpoint])
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--quotes", "1000000"]);
+    let mut caller = Proc::spawn("caller", command, mesh.dir.path().join("caller.log"))?;
+    let mut done = more_quotes(&mut caller, 0, 20).await?;
+
+    // Five rounds: a gateway killed (kill -9, calls on it broken off), a new one started, an
+    // old one stopped (SIGTERM: it drains), with quotes flowing between each step.
+    for _ in 0..5 {
+        let gateways: Vec<usize> = mesh
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(_, (service, _))| service == "gateway")
+            .map(|(i, _)| i)
+            .collect();
+        let (killed, stopped) = (gateways[0], gateways[1]);
+        mesh.instances[killed].1.signal("KILL")?;
+        mesh.instances[killed]
+            .1
+            .wait_exit(Duration::from_secs(5))
+            .await?;
+        done = more_quotes(&mut caller, done, 20).await?;
+        let new = mesh.add("gateway")?;
+        mesh.wait_serving(new).await?;
+        done = more_quotes(&mut caller, done, 20).await?;
+        mesh.instances[stopped].1.signal("TERM")?;
+        let status = mesh.instances[stopped]
+            .1
+            .wait_exit(Duration::from_secs(20))
+            .await?;
+        assert_eq!(status.code(), Some(0));
+        let new = mesh.add("gateway")?;
+        mesh.wait_serving(new).await?;
+        done = more_quotes(&mut caller, done, 20).await?;
+        // The two left are the new ones: the next round takes them.
+        mesh.instances
+            .retain_mut(|(_, proc)| proc.try_wait().ok().flatten().is_none());
+    }
+    // Every call succeeded: the caller stops at its first failure, and it never stopped.
+    assert!(caller.try_wait()?.is_none(), "{}", caller.log_text());
+    println!("{done} quotes asked for and verified through five rounds of gateway churn, 0 failed");
+    caller.signal("TERM")?;
+    Ok(())
+}
