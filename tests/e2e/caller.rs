@@ -98,6 +98,19 @@ async fn a_caller_outside_the_mesh_gets_every_quote_while_gateways_are_killed_an
     }
     // Every call succeeded: the caller stops at its first failure, and it never stopped.
     assert!(caller.try_wait()?.is_none(), "{}", caller.log_text());
+    // It left nothing in etcd: no registration, no lease (one per instance, and no more).
+    let registered = mesh.etcd.get_prefix("/herd/")?;
+    assert!(
+        registered.iter().all(|(key, _)| !key.contains("caller")),
+        "{registered:?}"
+    );
+    let instances = mesh.etcd.get_prefix("/herd/services/")?.len();
+    let leases = mesh.etcd.ctl(&["lease", "list"])?;
+    let leases = String::from_utf8_lossy(&leases.stdout).to_string();
+    assert!(
+        leases.starts_with(&format!("found {instances} leases")),
+        "{instances} instances: {leases}"
+    );
     println!("{done} quotes asked for and verified through five rounds of gateway churn, 0 failed");
     caller.signal("TERM")?;
     Ok(())

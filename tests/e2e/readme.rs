@@ -104,6 +104,33 @@ async fn readme_grpcurl_examples_work() -> anyhow::Result<()> {
             assert!(stdout.contains("herd.quote.v1.QuoteService"), "{stdout}");
         }
     }
+    // README's caller from outside, on the same mesh: the CA alone, the same token.
+    let callers: Vec<String> = commands("printf")
+        .into_iter()
+        .chain(commands("herd-caller"))
+        .collect();
+    assert_eq!(callers.len(), 2, "{callers:?}");
+    let mut printed = String::new();
+    for line in callers {
+        let line = line
+            .replace(
+                ".run/token.jwt",
+                &mesh.dir.path().join("token.jwt").to_string_lossy(),
+            )
+            .replace(".run/certs/", &format!("{}/", certs.display()))
+            .replace("http://127.0.0.1:2379", &mesh.etcd.endpoint)
+            .replacen(
+                "herd-caller",
+                &bin_dir().join("herd-caller").to_string_lossy(),
+                1,
+            );
+        printed = run(Command::new("bash").env("JWT", &jwt), &line)?;
+    }
+    let verified = printed
+        .lines()
+        .filter(|l| l.ends_with(", verified"))
+        .count();
+    assert_eq!(verified, 3, "{printed}");
     drop(second);
     Ok(())
 }
@@ -121,6 +148,12 @@ async fn readme_herdctl_examples_work_and_put_validates() -> anyhow::Result<()> 
             .replacen("herdctl", &bin_dir().join("herdctl").to_string_lossy(), 1)
             .replace("http://127.0.0.1:2379", &mesh.etcd.endpoint);
         let stdout = run(Command::new("bash").current_dir(dir), &line)?;
+        if line.contains("--output json") {
+            let listed: serde_json::Value = serde_json::from_str(&stdout)?;
+            let gateways = listed.as_array().map(Vec::len).unwrap_or_default();
+            assert_eq!(gateways, 1, "{stdout}");
+            assert!(listed[0]["address"].as_str().is_some(), "{stdout}");
+        }
         if line.ends_with("instances") {
             for service in ["gateway", "pricing", "tax", "currency"] {
                 assert!(stdout.contains(service), "{stdout}");
@@ -191,10 +224,11 @@ fn rust_blocks(section: &str) -> Vec<Vec<String>> {
     blocks
 }
 
-#[test]
-fn readme_code_for_adding_a_service_is_the_example_s() {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/thing");
-    let sources: Vec<Vec<String>> = ["build.rs", "src/lib.rs", "src/main.rs"]
+/// Every ```rust block of README's `section` (at least `least` of them) is held, line for line,
+/// by one of `files` under the workspace's `example` folder.
+fn readme_code_is_held_by(section: &str, example: &str, files: &[&str], least: usize) {
+    let root = format!("{}/../{example}", env!("CARGO_MANIFEST_DIR"));
+    let sources: Vec<Vec<String>> = files
         .iter()
         .map(|file| {
             std::fs::read_to_string(format!("{root}/{file}"))
@@ -206,16 +240,36 @@ fn readme_code_for_adding_a_service_is_the_example_s() {
                 .collect()
         })
         .collect();
-    let blocks = rust_blocks("## Adding a service of your own");
-    assert!(blocks.len() >= 5, "{blocks:?}");
+    let blocks = rust_blocks(section);
+    assert!(blocks.len() >= least, "{blocks:?}");
     for block in blocks {
         let found = sources
             .iter()
             .any(|lines| lines.windows(block.len()).any(|w| w == block.as_slice()));
         assert!(
             found,
-            "README shows code that examples/thing does not hold:\n{}",
+            "README shows code that {example} does not hold:\n{}",
             block.join("\n")
         );
     }
+}
+
+#[test]
+fn readme_code_for_adding_a_service_is_the_example_s() {
+    readme_code_is_held_by(
+        "## Adding a service of your own",
+        "examples/thing",
+        &["build.rs", "src/lib.rs", "src/main.rs"],
+        5,
+    );
+}
+
+#[test]
+fn readme_code_for_calling_from_outside_is_the_caller_example_s() {
+    readme_code_is_held_by(
+        "## Calling the mesh from outside it",
+        "examples/caller",
+        &["src/main.rs"],
+        2,
+    );
 }

@@ -89,6 +89,14 @@ enum Command {
     Instances {
         /// Only this service's instances.
         service: Option<String>,
+        /// Only this service's instances (as SERVICE, for scripts that name their flags).
+        #[arg(
+            long = "service",
+            id = "service_flag",
+            value_name = "SERVICE",
+            conflicts_with = "service"
+        )]
+        service_flag: Option<String>,
     },
 }
 
@@ -134,7 +142,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .run(command)
             .await
         }
-        Command::Instances { service } => {
+        Command::Instances {
+            service,
+            service_flag,
+        } => {
+            let service = service.or(service_flag);
             instances(etcd(client)?, &layout, service.as_deref(), cli.output).await
         }
     }

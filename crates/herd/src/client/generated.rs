@@ -1,9 +1,9 @@
 //! Calls of generated tonic clients over a [`MeshChannel`]. A request whose body is whole as soon
 //! as it is asked for — every unary call: tonic encodes its one message at once — is sent as one
-//! frame and retried as [`call`](super::call) retries: only `UNAVAILABLE` (not processed), at most
-//! three attempts, after the instance's pushback or a short pause, within the call's
-//! `grpc-timeout` and the channel's retry budget. Any other request (a client stream) is sent
-//! once, as it streams.
+//! frame, its answer read whole, and retried as [`call`](super::call) retries: only `UNAVAILABLE`
+//! (shed, refused, or a connection lost before the answer was complete), at most three attempts,
+//! after the instance's pushback or a short pause, within the call's `grpc-timeout` and the
+//! channel's retry budget. Any other request (a client stream) is sent once, its answer streamed.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -13,23 +13,27 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body as _, Frame};
 use tonic::body::Body;
 
-use super::connection::{Request, RequestBody, Response};
+use super::connection::{Request, RequestBody, Response, streamed};
+use super::unary::FRAME_HEADER;
 use super::{MAX_ATTEMPTS, RETRY_PAUSE};
 use crate::balance::MeshChannel;
 use crate::context::Deadline;
 use crate::error::CallError;
 
-/// Sends `request` over `channel`, retrying what may be retried (see the module docs).
+/// Sends `request` over `channel`, retrying what may be retried (see the module docs). A retried
+/// call's answer is read whole before it is handed on (a unary answer is one message, at most the
+/// channel's limit), so that a connection lost while it arrives is retried too.
 pub(crate) async fn send(
     channel: &MeshChannel,
     request: http::Request<Body>,
-) -> Result<Response, CallError> {
+) -> Result<http::Response<Body>, CallError> {
     let (head, body) = request.into_parts();
     let frame = match whole_now(body) {
         Ok(frame) => frame,
         Err(body) => {
             let body = RequestBody::Stream(body);
-            return channel.send(Request { head, body }).await;
+            let response = channel.send(Request { head, body }).await?;
+            return Ok(streamed(response));
         }
     };
     let deadline = head
@@ -47,41 +51,102 @@ pub(crate) async fn send(
             let left = deadline.remaining()?;
             head.headers.insert("grpc-timeout", timeout_header(left));
         }
-        let sent = channel.send(Request {
+        let request = Request {
             head,
             body: RequestBody::Frame(frame.clone()),
-        });
+        };
+        let attempt = async {
+            let response = channel.send(request).await?;
+            read_whole(response, channel.max_response()).await
+        };
         let outcome = match &deadline {
-            Some(deadline) => tokio::time::timeout(deadline.remaining()?, sent)
+            Some(deadline) => tokio::time::timeout(deadline.remaining()?, attempt)
                 .await
                 .unwrap_or(Err(CallError::DeadlineExceeded)),
-            None => sent.await,
+            None => attempt.await,
         };
         let pushback = match &outcome {
-            Ok(response) => match shed(response) {
+            Ok(answer) => match answer.unavailable() {
                 None => {
                     budget.success();
-                    return outcome;
+                    return outcome.map(Whole::into_response);
                 }
                 Some(pushback) => pushback,
             },
             Err(error) if error.retryable() => error.pushback(),
-            Err(_) => return outcome,
+            Err(_) => return outcome.map(Whole::into_response),
         };
         budget.failure();
         if number >= MAX_ATTEMPTS || !budget.can_retry() {
-            return outcome;
+            return outcome.map(Whole::into_response);
         }
         let pause = pushback.unwrap_or(RETRY_PAUSE);
         if let Some(deadline) = &deadline
             && pause >= deadline.remaining()?
         {
-            return outcome;
+            return outcome.map(Whole::into_response);
         }
         tracing::debug!(attempt = number, path = %template.uri().path(), "retrying a call that was not processed");
         number += 1;
         tokio::time::sleep(pause).await;
     }
+}
+
+/// An answer read to its end: its head, its message bytes and its trailers.
+struct Whole {
+    head: http::response::Parts,
+    data: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Whole {
+    /// For an answer of `UNAVAILABLE` (in the head of a trailers-only answer, or in the
+    /// trailers), the instance's pushback if it gave one; `None` for any other answer.
+    fn unavailable(&self) -> Option<Option<Duration>> {
+        let headers = match &self.trailers {
+            Some(trailers) if !self.head.headers.contains_key("grpc-status") => trailers,
+            _ => &self.head.headers,
+        };
+        if headers.get("grpc-status")?.as_bytes() != b"14" {
+            return None;
+        }
+        Some(
+            headers
+                .get(crate::door::PUSHBACK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::door::pushback_of),
+        )
+    }
+
+    fn into_response(self) -> http::Response<Body> {
+        let body = Prefixed {
+            read: Some(self.data).filter(|b| !b.is_empty()),
+            next: self.trailers.map(Frame::trailers),
+            failed: None,
+            rest: None,
+        };
+        http::Response::from_parts(self.head, Body::new(body))
+    }
+}
+
+/// Reads `response` to its end: at most `limit` bytes of message (and its frame header).
+async fn read_whole(response: Response, limit: usize) -> Result<Whole, CallError> {
+    let (head, mut stream) = response.into_parts();
+    let mut data = BytesMut::new();
+    while let Some(chunk) = stream.data().await {
+        let chunk = chunk?;
+        let _ = stream.flow_control().release_capacity(chunk.len());
+        if data.len() + chunk.len() > limit + FRAME_HEADER {
+            return Err(CallError::TooLarge { limit });
+        }
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = stream.trailers().await?;
+    Ok(Whole {
+        head,
+        data: data.freeze(),
+        trailers,
+    })
 }
 
 /// The body's bytes when all of them, and its end, are ready now; otherwise the body, with what
@@ -124,21 +189,6 @@ fn timeout_header(left: Duration) -> http::HeaderValue {
     // Cannot fail: digits and a letter.
     http::HeaderValue::from_str(&format!("{millis}m"))
         .unwrap_or_else(|_| http::HeaderValue::from_static("1m"))
-}
-
-/// For a call an instance shed or could not take (a trailers-only `UNAVAILABLE`), its pushback,
-/// if it gave one; `None` for any other answer.
-fn shed(response: &Response) -> Option<Option<Duration>> {
-    let headers = response.headers();
-    if headers.get("grpc-status")?.as_bytes() != b"14" {
-        return None;
-    }
-    Some(
-        headers
-            .get(crate::door::PUSHBACK)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::door::pushback_of),
-    )
 }
 
 /// A body whose first bytes (and perhaps a frame after them) were read already.

@@ -15,7 +15,7 @@ use crate::error::CallError;
 /// The largest response message accepted unless the channel says otherwise, as tonic's default.
 pub const DEFAULT_MAX_RESPONSE: usize = 4 * 1024 * 1024;
 /// Bytes in front of every gRPC message: a compression flag and a 4-byte length.
-const FRAME_HEADER: usize = 5;
+pub(crate) const FRAME_HEADER: usize = 5;
 
 /// Reads a unary call's response to its end: the message's bytes (without the frame header, at
 /// most `limit` of them), or why the call failed.
