@@ -1,6 +1,7 @@
 //! A fifth service, written by following README's "Adding a service of your own"
 //! (`examples/thing`), joins a running mesh: grpcurl lists and describes its contract, its health is
-//! SERVING, and a MeshChannel reaches it by name; its own configuration section applies.
+//! SERVING, and a caller outside the mesh reaches it by name with its typed method; its own
+//! configuration section applies.
 
 use std::time::Duration;
 
@@ -38,11 +39,15 @@ async fn a_service_added_by_following_the_readme_joins_the_mesh() -> anyhow::Res
         Some("SERVING")
     );
 
-    // Found by name, balanced and called like any service of the mesh.
-    let client = herd::etcd::connect(std::slice::from_ref(&mesh.etcd.endpoint)).await?;
-    let resolver =
-        herd::discovery::Resolver::start(client, &herd::layout::Layout::new("/herd/"), "thing");
-    let channel = herd::MeshChannel::new("thing", resolver.subscribe());
+    // Found by name, balanced and called like any service of the mesh, by a caller outside it
+    // with a typed method.
+    let settings = <herd::CallerSettings as clap::Parser>::try_parse_from([
+        "caller",
+        "--etcd",
+        &mesh.etcd.endpoint,
+    ])?;
+    let caller = herd::Caller::connect(&settings).await?;
+    let channel = caller.channel("thing");
     eventually("the thing to be ready", Duration::from_secs(20), || async {
         (!channel.ready_instances().is_empty()).then_some(())
     })
