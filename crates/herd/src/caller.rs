@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use etcd_client::Client;
 use tokio::sync::watch;
 
-use crate::balance::MeshChannel;
+use crate::balance::{Authorization, MeshChannel};
 use crate::discovery::{Discovered, Resolver};
 use crate::error::ServeError;
 use crate::layout::Layout;
@@ -33,7 +33,8 @@ pub struct CallerSettings {
     pub trust_domain: String,
 
     /// A file holding the bearer token (a JWT) sent as `authorization: Bearer <token>` with every
-    /// call; read once, at start.
+    /// call; read again every second, so that whatever refreshes the token before it expires
+    /// only rewrites the file.
     #[arg(long, env = "HERD_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 }
@@ -115,7 +116,9 @@ pub struct Caller {
     /// Every watch of this process, on one etcd Watch stream.
     pub(crate) watches: Watches,
     pub(crate) tls: Option<Tls>,
-    authorization: Option<http::HeaderValue>,
+    authorization: Option<Authorization>,
+    /// Reads the token file again when it changes.
+    token_watch: Option<tokio::task::JoinHandle<()>>,
     channels: Mutex<HashMap<String, (MeshChannel, Resolver)>>,
 }
 
@@ -134,7 +137,7 @@ impl Caller {
     pub async fn connect(settings: &CallerSettings) -> Result<Self, ServeError> {
         let authorization = match &settings.token_file {
             None => None,
-            Some(path) => Some(bearer(path)?),
+            Some(path) => Some(Authorization::new(bearer(path)?)),
         };
         settings.validate().map_err(ServeError::Settings)?;
         let id = crate::Mesh::new_instance_id("caller");
@@ -143,6 +146,13 @@ impl Caller {
             && let Some(ca) = &settings.connect.tls_ca
         {
             caller.tls = Some(Tls::anonymous(ca, &settings.trust_domain)?);
+        }
+        if let (Some(path), Some(authorization)) = (&settings.token_file, &authorization) {
+            caller.token_watch = Some(tokio::spawn(follow_token(
+                path.clone(),
+                authorization.clone(),
+                TOKEN_CHECK_EVERY,
+            )));
         }
         caller.authorization = authorization;
         Ok(caller)
@@ -165,6 +175,7 @@ impl Caller {
             etcd,
             tls,
             authorization: None,
+            token_watch: None,
             channels: Mutex::new(HashMap::new()),
         })
     }
@@ -253,6 +264,44 @@ impl Caller {
     }
 }
 
+impl Drop for Caller {
+    fn drop(&mut self) {
+        if let Some(watch) = &self.token_watch {
+            watch.abort();
+        }
+    }
+}
+
+/// How often the token file is looked at.
+const TOKEN_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Puts the token in `path` in force whenever it changes, read `every` (a token is a few hundred
+/// bytes; reading it is cheaper than trusting modification times, which the kernel keeps to a
+/// clock tick). A file that cannot be read or holds no token leaves the one in force, and says
+/// why once.
+async fn follow_token(path: PathBuf, authorization: Authorization, every: std::time::Duration) {
+    let mut failing: Option<String> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        match bearer(&path) {
+            Ok(value) => {
+                failing = None;
+                if value != authorization.get() {
+                    authorization.set(value);
+                    tracing::info!(file = %path.display(), "token read again");
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if failing.as_ref() != Some(&why) {
+                    tracing::warn!(error = %why, "keeping the token in force");
+                    failing = Some(why);
+                }
+            }
+        }
+    }
+}
+
 /// `Bearer <token>` from the token in `path`.
 fn bearer(path: &std::path::Path) -> Result<http::HeaderValue, ServeError> {
     let bad = |why: String| ServeError::Settings(format!("--token-file {}: {why}", path.display()));
@@ -261,8 +310,59 @@ fn bearer(path: &std::path::Path) -> Result<http::HeaderValue, ServeError> {
     if token.is_empty() {
         return Err(bad("empty".into()));
     }
-    let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| bad("not a token: it holds characters a header cannot".into()))?;
-    value.set_sensitive(true);
-    Ok(value)
+    http::HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| bad("not a token: it holds characters a header cannot".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_file_rewritten_is_put_in_force_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").expect("write");
+        let authorization = Authorization::new(bearer(&path).expect("a token"));
+        assert_eq!(authorization.get(), "Bearer first");
+        let every = std::time::Duration::from_millis(20);
+        let follow = tokio::spawn(follow_token(path.clone(), authorization.clone(), every));
+        let until = |wanted: &'static str| {
+            let authorization = authorization.clone();
+            async move {
+                while authorization.get() != wanted {
+                    tokio::time::sleep(every).await;
+                }
+            }
+        };
+        std::fs::write(&path, "second").expect("write");
+        tokio::time::timeout(std::time::Duration::from_secs(5), until("Bearer second"))
+            .await
+            .expect("the rewritten token in force");
+        std::fs::write(&path, "  \n").expect("write");
+        std::fs::write(&path, "bad\u{7f}token").expect("write");
+        tokio::time::sleep(every * 5).await;
+        assert_eq!(
+            authorization.get(),
+            "Bearer second",
+            "a broken file changes nothing"
+        );
+        std::fs::write(&path, "third").expect("write");
+        tokio::time::timeout(std::time::Duration::from_secs(5), until("Bearer third"))
+            .await
+            .expect("the next good token in force");
+        follow.abort();
+        for (contents, why) in [("", "empty"), ("a\u{7f}b", "not a token")] {
+            std::fs::write(&path, contents).expect("write");
+            let error = bearer(&path).expect_err(why).to_string();
+            assert!(
+                error.contains("--token-file") && error.contains(why),
+                "{error}"
+            );
+        }
+        let missing = bearer(&dir.path().join("none"))
+            .expect_err("missing")
+            .to_string();
+        assert!(missing.starts_with("--token-file"), "{missing}");
+    }
 }

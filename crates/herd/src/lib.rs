@@ -53,7 +53,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod watch;
 
-pub use balance::MeshChannel;
+pub use balance::{Authorization, MeshChannel};
 pub use caller::{Caller, CallerSettings};
 pub use config::{
     ConfigError, ConfigModel, ConfigStore, Registry, Section, SectionSpec, Sections, Snapshot,

@@ -65,7 +65,7 @@ struct Shared {
     budget: RetryBudget,
     max_response: usize,
     /// Sent with every call that carries none of its own.
-    authorization: Option<http::HeaderValue>,
+    authorization: Option<Authorization>,
 }
 
 impl std::fmt::Debug for MeshChannel {
@@ -155,7 +155,7 @@ impl MeshChannel {
         if let Some(authorization) = &shared.authorization {
             let headers = &mut request.head.headers;
             if !headers.contains_key(http::header::AUTHORIZATION) {
-                headers.insert(http::header::AUTHORIZATION, authorization.clone());
+                headers.insert(http::header::AUTHORIZATION, authorization.get());
             }
         }
         let response = {
@@ -265,6 +265,40 @@ fn ready_of(pool: &Pool) -> Vec<String> {
         .collect()
 }
 
+/// An `authorization` value (for example `Bearer <token>`) that channels send with their calls,
+/// replaceable while they run (a token refreshed before it expires); reading it takes no lock.
+#[derive(Clone)]
+pub struct Authorization(Arc<arc_swap::ArcSwap<http::HeaderValue>>);
+
+impl std::fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authorization(..)")
+    }
+}
+
+impl Authorization {
+    /// `value` in force until [`Authorization::set`] replaces it; marked sensitive (never
+    /// indexed by HPACK, never printed).
+    pub fn new(value: http::HeaderValue) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::from_pointee(sensitive(value))))
+    }
+
+    /// The value in force.
+    pub fn get(&self) -> http::HeaderValue {
+        http::HeaderValue::clone(&self.0.load())
+    }
+
+    /// Replaces the value for every call sent from now on.
+    pub fn set(&self, value: http::HeaderValue) {
+        self.0.store(Arc::new(sensitive(value)));
+    }
+}
+
+fn sensitive(mut value: http::HeaderValue) -> http::HeaderValue {
+    value.set_sensitive(true);
+    value
+}
+
 /// A [`MeshChannel`] with settings of its own.
 #[derive(Clone)]
 pub struct ChannelBuilder {
@@ -272,7 +306,7 @@ pub struct ChannelBuilder {
     connector: Arc<dyn Connector>,
     max_response: usize,
     subsetting: Option<Subsetting>,
-    authorization: Option<http::HeaderValue>,
+    authorization: Option<Authorization>,
 }
 
 impl std::fmt::Debug for ChannelBuilder {
@@ -325,9 +359,9 @@ impl ChannelBuilder {
         self
     }
 
-    /// Sends `authorization` (for example `Bearer <token>`) with every call that carries none of
-    /// its own.
-    pub fn authorization(mut self, authorization: http::HeaderValue) -> Self {
+    /// Sends `authorization`'s value (for example `Bearer <token>`) with every call that carries
+    /// none of its own: the value in force when the call is sent.
+    pub fn authorization(mut self, authorization: Authorization) -> Self {
         self.authorization = Some(authorization);
         self
     }
@@ -933,8 +967,9 @@ pub(crate) mod tests {
     async fn a_channels_authorization_goes_with_every_call_that_has_none() {
         let (address, _) = checked_server(Checks::EchoAuthorization).await;
         let resolver = Resolver::fixed([info("a", &address)]);
+        let authorization = Authorization::new(http::HeaderValue::from_static("Bearer channel"));
         let channel = MeshChannel::builder("probe")
-            .authorization(http::HeaderValue::from_static("Bearer channel"))
+            .authorization(authorization.clone())
             .build(resolver.subscribe());
         let mut client = HealthClient::new(channel.clone());
         let seen = client
@@ -947,6 +982,13 @@ pub(crate) mod tests {
             .insert("authorization", "Bearer own".parse().unwrap());
         let seen = client.check(own).await.expect_err("refused");
         assert_eq!(seen.message(), "Bearer own");
+        // Replaced while the channel runs: the next call carries the new one.
+        authorization.set(http::HeaderValue::from_static("Bearer refreshed"));
+        let seen = client
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err("refused");
+        assert_eq!(seen.message(), "Bearer refreshed");
     }
 
     /// What a test server does with health Checks (Watch always goes through).
