@@ -142,6 +142,8 @@ The mesh is up. Logs are in $RUN/logs/. Try:
   grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"items":[{"sku":"hammer","quantity":3},{"sku":"apple","quantity":4}],"currency":"EUR","region":"US-CA"}' 127.0.0.1:${GATEWAY_PORTS[0]} herd.quote.v1.QuoteService/CreateQuote
   grpcurl -cacert $CERTS/ca.pem -H "authorization: Bearer \$JWT" -d '{"context":{"tenantId":"acme"},"token":"<token from CreateQuote>"}' 127.0.0.1:${GATEWAY_PORTS[-1]} herd.quote.v1.QuoteService/VerifyQuote
   $BIN/herdctl --etcd $ETCD instances
+  printf %s "\$JWT" > $RUN/token.jwt
+  $BIN/herd-caller --etcd $ETCD --tls-ca $CERTS/ca.pem --token-file $RUN/token.jwt --quotes 3
   $BIN/herdctl --etcd $ETCD --tls-cert $CERTS/herdctl.pem --tls-key $CERTS/herdctl-key.pem --tls-ca $CERTS/ca.pem config status
 
 Each instance serves Prometheus metrics on http://127.0.0.1:<port>/metrics, ports ${METRICS_PORTS[*]}

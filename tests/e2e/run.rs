@@ -165,6 +165,33 @@ async fn make_run(members: usize) -> anyhow::Result<()> {
         "run.sh no longer prints the status command"
     );
 
+    // The caller from outside that run.sh prints, run as printed: a token, then three quotes.
+    let printed: Vec<String> = run
+        .log_text()
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            l.starts_with("export JWT=") || l.starts_with("printf ") || l.contains("herd-caller ")
+        })
+        .map(str::to_string)
+        .collect();
+    assert_eq!(printed.len(), 3, "{printed:?}");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(printed.join(" && "))
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with(", verified")).count(),
+        3,
+        "{stdout}"
+    );
+
     // Ctrl-C.
     let status = Command::new("kill")
         .args(["-INT", "--", &format!("-{}", run.pid())])
