@@ -1325,3 +1325,83 @@ async fn k_a_write_based_on_a_revision_that_changed_is_refused() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn l_a_section_changed_while_herdctl_validates_it_is_refused_and_nothing_written()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let etcd = herd_tests::Etcd::start().await?;
+    for (section, json) in fixture() {
+        etcd.put(&format!("/herd/config/{section}"), &json)?;
+    }
+    // A catalog large enough that herdctl takes a while to read and validate it...
+    let items: serde_json::Map<String, Value> = (0..8_000)
+        .map(|i| {
+            let item =
+                json!({"name": format!("Item {i}"), "price_minor": 100 + i, "category": "tools"});
+            (format!("sku-{i}"), item)
+        })
+        .collect();
+    let big = json!({"currency": "USD", "items": items}).to_string();
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("catalog.json");
+    std::fs::write(&file, &big)?;
+    let file = file.to_string_lossy().to_string();
+    // ...while another writer rewrites the catalog as fast as etcd takes it.
+    let mut other = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let small = fixture()
+        .into_iter()
+        .find(|(s, _)| *s == "catalog")
+        .map(|(_, json)| json)
+        .unwrap_or_default();
+    let writer = tokio::spawn(async move {
+        let mut writes = 0u64;
+        while !*stopped.borrow_and_update() {
+            if other
+                .put("/herd/config/catalog", small.as_str(), None)
+                .await
+                .is_ok()
+            {
+                writes += 1;
+            }
+        }
+        writes
+    });
+    // Each attempt reads the configuration, validates the change against it and writes it
+    // guarded by the revision it validated: the other writer's change lands in between, and
+    // the write is refused — nothing of it written (not even herdctl's note of the write).
+    let meta = |etcd: &herd_tests::Etcd| etcd.get_prefix("/herd/meta/config/catalog");
+    let mut refused = 0;
+    for _ in 0..5 {
+        let before = meta(&etcd)?;
+        let out =
+            tokio::task::block_in_place(|| herdctl(&etcd, &["config", "put", "catalog", &file]))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            continue;
+        }
+        assert!(
+            stderr.contains(
+                "the configuration changed while it was being validated; nothing written"
+            ),
+            "{stderr}"
+        );
+        assert_eq!(meta(&etcd)?, before, "a refused write left its note");
+        refused += 1;
+    }
+    let _ = stop.send(true);
+    let writes = writer.await?;
+    assert!(writes > 0);
+    assert!(
+        refused > 0,
+        "no attempt of five met the other writer's change"
+    );
+    let got = etcd.get_prefix("/herd/config/catalog")?;
+    assert!(
+        got.iter().all(|(_, value)| !value.contains("sku-7999")),
+        "the big catalog was written"
+    );
+    println!("{refused} of 5 writes refused while another writer made {writes} changes");
+    Ok(())
+}
