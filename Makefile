@@ -57,6 +57,7 @@ bench: deps
 	scripts/install-deps.sh bench
 	scripts/bench.sh
 	scripts/bench-mesh.sh
+	scripts/bench-instructions.sh
 
 # N simulated instances (100, 300, 1000) and subsetting callers against etcd of one and of three
 # members: BENCHMARKS.md's scale figures, bench/scale.dat and docs/scale.svg.

@@ -13,7 +13,10 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # Prometheus and promtool: the metrics test scrapes the mesh with a real Prometheus; make lint
 # checks deploy/prometheus/prometheus.yml.
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
-if [ "${1:-}" = bench ]; then command -v gnuplot >/dev/null 2>&1 || need_apt+=(gnuplot-nox); fi
+if [ "${1:-}" = bench ]; then
+    command -v gnuplot >/dev/null 2>&1 || need_apt+=(gnuplot-nox)
+    command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing from Debian: ${need_apt[*]}"
     SUDO=""

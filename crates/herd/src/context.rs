@@ -148,22 +148,79 @@ fn text(field: &'static str, value: &str, max: usize) -> Result<(), ContextError
 /// Whether `value` is a W3C `traceparent` of version 00: `00-<trace id>-<parent id>-<flags>`, in
 /// lowercase hex, neither id all zeros.
 pub fn valid_traceparent(value: &str) -> bool {
-    let b = value.as_bytes();
-    let hex = |r: std::ops::Range<usize>| {
-        b[r].iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-    };
-    let zero = |r: std::ops::Range<usize>| b[r].iter().all(|c| *c == b'0');
-    b.len() == 55
-        && b.starts_with(b"00-")
-        && b[35] == b'-'
-        && b[52] == b'-'
-        && hex(3..35)
-        && hex(36..52)
-        && hex(53..55)
-        && !zero(3..35)
-        && !zero(36..52)
+    parse_traceparent(value).is_some()
 }
+
+/// The trace id, parent id and flags of a W3C `traceparent` of version 00 (see
+/// [`valid_traceparent`]), in one pass over its 55 bytes: every hop reads one per call, sampled
+/// or not.
+pub fn parse_traceparent(value: &str) -> Option<(u128, u64, u8)> {
+    let b = value.as_bytes();
+    if b.len() != 55 || !b.starts_with(b"00-") || b[35] != b'-' || b[52] != b'-' {
+        return None;
+    }
+    let trace = hex(&b[3..35])?;
+    let parent = hex(&b[36..52])?;
+    let flags = hex(&b[53..55])?;
+    (trace != 0 && parent != 0).then_some((trace, parent as u64, flags as u8))
+}
+
+/// The W3C `traceparent` (version 00) of a trace id, parent id and flags: the inverse of
+/// [`parse_traceparent`], written without the formatting machinery (the gateway makes one for
+/// every call it starts a trace for, sampled or not).
+pub fn format_traceparent(trace: u128, parent: u64, flags: u8) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 55];
+    out[..3].copy_from_slice(b"00-");
+    out[35] = b'-';
+    out[52] = b'-';
+    let mut put = |at: usize, width: usize, value: u128| {
+        for i in 0..width {
+            out[at + i] = DIGITS[((value >> (4 * (width - 1 - i))) & 0xf) as usize];
+        }
+    };
+    put(3, 32, trace);
+    put(36, 16, u128::from(parent));
+    put(53, 2, u128::from(flags));
+    // Cannot fail: every byte is ASCII.
+    String::from_utf8(out.to_vec()).unwrap_or_default()
+}
+
+/// The value of at most 32 lowercase hex digits: one table look-up, a shift and an or per digit,
+/// in 64-bit halves, the check for a bad digit made once at the end.
+fn hex(digits: &[u8]) -> Option<u128> {
+    let split = digits.len().saturating_sub(16);
+    let (high, high_bad) = hex64(&digits[..split]);
+    let (low, low_bad) = hex64(&digits[split..]);
+    ((high_bad | low_bad) & 0x80 == 0).then_some(u128::from(high) << 64 | u128::from(low))
+}
+
+/// The value of at most 16 hex digits, and the or of their table entries (bit 7: a bad one).
+fn hex64(digits: &[u8]) -> (u64, u8) {
+    let (mut value, mut bad) = (0u64, 0u8);
+    for &c in digits {
+        let nibble = HEX[usize::from(c)];
+        bad |= nibble;
+        value = value << 4 | u64::from(nibble & 0x0f);
+    }
+    (value, bad)
+}
+
+/// Each byte's value as a lowercase hex digit, or 0x80 for a byte that is not one.
+const HEX: [u8; 256] = {
+    let mut table = [0x80u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
 /// Whether `value` is a `tracestate` herd forwards: at most [`MAX_TRACESTATE_BYTES`] bytes of
 /// printable ASCII in at most 32 comma-separated members.
@@ -232,6 +289,24 @@ mod tests {
     fn traceparents_are_w3c_or_refused() {
         let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert!(valid_traceparent(good));
+        assert_eq!(
+            parse_traceparent(good),
+            Some((0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7, 1))
+        );
+        assert_eq!(
+            parse_traceparent("00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-ff"),
+            Some((u128::MAX, u64::MAX, 0xff))
+        );
+        for (trace, parent, flags) in [
+            (0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7, 1),
+            (1, 1, 0),
+            (u128::MAX, u64::MAX, 0xff),
+        ] {
+            let written = format_traceparent(trace, parent, flags);
+            let formatted = format!("00-{trace:032x}-{parent:016x}-{flags:02x}");
+            assert_eq!(written, formatted);
+            assert_eq!(parse_traceparent(&written), Some((trace, parent, flags)));
+        }
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
@@ -241,6 +316,8 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736x00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473é-00f067aa0ba902b7-0",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7+01",
         ] {
             assert!(!valid_traceparent(bad), "{bad}");
         }

@@ -11,7 +11,7 @@ use opentelemetry::trace::{
     TraceState, Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 
 use super::budget::LogBudget;
 
@@ -39,12 +39,9 @@ pub(super) fn record_late(attribute: impl FnOnce() -> KeyValue) {
 ///
 /// [`valid_traceparent`]: crate::context::valid_traceparent
 pub(super) fn parse(traceparent: &str, tracestate: &str) -> Option<SpanContext> {
-    if !crate::context::valid_traceparent(traceparent) {
-        return None;
-    }
-    let trace_id = TraceId::from_hex(traceparent.get(3..35)?).ok()?;
-    let span_id = SpanId::from_hex(traceparent.get(36..52)?).ok()?;
-    let flags = u8::from_str_radix(traceparent.get(53..55)?, 16).ok()?;
+    let (trace, parent, flags) = crate::context::parse_traceparent(traceparent)?;
+    let trace_id = TraceId::from_bytes(trace.to_be_bytes());
+    let span_id = SpanId::from_bytes(parent.to_be_bytes());
     let state = if tracestate.is_empty() || !crate::context::valid_tracestate(tracestate) {
         TraceState::NONE
     } else {
@@ -61,11 +58,10 @@ pub(super) fn parse(traceparent: &str, tracestate: &str) -> Option<SpanContext> 
 
 /// The `traceparent` of `context`.
 pub(super) fn traceparent(context: &SpanContext) -> String {
-    format!(
-        "00-{:032x}-{:016x}-{:02x}",
-        context.trace_id(),
-        context.span_id(),
-        context.trace_flags()
+    crate::context::format_traceparent(
+        u128::from_be_bytes(context.trace_id().to_bytes()),
+        u64::from_be_bytes(context.span_id().to_bytes()),
+        context.trace_flags().to_u8(),
     )
 }
 
@@ -74,9 +70,10 @@ pub(super) fn parent_of(
     metadata: &MetadataMap,
     context: Option<&RequestContext>,
 ) -> Option<SpanContext> {
-    let header = |key| metadata.get(key).and_then(|v| v.to_str().ok());
-    if let Some(parent) = header("traceparent")
-        && let Some(parent) = parse(parent, header("tracestate").unwrap_or_default())
+    let headers: &http::HeaderMap = metadata.as_ref();
+    let header = |key: &http::HeaderName| headers.get(key).and_then(|v| v.to_str().ok());
+    if let Some(parent) = header(&TRACEPARENT)
+        && let Some(parent) = parse(parent, header(&TRACESTATE).unwrap_or_default())
     {
         return Some(parent);
     }
@@ -147,9 +144,9 @@ pub(crate) fn client_span(
         traceparent: traceparent(own),
         tracestate: own.trace_state().header(),
     };
-    insert(metadata, "traceparent", &trace.traceparent);
+    insert(metadata, TRACEPARENT, &trace.traceparent);
     if !trace.tracestate.is_empty() {
-        insert(metadata, "tracestate", &trace.tracestate);
+        insert(metadata, TRACESTATE, &trace.tracestate);
     }
     let exported = Some((span, PeerSpan::default()));
     (ClientSpan { log, exported }, Some(trace))
@@ -158,12 +155,16 @@ pub(crate) fn client_span(
 /// Writes a trace header. A trace context differs on every call: kept out of HPACK's dynamic
 /// table (sent as never indexed), it does not push out the headers that repeat on every call,
 /// which then would be sent in full again.
-fn insert(metadata: &mut MetadataMap, key: &'static str, value: &str) {
-    if let Ok(mut value) = MetadataValue::try_from(value) {
+fn insert(metadata: &mut MetadataMap, key: http::HeaderName, value: &str) {
+    if let Ok(mut value) = http::HeaderValue::from_str(value) {
         value.set_sensitive(true);
-        metadata.insert(key, value);
+        AsMut::<http::HeaderMap>::as_mut(metadata).insert(key, value);
     }
 }
+
+/// The trace headers' names, made once: a name given as a string is parsed again on every use.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// Copies the message's own trace context, if any and well formed, into the headers.
 fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
@@ -175,9 +176,9 @@ fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
     else {
         return;
     };
-    insert(metadata, "traceparent", &trace.traceparent);
+    insert(metadata, TRACEPARENT, &trace.traceparent);
     if !trace.tracestate.is_empty() && crate::context::valid_tracestate(&trace.tracestate) {
-        insert(metadata, "tracestate", &trace.tracestate);
+        insert(metadata, TRACESTATE, &trace.tracestate);
     }
 }
 
@@ -261,7 +262,7 @@ mod tests {
             ..Default::default()
         };
         let mut incoming = MetadataMap::new();
-        insert(&mut incoming, "traceparent", traceparent);
+        insert(&mut incoming, TRACEPARENT, traceparent);
         let rounds = 1_000_000;
         let started = std::time::Instant::now();
         for _ in 0..rounds {
@@ -297,7 +298,7 @@ mod tests {
         let mut metadata = MetadataMap::new();
         insert(
             &mut metadata,
-            "traceparent",
+            TRACEPARENT,
             "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01",
         );
         let from_header = parent_of(&metadata, Some(&ctx)).expect("from the header");
