@@ -1403,5 +1403,41 @@ async fn l_a_section_changed_while_herdctl_validates_it_is_refused_and_nothing_w
         "the big catalog was written"
     );
     println!("{refused} of 5 writes refused while another writer made {writes} changes");
+
+    // A write of one section is validated against the others (fx's rates against the catalog's
+    // currency): another writer changing the catalog meanwhile refuses it too.
+    let mut other = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(async move {
+        while !*stopped.borrow_and_update() {
+            let _ = other.put("/herd/config/catalog", big.as_str(), None).await;
+        }
+    });
+    let fx = dir.path().join("fx.json");
+    std::fs::write(&fx, r#"{"base":"USD","rates":{"EUR":"0.93"}}"#)?;
+    let fx = fx.to_string_lossy().to_string();
+    let meta = |etcd: &herd_tests::Etcd| etcd.get_prefix("/herd/meta/config/fx");
+    let mut refused = 0;
+    for _ in 0..5 {
+        let before = meta(&etcd)?;
+        let out = tokio::task::block_in_place(|| herdctl(&etcd, &["config", "put", "fx", &fx]))?;
+        if out.status.success() {
+            continue;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            stderr.contains("the configuration changed while it was being validated"),
+            "{stderr}"
+        );
+        assert_eq!(meta(&etcd)?, before, "a refused write left its note");
+        refused += 1;
+    }
+    let _ = stop.send(true);
+    writer.await?;
+    assert!(
+        refused > 0,
+        "a write validated against a section that changed went through"
+    );
+    println!("{refused} of 5 writes of fx refused while the catalog changed");
     Ok(())
 }

@@ -370,6 +370,21 @@ impl Ctl {
                 None,
             ));
         }
+        // The rest of the configuration it was validated against must be as it was read too: a
+        // rule across sections (the catalog's currency and fx's base, say) holds only for the
+        // revisions it was checked at.
+        for name in registry().names() {
+            if changes.iter().any(|(section, _)| section == name) {
+                continue;
+            }
+            let key = self.layout.config(name);
+            guards.push(match current.get(name) {
+                Some(stored) => {
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, stored.mod_revision)
+                }
+                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            });
+        }
         let resp = self
             .client
             .txn(Txn::new().when(guards).and_then(ops))
