@@ -38,22 +38,7 @@ async fn more_quotes(caller: &mut Proc, after: usize, more: usize) -> anyhow::Re
 async fn a_caller_outside_the_mesh_gets_every_quote_while_gateways_are_killed_and_replaced()
 -> anyhow::Result<()> {
     let mut mesh = TestMesh::start_seeded(2).await?;
-    let token = mesh.dir.path().join("token.jwt");
-    // A token from the development issuer `herdctl config seed` made, as README has it.
-    let issuer = herd_tests::secrets_dir(mesh.dir.path())?.join("dev-issuer.json");
-    let issued = mesh.herdctl(&[
-        "auth",
-        "token",
-        "--issuer-file",
-        &issuer.to_string_lossy(),
-        "--tenant",
-        "acme",
-        "--subject",
-        "batch-job",
-        "--ttl",
-        "10m",
-    ])?;
-    std::fs::write(&token, String::from_utf8_lossy(&issued.stdout).trim())?;
+    let token = herd_tests::token_file(&mesh)?;
     let mut command = Command::new(bin("herd-caller")?);
     command
         .args(["--etcd", &mesh.etcd.endpoint])
@@ -113,5 +98,70 @@ async fn a_caller_outside_the_mesh_gets_every_quote_while_gateways_are_killed_an
     );
     println!("{done} quotes asked for and verified through five rounds of gateway churn, 0 failed");
     caller.signal("TERM")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_with_a_certificate_of_its_own_is_known_by_it_and_held_to_the_policy()
+-> anyhow::Result<()> {
+    // Mutual TLS on every hop, as `make run` starts it; the caller gets a certificate from the
+    // mesh's CA naming it `batch` (the CA is kept, a certificate made for the new name).
+    let mesh = TestMesh::start_seeded_tls(1).await?;
+    let certs = mesh
+        .certs
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("a TLS mesh has certificates"))?;
+    let issued = Command::new(bin("herdctl")?)
+        .args(["certs", "init"])
+        .arg(&certs)
+        .args(["--services", "batch"])
+        .output()?;
+    assert!(issued.status.success(), "{issued:?}");
+    let file = |name: &str| certs.join(name).to_string_lossy().to_string();
+    let token = herd_tests::token_file(&mesh)?;
+    let out = Command::new(bin("herd-caller")?)
+        .args(["--etcd", &mesh.etcd.endpoint])
+        .args([
+            "--tls-cert",
+            &file("batch.pem"),
+            "--tls-key",
+            &file("batch-key.pem"),
+        ])
+        .args(["--tls-ca", &file("ca.pem")])
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--quotes", "3"])
+        .output()?;
+    assert_eq!(herd_tests::verified_quotes(&out)?, 3);
+
+    // Known by its certificate, it is held to the policy: no rule lets `batch` call pricing.
+    let settings = <herd::CallerSettings as clap::Parser>::try_parse_from([
+        "caller",
+        "--etcd",
+        &mesh.etcd.endpoint,
+        "--tls-cert",
+        &file("batch.pem"),
+        "--tls-key",
+        &file("batch-key.pem"),
+        "--tls-ca",
+        &file("ca.pem"),
+    ])?;
+    let caller = herd::Caller::connect(&settings).await?;
+    let pricing = caller.channel("pricing");
+    let mut ready = pricing.subscribe_ready();
+    tokio::time::timeout(Duration::from_secs(20), ready.wait_for(|r| !r.is_empty())).await??;
+    let request = herd_proto::pricing::PriceItemsRequest {
+        context: Some(herd_proto::context::RequestContext {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let refused = herd_proto::pricing::pricing_service_client::PricingServiceClient::new(pricing)
+        .price_items(request)
+        .await
+        .expect_err("batch may not call pricing");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("batch"), "{refused:?}");
     Ok(())
 }

@@ -180,17 +180,7 @@ async fn make_run(members: usize) -> anyhow::Result<()> {
         .arg("-c")
         .arg(printed.join(" && "))
         .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        stdout.lines().filter(|l| l.ends_with(", verified")).count(),
-        3,
-        "{stdout}"
-    );
+    assert_eq!(herd_tests::verified_quotes(&out)?, 3);
 
     // Ctrl-C.
     let status = Command::new("kill")

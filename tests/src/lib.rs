@@ -1629,3 +1629,37 @@ pub async fn with_slow_tax(
     .await?;
     Ok(server)
 }
+
+/// How many quotes a run of `herd-caller` (`examples/caller`) printed as made and verified; fails
+/// with what it printed unless it exited 0.
+pub fn verified_quotes(out: &Output) -> anyhow::Result<usize> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "herd-caller failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout.lines().filter(|l| l.ends_with(", verified")).count())
+}
+
+/// A file in `mesh`'s folder holding a token of tenant `acme` from the development issuer that
+/// `herdctl config seed` made, as README has a caller get one.
+pub fn token_file(mesh: &TestMesh) -> anyhow::Result<PathBuf> {
+    let issuer = secrets_dir(mesh.dir.path())?.join("dev-issuer.json");
+    let issued = mesh.herdctl(&[
+        "auth",
+        "token",
+        "--issuer-file",
+        &issuer.to_string_lossy(),
+        "--tenant",
+        "acme",
+        "--subject",
+        "batch-job",
+        "--ttl",
+        "10m",
+    ])?;
+    let token = mesh.dir.path().join("token.jwt");
+    std::fs::write(&token, String::from_utf8_lossy(&issued.stdout).trim())?;
+    Ok(token)
+}
