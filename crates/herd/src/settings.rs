@@ -109,7 +109,8 @@ pub struct ConnectSettings {
     pub subset_size: usize,
 
     /// This process's certificate (PEM, leaf first, naming `spiffe://<trust-domain>/herd/<service>`).
-    /// With --tls-key and --tls-ca every hop is mutual TLS; without all three, plaintext.
+    /// With --tls-key and --tls-ca every hop is mutual TLS; an instance without all three speaks
+    /// plaintext.
     #[arg(long, env = "HERD_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<std::path::PathBuf>,
 
@@ -117,7 +118,8 @@ pub struct ConnectSettings {
     #[arg(long, env = "HERD_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<std::path::PathBuf>,
 
-    /// The CA certificates (PEM) that sign the mesh's identities.
+    /// The CA certificates (PEM) that sign the mesh's identities. A caller outside the mesh may
+    /// give it alone: TLS to the services, the caller known by its token.
     #[arg(long, env = "HERD_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<std::path::PathBuf>,
 }
