@@ -96,3 +96,59 @@ fn held_bytes<M>(snapshots: &[Arc<Snapshot<M>>]) -> usize {
         .map(|(_, _, bytes)| bytes)
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Layout;
+
+    /// A runtime-only configuration at `revision` whose telemetry section was written at
+    /// `written` and is `bytes` long (padded with spaces, which JSON ignores).
+    fn snapshot(inner: &Inner<()>, revision: i64, written: i64, bytes: usize) -> Arc<Snapshot<()>> {
+        let mut value = br#"{"sampling_ratio":0.5}"#.to_vec();
+        value.resize(bytes.max(value.len()), b' ');
+        let sections = inner
+            .registry
+            .parse([("telemetry", value.as_slice(), written)], |_, _| None)
+            .expect("valid");
+        Arc::new(Snapshot::build(revision, sections).expect("builds"))
+    }
+
+    fn held(inner: &Inner<()>) -> Vec<i64> {
+        inner.history.load().iter().map(|s| s.revision).collect()
+    }
+
+    #[test]
+    fn history_keeps_the_newest_by_count_and_a_revision_once() {
+        let inner = Inner::<()>::new(None, Layout::new("/herd/"));
+        for revision in 1..=(HISTORY_COUNT as i64 + 10) {
+            inner.remember(snapshot(&inner, revision, revision, 10));
+        }
+        let kept = held(&inner);
+        assert_eq!(kept.len(), HISTORY_COUNT);
+        assert_eq!(kept.first(), Some(&11));
+        assert_eq!(kept.last(), Some(&(HISTORY_COUNT as i64 + 10)));
+        // The same revision again replaces, not adds; an older one is put in its order.
+        inner.remember(snapshot(&inner, 20, 20, 10));
+        assert_eq!(held(&inner).len(), HISTORY_COUNT);
+        assert!(inner.recent(20).is_some() && inner.recent(10).is_none());
+    }
+
+    #[test]
+    fn history_is_bounded_by_the_bytes_of_distinct_writes_and_keeps_the_current_one() {
+        let inner = Inner::<()>::new(None, Layout::new("/herd/"));
+        // Three revisions sharing one write of a big section hold its bytes once...
+        let big = HISTORY_BYTES / 2 + 1;
+        for revision in 1..=3 {
+            inner.remember(snapshot(&inner, revision, 1, big));
+        }
+        assert_eq!(held(&inner), [1, 2, 3]);
+        assert_eq!(held_bytes(&inner.history.load()), big);
+        // ...a second write of that size pushes the older ones out...
+        inner.remember(snapshot(&inner, 4, 4, big));
+        assert_eq!(held(&inner), [4]);
+        // ...and one larger than the whole bound is still kept, alone: it is the current one.
+        inner.remember(snapshot(&inner, 5, 5, HISTORY_BYTES + 1));
+        assert_eq!(held(&inner), [5]);
+    }
+}
