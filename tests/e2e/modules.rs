@@ -322,34 +322,34 @@ async fn discovery_follows_a_services_registrations_and_ignores_what_is_not_one(
         async move { kv.put(key, value, None).await.map(|_| ()) }
     };
     let json = |i: &InstanceInfo| serde_json::to_string(i).unwrap_or_default();
-    put(
-        layout.instance("pricing", "p1"),
-        json(&info("pricing", "p1", "127.0.0.1:1")),
-    )
-    .await?;
-    put(
-        layout.instance("pricing", "p2"),
-        json(&info("pricing", "p2", "127.0.0.1:2")),
-    )
-    .await?;
-    // Not registrations of pricing: unreadable, another id than its key's, below an instance's
-    // key, another service's.
-    put(layout.instance("pricing", "p3"), "{not json".into()).await?;
-    put(
-        layout.instance("pricing", "p4"),
-        json(&info("pricing", "p9", "127.0.0.1:4")),
-    )
-    .await?;
-    put(
-        format!("{}/extra", layout.instance("pricing", "p5")),
-        json(&info("pricing", "p5", "127.0.0.1:5")),
-    )
-    .await?;
-    put(
-        layout.instance("tax", "t1"),
-        json(&info("tax", "t1", "127.0.0.1:6")),
-    )
-    .await?;
+    let registration = |service: &str, id: &str, address: &str| json(&info(service, id, address));
+    for (key, value) in [
+        (
+            layout.instance("pricing", "p1"),
+            registration("pricing", "p1", "127.0.0.1:1"),
+        ),
+        (
+            layout.instance("pricing", "p2"),
+            registration("pricing", "p2", "127.0.0.1:2"),
+        ),
+        // Not registrations of pricing: unreadable, another id than its key's, below an
+        // instance's key, another service's.
+        (layout.instance("pricing", "p3"), "{not json".into()),
+        (
+            layout.instance("pricing", "p4"),
+            registration("pricing", "p9", "127.0.0.1:4"),
+        ),
+        (
+            format!("{}/extra", layout.instance("pricing", "p5")),
+            registration("pricing", "p5", "127.0.0.1:5"),
+        ),
+        (
+            layout.instance("tax", "t1"),
+            registration("tax", "t1", "127.0.0.1:6"),
+        ),
+    ] {
+        put(key, value).await?;
+    }
     let addresses = |rx: &tokio::sync::watch::Receiver<herd::discovery::Discovered>| {
         rx.borrow()
             .as_ref()
@@ -368,7 +368,7 @@ async fn discovery_follows_a_services_registrations_and_ignores_what_is_not_one(
     // seen, and only p1, p2 and p7 are registrations of pricing.
     put(
         layout.instance("pricing", "p7"),
-        json(&info("pricing", "p7", "127.0.0.1:7")),
+        registration("pricing", "p7", "127.0.0.1:7"),
     )
     .await?;
     eventually("p7 discovered", WAIT, || {
@@ -383,7 +383,7 @@ async fn discovery_follows_a_services_registrations_and_ignores_what_is_not_one(
     // A new address replaces the old; a deletion removes.
     put(
         layout.instance("pricing", "p2"),
-        json(&info("pricing", "p2", "127.0.0.1:22")),
+        registration("pricing", "p2", "127.0.0.1:22"),
     )
     .await?;
     kv.delete(layout.instance("pricing", "p1"), None).await?;

@@ -135,11 +135,11 @@ impl Caller {
     /// Connects to etcd as a caller from outside the mesh: nothing registered, nothing served.
     /// The token file, when given, must be readable and hold a token.
     pub async fn connect(settings: &CallerSettings) -> Result<Self, ServeError> {
+        settings.validate().map_err(ServeError::Settings)?;
         let authorization = match &settings.token_file {
             None => None,
             Some(path) => Some(Authorization::new(bearer(path)?)),
         };
-        settings.validate().map_err(ServeError::Settings)?;
         let id = crate::Mesh::new_instance_id("caller");
         let mut caller = Self::open(&settings.connect, id, None).await?;
         if caller.tls.is_none()

@@ -23,12 +23,16 @@ impl Deadline {
 
     /// The caller's deadline from its `grpc-timeout` header, or `default` from now without one.
     pub fn from_metadata(metadata: &MetadataMap, default: Duration) -> Self {
-        let timeout = metadata
+        Self::from_headers(metadata.as_ref()).unwrap_or_else(|| Self::after(default))
+    }
+
+    /// The deadline a request's `grpc-timeout` header gives, if it has a well-formed one.
+    pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
+        headers
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
-            .unwrap_or(default);
-        Self::after(timeout)
+            .map(Self::after)
     }
 
     /// Time left, or [`Expired`] (`DEADLINE_EXCEEDED`) when none is.

@@ -151,8 +151,6 @@ fn read_spec(spec: &str) -> anyhow::Result<(String, Vec<u8>)> {
     Ok((section, read_file(&path)?))
 }
 
-/// Checks `changes` as a write would: each section by its own rules, then the configuration they
-/// would make with the rest of what etcd holds.
 /// The sections of `changes`, as a list for a message.
 fn names_of(changes: &[(String, Vec<u8>)]) -> String {
     changes
@@ -162,6 +160,8 @@ fn names_of(changes: &[(String, Vec<u8>)]) -> String {
         .join(", ")
 }
 
+/// Checks `changes` as a write would: each section by its own rules, then the configuration they
+/// would make with the rest of what etcd holds.
 fn validate(
     current: &BTreeMap<String, Stored>,
     changes: &[(String, Vec<u8>)],
@@ -356,13 +356,15 @@ impl Ctl {
         })?;
         let mut guards = Vec::new();
         let mut ops = Vec::new();
+        // A key still at `revision` (as read), or still absent.
+        let unchanged = |key: &str, revision: Option<i64>| match revision.filter(|r| *r > 0) {
+            Some(revision) => Compare::mod_revision(key, CompareOp::Equal, revision),
+            None => Compare::create_revision(key, CompareOp::Equal, 0),
+        };
+        let read = |section: &str| current.get(section).map(|s| s.mod_revision);
         for (section, raw) in &changes {
             let key = self.layout.config(section);
-            let validated = current.get(section).map(|s| s.mod_revision);
-            guards.push(match expected.or(validated).filter(|r| *r > 0) {
-                Some(revision) => Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
-                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-            });
+            guards.push(unchanged(&key, expected.or(read(section))));
             ops.push(TxnOp::put(key.as_str(), raw.clone(), None));
             ops.push(TxnOp::put(
                 self.layout.config_meta(section),
@@ -377,13 +379,7 @@ impl Ctl {
             if changes.iter().any(|(section, _)| section == name) {
                 continue;
             }
-            let key = self.layout.config(name);
-            guards.push(match current.get(name) {
-                Some(stored) => {
-                    Compare::mod_revision(key.as_str(), CompareOp::Equal, stored.mod_revision)
-                }
-                None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-            });
+            guards.push(unchanged(&self.layout.config(name), read(name)));
         }
         let resp = self
             .client

@@ -33,7 +33,7 @@ use tower::{BoxError, Service};
 
 use crate::client::connection::{Request, Response};
 use crate::client::{Connector, DEFAULT_MAX_RESPONSE, RetryBudget, TcpConnector};
-use crate::discovery::{Discovered, Endpoints};
+use crate::discovery::Discovered;
 use crate::error::CallError;
 use discover::EndpointDiscover;
 use pool::{Pool, State, Subsetting, hopeless, track};
@@ -339,9 +339,8 @@ impl ChannelBuilder {
     pub fn subset(mut self, own: &str, peers: watch::Receiver<Discovered>, size: usize) -> Self {
         self.subsetting = Some(Subsetting {
             own: own.to_string(),
-            peers,
+            peers: Some(peers),
             size,
-            alone: false,
         });
         self
     }
@@ -352,9 +351,8 @@ impl ChannelBuilder {
     pub fn subset_alone(mut self, own: &str, size: usize) -> Self {
         self.subsetting = Some(Subsetting {
             own: own.to_string(),
-            peers: watch::channel(Some(Endpoints::default())).1,
+            peers: None,
             size,
-            alone: true,
         });
         self
     }

@@ -118,11 +118,11 @@ pub(super) struct Subsetting {
     /// The calling instance's id.
     pub(super) own: String,
     /// The instances of the caller's own service: its rank among callers comes from them.
-    pub(super) peers: watch::Receiver<Discovered>,
+    /// `None` for a caller with no peers (one outside the mesh): its subset follows its own place
+    /// on the ring.
+    pub(super) peers: Option<watch::Receiver<Discovered>>,
     /// Instances per subset; 0: all.
     pub(super) size: usize,
-    /// The caller has no peers: its subset follows its own place on the ring.
-    pub(super) alone: bool,
 }
 
 /// The instance ids to connect to: every discovered one, or this caller's subset — refilled
@@ -136,20 +136,18 @@ fn chosen(
     let Some((subsetting, peers)) = subsetting else {
         return Some(set.keys().cloned().collect());
     };
-    let peers = peers?;
-    let subset = if subsetting.alone {
-        subset_alone(
+    let subset = match &subsetting.peers {
+        None => subset_alone(
             &subsetting.own,
             set.keys().map(String::as_str),
             subsetting.size,
-        )
-    } else {
-        subset(
+        ),
+        Some(_) => subset(
             &subsetting.own,
-            peers.keys().map(String::as_str),
+            peers?.keys().map(String::as_str),
             set.keys().map(String::as_str),
             subsetting.size,
-        )
+        ),
     };
     let failed = |id: &String| {
         matches!(
@@ -188,7 +186,8 @@ pub(super) async fn track(
         let set = discovered.borrow_and_update().clone();
         let peers = subsetting
             .as_mut()
-            .map(|s| s.peers.borrow_and_update().clone());
+            .and_then(|s| s.peers.as_mut())
+            .map(|p| p.borrow_and_update().clone());
         let choice = set.as_ref().and_then(|set| {
             let states = states.borrow_and_update();
             let subsetting = subsetting
@@ -262,10 +261,10 @@ pub(super) async fn track(
     }
 }
 
-/// Completes when the caller's peers change; never without subsetting.
+/// Completes when the caller's peers change; never without peers to rank among.
 async fn peers_changed(subsetting: &mut Option<Subsetting>) -> Result<(), watch::error::RecvError> {
-    match subsetting {
-        Some(s) => s.peers.changed().await,
+    match subsetting.as_mut().and_then(|s| s.peers.as_mut()) {
+        Some(peers) => peers.changed().await,
         None => std::future::pending().await,
     }
 }

@@ -15,7 +15,7 @@ use tonic::body::Body;
 
 use super::connection::{Request, RequestBody, Response, streamed};
 use super::unary::FRAME_HEADER;
-use super::{MAX_ATTEMPTS, RETRY_PAUSE};
+use super::{NoRetry, retry_after};
 use crate::balance::MeshChannel;
 use crate::context::Deadline;
 use crate::error::CallError;
@@ -36,12 +36,7 @@ pub(crate) async fn send(
             return Ok(streamed(response));
         }
     };
-    let deadline = head
-        .headers
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::context::parse_grpc_timeout)
-        .map(Deadline::after);
+    let deadline = Deadline::from_headers(&head.headers);
     let template = http::Request::from_parts(head, ());
     let budget = channel.budget();
     let mut number = 1;
@@ -76,16 +71,11 @@ pub(crate) async fn send(
             Err(error) if error.retryable() => error.pushback(),
             Err(_) => return outcome.map(Whole::into_response),
         };
-        budget.failure();
-        if number >= MAX_ATTEMPTS || !budget.can_retry() {
-            return outcome.map(Whole::into_response);
-        }
-        let pause = pushback.unwrap_or(RETRY_PAUSE);
-        if let Some(deadline) = &deadline
-            && pause >= deadline.remaining()?
-        {
-            return outcome.map(Whole::into_response);
-        }
+        let pause = match retry_after(number, budget, pushback, deadline.as_ref()) {
+            Ok(pause) => pause,
+            Err(NoRetry::Expired(expired)) => return Err(expired.into()),
+            Err(_) => return outcome.map(Whole::into_response),
+        };
         tracing::debug!(attempt = number, path = %template.uri().path(), "retrying a call that was not processed");
         number += 1;
         tokio::time::sleep(pause).await;

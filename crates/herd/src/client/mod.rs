@@ -124,6 +124,42 @@ where
     .await
 }
 
+/// Why an attempt that failed with a retryable error is not retried.
+#[derive(Debug)]
+enum NoRetry {
+    /// The deadline has passed: the call fails with that.
+    Expired(crate::error::Expired),
+    /// [`MAX_ATTEMPTS`] were made.
+    Spent,
+    /// The retry budget does not allow one.
+    Throttled,
+    /// The deadline cannot afford the pause before it.
+    NoTime,
+}
+
+/// Counts the failure of attempt `number` against `budget`, then how long to pause before the
+/// next attempt — the instance's `pushback` (gRPC A6), or [`RETRY_PAUSE`] — or why there is none.
+fn retry_after(
+    number: u32,
+    budget: &RetryBudget,
+    pushback: Option<Duration>,
+    deadline: Option<&Deadline>,
+) -> Result<Duration, NoRetry> {
+    budget.failure();
+    if number >= MAX_ATTEMPTS {
+        return Err(NoRetry::Spent);
+    }
+    if !budget.can_retry() {
+        return Err(NoRetry::Throttled);
+    }
+    let pause = pushback.unwrap_or(RETRY_PAUSE);
+    match deadline.map(Deadline::remaining) {
+        Some(Err(expired)) => Err(NoRetry::Expired(expired)),
+        Some(Ok(left)) if pause >= left => Err(NoRetry::NoTime),
+        _ => Ok(pause),
+    }
+}
+
 /// The retry loop of [`call`]; `attempt` sends one request, already a gRPC frame.
 async fn attempts<Req, Res, F, Fut>(
     deadline: Deadline,
@@ -187,20 +223,15 @@ where
         if !error.retryable() {
             return Err(error);
         }
-        budget.failure();
-        if number >= MAX_ATTEMPTS {
-            return Err(error);
-        }
-        if !budget.can_retry() {
-            crate::metrics::throttled(name);
-            return Err(error);
-        }
-        // An instance that shed the call says when to come back (gRPC A6); a wait the deadline
-        // cannot afford is no retry.
-        let pause = error.pushback().unwrap_or(RETRY_PAUSE);
-        if pause >= deadline.remaining()? {
-            return Err(error);
-        }
+        let pause = match retry_after(number, budget, error.pushback(), Some(&deadline)) {
+            Ok(pause) => pause,
+            Err(NoRetry::Throttled) => {
+                crate::metrics::throttled(name);
+                return Err(error);
+            }
+            Err(NoRetry::Expired(expired)) => return Err(expired.into()),
+            Err(NoRetry::Spent | NoRetry::NoTime) => return Err(error),
+        };
         tracing::debug!(attempt = number, %error, "retrying a call that was not processed");
         number += 1;
         crate::metrics::retried(name);

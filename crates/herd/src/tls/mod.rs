@@ -297,19 +297,11 @@ pub fn server_config(
 
 /// The client side of an instance's TLS (see the module docs).
 pub fn client_config(credentials: &Credentials) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = provider();
-    let verifier = Arc::new(IdentityVerifier {
-        roots: credentials.roots.clone(),
-        provider: provider.clone(),
-        trust_domain: credentials.trust_domain.clone(),
-    });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(credentials.keys.clone());
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    client_side(
+        credentials.roots.clone(),
+        &credentials.trust_domain,
+        Some(credentials.keys.clone()),
+    )
 }
 
 /// The client side of a caller outside the mesh that has no certificate of its own: verifies the
@@ -319,17 +311,31 @@ pub fn anonymous_client_config(
     ca: &Path,
     trust_domain: &str,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = Arc::new(arc_swap::ArcSwap::from_pointee(roots(ca)?));
+    client_side(roots, trust_domain, None)
+}
+
+/// TLS 1.3, ALPN `h2`, the callee verified against `roots` and its identity in `trust_domain`;
+/// presenting the certificate `keys` resolves, if any.
+fn client_side(
+    roots: Arc<arc_swap::ArcSwap<RootCertStore>>,
+    trust_domain: &str,
+    keys: Option<Arc<Reloading>>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = Arc::new(IdentityVerifier {
-        roots: Arc::new(arc_swap::ArcSwap::from_pointee(roots(ca)?)),
+        roots,
         provider: provider.clone(),
         trust_domain: trust_domain.to_string(),
     });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match keys {
+        Some(keys) => builder.with_client_cert_resolver(keys),
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
