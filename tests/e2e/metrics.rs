@@ -548,6 +548,7 @@ async fn the_span_counts_are_what_the_collector_received() -> anyhow::Result<()>
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
         ("OTEL_METRICS_EXPORTER", "none"),
+        ("OTEL_BSP_SCHEDULE_DELAY", herd_tests::SCHEDULE_DELAY_MS),
     ];
     let mesh = TestMesh::start_with_metrics(1, &fixture(), &env).await?;
     let quotes = 4;

@@ -401,6 +401,30 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
         )?
         .ok()?;
     }
+    // Log lines of an unsampled call still name its trace.
+    let mut bad = basket("unsampled-bad");
+    bad["items"][0]["sku"] = json!("unicorn");
+    call_as("acme", &mesh.gateways[0], CREATE, &bad)?;
+    let line = eventually(
+        "the unsampled refused call's log line",
+        Duration::from_secs(5),
+        || async {
+            gateway_log(&mesh)
+                .lines()
+                .find(|l| l.contains("call failed") && l.contains("unsampled-bad"))
+                .map(str::to_string)
+        },
+    )
+    .await?;
+    let id = line
+        .split("trace_id=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default();
+    assert!(
+        id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit()),
+        "{line}"
+    );
     set_ratio(&mesh, "1").await?;
     call_as("acme", &mesh.gateways[0], CREATE, &basket("sampled-again"))?.ok()?;
     eventually(

@@ -12,15 +12,28 @@ use super::FLUSH_TIMEOUT;
 /// Spans waiting for export; beyond this they are dropped and counted rather than slowing or
 /// failing a request.
 const QUEUE_SPANS: usize = 8192;
-/// How long a batch waits before export.
-const EXPORT_DELAY: Duration = Duration::from_millis(200);
+/// How long spans wait for a batch to fill before they are exported anyway, unless
+/// `OTEL_BSP_SCHEDULE_DELAY` (milliseconds) says otherwise: the specification's default. Under
+/// load batches fill and leave long before; at a low rate one export carries the spans of five
+/// seconds rather than each trace paying for an export of its own.
+const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_secs(5);
+
+/// The schedule delay `OTEL_BSP_SCHEDULE_DELAY` (`value`) asks for: a positive number of
+/// milliseconds, else the default.
+fn schedule_delay(value: Option<&str>) -> Duration {
+    value
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(DEFAULT_SCHEDULE_DELAY, Duration::from_millis)
+}
 
 /// The tracer provider: the OTLP exporter behind a [`SpanQueue`], the resource naming the instance.
 pub(super) fn build_provider(
     service: &str,
     instance_id: &str,
 ) -> Result<SdkTracerProvider, String> {
-    let processor = SpanQueue::new(super::otlp::OtlpExporter::from_env)?;
+    let delay = schedule_delay(std::env::var("OTEL_BSP_SCHEDULE_DELAY").ok().as_deref());
+    let processor = SpanQueue::new(super::otlp::OtlpExporter::from_env, delay)?;
     if let Ok(mut exported) = EXPORTED.lock() {
         *exported = Arc::downgrade(&processor.shared);
     }
@@ -60,7 +73,7 @@ pub(crate) struct SpanCounts {
 
 /// A bounded span queue exported in batches from its own thread. Ending a span takes a lock held
 /// for one push and wakes the export thread only when a whole batch is waiting: the thread
-/// otherwise wakes by itself every [`EXPORT_DELAY`], so a request never pays for a thread switch.
+/// otherwise wakes by itself every schedule delay, so a request never pays for a thread switch.
 /// A span that finds the queue full is dropped and counted, never waited for: a collector that is
 /// down or slow costs requests nothing. Counts are logged when dropping starts, at every power of
 /// two, on export failures (at most every ten seconds) and at shutdown.
@@ -120,8 +133,9 @@ impl Shared {
 
 impl SpanQueue {
     /// Starts the export thread, which makes the exporter with `make` inside a runtime of its
-    /// own: encoding and sending spans never take a turn on the runtime that serves calls.
-    fn new<E, F>(make: F) -> Result<Self, String>
+    /// own: encoding and sending spans never take a turn on the runtime that serves calls. Spans
+    /// wait at most `delay` for a batch to fill.
+    fn new<E, F>(make: F, delay: Duration) -> Result<Self, String>
     where
         E: opentelemetry_sdk::trace::SpanExporter + 'static,
         F: FnOnce() -> Result<E, String> + Send + 'static,
@@ -146,7 +160,7 @@ impl SpanQueue {
                 match make() {
                     Ok(exporter) => {
                         let _ = built.send(Ok(()));
-                        export_loop(exporter, &runtime, &thread_shared);
+                        export_loop(exporter, &runtime, &thread_shared, delay);
                     }
                     Err(e) => {
                         let _ = built.send(Err(e));
@@ -234,12 +248,13 @@ impl opentelemetry_sdk::trace::SpanProcessor for SpanQueue {
     }
 }
 
-/// The export thread: every [`EXPORT_DELAY`], or as soon as a batch is complete or something is
+/// The export thread: every `delay`, or as soon as a batch is complete or something is
 /// asked, takes everything waiting and exports it in batches of at most [`MAX_BATCH`].
 fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
     mut exporter: E,
     runtime: &tokio::runtime::Runtime,
     shared: &Shared,
+    delay: Duration,
 ) {
     let mut last_failure_log: Option<std::time::Instant> = None;
     let mut export = |mut spans: Vec<SpanData>, exporter: &E| {
@@ -263,7 +278,7 @@ fn export_loop<E: opentelemetry_sdk::trace::SpanExporter>(
         }
     };
     loop {
-        let due = std::time::Instant::now() + EXPORT_DELAY;
+        let due = std::time::Instant::now() + delay;
         let (spans, asks, closed) = {
             let mut waiting = shared.lock();
             while waiting.spans.len() < MAX_BATCH && waiting.asks.is_empty() && !waiting.closed {
@@ -442,8 +457,45 @@ mod tests {
     }
 
     fn queue(exporter: &Recording) -> SpanQueue {
+        queue_waiting(exporter, DEFAULT_SCHEDULE_DELAY)
+    }
+
+    fn queue_waiting(exporter: &Recording, delay: Duration) -> SpanQueue {
         let exporter = exporter.clone();
-        SpanQueue::new(move || Ok(exporter)).unwrap()
+        SpanQueue::new(move || Ok(exporter), delay).unwrap()
+    }
+
+    #[test]
+    fn the_schedule_delay_is_otel_bsp_schedule_delay_in_milliseconds_or_five_seconds() {
+        assert_eq!(schedule_delay(Some("250")), Duration::from_millis(250));
+        assert_eq!(schedule_delay(Some(" 1000 ")), Duration::from_secs(1));
+        for unusable in [None, Some(""), Some("0"), Some("-5"), Some("soon")] {
+            assert_eq!(
+                schedule_delay(unusable),
+                DEFAULT_SCHEDULE_DELAY,
+                "{unusable:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lone_span_waits_for_the_schedule_delay_and_no_longer() {
+        let (short, long) = (Recording::default(), Recording::default());
+        let soon = queue_waiting(&short, Duration::from_millis(50));
+        let later = queue_waiting(&long, Duration::from_secs(3600));
+        later.on_end(span(true));
+        soon.on_end(span(true));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while short.batches.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the span never left");
+            std::thread::yield_now();
+        }
+        // Ended before the other, it still waits for its own delay (or a flush).
+        assert!(long.batches.lock().unwrap().is_empty());
+        later.force_flush().unwrap();
+        assert_eq!(*long.batches.lock().unwrap(), vec![1]);
+        soon.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
+        later.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
     }
 
     #[test]

@@ -165,14 +165,19 @@ fn insert(metadata: &mut MetadataMap, key: http::HeaderName, value: &str) {
 /// The trace headers' names, made once: a name given as a string is parsed again on every use.
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+/// The length of a W3C `traceparent` of version 00.
+const TRACEPARENT_LEN: usize = 55;
 
-/// Copies the message's own trace context, if any and well formed, into the headers.
+/// Copies the message's own trace context, if any, into the headers.
 fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
-    // Only a well-formed trace context becomes a header: nothing a message carries can make a
-    // header the next hop refuses.
+    // The message's trace context was checked where the call entered this instance
+    // (`context::require`), so it is not parsed again for every attempt. Only a value of a
+    // traceparent's length becomes a header, and `insert` takes visible ASCII only: nothing a
+    // message carries can make a header the next hop refuses. A malformed one that gets through
+    // is refused by the next hop's own check of the message, naming the field.
     let Some(trace) = context
         .and_then(|c| c.trace.as_ref())
-        .filter(|t| crate::context::valid_traceparent(&t.traceparent))
+        .filter(|t| t.traceparent.len() == TRACEPARENT_LEN)
     else {
         return;
     };

@@ -109,9 +109,12 @@ where
         _ => {
             if tracer.is_some() {
                 unsampled_context(&mut request, parent.as_ref());
-                // Logs of unsampled requests still name their trace.
+                // Logs of unsampled requests still name their trace (the trace id is the
+                // second field of a `traceparent`, `00-<trace id>-...`).
                 let trace = request.get_ref().context().and_then(|c| c.trace.as_ref());
-                if let Some(id) = trace.and_then(|t| t.traceparent.split('-').nth(1)) {
+                if !span.is_disabled()
+                    && let Some(id) = trace.and_then(|t| t.traceparent.get(3..35))
+                {
                     span.record("trace_id", id);
                 }
             }
