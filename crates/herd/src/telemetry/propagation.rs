@@ -34,11 +34,11 @@ pub(super) fn record_late(attribute: impl FnOnce() -> KeyValue) {
     let _ = SERVING.try_with(|s| s.late.borrow_mut().push(attribute()));
 }
 
-/// A span context from a W3C `traceparent` (the form [`valid_traceparent`] accepts) and
-/// `tracestate`, as a caller sent them.
+/// A span context from a W3C `traceparent` (the form [`valid_traceparent`] accepts, as text or
+/// a header's bytes) and `tracestate`, as a caller sent them.
 ///
 /// [`valid_traceparent`]: crate::context::valid_traceparent
-pub(super) fn parse(traceparent: &str, tracestate: &str) -> Option<SpanContext> {
+pub(super) fn parse(traceparent: impl AsRef<[u8]>, tracestate: &str) -> Option<SpanContext> {
     let (trace, parent, flags) = crate::context::parse_traceparent(traceparent)?;
     let trace_id = TraceId::from_bytes(trace.to_be_bytes());
     let span_id = SpanId::from_bytes(parent.to_be_bytes());
@@ -71,9 +71,15 @@ pub(super) fn parent_of(
     context: Option<&RequestContext>,
 ) -> Option<SpanContext> {
     let headers: &http::HeaderMap = metadata.as_ref();
-    let header = |key: &http::HeaderName| headers.get(key).and_then(|v| v.to_str().ok());
-    if let Some(parent) = header(&TRACEPARENT)
-        && let Some(parent) = parse(parent, header(&TRACESTATE).unwrap_or_default())
+    // The traceparent's bytes are read as they are: parsing checks every one of them.
+    if let Some(parent) = headers.get(&TRACEPARENT)
+        && let Some(parent) = parse(
+            parent.as_bytes(),
+            headers
+                .get(&TRACESTATE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default(),
+        )
     {
         return Some(parent);
     }
@@ -244,7 +250,7 @@ mod tests {
         assert!(parsed.is_sampled() && parsed.is_remote());
         assert_eq!(traceparent(&parsed), header);
         assert_eq!(parsed.trace_state().header(), "rojo=00f067aa0ba902b7");
-        let unsampled = parse(&header.replace("-01", "-00"), "").expect("valid");
+        let unsampled = parse(header.replace("-01", "-00"), "").expect("valid");
         assert!(!unsampled.is_sampled());
         for bad in ["", "00-0000", &header.replace("4bf9", "XYZW")] {
             assert!(parse(bad, "").is_none(), "{bad}");
