@@ -9,9 +9,9 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData};
 
 use super::FLUSH_TIMEOUT;
 
-/// Spans waiting for export; beyond this they are dropped and counted rather than slowing or
-/// failing a request.
-const QUEUE_SPANS: usize = 8192;
+/// Spans waiting for export unless `OTEL_BSP_MAX_QUEUE_SIZE` says otherwise; beyond this they
+/// are dropped and counted rather than slowing or failing a request.
+const DEFAULT_QUEUE_SPANS: usize = 8192;
 /// How long spans wait for a batch to fill before they are exported anyway, unless
 /// `OTEL_BSP_SCHEDULE_DELAY` (milliseconds) says otherwise: the specification's default. Under
 /// load batches fill and leave long before; at a low rate one export carries the spans of five
@@ -21,10 +21,40 @@ const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_secs(5);
 /// The schedule delay `OTEL_BSP_SCHEDULE_DELAY` (`value`) asks for: a positive number of
 /// milliseconds, else the default.
 fn schedule_delay(value: Option<&str>) -> Duration {
+    positive(value).map_or(DEFAULT_SCHEDULE_DELAY, Duration::from_millis)
+}
+
+/// The queue size `OTEL_BSP_MAX_QUEUE_SIZE` (`value`) asks for: a positive number of spans, at
+/// least a batch, else the default.
+fn queue_spans(value: Option<&str>) -> usize {
+    positive(value).map_or(DEFAULT_QUEUE_SPANS, |n| {
+        usize::try_from(n).unwrap_or(usize::MAX).max(MAX_BATCH)
+    })
+}
+
+/// A positive whole number, if `value` is one.
+fn positive(value: Option<&str>) -> Option<u64> {
     value
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
-        .map_or(DEFAULT_SCHEDULE_DELAY, Duration::from_millis)
+        .filter(|n| *n > 0)
+}
+
+/// How the span queue holds spans: how many at most, and how long a lone one waits.
+#[derive(Debug, Clone, Copy)]
+struct QueueLimits {
+    spans: usize,
+    delay: Duration,
+}
+
+impl QueueLimits {
+    /// From `OTEL_BSP_MAX_QUEUE_SIZE` and `OTEL_BSP_SCHEDULE_DELAY`.
+    fn from_env() -> Self {
+        let var = |name| std::env::var(name).ok();
+        Self {
+            spans: queue_spans(var("OTEL_BSP_MAX_QUEUE_SIZE").as_deref()),
+            delay: schedule_delay(var("OTEL_BSP_SCHEDULE_DELAY").as_deref()),
+        }
+    }
 }
 
 /// The tracer provider: the OTLP exporter behind a [`SpanQueue`], the resource naming the instance.
@@ -32,8 +62,7 @@ pub(super) fn build_provider(
     service: &str,
     instance_id: &str,
 ) -> Result<SdkTracerProvider, String> {
-    let delay = schedule_delay(std::env::var("OTEL_BSP_SCHEDULE_DELAY").ok().as_deref());
-    let processor = SpanQueue::new(super::otlp::OtlpExporter::from_env, delay)?;
+    let processor = SpanQueue::new(super::otlp::OtlpExporter::from_env, QueueLimits::from_env())?;
     if let Ok(mut exported) = EXPORTED.lock() {
         *exported = Arc::downgrade(&processor.shared);
     }
@@ -90,6 +119,8 @@ struct Shared {
     /// Signalled when a batch is complete, or a flush, a shutdown or a resource is asked for.
     wake: Condvar,
     stats: QueueStats,
+    /// The most spans that wait; one more is dropped.
+    capacity: usize,
 }
 
 /// Spans and requests waiting for the export thread.
@@ -133,14 +164,17 @@ impl Shared {
 
 impl SpanQueue {
     /// Starts the export thread, which makes the exporter with `make` inside a runtime of its
-    /// own: encoding and sending spans never take a turn on the runtime that serves calls. Spans
-    /// wait at most `delay` for a batch to fill.
-    fn new<E, F>(make: F, delay: Duration) -> Result<Self, String>
+    /// own: encoding and sending spans never take a turn on the runtime that serves calls. At
+    /// most `limits.spans` wait, each at most `limits.delay` for its batch to fill.
+    fn new<E, F>(make: F, limits: QueueLimits) -> Result<Self, String>
     where
         E: opentelemetry_sdk::trace::SpanExporter + 'static,
         F: FnOnce() -> Result<E, String> + Send + 'static,
     {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            capacity: limits.spans,
+            ..Shared::default()
+        });
         let thread_shared = shared.clone();
         let (built, started) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
@@ -160,7 +194,7 @@ impl SpanQueue {
                 match make() {
                     Ok(exporter) => {
                         let _ = built.send(Ok(()));
-                        export_loop(exporter, &runtime, &thread_shared, delay);
+                        export_loop(exporter, &runtime, &thread_shared, limits.delay);
                     }
                     Err(e) => {
                         let _ = built.send(Err(e));
@@ -202,13 +236,13 @@ impl opentelemetry_sdk::trace::SpanProcessor for SpanQueue {
             return;
         }
         let mut waiting = self.shared.lock();
-        if waiting.spans.len() >= QUEUE_SPANS {
+        if waiting.spans.len() >= self.shared.capacity {
             drop(waiting);
             let dropped = self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
                 tracing::warn!(
                     dropped_spans = dropped,
-                    queue = QUEUE_SPANS,
+                    queue = self.shared.capacity,
                     "span export queue full; dropping spans"
                 );
             }
@@ -462,11 +496,15 @@ mod tests {
 
     fn queue_waiting(exporter: &Recording, delay: Duration) -> SpanQueue {
         let exporter = exporter.clone();
-        SpanQueue::new(move || Ok(exporter), delay).unwrap()
+        let limits = QueueLimits {
+            spans: DEFAULT_QUEUE_SPANS,
+            delay,
+        };
+        SpanQueue::new(move || Ok(exporter), limits).unwrap()
     }
 
     #[test]
-    fn the_schedule_delay_is_otel_bsp_schedule_delay_in_milliseconds_or_five_seconds() {
+    fn the_queue_limits_are_the_otel_bsp_variables_or_the_defaults() {
         assert_eq!(schedule_delay(Some("250")), Duration::from_millis(250));
         assert_eq!(schedule_delay(Some(" 1000 ")), Duration::from_secs(1));
         for unusable in [None, Some(""), Some("0"), Some("-5"), Some("soon")] {
@@ -475,7 +513,14 @@ mod tests {
                 DEFAULT_SCHEDULE_DELAY,
                 "{unusable:?}"
             );
+            assert_eq!(queue_spans(unusable), DEFAULT_QUEUE_SPANS, "{unusable:?}");
         }
+        assert_eq!(queue_spans(Some("4096")), 4096);
+        assert_eq!(
+            queue_spans(Some("100")),
+            MAX_BATCH,
+            "never less than a batch"
+        );
     }
 
     #[test]
@@ -533,7 +578,7 @@ mod tests {
         }
         // Meanwhile the queue fills; what does not fit is dropped, at once.
         let started = Instant::now();
-        for _ in 0..QUEUE_SPANS + 10 {
+        for _ in 0..DEFAULT_QUEUE_SPANS + 10 {
             queue.on_end(span(true));
         }
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -542,6 +587,6 @@ mod tests {
         exporter.gate.notify_one();
         queue.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
         let exported: usize = exporter.batches.lock().unwrap().iter().sum();
-        assert_eq!(exported, MAX_BATCH + QUEUE_SPANS);
+        assert_eq!(exported, MAX_BATCH + DEFAULT_QUEUE_SPANS);
     }
 }
