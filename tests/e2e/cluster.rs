@@ -162,7 +162,8 @@ async fn quorum_lost_for_30_s_the_mesh_serves_on_and_registers_again() -> anyhow
     assert_eq!(report.failures(), 0, "{report}\n{}", logs(&mesh));
     assert!(
         again <= Duration::from_secs(2),
-        "registered again only after {again:?}"
+        "registered again only after {again:?}\n{}",
+        logs(&mesh)
     );
     Ok(())
 }

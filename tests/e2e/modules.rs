@@ -527,3 +527,26 @@ async fn the_configuration_is_applied_rejected_and_read_at_any_revision_from_mem
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_member_that_takes_connections_but_answers_nothing_is_left_out() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    // Listening, never answering: its connections wait in the kernel's queue, as a restarted etcd
+    // member's do until it has rejoined its cluster.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let endpoints = [
+        format!("http://{}", silent.local_addr()?),
+        etcd.endpoint.clone(),
+    ];
+    let mut kv = herd::etcd::connect(&endpoints).await?;
+    kv.put("/silent/k", "v", None).await?;
+    // Round robin over both would send every other call to the silent one.
+    for i in 0..20 {
+        let answer = tokio::time::timeout(Duration::from_secs(2), kv.get("/silent/k", None))
+            .await
+            .with_context(|| format!("call {i} was sent to the member that never answers"))??;
+        anyhow::ensure!(answer.kvs().len() == 1, "call {i}: {answer:?}");
+    }
+    drop(silent);
+    Ok(())
+}

@@ -21,6 +21,26 @@ fn basket(request_id: &str) -> Value {
     })
 }
 
+/// Sends a quote with request id `request_id` that the gateway refuses (an unknown sku) and
+/// returns the gateway's log line about it.
+async fn refused_call_log_line(mesh: &TestMesh, request_id: &str) -> anyhow::Result<String> {
+    let mut bad = basket(request_id);
+    bad["items"][0]["sku"] = json!("unicorn");
+    call_as("acme", &mesh.gateways[0], CREATE, &bad)?;
+    eventually(
+        "the refused call's log line",
+        Duration::from_secs(5),
+        || async {
+            gateway_log(mesh)
+                .lines()
+                .find(|l| l.contains("call failed") && l.contains(request_id))
+                .map(str::to_string)
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {}", gateway_log(mesh)))
+}
+
 /// Everything the (first) gateway logged.
 fn gateway_log(mesh: &TestMesh) -> String {
     mesh.logs_of(&["gateway"])
@@ -239,21 +259,7 @@ async fn a_one_quote_is_one_trace_across_four_services() -> anyhow::Result<()> {
         assert_eq!(ids, vec![span.instance.clone()], "{service}");
     }
     // Log lines written while serving carry the trace and span ids: a refused call logs one.
-    let mut bad = basket("trace-a-bad");
-    bad["items"][0]["sku"] = json!("unicorn");
-    call_as("acme", &mesh.gateways[0], CREATE, &bad)?;
-    let line = eventually(
-        "the refused call's log line",
-        Duration::from_secs(5),
-        || async {
-            gateway_log(&mesh)
-                .lines()
-                .find(|l| l.contains("call failed") && l.contains("trace-a-bad"))
-                .map(str::to_string)
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}: {}", gateway_log(&mesh)))?;
+    let line = refused_call_log_line(&mesh, "trace-a-bad").await?;
     let bad_trace = eventually(
         "the refused call's trace",
         Duration::from_secs(10),
@@ -402,20 +408,7 @@ async fn d_sampling_ratio_changes_at_run_time() -> anyhow::Result<()> {
         .ok()?;
     }
     // Log lines of an unsampled call still name its trace.
-    let mut bad = basket("unsampled-bad");
-    bad["items"][0]["sku"] = json!("unicorn");
-    call_as("acme", &mesh.gateways[0], CREATE, &bad)?;
-    let line = eventually(
-        "the unsampled refused call's log line",
-        Duration::from_secs(5),
-        || async {
-            gateway_log(&mesh)
-                .lines()
-                .find(|l| l.contains("call failed") && l.contains("unsampled-bad"))
-                .map(str::to_string)
-        },
-    )
-    .await?;
+    let line = refused_call_log_line(&mesh, "unsampled-bad").await?;
     let id = line
         .split("trace_id=\"")
         .nth(1)

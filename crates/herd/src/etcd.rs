@@ -4,8 +4,11 @@
 //!
 //! Calls go round robin over the members that answer ([`Members`]): a member whose connection
 //! fails is left out — the call that found it fails, no other — and probed in the background
-//! until it takes connections again. (etcd-client's own balancing picks members at random,
-//! dead or alive, so a third of all calls failed while one of three members was down.)
+//! until it answers a request again. (etcd-client's own balancing picks members at random,
+//! dead or alive, so a third of all calls failed while one of three members was down.) A probe
+//! is a request, not a connection: a restarted member takes connections as soon as it listens,
+//! but answers none until it has rejoined its cluster, and calls sent to it meanwhile would wait
+//! for nothing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -195,6 +198,9 @@ pub async fn connect_with(settings: &EtcdSettings) -> Result<Client, EtcdConnect
 const MEMBERS_WAIT: Duration = Duration::from_secs(3);
 /// How often a member left out is tried again, and how long one try may take.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// What a probe asks: a member's status, which a member serving requests answers at once, with
+/// or without a quorum (it is the member's own view), and one that is not yet serving does not.
+const PROBE_PATH: &str = "/etcdserverpb.Maintenance/Status";
 
 /// How etcd-client hands over the members' endpoints.
 type EndpointUpdater = tokio::sync::mpsc::Sender<Change<http::Uri, tonic::transport::Endpoint>>;
@@ -238,7 +244,7 @@ impl etcd_client::BalancedChannelBuilder for Members {
     }
 }
 
-/// One member: its channel, and whether it takes connections.
+/// One member: its channel, and whether it answers.
 #[derive(Clone)]
 struct Member {
     uri: http::Uri,
@@ -273,41 +279,67 @@ impl Member {
         )
     }
 
-    /// Leaves the member out until it takes connections again.
+    /// Leaves the member out until it answers again.
     fn down(&self) {
         if self.up.swap(false, Ordering::AcqRel) {
-            tracing::warn!(member = %self.uri, "etcd member left out until it takes connections again");
+            tracing::warn!(member = %self.uri, "etcd member left out until it answers again");
         }
         self.probe(PROBE_EVERY);
     }
 
-    /// Tries a TCP connection to the member after `first`, then every [`PROBE_EVERY`], until one
-    /// succeeds; it is then taken again. One probe at a time.
+    /// Asks the member for its status after `first`, then every [`PROBE_EVERY`], until it
+    /// answers within [`PROBE_EVERY`]; it is then taken again. One probe at a time.
     fn probe(&self, first: Duration) {
         if self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
         let (up, tried, probing) = (self.up.clone(), self.tried.clone(), self.probing.clone());
-        let address = self.address();
+        let (address, channel) = (self.address(), self.channel.clone());
         tokio::spawn(async move {
             let mut wait = first;
             loop {
                 tokio::time::sleep(wait).await;
                 wait = PROBE_EVERY;
-                let attempt = tokio::net::TcpStream::connect(address.as_str());
-                let answered =
-                    matches!(tokio::time::timeout(PROBE_EVERY, attempt).await, Ok(Ok(_)));
+                let answered = tokio::time::timeout(PROBE_EVERY, answers(channel.clone()))
+                    .await
+                    .unwrap_or(false);
                 let was_tried = tried.swap(true, Ordering::AcqRel);
                 if answered {
                     up.store(true, Ordering::Release);
                     probing.store(false, Ordering::Release);
                     if was_tried {
-                        tracing::info!(member = %address, "etcd member takes connections again");
+                        tracing::info!(member = %address, "etcd member answers again");
                     }
                     return;
                 }
             }
         });
+    }
+}
+
+/// Whether the member behind `channel` answers a request: any answer of its own counts, a
+/// refusal included (without the credentials calls carry, a member with authentication on may
+/// refuse it), a connection that fails or an answer that never comes does not.
+async fn answers(channel: tonic::transport::Channel) -> bool {
+    use crate::telemetry::otlp::Encoded;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if grpc.ready().await.is_err() {
+        return false;
+    }
+    let status = grpc
+        .unary::<_, Encoded, _>(
+            tonic::Request::new(Encoded::default()),
+            http::uri::PathAndQuery::from_static(PROBE_PATH),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    match status {
+        Ok(_) => true,
+        // What a failed connection or a broken stream becomes.
+        Err(status) => !matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
     }
 }
 
@@ -353,7 +385,7 @@ impl tower::Service<EtcdRequest> for MembersService {
             {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            // The next member that takes connections; any, when none does (the call then says
+            // The next member that answers; any, when none does (the call then says
             // why).
             let start = next.fetch_add(1, Ordering::Relaxed);
             let count = members.len();

@@ -29,7 +29,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Backoff between attempts to register again: starts here, doubles, capped below (so that an
 /// instance is registered again within about a second of etcd's quorum returning).
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// Bound on one attempt to renew a lease that could not be kept alive: while etcd has no quorum
 /// the attempt hangs, and the next one must not wait behind it.
 const RENEW_TIMEOUT: Duration = Duration::from_millis(500);
@@ -282,10 +282,13 @@ async fn renew(client: &Client, state: &State) -> Renewed {
         Ok(Ok(Some(answer))) if answer.ttl() <= 0 => return Renewed::Gone,
         Ok(Ok(Some(answer))) => answer.ttl(),
     };
-    // The keepalive answered: the lease, and the keys under it, live on. Putting them again only
-    // restores one deleted meanwhile; it is tried once, briefly (each etcd call goes to the next
-    // member, and one that has just come back may not answer yet), and its failure does not undo
-    // the renewal: a deletion seen from now on is put back by the key watch.
+    // The keepalive answered: the lease, and the keys under it, live on — registered from now.
+    state.registered.send_replace(true);
+    tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl, "registered again on the same lease");
+    // Putting the keys again only restores one deleted meanwhile; it is tried once, briefly (each
+    // etcd call goes to the next member, and one that has just come back may not answer yet),
+    // and its failure does not undo the renewal: a deletion seen from now on is put back by the
+    // key watch.
     let put = tokio::time::timeout(RENEW_TIMEOUT, client.txn(puts(state, lease))).await;
     if let Some(why) = match put {
         Ok(Ok(_)) => None,
@@ -294,8 +297,6 @@ async fn renew(client: &Client, state: &State) -> Renewed {
     } {
         tracing::debug!(key = %state.key, error = %why, "keys not put again after renewing");
     }
-    state.registered.send_replace(true);
-    tracing::info!(key = %state.key, lease = format!("{lease:x}"), ttl, "registered again on the same lease");
     Renewed::Alive(ttl.max(1))
 }
 

@@ -358,7 +358,7 @@ const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes already encoded as a protobuf message, sent as they are; an answer is read and ignored.
 #[derive(Debug, Default)]
-struct Encoded(Vec<u8>);
+pub(crate) struct Encoded(pub(crate) Vec<u8>);
 
 impl prost::Message for Encoded {
     fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
