@@ -149,6 +149,9 @@ fn text(field: &'static str, value: &str, max: usize) -> Result<(), ContextError
     Ok(())
 }
 
+/// The length of a W3C `traceparent` of version 00.
+pub const TRACEPARENT_LEN: usize = 55;
+
 /// Whether `value` is a W3C `traceparent` of version 00: `00-<trace id>-<parent id>-<flags>`, in
 /// lowercase hex, neither id all zeros.
 pub fn valid_traceparent(value: &str) -> bool {
@@ -159,7 +162,7 @@ pub fn valid_traceparent(value: &str) -> bool {
 /// [`valid_traceparent`]), as text or as the bytes of a header, eight digits at a time: every
 /// hop reads one per call, sampled or not.
 pub fn parse_traceparent(value: impl AsRef<[u8]>) -> Option<(u128, u64, u8)> {
-    let b: &[u8; 55] = value.as_ref().try_into().ok()?;
+    let b: &[u8; TRACEPARENT_LEN] = value.as_ref().try_into().ok()?;
     if !b.starts_with(b"00-") || b[35] != b'-' || b[52] != b'-' {
         return None;
     }
@@ -186,7 +189,7 @@ pub fn parse_traceparent(value: impl AsRef<[u8]>) -> Option<(u128, u64, u8)> {
 /// every call it starts a trace for, sampled or not).
 pub fn format_traceparent(trace: u128, parent: u64, flags: u8) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 55];
+    let mut out = [0u8; TRACEPARENT_LEN];
     out[..3].copy_from_slice(b"00-");
     out[35] = b'-';
     out[52] = b'-';

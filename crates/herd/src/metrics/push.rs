@@ -33,11 +33,10 @@ impl Push {
     /// Starts pushing what `reader` collects (the resource is the meter provider's).
     pub(super) fn start(reader: Arc<ManualReader>) -> Result<Self, String> {
         let collector = Collector::from_env("METRICS")?;
-        let interval = std::env::var("OTEL_METRIC_EXPORT_INTERVAL")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|ms| *ms > 0)
-            .map_or(DEFAULT_INTERVAL, Duration::from_millis);
+        let interval = crate::telemetry::otlp::positive(
+            std::env::var("OTEL_METRIC_EXPORT_INTERVAL").ok().as_deref(),
+        )
+        .map_or(DEFAULT_INTERVAL, Duration::from_millis);
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let mut last_warning: Option<tokio::time::Instant> = None;

@@ -21,22 +21,15 @@ const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_secs(5);
 /// The schedule delay `OTEL_BSP_SCHEDULE_DELAY` (`value`) asks for: a positive number of
 /// milliseconds, else the default.
 fn schedule_delay(value: Option<&str>) -> Duration {
-    positive(value).map_or(DEFAULT_SCHEDULE_DELAY, Duration::from_millis)
+    super::otlp::positive(value).map_or(DEFAULT_SCHEDULE_DELAY, Duration::from_millis)
 }
 
 /// The queue size `OTEL_BSP_MAX_QUEUE_SIZE` (`value`) asks for: a positive number of spans, at
 /// least a batch, else the default.
 fn queue_spans(value: Option<&str>) -> usize {
-    positive(value).map_or(DEFAULT_QUEUE_SPANS, |n| {
+    super::otlp::positive(value).map_or(DEFAULT_QUEUE_SPANS, |n| {
         usize::try_from(n).unwrap_or(usize::MAX).max(MAX_BATCH)
     })
-}
-
-/// A positive whole number, if `value` is one.
-fn positive(value: Option<&str>) -> Option<u64> {
-    value
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|n| *n > 0)
 }
 
 /// How the span queue holds spans: how many at most, and how long a lone one waits.
@@ -113,7 +106,7 @@ struct SpanQueue {
 }
 
 /// What the requests' threads and the export thread share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     waiting: Mutex<Waiting>,
     /// Signalled when a batch is complete, or a flush, a shutdown or a resource is asked for.
@@ -172,8 +165,10 @@ impl SpanQueue {
         F: FnOnce() -> Result<E, String> + Send + 'static,
     {
         let shared = Arc::new(Shared {
+            waiting: Mutex::default(),
+            wake: Condvar::new(),
+            stats: QueueStats::default(),
             capacity: limits.spans,
-            ..Shared::default()
         });
         let thread_shared = shared.clone();
         let (built, started) = std::sync::mpsc::sync_channel(1);

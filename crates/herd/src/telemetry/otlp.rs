@@ -357,6 +357,7 @@ const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Expor
 const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes already encoded as a protobuf message, sent as they are; an answer is read and ignored.
+/// (Also the empty request and unread answer of the etcd members' status probe.)
 #[derive(Debug, Default)]
 pub(crate) struct Encoded(pub(crate) Vec<u8>);
 
@@ -393,6 +394,14 @@ pub(crate) struct Collector {
     grpc: tonic::client::Grpc<tonic::transport::Channel>,
     metadata: tonic::metadata::MetadataMap,
     timeout: std::time::Duration,
+}
+
+/// A positive whole number, if a variable's `value` is one (the OpenTelemetry variables' counts
+/// and milliseconds).
+pub(crate) fn positive(value: Option<&str>) -> Option<u64> {
+    value
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|n| *n > 0)
 }
 
 /// The value of `OTEL_EXPORTER_OTLP_<SIGNAL>_<NAME>`, else of `OTEL_EXPORTER_OTLP_<NAME>`.

@@ -171,8 +171,6 @@ fn insert(metadata: &mut MetadataMap, key: http::HeaderName, value: &str) {
 /// The trace headers' names, made once: a name given as a string is parsed again on every use.
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
-/// The length of a W3C `traceparent` of version 00.
-const TRACEPARENT_LEN: usize = 55;
 
 /// Copies the message's own trace context, if any, into the headers.
 fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
@@ -183,7 +181,7 @@ fn mirror_trace(context: Option<&RequestContext>, metadata: &mut MetadataMap) {
     // is refused by the next hop's own check of the message, naming the field.
     let Some(trace) = context
         .and_then(|c| c.trace.as_ref())
-        .filter(|t| t.traceparent.len() == TRACEPARENT_LEN)
+        .filter(|t| t.traceparent.len() == crate::context::TRACEPARENT_LEN)
     else {
         return;
     };
