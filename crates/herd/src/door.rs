@@ -114,10 +114,9 @@ where
             .find(|(prefix, _, _)| path.starts_with(prefix.as_str()))
             .map(|(_, service, limit)| (*service, *limit))
         else {
-            return Either::Right(Admitted {
-                inner: self.inner.call(request),
-                permit: None,
-            });
+            // Health and reflection: no limit, but the caller's deadline still holds.
+            let timeout = check_timeout(request.headers()).ok().flatten();
+            return Either::Right(Admitted::new(self.inner.call(request), None, timeout));
         };
         let refuse = |status: Status, reason| {
             crate::metrics::refused(service, reason);
@@ -155,12 +154,12 @@ where
         };
         // The first message is checked as the service reads it: a refusal is the status the
         // service answers with, and what is not a message is not read further.
-        Either::Right(Admitted {
-            inner: self
-                .inner
+        Either::Right(Admitted::new(
+            self.inner
                 .call(request.map(|body| Body::new(Checked::new(body, limit, service)))),
-            permit: Some(permit),
-        })
+            Some(permit),
+            timeout,
+        ))
     }
 }
 
@@ -203,11 +202,28 @@ pub(crate) fn pushback_of(value: &str) -> Option<Duration> {
 }
 
 pin_project! {
-    /// An admitted call's answer: when it comes, the call's latency goes to the limiter.
+    /// An admitted call's answer: when it comes, the call's latency goes to the limiter. If the
+    /// caller's deadline passes first, the work is dropped and the answer is
+    /// `DEADLINE_EXCEEDED` (the caller has stopped waiting; a call that overran says nothing
+    /// about how long serving takes, so the limiter learns nothing from it).
     pub struct Admitted<F> {
         #[pin]
         inner: F,
         permit: Option<Permit>,
+        #[pin]
+        expires: Option<tokio::time::Sleep>,
+        timeout: Duration,
+    }
+}
+
+impl<F> Admitted<F> {
+    fn new(inner: F, permit: Option<Permit>, timeout: Option<Duration>) -> Self {
+        Self {
+            inner,
+            permit,
+            expires: timeout.map(tokio::time::sleep),
+            timeout: timeout.unwrap_or_default(),
+        }
     }
 }
 
@@ -219,7 +235,21 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let output = std::task::ready!(this.inner.poll(cx));
+        let output = match this.inner.poll(cx) {
+            Poll::Ready(output) => output,
+            Poll::Pending => {
+                if let Some(expires) = this.expires.as_pin_mut() {
+                    std::task::ready!(expires.poll(cx));
+                    this.permit.take();
+                    return Poll::Ready(Ok(Status::deadline_exceeded(format!(
+                        "grpc-timeout: {:?} passed before the call was answered",
+                        this.timeout
+                    ))
+                    .into_http()));
+                }
+                return Poll::Pending;
+            }
+        };
         if let Some(permit) = this.permit.take() {
             // A unary error answer comes whole in the head, a success has its status in the
             // trailers. Only what was served says how long serving takes; UNAVAILABLE is overload
@@ -640,5 +670,37 @@ mod tests {
             "the work stopped"
         );
         assert_eq!(limiter.in_flight(), 0, "its place came back");
+    }
+
+    #[tokio::test]
+    async fn a_call_still_running_at_its_deadline_is_answered_deadline_exceeded() {
+        let (mut door, limiter, dropped) = door(2);
+        let mut request = call();
+        request
+            .headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("50m"));
+        let started = tokio::time::Instant::now();
+        let answer = door.call(request).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let status = Status::from_header_map(answer.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            status.message(),
+            "grpc-timeout: 50ms passed before the call was answered"
+        );
+        assert_eq!(
+            dropped.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "the work stopped"
+        );
+        assert_eq!(limiter.in_flight(), 0, "its place came back");
+        // Health and reflection have no limit, and the same deadline.
+        let other = http::Request::builder()
+            .uri("/grpc.health.v1.Health/Check")
+            .header("grpc-timeout", "20m")
+            .body(Body::empty())
+            .unwrap();
+        let answer = door.call(other).await.unwrap();
+        assert_eq!(answer.headers()["grpc-status"], "4");
     }
 }

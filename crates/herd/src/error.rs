@@ -444,9 +444,6 @@ pub enum ServeError {
     /// Reflection could not be built from the descriptor sets.
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The gRPC server failed.
-    #[error("serving: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// The server stopped on its own.
     #[error("the server stopped unexpectedly")]
     Stopped,

@@ -40,6 +40,7 @@ pub mod door;
 pub mod error;
 pub mod etcd;
 pub mod handler;
+mod http2;
 pub mod incoming;
 pub mod instance;
 pub mod layout;

@@ -23,10 +23,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::Layer;
 
 use crate::door::{DEFAULT_MAX_REQUEST, DoorLayer};
 use crate::error::ServeError;
@@ -162,20 +162,19 @@ impl Services {
                 .await;
         }
         let routes = with_health_and_reflection(self.routes, health, &self.descriptors)?;
-        Server::builder()
-            .tcp_nodelay(true)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .http2_max_pending_accept_reset_streams(Some(MAX_CONCURRENT_STREAMS as usize))
-            .layer(DoorLayer::new(
-                self.limits,
-                Arc::new(Limiter::new(LimitSettings::default())),
-            ))
-            .add_routes(routes)
-            .serve_with_incoming(guarded(
+        let door = DoorLayer::new(
+            self.limits,
+            Arc::new(Limiter::new(LimitSettings::default())),
+        );
+        crate::http2::serve(
+            guarded(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 Hygiene::default(),
-            ))
-            .await?;
+            ),
+            door.layer(routes.prepare()),
+            std::future::pending(),
+        )
+        .await;
         Ok(())
     }
 }
@@ -332,7 +331,7 @@ struct ServerTls {
 struct Started {
     address: SocketAddr,
     health: Health,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    server: JoinHandle<()>,
     /// Stops the server, and the health server if there is one.
     stop: Option<watch::Sender<bool>>,
 }
@@ -382,32 +381,28 @@ impl Started {
             Some(tls) => (door.with_authz(tls.authz), Some(tls.config)),
             None => (door, None),
         };
-        let server = Server::builder()
-            .tcp_nodelay(true)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .http2_max_pending_accept_reset_streams(Some(MAX_CONCURRENT_STREAMS as usize))
-            .layer(tower::util::MapRequestLayer::new(access_log))
-            .layer(door)
-            .add_routes(routes)
-            // The builder's TCP settings do not apply to an incoming stream: set them on it, or
-            // Nagle's algorithm holds small responses back by tens of milliseconds.
-            .serve_with_incoming_shutdown(
-                crate::tls::incoming(
-                    guarded(
-                        TcpIncoming::from(listener)
-                            .with_nodelay(Some(true))
-                            .with_keepalive(Some(TCP_KEEPALIVE_TIME))
-                            .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
-                            .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
-                        hygiene,
-                    ),
-                    tls,
-                    hygiene.handshake_timeout,
+        let server = crate::http2::serve(
+            // Nagle's algorithm would hold small responses back by tens of milliseconds.
+            crate::tls::incoming(
+                guarded(
+                    TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(TCP_KEEPALIVE_TIME))
+                        .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+                        .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
+                    hygiene,
                 ),
-                async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                },
-            );
+                tls,
+                hygiene.handshake_timeout,
+            ),
+            tower::ServiceBuilder::new()
+                .map_request(access_log)
+                .layer(door)
+                .service(routes.prepare()),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        );
         let server = tokio::spawn(server);
         Ok(Self {
             address,
@@ -420,8 +415,7 @@ impl Started {
     /// Completes only if the server stops on its own: why.
     async fn failed(&mut self) -> ServeError {
         match (&mut self.server).await {
-            Ok(Ok(())) => ServeError::Stopped,
-            Ok(Err(e)) => ServeError::Transport(e),
+            Ok(()) => ServeError::Stopped,
             Err(e) => ServeError::Task(e),
         }
     }
@@ -449,7 +443,7 @@ impl Started {
             stop.send_replace(true);
         }
         match tokio::time::timeout(settings.drain_timeout(), &mut self.server).await {
-            Ok(served) => served??,
+            Ok(served) => served?,
             Err(_) => {
                 tracing::warn!(
                     "in-flight calls did not finish within the drain bound; stopping anyway"
@@ -478,23 +472,16 @@ fn serve_health(
         source,
     })?;
     tracing::info!(%address, "health listening");
-    let server = Server::builder()
-        .tcp_nodelay(true)
-        .add_service(health)
-        .serve_with_incoming_shutdown(
-            guarded(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                hygiene,
-            ),
-            async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            },
-        );
-    tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::warn!(error = %e, "the health listener stopped");
-        }
-    });
+    tokio::spawn(crate::http2::serve(
+        guarded(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            hygiene,
+        ),
+        Routes::new(health).prepare(),
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        },
+    ));
     Ok(())
 }
 
@@ -572,6 +559,7 @@ fn advertised(bound: SocketAddr, advertise: Option<std::net::IpAddr>) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::transport::Server;
 
     #[test]
     fn the_registered_address_is_the_advertised_ip_with_the_bound_port() {
