@@ -12,8 +12,11 @@
 //!    at most the service's limit, whole — a body that is not a gRPC message, or one too large, is
 //!    `INVALID_ARGUMENT` naming the bound, and costs no more than the limit to find out.
 //!
-//! An admitted call's latency, from the door to its answer, is what the limit learns from. A call
-//! whose caller goes away is dropped, its work with it. Health and reflection pass untouched.
+//! The door sees a call as its connection reads it (herd's HTTP/2 server calls it from the
+//! connection's read loop); an admitted call's latency, from its task's first turn to its answer,
+//! is what the limit learns from. A call whose caller goes away is dropped, its work with it. A
+//! call still running at its deadline is answered `DEADLINE_EXCEEDED`, its work dropped. Health
+//! and reflection pass untouched but for the deadline.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -202,7 +205,8 @@ pub(crate) fn pushback_of(value: &str) -> Option<Duration> {
 }
 
 pin_project! {
-    /// An admitted call's answer: when it comes, the call's latency goes to the limiter. If the
+    /// An admitted call's answer: when it comes, the call's latency (from its first poll, when
+    /// its work begins) goes to the limiter. If the
     /// caller's deadline passes first, the work is dropped and the answer is
     /// `DEADLINE_EXCEEDED` (the caller has stopped waiting; a call that overran says nothing
     /// about how long serving takes, so the limiter learns nothing from it).
@@ -213,6 +217,7 @@ pin_project! {
         #[pin]
         expires: Option<tokio::time::Sleep>,
         timeout: Duration,
+        begun: bool,
     }
 }
 
@@ -223,6 +228,7 @@ impl<F> Admitted<F> {
             permit,
             expires: timeout.map(tokio::time::sleep),
             timeout: timeout.unwrap_or_default(),
+            begun: false,
         }
     }
 }
@@ -235,6 +241,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
+        if !*this.begun {
+            *this.begun = true;
+            if let Some(permit) = this.permit.as_mut() {
+                permit.begin(tokio::time::Instant::now());
+            }
+        }
         let output = match this.inner.poll(cx) {
             Poll::Ready(output) => output,
             Poll::Pending => {

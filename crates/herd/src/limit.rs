@@ -348,6 +348,13 @@ impl Permit {
     /// the instance's load, and leaves no sample.
     pub fn ignore(self) {}
 
+    /// Starts the call's clock again at `now`, when its work begins: a call is let in as its
+    /// connection reads it, and may wait for the runtime before its task first runs. The limit
+    /// counts it from admission; its latency is measured from here, as what serving it takes.
+    pub fn begin(&mut self, now: Instant) {
+        self.started = now;
+    }
+
     fn finish(mut self, now: Instant, served: bool) {
         self.done = true;
         self.limiter.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -430,6 +437,20 @@ mod tests {
         b.done(now);
         c.done(now);
         assert_eq!(limiter.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_call_is_timed_from_when_its_work_begins() {
+        let limiter = Arc::new(Limiter::new(LimitSettings::default()));
+        let mut clock = Instant::now();
+        for _ in 0..LimitSettings::default().measure_samples {
+            let mut permit = limiter.try_acquire(clock).expect("let in");
+            // Let in, then 5 ms until its task first runs, then 2 ms of work.
+            permit.begin(clock + Duration::from_millis(5));
+            permit.done(clock + Duration::from_millis(7));
+            clock += Duration::from_millis(8);
+        }
+        assert_eq!(limiter.floor(), Some(Duration::from_millis(2)));
     }
 
     #[test]
