@@ -98,14 +98,21 @@ where
 }
 
 /// HTTP/2 as herd serves it: hyper's defaults but for the streams a connection may have in
-/// flight, and no `date` header (gRPC does not use it, and it would change the answer's headers
-/// every second).
+/// flight and the resets it may cause, and no `date` header (gRPC does not use it, and it would
+/// change the answer's headers every second).
+///
+/// hyper closes a connection once 1 024 of its streams have been reset by the server's HTTP/2
+/// layer over its whole life (streams refused past the stream limit among them) and never
+/// forgets one; a mesh connection lives for days, so that would end up cutting a caller's
+/// connection with every call on it. tonic's server, which herd used before, set no such bound;
+/// neither does herd. A connection's streams at once stay bounded by `MAX_CONCURRENT_STREAMS`.
 fn builder() -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_pending_accept_reset_streams(MAX_CONCURRENT_STREAMS as usize)
+        .max_local_error_reset_streams(None)
         .auto_date_header(false);
     builder
 }
