@@ -206,10 +206,9 @@ pub(crate) fn pushback_of(value: &str) -> Option<Duration> {
 
 pin_project! {
     /// An admitted call's answer: when it comes, the call's latency (from its first poll, when
-    /// its work begins) goes to the limiter. If the
-    /// caller's deadline passes first, the work is dropped and the answer is
-    /// `DEADLINE_EXCEEDED` (the caller has stopped waiting; a call that overran says nothing
-    /// about how long serving takes, so the limiter learns nothing from it).
+    /// its work begins) goes to the limiter. If the caller's deadline passes first, the work is
+    /// dropped and the answer is `DEADLINE_EXCEEDED` (the caller has stopped waiting; a call that
+    /// overran says nothing about how long serving takes, so the limiter learns nothing from it).
     pub struct Admitted<F> {
         #[pin]
         inner: F,
