@@ -302,15 +302,11 @@ impl Etcd {
 
     /// The index of the member that leads now, as the running members say.
     pub fn leader(&self) -> Option<usize> {
-        let running = self
-            .members
-            .iter()
-            .filter(|m| m.proc.is_some())
-            .map(|m| m.client_url.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
         let out = self
-            .ctl_on(&running, &["endpoint", "status", "--write-out", "json"])
+            .ctl_on(
+                &self.running(),
+                &["endpoint", "status", "--write-out", "json"],
+            )
             .ok()?;
         let statuses: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         statuses.as_array()?.iter().find_map(|status| {
@@ -411,6 +407,16 @@ impl Etcd {
         Ok(())
     }
 
+    /// The client URLs of the members running now, comma separated.
+    fn running(&self) -> String {
+        self.members
+            .iter()
+            .filter(|m| m.proc.is_some())
+            .map(|m| m.client_url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Runs `etcdctl` against this etcd.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<Output> {
         self.ctl_on(&self.endpoint, args)
@@ -427,9 +433,10 @@ impl Etcd {
             .output()?)
     }
 
-    /// `etcdctl put KEY VALUE`, failing on error.
+    /// `etcdctl put KEY VALUE` through the running members (etcdctl may wait its whole command
+    /// timeout on a stopped one), failing on error.
     pub fn put(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        let out = self.ctl(&["put", key, value])?;
+        let out = self.ctl_on(&self.running(), &["put", key, value])?;
         if !out.status.success() {
             bail!(
                 "etcdctl put {key}: {}",
@@ -441,7 +448,7 @@ impl Etcd {
 
     /// Keys under `prefix` with their values.
     pub fn get_prefix(&self, prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
-        let out = self.ctl(&["get", "--prefix", prefix])?;
+        let out = self.ctl_on(&self.running(), &["get", "--prefix", prefix])?;
         if !out.status.success() {
             bail!(
                 "etcdctl get {prefix}: {}",
