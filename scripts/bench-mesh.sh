@@ -9,7 +9,9 @@ RUNS="${RUNS:-5}"
 DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-2}"
 CONCURRENCY="${CONCURRENCY:-32}"
-BIN="${CARGO_TARGET_DIR:-target}/release"
+# BIN: the binaries to measure (a copy of an earlier build's, to compare two builds in pairs);
+# unset, the workspace's release build, built first.
+BIN="${BIN:-}"
 # PARTS picks what to run (for iterating on one part): any of ceiling mesh tls tracing metrics
 # startup overload.
 PARTS="${PARTS:-ceiling mesh tls tracing metrics startup overload}"
@@ -31,7 +33,10 @@ cleanup() {
 # The tracing part's sink is stopped apart (after the instances), or here if the script stops.
 trap 'cleanup; [ -n "${sink_pid:-}" ] && kill -TERM "$sink_pid" 2>/dev/null; rm -rf "$WORK"' EXIT
 
-cargo build --release -q --workspace --bins
+if [ -z "$BIN" ]; then
+    BIN="${CARGO_TARGET_DIR:-target}/release"
+    cargo build --release -q --workspace --bins
+fi
 
 # Every quote carries a bearer token from the benchmark issuer (deploy/bench/issuer.json; its
 # public key is in deploy/bench/config/auth.json), which herd and herd-raw both verify.
@@ -478,40 +483,46 @@ fi
 if part overload; then
 LEVELS="${LEVELS:-0.5 1 2 4 8}"
 OVERLOAD_RUNS="${OVERLOAD_RUNS:-3}"
+OVERLOAD_MESHES="${OVERLOAD_MESHES:-raw herd}" # the meshes offered each level (both capacities are measured)
 DEADLINE_MS="${DEADLINE_MS:-1000}"
 OVERLOAD_DATA="${OVERLOAD_DATA:-bench/overload.dat}"
 OVERLOAD_CHART="${OVERLOAD_CHART:-docs/overload.svg}"
 mkdir -p "$(dirname "$OVERLOAD_DATA")"
 max_rss_mb() { local m=0; for pid in "$@"; do m=$(awk -v a="$m" -v b="$(peak_rss_mb "$pid")" 'BEGIN {print (b > a) ? b : a}'); done; echo "$m"; }
 refused() { grep -o '"failed":{[^}]*}' | grep -o '[0-9]\+' | awk '{s += $1} END {print s + 0}'; }
-overload_run() { # mesh rate: prints goodput p99_us rss_mb refused lag_p99_us
-    local out rss
+overload_run() { # mesh rate: prints goodput p99_us rss_mb refused lag_p99_us gateway_cpu
+    local out rss before after gateway
     "start_$1"
+    gateway=${SERVERS[-1]}
+    before=$(cpu_ticks "$gateway")
     out=$(load "$GATEWAY" --rate "$2" --timeout-ms "$DEADLINE_MS")
+    after=$(cpu_ticks "$gateway")
     rss=$(max_rss_mb "${SERVERS[@]}")
     cleanup
-    echo "$(echo "$out" | field throughput) $(echo "$out" | field p99_us) $rss $(echo "$out" | refused) $(echo "$out" | field start_lag_p99_us)"
+    # gateway_cpu: the share of its core the gateway used over warm-up and measurement.
+    echo "$(echo "$out" | field throughput) $(echo "$out" | field p99_us) $rss $(echo "$out" | refused) $(echo "$out" | field start_lag_p99_us) $(awk -v t=$((after - before)) -v d="$((DURATION + WARMUP))" 'BEGIN {printf "%.2f", t / 100 / d}')"
 }
-ROWS=()
+ROWS=(); raw_caps=(); herd_caps=()
 for run in $(seq 1 "$OVERLOAD_RUNS"); do
     start_raw; read -r raw_cap _ < <(sat_run "$GATEWAY" "${SERVERS[@]}"); cleanup
     start_herd; read -r herd_cap _ < <(sat_run "$GATEWAY" "${SERVERS[@]}"); cleanup
+    raw_caps+=("$raw_cap"); herd_caps+=("$herd_cap")
     for level in $LEVELS; do
         rate=$(awk -v c="$raw_cap" -v l="$level" 'BEGIN {printf "%d", c * l}')
-        for mesh in raw herd; do
+        for mesh in $OVERLOAD_MESHES; do
             cap=$raw_cap; [ $mesh = herd ] && cap=$herd_cap
-            read -r good p99 rss refused lag < <(overload_run $mesh "$rate")
-            ROWS+=("$mesh $level $run $rate $cap $good $p99 $rss $refused $lag")
-            echo "overload run $run: $mesh at ${level}x ($rate calls/s): $good ok/s of capacity $cap, p99 $p99 µs, refused $refused, peak RSS $rss MB, start lag p99 $lag µs" >&2
+            read -r good p99 rss refused lag gwcpu < <(overload_run $mesh "$rate")
+            ROWS+=("$mesh $level $run $rate $cap $good $p99 $rss $refused $lag $gwcpu")
+            echo "overload run $run: $mesh at ${level}x ($rate calls/s): $good ok/s of capacity $cap, p99 $p99 µs, refused $refused, peak RSS $rss MB, start lag p99 $lag µs, gateway CPU $gwcpu" >&2
         done
     done
 done
 {
-    echo "# mesh level run offered_per_s capacity_ok_s goodput_ok_s p99_us peak_rss_mb refused start_lag_p99_us"
+    echo "# mesh level run offered_per_s capacity_ok_s goodput_ok_s p99_us peak_rss_mb refused start_lag_p99_us gateway_cpu"
     printf '%s\n' "${ROWS[@]}"
 } >"$OVERLOAD_DATA"
 echo "== overload (open loop, deadline $DEADLINE_MS ms, $OVERLOAD_RUNS runs; each level on fresh meshes)"
-for mesh in raw herd; do
+for mesh in $OVERLOAD_MESHES; do
     for level in $LEVELS; do
         mine() { printf '%s\n' "${ROWS[@]}" | awk -v m=$mesh -v l="$level" -v f="$1" '$1 == m && $2 == l {print $f}'; }
         share=(); while read -r g c; do share+=("$(awk -v g="$g" -v c="$c" 'BEGIN {printf "%.3f", g / c}')"); done < <(printf '%s\n' "${ROWS[@]}" | awk -v m=$mesh -v l="$level" '$1 == m && $2 == l {print $6, $5}')
@@ -532,7 +543,30 @@ goal "overload: herd goodput/capacity at 8x" "$(median $(herd_share 8))" ge 0.85
 # shellcheck disable=SC2046
 goal "overload: herd p99 of successes at 2x / at 0.5x" "$(awk -v a="$(median $(herd_col 2 7))" -v b="$(median $(herd_col 0.5 7))" 'BEGIN {printf "%.2f", a / b}')" le 3
 goal "overload: herd peak RSS, largest instance (MB)" "$(printf '%s\n' "${ROWS[@]}" | awk '$1 == "herd" && $8 > m {m = $8} END {print m + 0}')" le 30
-if command -v gnuplot >/dev/null 2>&1; then scripts/overload-chart.sh "$OVERLOAD_DATA" "$OVERLOAD_CHART"; fi
+if [ "${#ROWS[@]}" -gt 0 ] && command -v gnuplot >/dev/null 2>&1; then scripts/overload-chart.sh "$OVERLOAD_DATA" "$OVERLOAD_CHART"; fi
+
+# The floor under a refusal: a server on h2 alone that refuses every call at once (herd-raw
+# --role refuse: no hyper, no tonic, no task per call), offered 8x the raw capacity on the
+# servers' core. Its CPU per call is the least any server on h2 spends to say no; beside it, what
+# a refusal may cost for herd to keep 85 % of its capacity at 8x (the refusals' share of the core
+# is then 15 %).
+REFUSAL_US=()
+rate8=$(awk -v c="$(median "${raw_caps[@]}")" 'BEGIN {printf "%d", 8 * c}')
+for run in $(seq 1 "$OVERLOAD_RUNS"); do
+    address=127.0.0.1:$(free_port)
+    on_servers "$BIN/herd-raw" --role refuse --listen "$address" & PIDS+=($!)
+    wait_listening "$address"
+    before=$(cpu_ticks "${PIDS[-1]}")
+    out=$(load "$address" --rate "$rate8" --timeout-ms "$DEADLINE_MS")
+    after=$(cpu_ticks "${PIDS[-1]}")
+    cleanup
+    # Ticks are 1/100 s over warm-up and measurement; the refusals counted, over measurement only.
+    REFUSAL_US+=("$(awk -v t=$((after - before)) -v n="$(echo "$out" | refused)" -v d="$DURATION" -v w="$WARMUP" 'BEGIN {printf "%.2f", t * 10000 / (n * (d + w) / d)}')")
+    echo "refusal floor run $run: $rate8 calls/s refused by h2 alone, ${REFUSAL_US[-1]} µs of CPU each" >&2
+done
+echo "== the floor under a refusal ($rate8 calls/s = 8x raw capacity, refused by a server on h2 alone)"
+stats "CPU per refusal, h2 alone" "µs" "${REFUSAL_US[@]}"
+echo "for 85 % of herd's capacity at 8x, a refusal may cost at most: $(awk -v r="$rate8" -v c="$(median "${herd_caps[@]}")" 'BEGIN {printf "%.2f", 0.15 * 1e6 / (r - 0.85 * c)}') µs"
 
 # Memory under a flood with every span exported: herd offered 4x the raw capacity for
 # $FLOOD_SECONDS from $FLOOD_CONNECTIONS connections, tracing sampled at 100 % into a sink. Per
@@ -540,11 +574,11 @@ if command -v gnuplot >/dev/null 2>&1; then scripts/overload-chart.sh "$OVERLOAD
 # and how long after the flood every instance is back within 25 % (+2 MB) of its steady size.
 FLOOD_SECONDS="${FLOOD_SECONDS:-30}"
 FLOOD_CONNECTIONS="${FLOOD_CONNECTIONS:-200}"
+FLOOD_RUNS="${FLOOD_RUNS:-$OVERLOAD_RUNS}"
 rss_now_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
-raw_caps=(); while read -r c; do raw_caps+=("$c"); done < <(printf '%s\n' "${ROWS[@]}" | awk '$1 == "raw" {print $5}')
 flood_rate=$(awk -v c="$(median "${raw_caps[@]}")" 'BEGIN {printf "%d", 4 * c}')
 STEADY=(); PEAK=(); BACK=()
-for run in $(seq 1 "$OVERLOAD_RUNS"); do
+for run in $(seq 1 "$FLOOD_RUNS"); do
     SINK=127.0.0.1:$(free_port)
     on_servers "$BIN/herd-raw" --role sink --listen "$SINK" & PIDS+=($!)
     wait_listening "$SINK"
@@ -565,11 +599,13 @@ for run in $(seq 1 "$OVERLOAD_RUNS"); do
     echo "flood run $run: ${flood_rate} calls/s for ${FLOOD_SECONDS} s from $FLOOD_CONNECTIONS connections, tracing 100 %: $(echo "$out" | field throughput) ok/s, steady ${STEADY[-1]} MB, peak ${PEAK[-1]} MB, back to steady after ${back} s" >&2
     cleanup
 done
-echo "== flood with tracing at 100 % ($flood_rate calls/s = 4x raw capacity, $FLOOD_SECONDS s, $FLOOD_CONNECTIONS connections)"
-stats "largest instance's RSS, steady" "MB" "${STEADY[@]}"
-stats "largest instance's RSS, peak" "MB" "${PEAK[@]}"
-echo "seconds until every instance is back to steady: ${BACK[*]}"
-goal "flood with tracing: peak RSS, largest instance (MB)" "$(printf '%s\n' "${PEAK[@]}" | sort -g | tail -1)" le 30
+if [ "$FLOOD_RUNS" -gt 0 ]; then
+    echo "== flood with tracing at 100 % ($flood_rate calls/s = 4x raw capacity, $FLOOD_SECONDS s, $FLOOD_CONNECTIONS connections)"
+    stats "largest instance's RSS, steady" "MB" "${STEADY[@]}"
+    stats "largest instance's RSS, peak" "MB" "${PEAK[@]}"
+    echo "seconds until every instance is back to steady: ${BACK[*]}"
+    goal "flood with tracing: peak RSS, largest instance (MB)" "$(printf '%s\n' "${PEAK[@]}" | sort -g | tail -1)" le 30
+fi
 fi
 
 goals_exit

@@ -1,5 +1,5 @@
 //! `herd-raw`: one baseline server — the reference mesh's logic on plain tonic with none of herd's
-//! layers — or the hello-world ceiling, or an OTLP sink.
+//! layers — or the hello-world ceiling, an OTLP sink, or a server that refuses every call.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -17,6 +17,8 @@ enum Role {
     Hello,
     /// An OTLP/gRPC receiver that counts and discards spans.
     Sink,
+    /// Every call answered `UNAVAILABLE` at once, on `h2` alone: the least a refusal can cost.
+    Refuse,
 }
 
 /// Serve one baseline role on a fixed address until killed.
@@ -51,6 +53,9 @@ struct Args {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    if args.role == Role::Refuse {
+        return herd_bench::refuse::serve(listener).await;
+    }
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let role = format!("{:?}", args.role).to_lowercase();
     let tls = match &args.tls_dir {
@@ -70,7 +75,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let sink = herd_bench::sink::Sink::default();
     let router = match args.role {
         Role::Hello => server.add_service(tonic_health::server::health_reporter().1),
-        Role::Sink => server.add_service(herd_bench::sink::server(sink.clone())),
+        // (A refuser is served above, without tonic.)
+        Role::Sink | Role::Refuse => server.add_service(herd_bench::sink::server(sink.clone())),
         Role::Tax => server.add_service(raw::tax_server(raw::load_config(&args.config)?)),
         Role::Currency => server.add_service(raw::currency_server(raw::load_config(&args.config)?)),
         Role::Pricing => server.add_service(raw::pricing_server(raw::RawPricing {
