@@ -40,11 +40,11 @@ use tokio::time::Instant;
 pub struct LimitSettings {
     /// The limit once the first floor is measured: enough for a healthy instance's start.
     pub initial: u32,
-    /// Never below this: so many calls at once are always let in (32). Calls keep being measured;
-    /// an instance's answers leave in fewer writes the more calls finish together, so its
-    /// capacity is reached only with a few dozen in flight; and a caller that keeps a bounded
-    /// number of calls in flight is not a flood — refusing part of them only makes callers that
-    /// retry at once spin.
+    /// Never below this: so many calls at once are always let in (32, `--min-in-flight`). Calls
+    /// keep being measured; an instance's answers leave in fewer writes the more calls finish
+    /// together, so its capacity is reached only with a few dozen in flight; and a caller that
+    /// keeps a bounded number of calls in flight is not a flood — refusing part of them only
+    /// makes callers that retry at once spin.
     pub min: u32,
     /// Never above this: the hard cap, whatever latency says (`--max-in-flight`).
     pub max: u32,

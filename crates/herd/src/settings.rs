@@ -87,6 +87,12 @@ pub struct Settings {
     /// the limit are answered UNAVAILABLE at once.
     #[arg(long, env = "HERD_MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: u32,
+
+    /// The fewest calls the instance lets in at once, whatever its adaptive limit says (at most
+    /// `--max-in-flight`): lower keeps the tail of admitted calls shorter under overload, higher
+    /// refuses less of a caller that keeps a fixed number of calls in flight.
+    #[arg(long, env = "HERD_MIN_IN_FLIGHT", default_value_t = 32)]
+    pub min_in_flight: u32,
 }
 
 /// How a process reaches the mesh — an instance, or a caller outside it: etcd, the prefix herd's
@@ -190,8 +196,8 @@ impl Settings {
                 "--tls-cert, --tls-key, --tls-ca: give all three (mutual TLS) or none".into(),
             );
         }
-        if self.max_in_flight == 0 {
-            return Err("--max-in-flight: at least 1".into());
+        if self.max_in_flight == 0 || self.min_in_flight == 0 {
+            return Err("--max-in-flight, --min-in-flight: at least 1".into());
         }
         if self.max_connections == 0 {
             return Err("--max-connections: at least 1".into());
@@ -214,7 +220,7 @@ impl Settings {
         crate::limit::LimitSettings {
             max: self.max_in_flight,
             initial: defaults.initial.min(self.max_in_flight),
-            min: defaults.min.min(self.max_in_flight),
+            min: self.min_in_flight.min(self.max_in_flight),
             ..defaults
         }
     }
@@ -255,6 +261,26 @@ mod tests {
     fn bad_prefix_is_rejected() {
         let s = Settings::try_parse_from(["svc", "--prefix", "herd"]).expect("parses");
         assert!(s.validate().unwrap_err().contains("--prefix"));
+    }
+
+    #[test]
+    fn the_limit_is_bounded_by_the_in_flight_flags() {
+        let limit = |args: &[&str]| {
+            let s = Settings::try_parse_from([&["svc"], args].concat()).expect("parses");
+            s.validate().map(|()| s.limit_settings())
+        };
+        let defaults = limit(&[]).unwrap();
+        assert_eq!((defaults.min, defaults.max), (32, 512));
+        let lowered = limit(&["--min-in-flight", "8"]).unwrap();
+        assert_eq!((lowered.min, lowered.max), (8, 512));
+        // A cap below the minimum lowers the minimum with it.
+        let capped = limit(&["--max-in-flight", "4"]).unwrap();
+        assert_eq!((capped.min, capped.max), (4, 4));
+        assert!(
+            limit(&["--min-in-flight", "0"])
+                .unwrap_err()
+                .contains("--min-in-flight")
+        );
     }
 
     #[test]
