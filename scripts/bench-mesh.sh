@@ -575,6 +575,7 @@ echo "for 85 % of herd's capacity at 8x, a refusal may cost at most: $(awk -v r=
 FLOOD_SECONDS="${FLOOD_SECONDS:-30}"
 FLOOD_CONNECTIONS="${FLOOD_CONNECTIONS:-200}"
 FLOOD_RUNS="${FLOOD_RUNS:-$OVERLOAD_RUNS}"
+FLOOD_SAMPLED="${FLOOD_SAMPLED:-1}" # the share of calls traced (the goal is for 1: every one)
 rss_now_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 flood_rate=$(awk -v c="$(median "${raw_caps[@]}")" 'BEGIN {printf "%d", 4 * c}')
 STEADY=(); PEAK=(); BACK=()
@@ -582,7 +583,7 @@ for run in $(seq 1 "$FLOOD_RUNS"); do
     SINK=127.0.0.1:$(free_port)
     on_servers "$BIN/herd-raw" --role sink --listen "$SINK" & PIDS+=($!)
     wait_listening "$SINK"
-    start_herd OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=1
+    start_herd OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG="$FLOOD_SAMPLED"
     DURATION=2 WARMUP=0 load "$GATEWAY" --rate "$((flood_rate / 8))" >/dev/null
     steady=(); for pid in "${SERVERS[@]}"; do steady+=("$(rss_now_mb "$pid")"); done
     out=$(CONNECTIONS=$FLOOD_CONNECTIONS DURATION=$FLOOD_SECONDS WARMUP=0 load "$GATEWAY" --rate "$flood_rate" --timeout-ms "$DEADLINE_MS")
@@ -596,11 +597,11 @@ for run in $(seq 1 "$FLOOD_RUNS"); do
         sleep 0.1
     done
     STEADY+=("$(printf '%s\n' "${steady[@]}" | sort -g | tail -1)"); PEAK+=("$(max_rss_mb "${SERVERS[@]}")"); BACK+=("$back")
-    echo "flood run $run: ${flood_rate} calls/s for ${FLOOD_SECONDS} s from $FLOOD_CONNECTIONS connections, tracing 100 %: $(echo "$out" | field throughput) ok/s, steady ${STEADY[-1]} MB, peak ${PEAK[-1]} MB, back to steady after ${back} s" >&2
+    echo "flood run $run: ${flood_rate} calls/s for ${FLOOD_SECONDS} s from $FLOOD_CONNECTIONS connections, tracing $(awk -v s="$FLOOD_SAMPLED" 'BEGIN {print s * 100}') %: $(echo "$out" | field throughput) ok/s, steady ${STEADY[-1]} MB, peak ${PEAK[-1]} MB, back to steady after ${back} s" >&2
     cleanup
 done
 if [ "$FLOOD_RUNS" -gt 0 ]; then
-    echo "== flood with tracing at 100 % ($flood_rate calls/s = 4x raw capacity, $FLOOD_SECONDS s, $FLOOD_CONNECTIONS connections)"
+    echo "== flood with tracing at $(awk -v s="$FLOOD_SAMPLED" 'BEGIN {print s * 100}') % ($flood_rate calls/s = 4x raw capacity, $FLOOD_SECONDS s, $FLOOD_CONNECTIONS connections)"
     stats "largest instance's RSS, steady" "MB" "${STEADY[@]}"
     stats "largest instance's RSS, peak" "MB" "${PEAK[@]}"
     echo "seconds until every instance is back to steady: ${BACK[*]}"
