@@ -196,8 +196,11 @@ impl Settings {
                 "--tls-cert, --tls-key, --tls-ca: give all three (mutual TLS) or none".into(),
             );
         }
-        if self.max_in_flight == 0 || self.min_in_flight == 0 {
-            return Err("--max-in-flight, --min-in-flight: at least 1".into());
+        if self.max_in_flight == 0 {
+            return Err("--max-in-flight: at least 1".into());
+        }
+        if self.min_in_flight == 0 {
+            return Err("--min-in-flight: at least 1".into());
         }
         if self.max_connections == 0 {
             return Err("--max-connections: at least 1".into());
@@ -276,10 +279,9 @@ mod tests {
         // A cap below the minimum lowers the minimum with it.
         let capped = limit(&["--max-in-flight", "4"]).unwrap();
         assert_eq!((capped.min, capped.max), (4, 4));
-        assert!(
-            limit(&["--min-in-flight", "0"])
-                .unwrap_err()
-                .contains("--min-in-flight")
+        assert_eq!(
+            limit(&["--min-in-flight", "0"]).unwrap_err(),
+            "--min-in-flight: at least 1"
         );
     }
 
