@@ -151,6 +151,12 @@ start_herd() { # extra environment assignments for the services; METRICS=1: each
     done
 }
 
+# CPU µs per call: TICKS (1/100 s) spent over warm-up and measurement, CALLS counted over the
+# measurement only (scaled up to the whole run), printed with DECIMALS decimals.
+us_per_call() { # ticks calls decimals
+    awk -v t="$1" -v c="$2" -v d="$DURATION" -v w="$WARMUP" -v p="$3" 'BEGIN {printf "%.*f", p, t * 10000 / (c * (d + w) / d)}'
+}
+
 # One saturation run: prints throughput and server CPU µs per request.
 sat_run() { # gateway server-pids...
     local gateway=$1 before after out calls; shift
@@ -158,8 +164,7 @@ sat_run() { # gateway server-pids...
     out=$(load "$gateway" --concurrency "$CONCURRENCY")
     after=$(cpu_ticks "$@")
     calls=$(echo "$out" | field calls)
-    # Ticks are 1/100 s; the warm-up's calls are not counted, so this slightly overstates.
-    echo "$(echo "$out" | field throughput) $(awk -v t=$((after - before)) -v c="$calls" -v d="$DURATION" -v w="$WARMUP" 'BEGIN {printf "%.1f", t * 10000 / (c * (d + w) / d)}')"
+    echo "$(echo "$out" | field throughput) $(us_per_call $((after - before)) "$calls" 1)"
 }
 
 # One fixed-rate run: prints p50 and p99 in µs.
@@ -560,8 +565,7 @@ for run in $(seq 1 "$OVERLOAD_RUNS"); do
     out=$(load "$address" --rate "$rate8" --timeout-ms "$DEADLINE_MS")
     after=$(cpu_ticks "${PIDS[-1]}")
     cleanup
-    # Ticks are 1/100 s over warm-up and measurement; the refusals counted, over measurement only.
-    REFUSAL_US+=("$(awk -v t=$((after - before)) -v n="$(echo "$out" | refused)" -v d="$DURATION" -v w="$WARMUP" 'BEGIN {printf "%.2f", t * 10000 / (n * (d + w) / d)}')")
+    REFUSAL_US+=("$(us_per_call $((after - before)) "$(echo "$out" | refused)" 2)")
     echo "refusal floor run $run: $rate8 calls/s refused by h2 alone, ${REFUSAL_US[-1]} µs of CPU each" >&2
 done
 echo "== the floor under a refusal ($rate8 calls/s = 8x raw capacity, refused by a server on h2 alone)"

@@ -18,9 +18,6 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Streams a connection may have open at once: as herd's servers allow.
-const MAX_CONCURRENT_STREAMS: u32 = 256;
-
 /// Answers every call on every connection `listener` accepts with `UNAVAILABLE`, until the
 /// process ends.
 pub async fn serve(listener: TcpListener) -> anyhow::Result<()> {
@@ -37,7 +34,8 @@ pub async fn serve(listener: TcpListener) -> anyhow::Result<()> {
         let answer = answer.clone();
         tokio::spawn(async move {
             let handshake = h2::server::Builder::new()
-                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                // As many streams at once as herd's servers allow.
+                .max_concurrent_streams(herd::server::MAX_CONCURRENT_STREAMS)
                 .handshake::<_, Bytes>(Batched {
                     socket,
                     waited: false,

@@ -53,10 +53,6 @@ struct Args {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    if args.role == Role::Refuse {
-        return herd_bench::refuse::serve(listener).await;
-    }
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let role = format!("{:?}", args.role).to_lowercase();
     let tls = match &args.tls_dir {
         Some(dir) => Some(raw::RawTls::load(dir, &role)?),
@@ -75,8 +71,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let sink = herd_bench::sink::Sink::default();
     let router = match args.role {
         Role::Hello => server.add_service(tonic_health::server::health_reporter().1),
-        // (A refuser is served above, without tonic.)
-        Role::Sink | Role::Refuse => server.add_service(herd_bench::sink::server(sink.clone())),
+        Role::Sink => server.add_service(herd_bench::sink::server(sink.clone())),
+        // On h2 alone, without tonic.
+        Role::Refuse => return herd_bench::refuse::serve(listener).await,
         Role::Tax => server.add_service(raw::tax_server(raw::load_config(&args.config)?)),
         Role::Currency => server.add_service(raw::currency_server(raw::load_config(&args.config)?)),
         Role::Pricing => server.add_service(raw::pricing_server(raw::RawPricing {
@@ -99,6 +96,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             }))
         }
     };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     if args.role == Role::Sink {
         // A sink stops on SIGTERM and says how many spans it received, for the benchmark to
         // compare with what the instances say they exported.
