@@ -29,7 +29,7 @@ impl Deadline {
     /// The deadline a request's `grpc-timeout` header gives, if it has a well-formed one.
     pub fn from_headers(headers: &http::HeaderMap) -> Option<Self> {
         headers
-            .get("grpc-timeout")
+            .get(GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map(Self::after)
@@ -44,6 +44,23 @@ impl Deadline {
             Ok(left)
         }
     }
+}
+
+/// The deadline's header, its name made once (a name given as a string is parsed on every use).
+pub(crate) const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+/// The `grpc-timeout` value for `left`: whole milliseconds, at least 1, at most 8 digits.
+///
+/// Sent never indexed: it differs on almost every call, so in HPACK's dynamic table it would
+/// only push out the headers that do repeat, and every later call's lookup of the name would
+/// compare its value against each one stored.
+pub(crate) fn grpc_timeout(left: Duration) -> http::HeaderValue {
+    let millis = left.as_millis().clamp(1, 99_999_999);
+    // Cannot fail: digits and a letter.
+    let mut value = http::HeaderValue::from_str(&format!("{millis}m"))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("1m"));
+    value.set_sensitive(true);
+    value
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
@@ -244,6 +261,15 @@ mod tests {
     #[test]
     fn parses_grpc_timeouts() {
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        for (left, sent) in [
+            (Duration::from_millis(1500), "1500m"),
+            (Duration::from_micros(10), "1m"),
+            (Duration::from_secs(10_000_000), "99999999m"),
+        ] {
+            let value = grpc_timeout(left);
+            assert_eq!(value, sent);
+            assert!(value.is_sensitive(), "kept out of HPACK's dynamic table");
+        }
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("5"), None);

@@ -269,7 +269,7 @@ where
             let status = output
                 .as_ref()
                 .ok()
-                .and_then(|response| response.headers().get("grpc-status"))
+                .and_then(|response| response.headers().get(crate::client::unary::GRPC_STATUS))
                 .map(|code| code.as_bytes());
             match status {
                 None | Some(b"0") => permit.done(tokio::time::Instant::now()),
@@ -284,7 +284,7 @@ where
 /// The time a call has (`None`: no deadline), or why it cannot run: a zero or negative
 /// `grpc-timeout`, or one that is not well formed.
 fn check_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, Status> {
-    let Some(value) = headers.get("grpc-timeout") else {
+    let Some(value) = headers.get(crate::context::GRPC_TIMEOUT) else {
         return Ok(None);
     };
     let value = value.to_str().unwrap_or_default();

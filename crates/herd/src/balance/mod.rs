@@ -242,7 +242,7 @@ fn shed_penalty(response: &Response) -> Option<Duration> {
 /// The pushback of a shed call's trailers-only response: `grpc-status` 14 and
 /// `grpc-retry-pushback-ms`.
 fn shed_pushback(headers: &http::HeaderMap) -> Option<Duration> {
-    if headers.get("grpc-status")?.as_bytes() != b"14" {
+    if headers.get(crate::client::unary::GRPC_STATUS)?.as_bytes() != b"14" {
         return None;
     }
     crate::door::pushback_of(headers.get(crate::door::PUSHBACK)?.to_str().ok()?)

@@ -14,7 +14,7 @@ use http_body::{Body as _, Frame};
 use tonic::body::Body;
 
 use super::connection::{Request, RequestBody, Response, streamed};
-use super::unary::FRAME_HEADER;
+use super::unary::{FRAME_HEADER, GRPC_STATUS};
 use super::{NoRetry, retry_after};
 use crate::balance::MeshChannel;
 use crate::context::Deadline;
@@ -44,7 +44,10 @@ pub(crate) async fn send(
         let mut head = copy(&template);
         if let Some(deadline) = &deadline {
             let left = deadline.remaining()?;
-            head.headers.insert("grpc-timeout", timeout_header(left));
+            head.headers.insert(
+                crate::context::GRPC_TIMEOUT,
+                crate::context::grpc_timeout(left),
+            );
         }
         let request = Request {
             head,
@@ -97,7 +100,7 @@ impl Whole {
             Some(trailers) if !self.head.headers.contains_key("grpc-status") => trailers,
             _ => &self.head.headers,
         };
-        if headers.get("grpc-status")?.as_bytes() != b"14" {
+        if headers.get(GRPC_STATUS)?.as_bytes() != b"14" {
             return None;
         }
         Some(
@@ -174,13 +177,6 @@ fn copy(template: &http::Request<()>) -> http::request::Parts {
 }
 
 /// `grpc-timeout` for `left`, in milliseconds (at least one).
-fn timeout_header(left: Duration) -> http::HeaderValue {
-    let millis = left.as_millis().clamp(1, 99_999_999);
-    // Cannot fail: digits and a letter.
-    http::HeaderValue::from_str(&format!("{millis}m"))
-        .unwrap_or_else(|_| http::HeaderValue::from_static("1m"))
-}
-
 /// A body whose first bytes (and perhaps a frame after them) were read already.
 struct Prefixed {
     read: Option<Bytes>,
@@ -260,12 +256,5 @@ mod tests {
         drop(tx);
         let all = streaming.collect().await.expect("read").to_bytes();
         assert_eq!(all, Bytes::from_static(b"first then more"));
-    }
-
-    #[test]
-    fn the_time_left_goes_as_grpc_timeout_in_milliseconds() {
-        assert_eq!(timeout_header(Duration::from_millis(1500)), "1500m");
-        assert_eq!(timeout_header(Duration::from_micros(10)), "1m");
-        assert_eq!(timeout_header(Duration::from_secs(10_000_000)), "99999999m");
     }
 }

@@ -191,8 +191,11 @@ where
                 frame(&traced)
             }
         };
+        AsMut::<http::HeaderMap>::as_mut(&mut metadata).insert(
+            crate::context::GRPC_TIMEOUT,
+            crate::context::grpc_timeout(left),
+        );
         let mut request = tonic::Request::from_parts(metadata, Default::default(), body);
-        request.set_timeout(left);
         if let Some(peer) = span.peer() {
             request.extensions_mut().insert(peer);
         }

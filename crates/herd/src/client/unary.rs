@@ -153,9 +153,13 @@ pub(crate) fn unary_head(
     head
 }
 
+/// An answer's status header, its name made once (a name given as a string is parsed on every
+/// use).
+pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// `Ok` for `grpc-status: 0`, the status it names otherwise; `None` without one.
 fn grpc_status(headers: &HeaderMap) -> Option<Result<(), Status>> {
-    let code = headers.get("grpc-status")?;
+    let code = headers.get(GRPC_STATUS)?;
     if code.as_bytes() == b"0" {
         return Some(Ok(()));
     }
