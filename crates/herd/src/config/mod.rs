@@ -231,7 +231,9 @@ impl<M: ConfigModel> ConfigStore<M> {
         if let Some(found) = self.inner.recent(revision) {
             return Ok(found);
         }
-        self.inner.pinned(revision).await
+        // Boxed: reading etcd takes a future of several KiB, which every call's future would
+        // otherwise carry (and be copied with), though nearly every call is served from memory.
+        Box::pin(self.inner.pinned(revision)).await
     }
 }
 
