@@ -81,9 +81,15 @@ load() { # target, then herd-bench flags
 }
 
 cpu_ticks() { # pids...: user+system clock ticks of those processes
-    local total=0
+    local total=0 pid ticks
     for pid in "$@"; do
-        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+        # A server that exited during a run is reported (with the instances' logs), not summed.
+        if ! ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null); then
+            echo "error: server process $pid exited during the run" >&2
+            tail -n 20 "$WORK"/*.log >&2 2>/dev/null || true
+            return 1
+        fi
+        total=$((total + ticks))
     done
     echo "$total"
 }

@@ -81,7 +81,7 @@ where
     }
     let result = match tracer {
         Some(tracer) if sampled => {
-            let exported = start_server_span(tracer, path, local, caller.as_deref(), parent);
+            let mut exported = start_server_span(tracer, path, local, caller.as_deref(), parent);
             let own = exported.span_context().clone();
             if !span.is_disabled() {
                 span.record("trace_id", own.trace_id().to_string());
@@ -95,11 +95,16 @@ where
                 context: own,
                 late: RefCell::new(late),
             };
-            // Boxed: what a sampled call carries across its handler (the exported span, the
-            // trace context in scope) would otherwise take room in every call's future, though
-            // most calls are not sampled.
-            let call = handler(request).instrument(span.clone());
-            Box::pin(traced(exported, serving, call)).await
+            let mut call =
+                std::pin::pin!(SERVING.scope(serving, handler(request).instrument(span.clone())));
+            let result = call.as_mut().await;
+            let late = call
+                .as_mut()
+                .take_value()
+                .map(|s| s.late.into_inner())
+                .unwrap_or_default();
+            end_server_span(&mut exported, late, &result);
+            result
         }
         _ => {
             if tracer.is_some() {
@@ -131,24 +136,6 @@ where
             tracing::warn!(parent: &span, rpc.grpc.status_code = code as i64, error = status.message(), "call failed");
         }
     }
-    result
-}
-
-/// Runs a sampled call with its trace context in scope (`serving`), then ends its exported span
-/// with what the call recorded and how it ended.
-async fn traced<Res>(
-    mut exported: opentelemetry_sdk::trace::Span,
-    serving: Serving,
-    call: impl Future<Output = Result<tonic::Response<Res>, tonic::Status>>,
-) -> Result<tonic::Response<Res>, tonic::Status> {
-    let mut call = std::pin::pin!(SERVING.scope(serving, call));
-    let result = call.as_mut().await;
-    let late = call
-        .as_mut()
-        .take_value()
-        .map(|s| s.late.into_inner())
-        .unwrap_or_default();
-    end_server_span(&mut exported, late, &result);
     result
 }
 
