@@ -97,7 +97,7 @@ impl Whole {
     /// trailers), the instance's pushback if it gave one; `None` for any other answer.
     fn unavailable(&self) -> Option<Option<Duration>> {
         let headers = match &self.trailers {
-            Some(trailers) if !self.head.headers.contains_key("grpc-status") => trailers,
+            Some(trailers) if !self.head.headers.contains_key(GRPC_STATUS) => trailers,
             _ => &self.head.headers,
         };
         if headers.get(GRPC_STATUS)?.as_bytes() != b"14" {
@@ -176,7 +176,6 @@ fn copy(template: &http::Request<()>) -> http::request::Parts {
     request.into_parts().0
 }
 
-/// `grpc-timeout` for `left`, in milliseconds (at least one).
 /// A body whose first bytes (and perhaps a frame after them) were read already.
 struct Prefixed {
     read: Option<Bytes>,
