@@ -1298,8 +1298,11 @@ async fn k_a_write_based_on_a_revision_that_changed_is_refused() -> anyhow::Resu
     ])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a write over a change went through");
+    let now = revision_of("catalog")?;
     assert!(
-        stderr.contains("it changed since; nothing written"),
+        stderr.contains(&format!(
+            "catalog is at revision {now}, not {read}: it changed since; nothing written"
+        )),
         "{stderr}"
     );
     let out = mesh.herdctl(&["config", "get", "catalog", "--output", "json"])?;
@@ -1309,7 +1312,7 @@ async fn k_a_write_based_on_a_revision_that_changed_is_refused() -> anyhow::Resu
         "{got}"
     );
     // Based on the revision it has now, it goes through.
-    let now = revision_of("catalog")?.to_string();
+    let now = now.to_string();
     let out = mesh.herdctl(&[
         "config",
         "put",

@@ -375,7 +375,7 @@ impl Started {
         }
         let routes =
             with_health_and_reflection(services.routes, health_service, &services.descriptors)?;
-        let mut stopped = stop.subscribe();
+        let stopped = stop.subscribe();
         let door = DoorLayer::new(services.limits, limiter);
         let (door, tls) = match tls {
             Some(tls) => (door.with_authz(tls.authz), Some(tls.config)),
@@ -399,9 +399,7 @@ impl Started {
                 .map_request(access_log)
                 .layer(door)
                 .service(routes.prepare()),
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            },
+            stopped_by(stopped),
         );
         let server = tokio::spawn(server);
         Ok(Self {
@@ -465,7 +463,7 @@ fn serve_health(
         impl tonic_health::pb::health_server::Health,
     >,
     hygiene: Hygiene,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
     let address = listener.local_addr().map_err(|source| ServeError::Bind {
         address: "the health listener".into(),
@@ -478,11 +476,14 @@ fn serve_health(
             hygiene,
         ),
         Routes::new(health).prepare(),
-        async move {
-            let _ = stop.wait_for(|stop| *stop).await;
-        },
+        stopped_by(stop),
     ));
     Ok(())
+}
+
+/// Completes when `stop` turns true (or its sender is gone): a listener's shutdown signal.
+async fn stopped_by(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 /// Reports registration changes through health until the registration ends.

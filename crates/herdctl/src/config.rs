@@ -151,15 +151,6 @@ fn read_spec(spec: &str) -> anyhow::Result<(String, Vec<u8>)> {
     Ok((section, read_file(&path)?))
 }
 
-/// The sections of `changes`, as a list for a message.
-fn names_of(changes: &[(String, Vec<u8>)]) -> String {
-    changes
-        .iter()
-        .map(|(s, _)| s.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Checks `changes` as a write would: each section by its own rules, then the configuration they
 /// would make with the rest of what etcd holds.
 fn validate(
@@ -387,10 +378,22 @@ impl Ctl {
             .await?;
         if !resp.succeeded() {
             if let Some(expected) = expected {
-                bail!(
-                    "{} is no longer at revision {expected}: it changed since; nothing written",
-                    names_of(&changes)
-                );
+                // The guard failed on the named sections, or on a section they were validated
+                // against: say which.
+                let (now, _) = self.current().await?;
+                let moved: Vec<String> = changes
+                    .iter()
+                    .filter_map(|(section, _)| {
+                        let at = now.get(section).map_or(0, |s| s.mod_revision);
+                        (at != expected).then(|| format!("{section} is at revision {at}"))
+                    })
+                    .collect();
+                if !moved.is_empty() {
+                    bail!(
+                        "{}, not {expected}: it changed since; nothing written",
+                        moved.join(", ")
+                    );
+                }
             }
             bail!(
                 "the configuration changed while it was being validated; nothing written, try again"
