@@ -510,6 +510,8 @@ overload_run() { # mesh rate: prints goodput p99_us rss_mb refused lag_p99_us ga
     after=$(cpu_ticks "$gateway")
     rss=$(max_rss_mb "${SERVERS[@]}")
     cleanup
+    # What failed, by status (refusals, and calls that ran out their deadline), for the log.
+    echo "overload: $1 at $2 calls/s failed $(echo "$out" | grep -o '"failed":{[^}]*}' | sed 's/"failed"://'), for example $(echo "$out" | grep -o '"failed_example":{[^}]*}' | sed 's/"failed_example"://')" >&2
     # gateway_cpu: the share of its core the gateway used over warm-up and measurement.
     echo "$(echo "$out" | field throughput) $(echo "$out" | field p99_us) $rss $(echo "$out" | refused) $(echo "$out" | field start_lag_p99_us) $(awk -v t=$((after - before)) -v d="$((DURATION + WARMUP))" 'BEGIN {printf "%.2f", t / 100 / d}')"
 }

@@ -300,3 +300,85 @@ async fn a_tenant_over_its_rate_is_held_to_it_across_two_gateways() -> anyhow::R
     );
     Ok(())
 }
+
+/// The port an instance's address (`127.0.0.1:PORT`) listens on.
+fn port_of(address: &str) -> anyhow::Result<u16> {
+    Ok(address
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("no port in {address}"))?
+        .1
+        .parse()?)
+}
+
+/// An instance that stops for longer than its callers' deadlines (a CPU quota throttled, a busy
+/// host) finds, when it runs again, every call they cancelled meanwhile and the calls they opened
+/// in their place — hundreds on one connection. HTTP/2's rapid-reset defence would take that for
+/// an attack and close the connection, failing every other call on it; from the mesh's own
+/// callers it is not held against them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pause_longer_than_the_callers_deadlines_costs_the_mesh_no_connection()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mesh = TestMesh::start(1, &fixture()).await?;
+    let process = |service: &str| {
+        mesh.instances
+            .iter()
+            .find(|(name, _)| name == service)
+            .map(|(_, p)| p)
+            .ok_or_else(|| anyhow::anyhow!("no {service}"))
+    };
+    let (gateway, pricing) = (process("gateway")?, process("pricing")?);
+    let pricing_port = port_of(
+        mesh.addresses("pricing")?
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("pricing is not registered"))?,
+    )?;
+    let to_pricing = || -> Vec<u16> {
+        herd_tests::connections(gateway.pid())
+            .into_iter()
+            .filter(|(_, remote)| *remote == pricing_port)
+            .map(|(local, _)| local)
+            .collect()
+    };
+    let target = mesh.gateways[0].clone();
+    // Quotes with a 50 ms deadline, 1 000 a second, for 5 s.
+    let load = tokio::task::spawn_blocking(move || {
+        bench(
+            &target,
+            &[
+                "--rate",
+                "1000",
+                "--duration",
+                "5",
+                "--warmup",
+                "0.5",
+                "--timeout-ms",
+                "50",
+            ],
+        )
+    });
+    let before = eventually(
+        "the gateway connected to pricing",
+        Duration::from_secs(10),
+        || async { Some(to_pricing()).filter(|c| !c.is_empty()) },
+    )
+    .await?;
+    // 0.8 s: sixteen of the callers' deadlines, and less than the gateway's keepalive allows
+    // a silent connection (1.5 s).
+    pricing.signal("STOP")?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    pricing.signal("CONT")?;
+    let over = load.await??;
+    let after = to_pricing();
+    println!(
+        "REPORT pause: pricing stopped 0.8 s under 1 000 quotes/s with 50 ms deadlines: {} ok/s, failed {}; the gateway's connections to pricing before {before:?}, after {after:?}",
+        over["throughput"], over["failed"]
+    );
+    for local in &before {
+        assert!(
+            after.contains(local),
+            "the gateway's connection from port {local} to pricing was closed: before {before:?}, after {after:?}"
+        );
+    }
+    Ok(())
+}

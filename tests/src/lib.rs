@@ -1064,6 +1064,16 @@ pub fn herdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<Output> {
 /// The remote ports of the established TCP connections the process `pid` holds, from `/proc`: its
 /// socket inodes matched against the kernel's connection tables.
 pub fn connected_ports(pid: u32) -> Vec<u16> {
+    connections(pid)
+        .into_iter()
+        .map(|(_, remote)| remote)
+        .collect()
+}
+
+/// The established TCP connections the process `pid` holds, as (local port, remote port), from
+/// `/proc`: its socket inodes matched against the kernel's connection tables. A connection closed
+/// and opened again has another local port.
+pub fn connections(pid: u32) -> Vec<(u16, u16)> {
     let sockets: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| {
             dir.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
@@ -1078,29 +1088,31 @@ pub fn connected_ports(pid: u32) -> Vec<u16> {
                 .collect()
         })
         .unwrap_or_default();
-    let mut ports = Vec::new();
+    let port = |address: &str| {
+        address
+            .rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    let mut found = Vec::new();
     for table in ["tcp", "tcp6"] {
         let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             // sl, local, remote, state (01: established), ..., inode (the tenth).
-            let (Some(remote), Some(state), Some(inode)) =
-                (fields.get(2), fields.get(3), fields.get(9))
+            let (Some(local), Some(remote), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(2), fields.get(3), fields.get(9))
             else {
                 continue;
             };
             if *state != "01" || !sockets.contains(*inode) {
                 continue;
             }
-            if let Some(port) = remote
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-            {
-                ports.push(port);
+            if let (Some(local), Some(remote)) = (port(local), port(remote)) {
+                found.push((local, remote));
             }
         }
     }
-    ports
+    found
 }
 
 /// Resident memory of a process, in MiB (0 once it has gone).

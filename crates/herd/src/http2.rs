@@ -33,11 +33,33 @@ use tower::{Service, ServiceExt};
 
 use crate::server::MAX_CONCURRENT_STREAMS;
 
+/// Who is on the other side of a connection, as HTTP/2's rapid-reset defence sees it.
+///
+/// A caller may cancel streams the server has read but not yet taken up; hyper closes the whole
+/// connection (`GOAWAY` `too_many_resets`) once more than a bound of those wait at once. That is
+/// a defence against a stranger who opens and cancels streams only to make the server work. The
+/// mesh's own callers run into it innocently: when an instance pauses (a CPU quota throttled, a
+/// stop, a busy core) for longer than its callers' deadlines, each caller cancels a call at every
+/// deadline and opens the next one in its place, and the instance reads all of them at once when
+/// it runs again — hundreds, on one connection that carries every other call of that caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// The mesh's own: its cancellations are never held against its connection.
+    Mesh,
+    /// Anyone else: at most [`MAX_CONCURRENT_STREAMS`] cancelled streams may wait at once.
+    Stranger,
+}
+
 /// Serves `service` on every connection `incoming` yields until `shutdown` completes; then stops
 /// accepting (the listener is dropped, so new connections are refused by the kernel), sends every
 /// open connection `GOAWAY`, and returns once all of them have answered their calls and closed.
-pub(crate) async fn serve<I, IO, S>(incoming: I, service: S, shutdown: impl Future<Output = ()>)
-where
+/// `caller` says who each connection's caller is ([`Caller`]).
+pub(crate) async fn serve<I, IO, S>(
+    incoming: I,
+    service: S,
+    caller: impl Fn(&IO::ConnectInfo) -> Caller,
+    shutdown: impl Future<Output = ()>,
+) where
     I: Stream<Item = Result<IO, std::io::Error>>,
     IO: Connected + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
@@ -47,7 +69,7 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = builder();
+    let (mesh, stranger) = (builder(Caller::Mesh), builder(Caller::Stranger));
     let (stop, stopped) = watch::channel(false);
     {
         let mut incoming = pin!(incoming);
@@ -60,6 +82,10 @@ where
             match io {
                 Some(Ok(io)) => {
                     let info = io.connect_info();
+                    let builder = match caller(&info) {
+                        Caller::Mesh => &mesh,
+                        Caller::Stranger => &stranger,
+                    };
                     let served = builder.serve_connection(
                         TokioIo::new(io),
                         OnArrival {
@@ -97,21 +123,28 @@ where
     stop.closed().await;
 }
 
-/// HTTP/2 as herd serves it: hyper's defaults but for the streams a connection may have in
-/// flight and the resets it may cause, and no `date` header (gRPC does not use it, and it would
-/// change the answer's headers every second).
+/// HTTP/2 as herd serves it to `caller`: hyper's defaults but for the streams a connection may
+/// have in flight and the resets it may cause, and no `date` header (gRPC does not use it, and it
+/// would change the answer's headers every second).
+///
+/// A stranger may have as many cancelled streams waiting to be taken up as it may have streams
+/// at once (hyper's default of 20 cut a caller whose deadlines expired together); the mesh's own
+/// callers any number ([`Caller`]).
 ///
 /// hyper closes a connection once 1 024 of its streams have been reset by the server's HTTP/2
 /// layer over its whole life (streams refused past the stream limit among them) and never
 /// forgets one; a mesh connection lives for days, so that would end up cutting a caller's
 /// connection with every call on it. tonic's server, which herd used before, set no such bound;
 /// neither does herd. A connection's streams at once stay bounded by `MAX_CONCURRENT_STREAMS`.
-fn builder() -> Builder<TokioExecutor> {
+fn builder(caller: Caller) -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(MAX_CONCURRENT_STREAMS as usize)
+        .max_pending_accept_reset_streams(match caller {
+            Caller::Mesh => usize::MAX,
+            Caller::Stranger => MAX_CONCURRENT_STREAMS as usize,
+        })
         .max_local_error_reset_streams(None)
         .auto_date_header(false);
     builder
@@ -147,5 +180,108 @@ where
             Poll::Ready(Err(never)) => match never {},
             Poll::Pending => Either::Right(service.oneshot(request)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tonic::transport::server::TcpIncoming;
+
+    use super::*;
+
+    /// An HTTP/2 frame's header: its payload's length, type, flags and stream.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let length = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+        let mut out = vec![length[1], length[2], length[3], kind, flags];
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const GOAWAY: u8 = 0x7;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+    /// `resets` calls opened and cancelled by a caller of kind `caller`, all read by the server
+    /// at once (written before it serves the connection, as a paused instance finds them when it
+    /// runs again); then a ping. What the server answers: `Ok` with the ping's answer, or `Err`
+    /// with the `GOAWAY` error code.
+    async fn cancelled_at_once(caller: Caller, resets: u32) -> Result<(), u32> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        for n in 0..resets {
+            let stream = 2 * n + 1;
+            // :method POST, :scheme http, :path / (HPACK's static table), END_HEADERS.
+            out.extend(frame(HEADERS, 0x4, stream, &[0x83, 0x86, 0x84]));
+            out.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+        }
+        out.extend(frame(PING, 0, 0, b"herdping"));
+        client.write_all(&out).await.unwrap();
+
+        let service = tower::service_fn(|_: http::Request<Body>| async {
+            Ok::<_, Infallible>(http::Response::new(Body::empty()))
+        });
+        tokio::spawn(serve(
+            TcpIncoming::from(listener),
+            service,
+            move |_: &_| caller,
+            std::future::pending(),
+        ));
+        let mut read = Vec::new();
+        let answer = async {
+            loop {
+                while read.len() >= 9 {
+                    let length = u32::from_be_bytes([0, read[0], read[1], read[2]]) as usize;
+                    if read.len() < 9 + length {
+                        break;
+                    }
+                    let (kind, flags) = (read[3], read[4]);
+                    let payload: Vec<u8> = read.drain(..9 + length).skip(9).collect();
+                    match kind {
+                        GOAWAY => {
+                            return Err(u32::from_be_bytes([
+                                payload[4], payload[5], payload[6], payload[7],
+                            ]));
+                        }
+                        PING if flags & 0x1 == 0x1 => return Ok(()),
+                        _ => {}
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                let n = client.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the connection closed without GOAWAY");
+                read.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("an answer to the ping or a GOAWAY")
+    }
+
+    #[tokio::test]
+    async fn a_stranger_cancelling_more_calls_than_it_may_have_at_once_loses_its_connection() {
+        let at_once = MAX_CONCURRENT_STREAMS;
+        assert_eq!(cancelled_at_once(Caller::Stranger, at_once).await, Ok(()));
+        assert_eq!(
+            cancelled_at_once(Caller::Stranger, 4 * at_once).await,
+            Err(ENHANCE_YOUR_CALM)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_mesh_cancelling_any_number_of_calls_at_once_keeps_its_connection() {
+        let many = 16 * MAX_CONCURRENT_STREAMS;
+        assert_eq!(cancelled_at_once(Caller::Mesh, many).await, Ok(()));
     }
 }

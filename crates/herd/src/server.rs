@@ -30,12 +30,14 @@ use tower::Layer;
 
 use crate::door::{DEFAULT_MAX_REQUEST, DoorLayer};
 use crate::error::ServeError;
+use crate::http2::Caller;
 use crate::incoming::{Hygiene, guarded};
 use crate::instance::InstanceInfo;
 use crate::limit::{LimitSettings, Limiter};
 use crate::mesh::Mesh;
 use crate::registry::Registration;
 use crate::settings::Settings;
+use crate::tls::PeerInfo;
 
 /// Set once the instance begins to shut down: from then on, the etcd client, watches and
 /// connections it is letting go of end as expected, not as failures.
@@ -172,6 +174,10 @@ impl Services {
                 Hygiene::default(),
             ),
             door.layer(routes.prepare()),
+            |_: &_| match self.public {
+                true => Caller::Stranger,
+                false => Caller::Mesh,
+            },
             std::future::pending(),
         )
         .await;
@@ -376,6 +382,7 @@ impl Started {
         let routes =
             with_health_and_reflection(services.routes, health_service, &services.descriptors)?;
         let stopped = stop.subscribe();
+        let internal_in_plaintext = tls.is_none() && !services.public;
         let door = DoorLayer::new(services.limits, limiter);
         let (door, tls) = match tls {
             Some(tls) => (door.with_authz(tls.authz), Some(tls.config)),
@@ -399,6 +406,7 @@ impl Started {
                 .map_request(access_log)
                 .layer(door)
                 .service(routes.prepare()),
+            move |peer: &PeerInfo| caller(peer, internal_in_plaintext),
             stopped_by(stopped),
         );
         let server = tokio::spawn(server);
@@ -476,9 +484,21 @@ fn serve_health(
             hygiene,
         ),
         Routes::new(health).prepare(),
+        |_: &_| Caller::Stranger,
         stopped_by(stop),
     ));
     Ok(())
+}
+
+/// Who `peer` is to HTTP/2's rapid-reset defence ([`Caller`]): the mesh's own if it holds a
+/// certificate of the mesh's CA, or if it calls an internal service served in plaintext (on a
+/// network where only the mesh calls it); a stranger otherwise — any caller of a public service
+/// without a certificate, and over TLS any caller without one.
+fn caller(peer: &PeerInfo, internal_in_plaintext: bool) -> Caller {
+    match peer.identity.is_some() || internal_in_plaintext {
+        true => Caller::Mesh,
+        false => Caller::Stranger,
+    }
 }
 
 /// Completes when `stop` turns true (or its sender is gone): a listener's shutdown signal.
@@ -571,6 +591,22 @@ mod tests {
         let loopback: SocketAddr = ([127, 0, 0, 2], 7).into();
         assert_eq!(advertised(loopback, None), "127.0.0.2:7");
     }
+
+    #[test]
+    fn the_mesh_is_who_holds_its_certificate_or_calls_an_internal_service_in_plaintext() {
+        let peer = |identity: Option<&str>| PeerInfo {
+            local: None,
+            remote: None,
+            identity: identity.map(Arc::from),
+        };
+        let gateway = Some("spiffe://herd.local/herd/gateway");
+        // Over TLS (or to a public service): by certificate.
+        assert_eq!(caller(&peer(gateway), false), Caller::Mesh);
+        assert_eq!(caller(&peer(None), false), Caller::Stranger);
+        // An internal service in plaintext: every caller.
+        assert_eq!(caller(&peer(None), true), Caller::Mesh);
+    }
+
     use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
