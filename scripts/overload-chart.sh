@@ -7,13 +7,19 @@ data=$1 out=$2
 command -v gnuplot >/dev/null || { echo "gnuplot is not installed (scripts/install-deps.sh bench)" >&2; exit 1; }
 medians=$(mktemp)
 trap 'rm -f "$medians"' EXIT
-# mesh level: median goodput (ok/s), median p99 (ms), each column's own median over the runs
-med() { sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+# mesh level: median goodput (ok/s), median p99 (ms), each column's own median over the runs. A
+# tail needs successes: the p99 is the median of the runs that had any, and is left out (NaN,
+# which gnuplot skips) where the median goodput is under 1 % of the capacity.
+med() { sort -g | awk '{v[NR]=$1} END {print (NR ? v[int((NR+1)/2)] : "NaN")}'; }
 for mesh in raw herd; do
     for level in $(awk '!/^#/ {print $2}' "$data" | sort -gu); do
         rows=$(awk -v m="$mesh" -v l="$level" '$1 == m && $2 == l' "$data")
         [ -n "$rows" ] || continue
-        echo "$mesh $level $(echo "$rows" | awk '{print $6}' | med) $(echo "$rows" | awk '{print $7 / 1000}' | med)"
+        good=$(echo "$rows" | awk '{print $6}' | med)
+        capacity=$(echo "$rows" | awk '{print $5}' | med)
+        p99=$(echo "$rows" | awk '$7 > 0 {print $7 / 1000}' | med)
+        awk -v g="$good" -v c="$capacity" 'BEGIN {exit !(g < 0.01 * c)}' && p99=NaN
+        echo "$mesh $level $good $p99"
     done
 done >"$medians"
 gnuplot <<PLOT
