@@ -363,15 +363,15 @@ async fn a_pause_longer_than_the_callers_deadlines_costs_the_mesh_no_connection(
         || async { Some(to_pricing()).filter(|c| !c.is_empty()) },
     )
     .await?;
-    // 0.8 s: sixteen of the callers' deadlines, and less than the gateway's keepalive allows
+    // 0.6 s: twelve of the callers' deadlines, and well under what the gateway's keepalive allows
     // a silent connection (1.5 s).
     pricing.signal("STOP")?;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     pricing.signal("CONT")?;
     let over = load.await??;
     let after = to_pricing();
     println!(
-        "REPORT pause: pricing stopped 0.8 s under 1 000 quotes/s with 50 ms deadlines: {} ok/s, failed {}; the gateway's connections to pricing before {before:?}, after {after:?}",
+        "REPORT pause: pricing stopped 0.6 s under 1 000 quotes/s with 50 ms deadlines: {} ok/s, failed {}; the gateway's connections to pricing before {before:?}, after {after:?}",
         over["throughput"], over["failed"]
     );
     for local in &before {
