@@ -35,7 +35,7 @@ use crate::server::MAX_CONCURRENT_STREAMS;
 
 /// Who is on the other side of a connection, as HTTP/2's rapid-reset defence sees it.
 ///
-/// A caller may cancel streams the server has read but not yet taken up; hyper closes the whole
+/// A caller may cancel streams the server has read but not yet taken up; h2 closes the whole
 /// connection (`GOAWAY` `too_many_resets`) once more than a bound of those wait at once. That is
 /// a defence against a stranger who opens and cancels streams only to make the server work. The
 /// mesh's own callers run into it innocently: when an instance pauses (a CPU quota throttled, a

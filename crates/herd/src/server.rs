@@ -174,9 +174,12 @@ impl Services {
                 Hygiene::default(),
             ),
             door.layer(routes.prepare()),
-            |_: &_| match self.public {
-                true => Caller::Stranger,
-                false => Caller::Mesh,
+            |_: &_| {
+                if self.public {
+                    Caller::Stranger
+                } else {
+                    Caller::Mesh
+                }
             },
             std::future::pending(),
         )
@@ -495,9 +498,10 @@ fn serve_health(
 /// network where only the mesh calls it); a stranger otherwise — any caller of a public service
 /// without a certificate, and over TLS any caller without one.
 fn caller(peer: &PeerInfo, internal_in_plaintext: bool) -> Caller {
-    match peer.identity.is_some() || internal_in_plaintext {
-        true => Caller::Mesh,
-        false => Caller::Stranger,
+    if peer.identity.is_some() || internal_in_plaintext {
+        Caller::Mesh
+    } else {
+        Caller::Stranger
     }
 }
 
