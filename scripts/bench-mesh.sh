@@ -134,18 +134,23 @@ start_herd() { # extra environment assignments for the services; METRICS=1: each
     GATEWAY=127.0.0.1:$(free_port)
     METRICS_URLS=()
     tls_of() { [ -n "$TLS_DIR" ] && echo "--tls-cert $TLS_DIR/$1.pem --tls-key $TLS_DIR/$1-key.pem --tls-ca $TLS_DIR/ca.pem"; }
+    # Sets METRICS_FLAG for the next service and records its URL (not in a $(...) subshell, whose
+    # assignments would be lost).
     metrics_of() {
+        METRICS_FLAG=()
         [ -n "${METRICS:-}" ] || return 0
         local address; address=127.0.0.1:$(free_port)
         METRICS_URLS+=("http://$address/metrics")
-        echo "--metrics-listen $address"
+        METRICS_FLAG=(--metrics-listen "$address")
     }
     for s in tax currency pricing; do
+        metrics_of
         # shellcheck disable=SC2046
-        env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" $(tls_of "$s") $(metrics_of) >"$WORK/$s.log" 2>&1 & PIDS+=($!)
+        env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-$s" --etcd "$ETCD" $(tls_of "$s") "${METRICS_FLAG[@]}" >"$WORK/$s.log" 2>&1 & PIDS+=($!)
     done
+    metrics_of
     # shellcheck disable=SC2046
-    env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" $(tls_of gateway) $(metrics_of) >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
+    env "$@" RUST_LOG="${HERD_LOG:-warn}" taskset -c 1 "$BIN/herd-gateway" --etcd "$ETCD" --listen "$GATEWAY" --secrets "$SECRETS" $(tls_of gateway) "${METRICS_FLAG[@]}" >"$WORK/gateway.log" 2>&1 & PIDS+=($!)
     SERVERS=("${PIDS[@]:first}")
     wait_serving "$GATEWAY"
     # Every downstream instance must be in its callers' balancers before measuring.
@@ -501,6 +506,22 @@ OVERLOAD_CHART="${OVERLOAD_CHART:-docs/overload.svg}"
 mkdir -p "$(dirname "$OVERLOAD_DATA")"
 max_rss_mb() { local m=0; for pid in "$@"; do m=$(awk -v a="$m" -v b="$(peak_rss_mb "$pid")" 'BEGIN {print (b > a) ? b : a}'); done; echo "$m"; }
 refused() { grep -o '"failed":{[^}]*}' | grep -o '[0-9]\+' | awk '{s += $1} END {print s + 0}'; }
+# url: the p99 of the successful quotes the gateway served, as it timed them (from its
+# rpc_server_duration histogram: the upper bound of the bucket that holds the 99th percentile).
+served_p99() {
+    python3 -c '
+import re, sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=2).read().decode()
+buckets = []
+for line in text.splitlines():
+    if line.startswith("rpc_server_duration_seconds_bucket{") and "CreateQuote" in line and "rpc_grpc_status_code=\"0\"" in line:
+        le = re.search("le=\"([^\"]+)\"", line).group(1)
+        buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+buckets.sort()
+total = buckets[-1][1] if buckets else 0
+print(next((f"{le * 1000:g} ms" for le, n in buckets if n >= 0.99 * total), "none") if total else "none")
+' "$1" 2>/dev/null || echo "unknown"
+}
 overload_run() { # mesh rate: prints goodput p99_us rss_mb refused lag_p99_us gateway_cpu
     local out rss before after gateway
     "start_$1"
@@ -509,6 +530,10 @@ overload_run() { # mesh rate: prints goodput p99_us rss_mb refused lag_p99_us ga
     out=$(load "$GATEWAY" --rate "$2" --timeout-ms "$DEADLINE_MS")
     after=$(cpu_ticks "$gateway")
     rss=$(max_rss_mb "${SERVERS[@]}")
+    # METRICS=1: the gateway's own p99 of what it served, beside the caller's (warm-up included).
+    if [ "$1" = herd ] && [ -n "${METRICS:-}" ]; then
+        echo "overload: herd at $2 calls/s: the gateway's own p99 of its successes $(served_p99 "${METRICS_URLS[-1]}"), the caller's $(echo "$out" | field p99_us) µs" >&2
+    fi
     cleanup
     # What failed, by status (refusals, and calls that ran out their deadline), for the log.
     echo "overload: $1 at $2 calls/s failed $(echo "$out" | grep -o '"failed":{[^}]*}' | sed 's/"failed"://'), for example $(echo "$out" | grep -o '"failed_example":{[^}]*}' | sed 's/"failed_example"://')" >&2
