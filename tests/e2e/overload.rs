@@ -301,15 +301,6 @@ async fn a_tenant_over_its_rate_is_held_to_it_across_two_gateways() -> anyhow::R
     Ok(())
 }
 
-/// The port an instance's address (`127.0.0.1:PORT`) listens on.
-fn port_of(address: &str) -> anyhow::Result<u16> {
-    Ok(address
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow::anyhow!("no port in {address}"))?
-        .1
-        .parse()?)
-}
-
 /// An instance that stops for longer than its callers' deadlines (a CPU quota throttled, a busy
 /// host) finds, when it runs again, every call they cancelled meanwhile and the calls they opened
 /// in their place — hundreds on one connection. HTTP/2's rapid-reset defence would take that for
@@ -359,11 +350,12 @@ async fn pause_pricing(mesh: &TestMesh, tls: &[&str], pause: Duration) -> anyhow
             .ok_or_else(|| anyhow::anyhow!("no {service}"))
     };
     let (gateway, pricing) = (process("gateway")?, process("pricing")?);
-    let pricing_port = port_of(
-        mesh.addresses("pricing")?
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("pricing is not registered"))?,
-    )?;
+    let pricing_port = mesh
+        .addresses("pricing")?
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("pricing is not registered"))?
+        .parse::<std::net::SocketAddr>()?
+        .port();
     let to_pricing = || -> Vec<u16> {
         herd_tests::connections(gateway.pid())
             .into_iter()
