@@ -623,7 +623,17 @@ for run in $(seq 1 "$FLOOD_RUNS"); do
     start_herd OTEL_EXPORTER_OTLP_ENDPOINT="http://$SINK" OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG="$FLOOD_SAMPLED"
     DURATION=2 WARMUP=0 load "$GATEWAY" --rate "$((flood_rate / 8))" >/dev/null
     steady=(); for pid in "${SERVERS[@]}"; do steady+=("$(rss_now_mb "$pid")"); done
+    # FLOOD_TRACE=file: every instance's RSS every 0.1 s during the flood, appended as lines of
+    # "run seconds MB MB MB MB" (tax, currency, pricing, gateway).
+    tracer=
+    if [ -n "${FLOOD_TRACE:-}" ]; then
+        (began=$(date +%s.%N); while :; do
+            echo "$run $(awk -v b="$began" -v n="$(date +%s.%N)" 'BEGIN {printf "%.1f", n - b}') $(for pid in "${SERVERS[@]}"; do rss_now_mb "$pid"; printf ' '; done)"
+            sleep 0.1
+        done >>"$FLOOD_TRACE") & tracer=$!; PIDS+=("$tracer")
+    fi
     out=$(CONNECTIONS=$FLOOD_CONNECTIONS DURATION=$FLOOD_SECONDS WARMUP=0 load "$GATEWAY" --rate "$flood_rate" --timeout-ms "$DEADLINE_MS")
+    [ -z "$tracer" ] || kill "$tracer"
     ended=$(date +%s.%N); back=never
     for _ in $(seq 1 200); do
         over=0
