@@ -172,9 +172,19 @@ us_per_call() { # ticks calls decimals
 sat_run() { # gateway server-pids...
     local gateway=$1 before after out calls; shift
     before=$(cpu_ticks "$@")
+    # PERF_DIR=dir: each saturation run's servers are profiled (perf on CPU 0, call graphs), into
+    # dir/BINARY.N.data, the run's calls in dir/BINARY.N.calls (BINARY: the first server's, herd-raw or herd-tax).
+    local perf_pid="" profile=""
+    if [ -n "${PERF_DIR:-}" ]; then
+        mkdir -p "$PERF_DIR"
+        profile="$PERF_DIR/$(basename "$(readlink "/proc/$1/exe")").$(date +%s%N)"
+        taskset -c 0 perf record -q -F 999 -g -p "$(IFS=,; echo "$*")" -o "$profile.data" >/dev/null 2>&1 & perf_pid=$!
+    fi
     out=$(load "$gateway" --concurrency "$CONCURRENCY")
+    [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
     after=$(cpu_ticks "$@")
     calls=$(echo "$out" | field calls)
+    [ -z "$profile" ] || echo "$out" | field calls >"$profile.calls"
     echo "$(echo "$out" | field throughput) $(us_per_call $((after - before)) "$calls" 1)"
 }
 
