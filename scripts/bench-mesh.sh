@@ -15,6 +15,10 @@ BIN="${BIN:-}"
 # PARTS picks what to run (for iterating on one part): any of ceiling mesh tls tracing metrics
 # startup overload.
 PARTS="${PARTS:-ceiling mesh tls tracing metrics startup overload}"
+if [ -n "${PERF_DIR:-}" ] && ! command -v perf >/dev/null; then
+    echo "PERF_DIR needs perf (Debian's linux-perf)" >&2
+    exit 1
+fi
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 # shellcheck source=scripts/goals.sh
 . scripts/goals.sh
