@@ -174,13 +174,8 @@ impl Services {
                 Hygiene::default(),
             ),
             door.layer(routes.prepare()),
-            |_: &_| {
-                if self.public {
-                    Caller::Stranger
-                } else {
-                    Caller::Mesh
-                }
-            },
+            // Plaintext: no caller has a certificate.
+            move |_: &_| caller(false, !self.public),
             std::future::pending(),
         )
         .await;
@@ -409,7 +404,7 @@ impl Started {
                 .map_request(access_log)
                 .layer(door)
                 .service(routes.prepare()),
-            move |peer: &PeerInfo| caller(peer, internal_in_plaintext),
+            move |peer: &PeerInfo| caller(peer.identity.is_some(), internal_in_plaintext),
             stopped_by(stopped),
         );
         let server = tokio::spawn(server);
@@ -493,12 +488,12 @@ fn serve_health(
     Ok(())
 }
 
-/// Who `peer` is to HTTP/2's rapid-reset defence ([`Caller`]): the mesh's own if it holds a
-/// certificate of the mesh's CA, or if it calls an internal service served in plaintext (on a
-/// network where only the mesh calls it); a stranger otherwise — any caller of a public service
-/// without a certificate, and over TLS any caller without one.
-fn caller(peer: &PeerInfo, internal_in_plaintext: bool) -> Caller {
-    if peer.identity.is_some() || internal_in_plaintext {
+/// Who a caller is to HTTP/2's rapid-reset defence ([`Caller`]): the mesh's own if it holds a
+/// certificate of the mesh's CA (`certified`), or if it calls an internal service served in
+/// plaintext (on a network where only the mesh calls it); a stranger otherwise — any caller of a
+/// public service without a certificate, and over TLS any caller without one.
+fn caller(certified: bool, internal_in_plaintext: bool) -> Caller {
+    if certified || internal_in_plaintext {
         Caller::Mesh
     } else {
         Caller::Stranger
@@ -598,17 +593,11 @@ mod tests {
 
     #[test]
     fn the_mesh_is_who_holds_its_certificate_or_calls_an_internal_service_in_plaintext() {
-        let peer = |identity: Option<&str>| PeerInfo {
-            local: None,
-            remote: None,
-            identity: identity.map(Arc::from),
-        };
-        let gateway = Some("spiffe://herd.local/herd/gateway");
         // Over TLS (or to a public service): by certificate.
-        assert_eq!(caller(&peer(gateway), false), Caller::Mesh);
-        assert_eq!(caller(&peer(None), false), Caller::Stranger);
+        assert_eq!(caller(true, false), Caller::Mesh);
+        assert_eq!(caller(false, false), Caller::Stranger);
         // An internal service in plaintext: every caller.
-        assert_eq!(caller(&peer(None), true), Caller::Mesh);
+        assert_eq!(caller(false, true), Caller::Mesh);
     }
 
     use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
