@@ -32,6 +32,7 @@ use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
 use crate::server::MAX_CONCURRENT_STREAMS;
+use crate::woken::Woken;
 
 /// Who is on the other side of a connection, as HTTP/2's rapid-reset defence sees it.
 ///
@@ -96,11 +97,17 @@ pub(crate) async fn serve<I, IO, S>(
                     let mut stopping = stopped.clone();
                     // Until it closes; from the moment `stop` turns true (or its sender is
                     // gone), it takes no new calls and closes once those in flight are answered.
+                    // The stop signal is polled only when it has news (`Woken`), not on every
+                    // frame the connection wakes its task for.
                     tokio::spawn(async move {
                         let mut served = pin!(served);
+                        let stop = Woken::new(async move {
+                            drop(stopping.wait_for(|stop| *stop).await);
+                        });
                         let served = tokio::select! {
+                            biased;
                             served = served.as_mut() => served,
-                            () = async { drop(stopping.wait_for(|stop| *stop).await) } => {
+                            () = stop => {
                                 served.as_mut().graceful_shutdown();
                                 served.await
                             }

@@ -22,6 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 
+use crate::woken::Woken;
+
 /// What an instance tolerates of the connections it accepts.
 #[derive(Debug, Clone, Copy)]
 pub struct Hygiene {
@@ -85,7 +87,8 @@ pub struct Guarded {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
     /// Fires when the peer has been silent too long; re-armed lazily from `last_read`.
-    deadline: Pin<Box<Sleep>>,
+    /// Polled only when it has fired or been moved, not on every wake of the connection.
+    deadline: Woken<Sleep>,
     last_read: Option<Instant>,
     idle: Duration,
     /// The turn a write waits for before it is made, until the next flush (`None` when a layer
@@ -143,7 +146,7 @@ impl Guarded {
         Self {
             stream,
             _permit: permit,
-            deadline: Box::pin(tokio::time::sleep(hygiene.handshake_timeout)),
+            deadline: Woken::new(tokio::time::sleep(hygiene.handshake_timeout)),
             last_read: None,
             idle: hygiene.idle_timeout,
             turn: Some(WriteTurn::new()),
@@ -192,11 +195,11 @@ impl AsyncRead for Guarded {
         // Nothing to read: is the peer silent for too long? The timer is only moved when it
         // fires, not on every read.
         loop {
-            ready!(self.deadline.as_mut().poll(cx));
+            ready!(Pin::new(&mut self.deadline).poll(cx));
             match self.last_read {
                 Some(last) if last + self.idle > Instant::now() => {
                     let next = last + self.idle;
-                    self.deadline.as_mut().reset(next);
+                    self.deadline.future().reset(next);
                 }
                 Some(_) => {
                     return Poll::Ready(Err(io::Error::new(

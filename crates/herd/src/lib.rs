@@ -53,6 +53,7 @@ pub mod settings;
 pub mod telemetry;
 pub mod tls;
 pub mod watch;
+mod woken;
 
 pub use balance::{Authorization, MeshChannel};
 pub use caller::{Caller, CallerSettings};

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tonic::body::Body;
 use tower::{BoxError, Service};
 
 use super::connector::Connector;
+use crate::woken::Woken;
 
 /// A connection that has answered nothing for this long is pinged...
 const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
@@ -75,7 +76,21 @@ pub(crate) struct Connection {
     pub(crate) generation: u64,
     /// When the peer last answered: while answers keep coming, it needs no ping.
     heard: Arc<Heard>,
+    /// Which of [`NAMED_ONCE`] have been sent indexed on this connection (one bit each).
+    named: Arc<AtomicU8>,
 }
+
+/// Headers whose values herd sends never indexed — they differ on almost every call — but whose
+/// names repeat on every call. Sent so, a name travels as a literal string that the peer decodes
+/// and allocates again each time; so each one's first value on a connection is sent indexed,
+/// which puts its name in the peer's table, and every later value refers to the name by index.
+/// (The one value kept in the table displaces nothing: the headers that repeat are few.)
+const NAMED_ONCE: [http::HeaderName; NAMED_COUNT] =
+    [crate::context::GRPC_TIMEOUT, crate::telemetry::TRACEPARENT];
+
+const NAMED_COUNT: usize = 2;
+/// Every bit of [`Connection::named`] set.
+const ALL_NAMED: u8 = (1 << NAMED_COUNT) - 1;
 
 /// When a connection's peer last sent a response head.
 pub(crate) struct Heard {
@@ -130,9 +145,12 @@ impl Connection {
         let peer = authority.to_string();
         tokio::spawn(async move {
             let outcome: Result<(), BoxError> = match pings {
+                // The keepalive is polled only when its timer or ping has news (`Woken`), not
+                // on every frame the connection wakes its task for.
                 Some(pings) => tokio::select! {
+                    biased;
                     closed = &mut connection => closed.map_err(Into::into),
-                    silent = keepalive(pings, watched) => Err(silent),
+                    silent = Woken::new(keepalive(pings, watched)) => Err(silent),
                 },
                 None => connection.await.map_err(Into::into),
             };
@@ -147,12 +165,30 @@ impl Connection {
             scheme: connector.scheme(),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             heard,
+            named: Arc::new(AtomicU8::new(0)),
         })
+    }
+
+    /// Lets the first value of each of [`NAMED_ONCE`] that `headers` carry on this connection be
+    /// indexed.
+    fn name_once(&self, headers: &mut http::HeaderMap) {
+        if self.named.load(Ordering::Relaxed) == ALL_NAMED {
+            return;
+        }
+        for (bit, name) in NAMED_ONCE.iter().enumerate() {
+            let bit = 1 << bit;
+            if let Some(value) = headers.get_mut(name)
+                && self.named.fetch_or(bit, Ordering::Relaxed) & bit == 0
+            {
+                value.set_sensitive(false);
+            }
+        }
     }
 
     /// Opens a stream for `request` and sends what of its body is at hand.
     fn start(&mut self, request: Request) -> Result<h2::client::ResponseFuture, BoxError> {
         let Request { mut head, body } = request;
+        self.name_once(&mut head.headers);
         if let Some(span) = head.extensions.get::<crate::telemetry::PeerSpan>() {
             span.record(&self.authority);
         }
@@ -381,6 +417,147 @@ mod tests {
         Connection::open(&TcpConnector::default(), address.parse().unwrap())
             .await
             .unwrap()
+    }
+
+    /// The header blocks of the first `count` requests a peer receives on one connection: a
+    /// plain TCP peer that only reads (HTTP/2 lets a client send before the server's settings).
+    async fn header_blocks(
+        count: usize,
+        send: impl FnOnce(&mut Connection) -> Vec<h2::client::ResponseFuture>,
+    ) -> Vec<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let peer = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut preface = [0; 24];
+            socket.read_exact(&mut preface).await.unwrap();
+            let mut blocks = Vec::new();
+            while blocks.len() < count {
+                let mut head = [0; 9];
+                socket.read_exact(&mut head).await.unwrap();
+                let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0; length];
+                socket.read_exact(&mut payload).await.unwrap();
+                // HEADERS, with END_HEADERS: no padding or priority from h2's client.
+                if head[3] == 0x1 {
+                    assert_eq!(head[4] & 0x28, 0, "no padding or priority");
+                    blocks.push(payload);
+                }
+            }
+            blocks
+        });
+        let mut connection = open(&address).await;
+        // Kept until the peer has read them: a dropped call is cancelled.
+        let _calls = send(&mut connection);
+        tokio::time::timeout(Duration::from_secs(10), peer)
+            .await
+            .expect("the peer read every request")
+            .unwrap()
+    }
+
+    /// Each header's representation in an HPACK block (RFC 7541 §6): its first byte's pattern
+    /// and the index of its name (0 for a literal name; the entry's for an indexed header).
+    fn representations(mut block: &[u8]) -> Vec<(&'static str, usize)> {
+        fn integer(block: &mut &[u8], prefix: u8) -> usize {
+            let max = (1usize << prefix) - 1;
+            let mut value = usize::from(block[0]) & max;
+            *block = &block[1..];
+            if value == max {
+                let mut shift = 0;
+                loop {
+                    let byte = block[0];
+                    *block = &block[1..];
+                    value += usize::from(byte & 0x7f) << shift;
+                    shift += 7;
+                    if byte & 0x80 == 0 {
+                        break;
+                    }
+                }
+            }
+            value
+        }
+        fn string(block: &mut &[u8]) {
+            let length = integer(block, 7);
+            *block = &block[length..];
+        }
+        let mut out = Vec::new();
+        while !block.is_empty() {
+            let (kind, prefix) = match block[0] {
+                b if b & 0x80 != 0 => ("indexed", 7),
+                b if b & 0xc0 == 0x40 => ("incremental", 6),
+                b if b & 0xe0 == 0x20 => ("size update", 5),
+                b if b & 0xf0 == 0x10 => ("never indexed", 4),
+                _ => ("not indexed", 4),
+            };
+            let index = integer(&mut block, prefix);
+            if kind != "indexed" && kind != "size update" {
+                if index == 0 {
+                    string(&mut block);
+                }
+                string(&mut block);
+            }
+            out.push((kind, index));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn never_indexed_headers_send_their_names_by_index_after_the_first_call() {
+        let blocks = header_blocks(3, |connection| {
+            let mut calls = Vec::new();
+            for millis in [900, 800, 700] {
+                let mut head = unary_head(
+                    &http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check"),
+                    MetadataMap::new(),
+                );
+                let headers = &mut head.headers;
+                headers.insert(
+                    crate::context::GRPC_TIMEOUT,
+                    crate::context::grpc_timeout(Duration::from_millis(millis)),
+                );
+                let mut traceparent = http::HeaderValue::from_str(&format!(
+                    "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba9{millis:04}-01"
+                ))
+                .unwrap();
+                traceparent.set_sensitive(true);
+                headers.insert(crate::telemetry::TRACEPARENT, traceparent);
+                let mut secret = http::HeaderValue::from_static("Bearer secret");
+                secret.set_sensitive(true);
+                headers.insert(http::header::AUTHORIZATION, secret);
+                let body = RequestBody::Frame(Bytes::from_static(&[0, 0, 0, 0, 0]));
+                calls.push(connection.start(Request { head, body }).unwrap());
+            }
+            calls
+        })
+        .await;
+        // `authorization`'s name is the static table's 23rd entry; the secret is never indexed.
+        let first = representations(&blocks[0]);
+        let never: Vec<_> = first
+            .iter()
+            .filter(|(kind, _)| *kind == "never indexed")
+            .collect();
+        assert_eq!(
+            never,
+            [&("never indexed", 23)],
+            "the first call's timeout and trace are indexed: {first:?}"
+        );
+        for later in &blocks[1..] {
+            let later = representations(later);
+            let never: Vec<_> = later
+                .iter()
+                .filter(|(kind, _)| *kind == "never indexed")
+                .collect();
+            assert_eq!(never.len(), 3, "timeout, trace and the secret: {later:?}");
+            assert!(
+                never.iter().all(|(_, index)| *index > 0),
+                "names by index: {later:?}"
+            );
+            assert!(
+                !later.iter().any(|(kind, _)| *kind == "incremental"),
+                "{later:?}"
+            );
+        }
     }
 
     /// One unary call of a Health method over a fresh connection, read as herd's calls read

@@ -39,7 +39,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 pub(crate) use export::{SpanCounts, span_counts};
-pub(crate) use propagation::{PeerSpan, client_result, client_span};
+pub(crate) use propagation::{PeerSpan, TRACEPARENT, client_result, client_span};
 pub(crate) use sampling::apply as apply_sampling;
 pub use sampling::{SamplingRatio, TelemetrySection};
 pub use server::{record_context, record_quote_id, serve};

@@ -169,7 +169,7 @@ fn insert(metadata: &mut MetadataMap, key: http::HeaderName, value: &str) {
 }
 
 /// The trace headers' names, made once: a name given as a string is parsed again on every use.
-const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+pub(crate) const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// Copies the message's own trace context, if any, into the headers.
