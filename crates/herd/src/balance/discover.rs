@@ -4,6 +4,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use std::time::Duration;
@@ -29,8 +31,17 @@ const UNTRIED_RTT: Duration = Duration::from_nanos(1);
 
 /// Turns published ready sets into the insert/remove changes tower's balancer consumes. It only
 /// holds the latest set, so it never blocks discovery while no calls flow.
+///
+/// The balancer asks it for changes on every call. Polling `updates` registers the calling
+/// task's waker with the publisher (a lock, and a clone of the waker) each time, and a call only
+/// needs that when no endpoint is ready and it must wait for news. So it is polled only when
+/// there is news (`news`, a load) or a call is waiting (`waiting`).
 pub(super) struct EndpointDiscover {
     updates: WatchStream<Pool>,
+    /// Changed when `updates` has a set not yet taken.
+    news: tokio::sync::watch::Receiver<Pool>,
+    /// Set while a call waits for an endpoint (see [`super::MeshChannel::send`]).
+    waiting: Arc<AtomicBool>,
     /// Instance id → generation of the connection the balancer holds.
     current: HashMap<String, u64>,
     pending: VecDeque<Change<String, Weighed>>,
@@ -82,6 +93,12 @@ impl Stream for EndpointDiscover {
             if let Some(change) = self.pending.pop_front() {
                 return Poll::Ready(Some(Ok(change)));
             }
+            // A closed publisher has no news: the last known set stays.
+            if !self.waiting.load(Ordering::Relaxed) && !self.news.has_changed().unwrap_or(false) {
+                return Poll::Pending;
+            }
+            // Before `updates` takes the set: a set published after this is news again.
+            self.news.mark_unchanged();
             match Pin::new(&mut self.updates).poll_next(cx) {
                 Poll::Ready(Some(next)) => self.diff(&next),
                 // The publisher is gone: keep serving the last known set.
@@ -92,10 +109,15 @@ impl Stream for EndpointDiscover {
 }
 
 impl EndpointDiscover {
-    /// Follows the endpoint states `pool` publishes.
-    pub(super) fn new(pool: tokio::sync::watch::Receiver<Pool>) -> Self {
+    /// Follows the endpoint states `pool` publishes; polls for them whenever `waiting` is set.
+    pub(super) fn new(pool: tokio::sync::watch::Receiver<Pool>, waiting: Arc<AtomicBool>) -> Self {
+        let mut news = pool.clone();
+        // The set at hand is the first news.
+        news.mark_changed();
         Self {
             updates: WatchStream::new(pool),
+            news,
+            waiting,
             current: HashMap::new(),
             pending: VecDeque::new(),
         }

@@ -21,6 +21,7 @@ pub mod subset;
 mod trial;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,6 +61,9 @@ pub struct MeshChannel {
 struct Shared {
     service: Arc<str>,
     balancer: tokio::sync::Mutex<Balancer>,
+    /// Set while a call (holding `balancer`) waits for an endpoint: the balancer's discovery
+    /// then registers it for news of endpoints.
+    waiting: Arc<AtomicBool>,
     discovered: watch::Receiver<Discovered>,
     pool: watch::Receiver<Pool>,
     budget: RetryBudget,
@@ -166,6 +170,7 @@ impl MeshChannel {
                 Poll::Ready(ready) => ready,
                 Poll::Pending => {
                     let mut pool = shared.pool.clone();
+                    let _waiting = Waiting::new(&shared.waiting);
                     tokio::select! {
                         biased;
                         ready = std::future::poll_fn(|cx| balancer.poll_ready(cx)) => ready,
@@ -180,6 +185,22 @@ impl MeshChannel {
         response
             .await
             .map_err(|e| CallError::not_sent(&shared.service, &*e))
+    }
+}
+
+/// Marks a call as waiting for an endpoint (see [`Shared::waiting`]) until dropped.
+struct Waiting<'a>(&'a AtomicBool);
+
+impl<'a> Waiting<'a> {
+    fn new(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Self(flag)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 
@@ -375,11 +396,13 @@ impl ChannelBuilder {
             self.subsetting,
             pool_tx,
         ));
-        let loaded = EndpointDiscover::new(pool.clone());
+        let waiting = Arc::new(AtomicBool::new(false));
+        let loaded = EndpointDiscover::new(pool.clone(), waiting.clone());
         let channel = MeshChannel {
             inner: Arc::new(Shared {
                 service: self.service.into(),
                 balancer: tokio::sync::Mutex::new(Balance::new(loaded)),
+                waiting,
                 discovered: endpoints,
                 pool,
                 budget: RetryBudget::default(),
