@@ -35,6 +35,11 @@ impl Deadline {
             .map(Self::after)
     }
 
+    /// The point in time itself.
+    pub(crate) fn instant(&self) -> Instant {
+        self.0
+    }
+
     /// Time left, or [`Expired`] (`DEADLINE_EXCEEDED`) when none is.
     pub fn remaining(&self) -> Result<Duration, Expired> {
         let left = self.0.saturating_duration_since(Instant::now());
@@ -160,7 +165,13 @@ fn text(field: &'static str, value: &str, max: usize) -> Result<(), ContextError
             format!("at most {max} bytes, got {}", value.len()),
         ));
     }
-    if value.chars().any(char::is_control) {
+    // Every hop checks every field of every call: ASCII, the usual case, byte by byte.
+    let control = if value.is_ascii() {
+        value.bytes().any(|b| b.is_ascii_control())
+    } else {
+        value.chars().any(char::is_control)
+    };
+    if control {
         return Err(invalid(field, "must not hold control characters".into()));
     }
     Ok(())

@@ -18,6 +18,7 @@
 //! call still running at its deadline is answered `DEADLINE_EXCEEDED`, its work dropped. Health
 //! and reflection pass untouched but for the deadline.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use bytes::{Buf, Bytes};
 use futures::future::{Either, Ready};
 use http_body::Frame;
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -232,6 +234,35 @@ impl<F> Admitted<F> {
     }
 }
 
+thread_local! {
+    /// The deadline by which the door answers the call whose work is being polled on this thread
+    /// (see [`answers_by`]).
+    static ANSWERED_BY: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Whether the call whose work is being polled on this thread — a handler, in its own task — is
+/// answered by its door no later than `deadline`: its work, the calls it makes among it, is
+/// dropped then. A call it makes by that deadline needs no timer of its own.
+pub(crate) fn answers_by(deadline: Instant) -> bool {
+    ANSWERED_BY.get().is_some_and(|by| by <= deadline)
+}
+
+/// Sets [`ANSWERED_BY`] for one poll of a call's work; puts back what was there when dropped,
+/// even by a panic.
+struct Answering(Option<Instant>);
+
+impl Answering {
+    fn by(deadline: Option<Instant>) -> Self {
+        Self(ANSWERED_BY.replace(deadline))
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        ANSWERED_BY.set(self.0);
+    }
+}
+
 impl<F, E> std::future::Future for Admitted<F>
 where
     F: std::future::Future<Output = Result<http::Response<Body>, E>>,
@@ -243,10 +274,13 @@ where
         if !*this.begun {
             *this.begun = true;
             if let Some(permit) = this.permit.as_mut() {
-                permit.begin(tokio::time::Instant::now());
+                permit.begin(Instant::now());
             }
         }
-        let output = match this.inner.poll(cx) {
+        let answering = Answering::by(this.expires.as_ref().as_pin_ref().map(|s| s.deadline()));
+        let polled = this.inner.poll(cx);
+        drop(answering);
+        let output = match polled {
             Poll::Ready(output) => output,
             Poll::Pending => {
                 if let Some(expires) = this.expires.as_pin_mut() {
@@ -681,6 +715,38 @@ mod tests {
             "the work stopped"
         );
         assert_eq!(limiter.in_flight(), 0, "its place came back");
+    }
+
+    #[tokio::test]
+    async fn a_call_s_work_knows_by_when_its_door_answers_it() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let limiter = Arc::new(Limiter::new(crate::limit::LimitSettings::default()));
+        let layer = DoorLayer::new(HashMap::from([("t.S", 1024)]), limiter);
+        let asked = seen.clone();
+        let mut door = layer.layer(tower::service_fn(move |_: http::Request<Body>| {
+            let asked = asked.clone();
+            async move {
+                let now = Instant::now();
+                let answers = (answers_by(now + Duration::from_secs(1)), answers_by(now));
+                asked.lock().unwrap().push(answers);
+                Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+            }
+        }));
+        let mut within = call();
+        within
+            .headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("500m"));
+        door.call(within).await.unwrap();
+        door.call(call()).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [(true, false), (false, false)],
+            "answered within its 500 ms, not now; without a deadline, never"
+        );
+        assert!(
+            !answers_by(Instant::now() + Duration::from_secs(3600)),
+            "outside a call"
+        );
     }
 
     #[tokio::test]

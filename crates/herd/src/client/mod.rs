@@ -205,8 +205,14 @@ where
                 crate::metrics::attempt_in_flight(),
             )
         });
-        let outcome =
-            tokio::time::timeout(left, attempt(request).instrument(span.log.clone())).await;
+        let sent = attempt(request).instrument(span.log.clone());
+        // Made for a served call whose door answers it by this deadline, the attempt is dropped
+        // with the call's work then; a timer of its own would be one more per call, for nothing.
+        let outcome = if crate::door::answers_by(deadline.instant()) {
+            Ok(sent.await)
+        } else {
+            tokio::time::timeout(left, sent).await
+        };
         let error = match outcome {
             Ok(Ok(response)) => {
                 if let Some((started, _)) = measured {
