@@ -101,7 +101,9 @@ pub(crate) async fn serve<I, IO, S>(
                     // frame the connection wakes its task for.
                     tokio::spawn(async move {
                         let mut served = pin!(served);
-                        let stop = Woken::new(async move {
+                        // Borrowed, not moved: the receiver is held until the connection has
+                        // closed, which is what `serve` waits for before it returns.
+                        let stop = Woken::new(async {
                             drop(stopping.wait_for(|stop| *stop).await);
                         });
                         let served = tokio::select! {
@@ -284,6 +286,57 @@ mod tests {
             cancelled_at_once(Caller::Stranger, 4 * at_once).await,
             Err(ENHANCE_YOUR_CALM)
         );
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_serving_ends_only_once_the_calls_in_flight_are_answered() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (arrived, mut reached) = tokio::sync::mpsc::channel(1);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let over = Arc::new(AtomicBool::new(false));
+        let over_seen = over.clone();
+        // Each call takes 300 ms of work, then says whether serving had already ended.
+        let service = tower::service_fn(move |_: http::Request<Body>| {
+            let (arrived, over) = (arrived.clone(), over_seen.clone());
+            async move {
+                let _ = arrived.send(()).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let ended = over.load(Ordering::SeqCst);
+                Ok::<_, Infallible>(http::Response::new(Body::new(ended.to_string())))
+            }
+        });
+        let serving = tokio::spawn(async move {
+            serve(
+                TcpIncoming::from(listener),
+                service,
+                |_: &_| Caller::Mesh,
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+            over.store(true, Ordering::SeqCst);
+        });
+        let tcp = TcpStream::connect(address).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::post("http://herd/t.S/M").body(()).unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        reached.recv().await.expect("the call reached the service");
+        stop.send(()).unwrap();
+        let mut body = response.await.unwrap().into_body();
+        let mut answer = Vec::new();
+        while let Some(chunk) = body.data().await {
+            answer.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(answer, b"false", "serving ended while a call was in flight");
+        tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("serving ended once the call was answered")
+            .unwrap();
     }
 
     #[tokio::test]
