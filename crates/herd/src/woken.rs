@@ -120,39 +120,49 @@ mod tests {
         }
     }
 
-    #[test]
-    fn is_polled_again_only_after_it_woke_its_task() {
-        let (polls, ready) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let inner_waker = Arc::new(Mutex::new(None));
-        let mut woken = Box::pin(Woken::new(Counted {
-            polls: polls.clone(),
-            ready: ready.clone(),
-            waker: inner_waker.clone(),
-        }));
-        let task = Arc::new(TaskWakes(AtomicUsize::new(0)));
-        let task_waker = Waker::from(task.clone());
-        let mut cx = Context::from_waker(&task_waker);
-        assert!(woken.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(polls.load(Ordering::Relaxed), 1, "the first poll polls it");
-        for _ in 0..10 {
-            assert!(woken.as_mut().poll(&mut cx).is_pending());
-        }
-        assert_eq!(
-            polls.load(Ordering::Relaxed),
-            1,
-            "wakes for others do not poll it"
-        );
-        ready.store(true, Ordering::Release);
-        let wake = inner_waker.lock().unwrap().take().unwrap();
-        wake.wake();
-        assert_eq!(task.0.load(Ordering::Relaxed), 1, "its wake wakes the task");
-        assert!(woken.as_mut().poll(&mut cx).is_ready());
-        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    /// A [`Woken`] around a [`Counted`], with what it shares.
+    struct Probe {
+        woken: Pin<Box<Woken<Counted>>>,
+        polls: Arc<AtomicUsize>,
+        ready: Arc<AtomicBool>,
+        waker: Arc<Mutex<Option<Waker>>>,
     }
 
+    impl Probe {
+        fn new() -> Self {
+            let (polls, ready) = (
+                Arc::new(AtomicUsize::new(0)),
+                Arc::new(AtomicBool::new(false)),
+            );
+            let waker = Arc::new(Mutex::new(None));
+            let woken = Box::pin(Woken::new(Counted {
+                polls: polls.clone(),
+                ready: ready.clone(),
+                waker: waker.clone(),
+            }));
+            Self {
+                woken,
+                polls,
+                ready,
+                waker,
+            }
+        }
+
+        fn poll(&mut self, task: &Waker) -> Poll<()> {
+            self.woken.as_mut().poll(&mut Context::from_waker(task))
+        }
+
+        fn polls(&self) -> usize {
+            self.polls.load(Ordering::Relaxed)
+        }
+
+        /// Wakes the task the way the inner future's event would.
+        fn wake_inner(&self) {
+            self.waker.lock().unwrap().take().unwrap().wake();
+        }
+    }
+
+    /// A task's waker that counts its wakes.
     struct TaskWakes(AtomicUsize);
 
     impl Wake for TaskWakes {
@@ -161,38 +171,37 @@ mod tests {
         }
     }
 
+    fn task() -> (Arc<TaskWakes>, Waker) {
+        let task = Arc::new(TaskWakes(AtomicUsize::new(0)));
+        let waker = Waker::from(task.clone());
+        (task, waker)
+    }
+
+    #[test]
+    fn is_polled_again_only_after_it_woke_its_task() {
+        let mut probe = Probe::new();
+        let (task, waker) = task();
+        assert!(probe.poll(&waker).is_pending());
+        assert_eq!(probe.polls(), 1, "the first poll polls it");
+        for _ in 0..10 {
+            assert!(probe.poll(&waker).is_pending());
+        }
+        assert_eq!(probe.polls(), 1, "wakes for others do not poll it");
+        probe.ready.store(true, Ordering::Release);
+        probe.wake_inner();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1, "its wake wakes the task");
+        assert!(probe.poll(&waker).is_ready());
+        assert_eq!(probe.polls(), 2);
+    }
+
     #[test]
     fn a_new_task_waker_is_woken_instead_of_the_old_one() {
-        let (polls, ready) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let inner_waker = Arc::new(Mutex::new(None));
-        let mut woken = Box::pin(Woken::new(Counted {
-            polls: polls.clone(),
-            ready,
-            waker: inner_waker.clone(),
-        }));
-        let (old, new) = (
-            Arc::new(TaskWakes(AtomicUsize::new(0))),
-            Arc::new(TaskWakes(AtomicUsize::new(0))),
-        );
-        let old_waker = Waker::from(old.clone());
-        assert!(
-            woken
-                .as_mut()
-                .poll(&mut Context::from_waker(&old_waker))
-                .is_pending()
-        );
-        let new_waker = Waker::from(new.clone());
-        assert!(
-            woken
-                .as_mut()
-                .poll(&mut Context::from_waker(&new_waker))
-                .is_pending()
-        );
-        assert_eq!(polls.load(Ordering::Relaxed), 1);
-        inner_waker.lock().unwrap().take().unwrap().wake();
+        let mut probe = Probe::new();
+        let ((old, old_waker), (new, new_waker)) = (task(), task());
+        assert!(probe.poll(&old_waker).is_pending());
+        assert!(probe.poll(&new_waker).is_pending());
+        assert_eq!(probe.polls(), 1);
+        probe.wake_inner();
         assert_eq!(old.0.load(Ordering::Relaxed), 0);
         assert_eq!(new.0.load(Ordering::Relaxed), 1);
     }
