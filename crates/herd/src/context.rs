@@ -58,7 +58,8 @@ pub(crate) const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static(
 ///
 /// Sent never indexed: it differs on almost every call, so in HPACK's dynamic table it would
 /// only push out the headers that do repeat, and every later call's lookup of the name would
-/// compare its value against each one stored.
+/// compare its value against each one stored. (Each connection sends its first one indexed, so
+/// that the name is in the table: see `client::connection`.)
 pub(crate) fn grpc_timeout(left: Duration) -> http::HeaderValue {
     let millis = left.as_millis().clamp(1, 99_999_999);
     // Cannot fail: digits and a letter.

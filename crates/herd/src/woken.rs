@@ -37,17 +37,24 @@ impl Wake for Signal {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        // A poisoned lock means a waker panicked while being cloned; the task was being polled
-        // then, and it is polled again before it waits.
-        if let Ok(task) = self.task.lock()
-            && let Some(task) = task.as_ref()
-        {
+        if let Some(task) = self.task().as_ref() {
             task.wake_by_ref();
         }
     }
 }
 
+impl Signal {
+    /// The task's waker. The lock only guards a waker's clone or wake: a panic in one of those
+    /// leaves nothing half-written, so a poisoned lock is used as it is (a wake is never lost).
+    fn task(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl<F: Future> Woken<F> {
+    /// `future`, to be polled the first time and then only after it has woken its task.
     pub(crate) fn new(future: F) -> Self {
         let signal = Arc::new(Signal {
             woken: AtomicBool::new(true),
@@ -76,9 +83,7 @@ impl<F: Future> Future for Woken<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
         if !this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
-            if let Ok(mut task) = this.signal.task.lock() {
-                *task = Some(cx.waker().clone());
-            }
+            *this.signal.task() = Some(cx.waker().clone());
             this.task = Some(cx.waker().clone());
         }
         // Swapped before the poll: a wake during it is a wake for the next one.
