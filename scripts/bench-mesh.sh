@@ -188,7 +188,7 @@ sat_run() { # gateway server-pids...
     [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
     after=$(cpu_ticks "$@")
     calls=$(echo "$out" | field calls)
-    [ -z "$profile" ] || echo "$out" | field calls >"$profile.calls"
+    [ -z "$profile" ] || echo "$calls" >"$profile.calls"
     echo "$(echo "$out" | field throughput) $(us_per_call $((after - before)) "$calls" 1)"
 }
 
