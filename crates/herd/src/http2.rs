@@ -9,6 +9,9 @@
 //! connection's read loop, as it accepts each stream: a refused call's request is dropped at once
 //! and what waits for its turn is its finished answer; only admitted calls hold their requests.
 //!
+//! What the instance has read and not yet answered is bounded across all its connections
+//! ([`crate::backlog`]): while it is full, connections read nothing more.
+//!
 //! Everything else is what tonic's server does for herd: HTTP/2 only, at most
 //! [`MAX_CONCURRENT_STREAMS`] calls in flight per connection, the caller's `grpc-timeout` honoured
 //! ([`crate::door`]), and on shutdown no new connections, `GOAWAY` on every open one, and the
@@ -17,6 +20,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use futures::future::Either;
@@ -31,6 +35,7 @@ use tonic::transport::server::Connected;
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
+use crate::backlog::{Backlog, Counted, Gated};
 use crate::server::MAX_CONCURRENT_STREAMS;
 use crate::woken::Woken;
 
@@ -54,11 +59,13 @@ pub(crate) enum Caller {
 /// Serves `service` on every connection `incoming` yields until `shutdown` completes; then stops
 /// accepting (the listener is dropped, so new connections are refused by the kernel), sends every
 /// open connection `GOAWAY`, and returns once all of them have answered their calls and closed.
-/// `caller` says who each connection's caller is ([`Caller`]).
+/// `caller` says who each connection's caller is ([`Caller`]); at most `unanswered` calls may be
+/// read and not yet answered across all connections ([`crate::backlog`]).
 pub(crate) async fn serve<I, IO, S>(
     incoming: I,
     service: S,
     caller: impl Fn(&IO::ConnectInfo) -> Caller,
+    unanswered: usize,
     shutdown: impl Future<Output = ()>,
 ) where
     I: Stream<Item = Result<IO, std::io::Error>>,
@@ -72,6 +79,7 @@ pub(crate) async fn serve<I, IO, S>(
 {
     let (mesh, stranger) = (builder(Caller::Mesh), builder(Caller::Stranger));
     let (stop, stopped) = watch::channel(false);
+    let backlog = Backlog::new(unanswered);
     {
         let mut incoming = pin!(incoming);
         let mut shutdown = pin!(shutdown);
@@ -88,10 +96,11 @@ pub(crate) async fn serve<I, IO, S>(
                         Caller::Stranger => &stranger,
                     };
                     let served = builder.serve_connection(
-                        TokioIo::new(io),
+                        TokioIo::new(Gated::new(io, backlog.clone())),
                         OnArrival {
                             service: service.clone(),
                             info,
+                            backlog: backlog.clone(),
                         },
                     );
                     let mut stopping = stopped.clone();
@@ -161,11 +170,13 @@ fn builder(caller: Caller) -> Builder<TokioExecutor> {
 
 /// hyper's service for one connection: the instance's stack, called as each stream arrives, with
 /// the connection's [`Connected::ConnectInfo`] in every request's extensions (the caller's
-/// identity over TLS, its address otherwise).
+/// identity over TLS, its address otherwise). Each call counts in the instance's backlog until
+/// its answer is ready.
 #[derive(Clone)]
 struct OnArrival<S, C> {
     service: S,
     info: C,
+    backlog: Arc<Backlog>,
 }
 
 impl<S, C> hyper::service::Service<http::Request<Incoming>> for OnArrival<S, C>
@@ -175,20 +186,22 @@ where
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = Either<S::Future, Oneshot<S, http::Request<Body>>>;
+    type Future = Counted<Either<S::Future, Oneshot<S, http::Request<Body>>>>;
 
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        let unanswered = self.backlog.read();
         let mut request = request.map(Body::new);
         request.extensions_mut().insert(self.info.clone());
         let mut service = self.service.clone();
         // herd's stack (access log, door, tonic's routes) is always ready, so the call is made
         // here, in the connection's read loop. A layer that is not ready would be waited for in
         // the call's own task, as tonic's server does for every call.
-        match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        let answer = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => Either::Left(service.call(request)),
             Poll::Ready(Err(never)) => match never {},
             Poll::Pending => Either::Right(service.oneshot(request)),
-        }
+        };
+        Counted::new(answer, unanswered)
     }
 }
 
@@ -245,6 +258,7 @@ mod tests {
             TcpIncoming::from(listener),
             service,
             move |_: &_| caller,
+            crate::backlog::MIN_UNANSWERED,
             std::future::pending(),
         ));
         let mut read = Vec::new();
@@ -313,6 +327,7 @@ mod tests {
                 TcpIncoming::from(listener),
                 service,
                 |_: &_| Caller::Mesh,
+                crate::backlog::MIN_UNANSWERED,
                 async {
                     let _ = stopped.await;
                 },
@@ -337,6 +352,73 @@ mod tests {
             .await
             .expect("serving ended once the call was answered")
             .unwrap();
+    }
+
+    /// Opens `calls` calls to `path` on a new connection to `address`; their answers, which
+    /// come only once the service lets them.
+    async fn open_calls(
+        address: std::net::SocketAddr,
+        path: &str,
+        calls: usize,
+    ) -> Vec<h2::client::ResponseFuture> {
+        let tcp = TcpStream::connect(address).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let mut answers = Vec::new();
+        for _ in 0..calls {
+            client = client.ready().await.unwrap();
+            let request = http::Request::post(format!("http://herd{path}"))
+                .body(())
+                .unwrap();
+            answers.push(client.send_request(request, true).unwrap().0);
+        }
+        answers
+    }
+
+    #[tokio::test]
+    async fn connections_stop_reading_while_the_instance_holds_its_bound_of_unanswered_calls() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let held = release.clone();
+        // Every call is held until released.
+        let service = tower::service_fn(move |request: http::Request<Body>| {
+            let (arrived, held) = (arrived.clone(), held.clone());
+            async move {
+                let _ = arrived.send(request.uri().path().to_string());
+                let _answer = held.acquire().await;
+                Ok::<_, Infallible>(http::Response::new(Body::empty()))
+            }
+        });
+        let bound = 8;
+        tokio::spawn(serve(
+            TcpIncoming::from(listener),
+            service,
+            |_: &_| Caller::Stranger,
+            bound,
+            std::future::pending(),
+        ));
+        let deadline = Duration::from_secs(10);
+        let first = open_calls(address, "/first", bound).await;
+        for _ in 0..bound {
+            let path = tokio::time::timeout(deadline, arrivals.recv()).await;
+            assert_eq!(path.unwrap().as_deref(), Some("/first"));
+        }
+        // The bound is held: a second connection's calls stay unread in its socket.
+        let second = open_calls(address, "/second", 4).await;
+        let early = tokio::time::timeout(Duration::from_millis(300), arrivals.recv()).await;
+        assert!(early.is_err(), "read while the bound was held: {early:?}");
+
+        release.add_permits(usize::MAX >> 4);
+        for _ in 0..4 {
+            let path = tokio::time::timeout(deadline, arrivals.recv()).await;
+            assert_eq!(path.unwrap().as_deref(), Some("/second"));
+        }
+        for answer in first.into_iter().chain(second) {
+            let answer = tokio::time::timeout(deadline, answer).await.unwrap();
+            assert_eq!(answer.unwrap().status(), http::StatusCode::OK);
+        }
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@
 
 pub mod admin;
 pub mod authz;
+mod backlog;
 pub mod balance;
 pub mod binary;
 pub mod caller;

@@ -176,6 +176,7 @@ impl Services {
             door.layer(routes.prepare()),
             // Plaintext: no caller has a certificate.
             move |_: &_| caller(false, !self.public),
+            crate::backlog::bound_for(LimitSettings::default().max),
             std::future::pending(),
         )
         .await;
@@ -405,6 +406,7 @@ impl Started {
                 .layer(door)
                 .service(routes.prepare()),
             move |peer: &PeerInfo| caller(peer.identity.is_some(), internal_in_plaintext),
+            crate::backlog::bound_for(limits.max),
             stopped_by(stopped),
         );
         let server = tokio::spawn(server);
@@ -483,6 +485,7 @@ fn serve_health(
         ),
         Routes::new(health).prepare(),
         |_: &_| Caller::Stranger,
+        crate::backlog::MIN_UNANSWERED,
         stopped_by(stop),
     ));
     Ok(())
