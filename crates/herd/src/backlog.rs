@@ -8,6 +8,12 @@
 //! pause. So the instance counts the calls it has read and not yet answered, and while they reach
 //! a bound, its connections read nothing more: what callers send waits in their sockets, where it
 //! costs the instance nothing, until answers make room.
+//!
+//! The count cannot bound one connection's own HTTP/2 tables: a connection given its turn reads
+//! all its socket holds, and every stream read sits in its tables until answered. So strangers'
+//! connections also share a pool of streams ([`Streams`]): each is offered, as it is accepted, at
+//! most what the pool has left, so however many connections a flood opens, together they may
+//! have the pool's size of calls open, plus a few each.
 
 use std::io;
 use std::pin::Pin;
@@ -17,6 +23,8 @@ use std::task::{Context, Poll, Waker};
 
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::server::MAX_CONCURRENT_STREAMS;
 
 /// The fewest calls an instance may hold read and not yet answered before its connections stop
 /// reading: twice the default hard cap on calls in flight, so that refusals always have room
@@ -28,6 +36,80 @@ pub const MIN_UNANSWERED: usize = 1024;
 /// that need to read more of their request before they can be answered.
 pub(crate) fn bound_for(max_in_flight: u32) -> usize {
     (2 * max_in_flight as usize).max(MIN_UNANSWERED)
+}
+
+/// The fewest calls a stranger's connection may have open at once, however many connections
+/// the instance holds: enough for a caller's calls to flow, few enough that a flood's hundreds of
+/// connections hold little.
+pub(crate) const MIN_STREAMS: u32 = 8;
+
+/// The streams strangers' connections may have open at once, shared among them; the mesh's own
+/// callers are not counted.
+///
+/// HTTP/2 sets a connection's stream limit once, when it is accepted (hyper offers no way to
+/// change it later), so each new connection is offered what the pool has left: at most
+/// [`MAX_CONCURRENT_STREAMS`], at least [`MIN_STREAMS`]. What it was offered returns to the pool
+/// when it closes. A caller with more calls than its connection's limit keeps them in its own
+/// queue (or opens another connection), not in the instance.
+#[derive(Debug)]
+pub(crate) struct Streams {
+    pool: usize,
+    offered: AtomicUsize,
+}
+
+impl Streams {
+    /// A pool of `pool` streams.
+    pub(crate) fn new(pool: usize) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            offered: AtomicUsize::new(0),
+        })
+    }
+
+    /// A new connection's share of the pool, held until it is dropped.
+    pub(crate) fn share(self: &Arc<Self>) -> Share {
+        let mut streams = MIN_STREAMS;
+        let _ = self
+            .offered
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |offered| {
+                let left = self.pool.saturating_sub(offered);
+                streams = u32::try_from(left)
+                    .unwrap_or(u32::MAX)
+                    .clamp(MIN_STREAMS, MAX_CONCURRENT_STREAMS);
+                Some(offered + streams as usize)
+            });
+        Share {
+            streams,
+            pool: self.clone(),
+        }
+    }
+
+    /// Streams offered to the connections open now.
+    pub(crate) fn offered(&self) -> usize {
+        self.offered.load(Ordering::SeqCst)
+    }
+}
+
+/// One connection's share of [`Streams`]: the calls it may have open at once.
+#[derive(Debug)]
+pub(crate) struct Share {
+    streams: u32,
+    pool: Arc<Streams>,
+}
+
+impl Share {
+    /// The calls the connection may have open at once.
+    pub(crate) fn streams(&self) -> u32 {
+        self.streams
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.pool
+            .offered
+            .fetch_sub(self.streams as usize, Ordering::SeqCst);
+    }
 }
 
 /// The instance's count of calls read and not yet answered, and the connections waiting to read.
@@ -273,6 +355,31 @@ mod tests {
         far.write_all(b"x").await.unwrap();
         gated.read_exact(&mut byte).await.unwrap();
         assert_eq!(&byte, b"x");
+    }
+
+    #[test]
+    fn each_connection_is_offered_what_the_pool_has_left_and_never_less_than_the_minimum() {
+        let streams = Streams::new(600);
+        let first = streams.share();
+        let second = streams.share();
+        let third = streams.share();
+        let fourth = streams.share();
+        let offered = [&first, &second, &third, &fourth].map(Share::streams);
+        assert_eq!(
+            offered,
+            [
+                MAX_CONCURRENT_STREAMS,
+                MAX_CONCURRENT_STREAMS,
+                88,
+                MIN_STREAMS
+            ]
+        );
+        assert_eq!(streams.offered(), 608);
+        // A connection that closes gives its share back for the next one.
+        drop(first);
+        assert_eq!(streams.share().streams(), 600 - 256 - 88 - MIN_STREAMS);
+        drop((second, third, fourth));
+        assert_eq!(streams.offered(), 0);
     }
 
     #[test]

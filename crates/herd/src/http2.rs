@@ -10,7 +10,9 @@
 //! and what waits for its turn is its finished answer; only admitted calls hold their requests.
 //!
 //! What the instance has read and not yet answered is bounded across all its connections
-//! ([`crate::backlog`]): while it is full, connections read nothing more.
+//! ([`crate::backlog`]): while it is full, connections read nothing more. Strangers' connections
+//! also share a pool of streams, four times that bound: each is offered what the pool has left
+//! when it is accepted, so a flood's hundreds of connections cannot each hold a full table.
 //!
 //! Everything else is what tonic's server does for herd: HTTP/2 only, at most
 //! [`MAX_CONCURRENT_STREAMS`] calls in flight per connection, the caller's `grpc-timeout` honoured
@@ -35,7 +37,7 @@ use tonic::transport::server::Connected;
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
-use crate::backlog::{Backlog, Counted, Gated};
+use crate::backlog::{Backlog, Counted, Gated, Streams};
 use crate::server::MAX_CONCURRENT_STREAMS;
 use crate::woken::Woken;
 
@@ -52,7 +54,9 @@ use crate::woken::Woken;
 pub(crate) enum Caller {
     /// The mesh's own: its cancellations are never held against its connection.
     Mesh,
-    /// Anyone else: at most [`MAX_CONCURRENT_STREAMS`] cancelled streams may wait at once.
+    /// Anyone else: its connection may have its share of the strangers' pool of streams open at
+    /// once ([`crate::backlog::Streams`]), and at most [`MAX_CONCURRENT_STREAMS`] cancelled
+    /// streams waiting.
     Stranger,
 }
 
@@ -60,7 +64,8 @@ pub(crate) enum Caller {
 /// accepting (the listener is dropped, so new connections are refused by the kernel), sends every
 /// open connection `GOAWAY`, and returns once all of them have answered their calls and closed.
 /// `caller` says who each connection's caller is ([`Caller`]); at most `unanswered` calls may be
-/// read and not yet answered across all connections ([`crate::backlog`]).
+/// read and not yet answered across all connections, and strangers' connections share a pool of
+/// four times that many streams ([`crate::backlog`]).
 pub(crate) async fn serve<I, IO, S>(
     incoming: I,
     service: S,
@@ -80,6 +85,9 @@ pub(crate) async fn serve<I, IO, S>(
     let (mesh, stranger) = (builder(Caller::Mesh), builder(Caller::Stranger));
     let (stop, stopped) = watch::channel(false);
     let backlog = Backlog::new(unanswered);
+    // Strangers' connections together may have four times as many calls open as the backlog
+    // holds: sixteen connections at the full limit by default.
+    let streams = Streams::new(4 * unanswered);
     {
         let mut incoming = pin!(incoming);
         let mut shutdown = pin!(shutdown);
@@ -91,9 +99,19 @@ pub(crate) async fn serve<I, IO, S>(
             match io {
                 Some(Ok(io)) => {
                     let info = io.connect_info();
-                    let builder = match caller(&info) {
-                        Caller::Mesh => &mesh,
-                        Caller::Stranger => &stranger,
+                    let (builder, share) = match caller(&info) {
+                        Caller::Mesh => (mesh.clone(), None),
+                        Caller::Stranger => {
+                            let share = streams.share();
+                            tracing::debug!(
+                                streams = share.streams(),
+                                offered = streams.offered(),
+                                "a stranger's connection accepted"
+                            );
+                            let mut builder = stranger.clone();
+                            builder.max_concurrent_streams(share.streams());
+                            (builder, Some(share))
+                        }
                     };
                     let served = builder.serve_connection(
                         TokioIo::new(Gated::new(io, backlog.clone())),
@@ -126,6 +144,7 @@ pub(crate) async fn serve<I, IO, S>(
                         if let Err(e) = served {
                             tracing::debug!(error = %e, "connection ended with an error");
                         }
+                        drop(share);
                     });
                 }
                 // Why a connection could not be taken up is logged where it is known (TLS, the
@@ -145,9 +164,11 @@ pub(crate) async fn serve<I, IO, S>(
 /// have in flight and the resets it may cause, and no `date` header (gRPC does not use it, and it
 /// would change the answer's headers every second).
 ///
-/// A stranger may have as many cancelled streams waiting to be taken up as it may have streams
-/// at once (hyper's default of 20 cut a caller whose deadlines expired together); the mesh's own
-/// callers any number ([`Caller`]).
+/// A stranger may have as many cancelled streams waiting to be taken up as a connection may
+/// have streams at once (hyper's default of 20 cut a caller whose deadlines expired together),
+/// even when its connection was offered fewer streams (a caller whose calls wait in its own queue
+/// for a stream may find their deadlines spent soon after each is sent); the mesh's own callers
+/// any number ([`Caller`]).
 ///
 /// hyper closes a connection once 1 024 of its streams have been reset by the server's HTTP/2
 /// layer over its whole life (streams refused past the stream limit among them) and never
@@ -214,6 +235,7 @@ mod tests {
     use tonic::transport::server::TcpIncoming;
 
     use super::*;
+    use crate::backlog::MIN_STREAMS;
 
     /// An HTTP/2 frame's header: its payload's length, type, flags and stream.
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -251,16 +273,7 @@ mod tests {
         out.extend(frame(PING, 0, 0, b"herdping"));
         client.write_all(&out).await.unwrap();
 
-        let service = tower::service_fn(|_: http::Request<Body>| async {
-            Ok::<_, Infallible>(http::Response::new(Body::empty()))
-        });
-        tokio::spawn(serve(
-            TcpIncoming::from(listener),
-            service,
-            move |_: &_| caller,
-            crate::backlog::MIN_UNANSWERED,
-            std::future::pending(),
-        ));
+        serve_empty(listener, caller, crate::backlog::MIN_UNANSWERED);
         let mut read = Vec::new();
         let answer = async {
             loop {
@@ -418,6 +431,92 @@ mod tests {
         for answer in first.into_iter().chain(second) {
             let answer = tokio::time::timeout(deadline, answer).await.unwrap();
             assert_eq!(answer.unwrap().status(), http::StatusCode::OK);
+        }
+    }
+
+    /// What the server tells a new connection to `address` it may have open at once, and the
+    /// task that keeps the connection open until it is aborted. The server's SETTINGS come first,
+    /// so once a PING is answered they have been read.
+    async fn offered(address: std::net::SocketAddr) -> (usize, tokio::task::JoinHandle<()>) {
+        let tcp = TcpStream::connect(address).await.unwrap();
+        let (send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+        let mut ping = connection.ping_pong().unwrap();
+        let driving = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let pong = tokio::time::timeout(Duration::from_secs(10), ping.ping(h2::Ping::opaque()));
+        pong.await.unwrap().unwrap();
+        let streams = send.current_max_send_streams();
+        // h2's client closes the connection once nothing can send on it any more.
+        let open = tokio::spawn(async move {
+            let _send = send;
+            let _ = driving.await;
+        });
+        (streams, open)
+    }
+
+    /// Serves empty answers on `listener` to callers of kind `caller`, with a backlog of
+    /// `bound` (and a pool of four times as many strangers' streams), until the test ends.
+    fn serve_empty(listener: TcpListener, caller: Caller, bound: usize) {
+        let service = tower::service_fn(|_: http::Request<Body>| async {
+            Ok::<_, Infallible>(http::Response::new(Body::empty()))
+        });
+        tokio::spawn(serve(
+            TcpIncoming::from(listener),
+            service,
+            move |_: &_| caller,
+            bound,
+            std::future::pending(),
+        ));
+    }
+
+    /// [`serve_empty`] on a new listener; its address.
+    async fn serving(caller: Caller, bound: usize) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        serve_empty(listener, caller, bound);
+        address
+    }
+
+    #[tokio::test]
+    async fn strangers_connections_share_a_pool_of_streams_and_give_theirs_back_on_closing() {
+        // A pool of 600 streams: four times the backlog's bound.
+        let address = serving(Caller::Stranger, 150).await;
+        let (first, open) = offered(address).await;
+        let (second, _second) = offered(address).await;
+        let (third, _third) = offered(address).await;
+        let (fourth, _fourth) = offered(address).await;
+        let full = MAX_CONCURRENT_STREAMS as usize;
+        assert_eq!(
+            [first, second, third, fourth],
+            [full, full, 88, MIN_STREAMS as usize]
+        );
+        open.abort();
+        // Once the server has seen the first close, a new connection is offered what the
+        // others left.
+        let back = async {
+            loop {
+                let (now, probe) = offered(address).await;
+                probe.abort();
+                if now == 600 - full - 88 - MIN_STREAMS as usize {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), back)
+            .await
+            .expect("the first connection's streams back in the pool");
+    }
+
+    #[tokio::test]
+    async fn the_mesh_connections_are_not_counted_in_the_strangers_pool() {
+        let address = serving(Caller::Mesh, 8).await;
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            let (streams, connection) = offered(address).await;
+            assert_eq!(streams, MAX_CONCURRENT_STREAMS as usize);
+            open.push(connection);
         }
     }
 

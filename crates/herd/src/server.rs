@@ -60,7 +60,9 @@ const TCP_KEEPALIVE_RETRIES: u32 = 3;
 /// a caller with more waits for a stream, or uses another instance. It also bounds the streams a
 /// caller may cancel before the server has taken them up (HTTP/2's rapid-reset defence, 20 by
 /// default in hyper): a mesh caller whose deadlines expire by the hundred under overload can
-/// never cross it, while a stranger resetting streams on purpose is still cut off.
+/// never cross it, while a stranger resetting streams on purpose is still cut off. A stranger's
+/// connection accepted while many others are open is offered fewer, down to 8: strangers'
+/// connections share a pool of streams, 4 096 by default (sixteen connections' worth).
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Backoff between attempts to register at start: starts here, doubles, capped below.
 const REGISTER_BACKOFF_START: Duration = Duration::from_millis(100);
