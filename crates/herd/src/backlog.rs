@@ -13,7 +13,8 @@
 //! all its socket holds, and every stream read sits in its tables until answered. So strangers'
 //! connections also share a pool of streams ([`Streams`]): each is offered, as it is accepted, at
 //! most what the pool has left, so however many connections a flood opens, together they may
-//! have the pool's size of calls open, plus a few each.
+//! have the pool's size of calls open, plus a few each. A connection offered few streams while
+//! the pool was spent is asked to open again once the pool has room ([`Share::outgrown`]).
 
 use std::io;
 use std::pin::Pin;
@@ -72,10 +73,7 @@ impl Streams {
         let _ = self
             .offered
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |offered| {
-                let left = self.pool.saturating_sub(offered);
-                streams = u32::try_from(left)
-                    .unwrap_or(u32::MAX)
-                    .clamp(MIN_STREAMS, MAX_CONCURRENT_STREAMS);
+                streams = Self::offer(self.pool.saturating_sub(offered));
                 Some(offered + streams as usize)
             });
         Share {
@@ -87,6 +85,13 @@ impl Streams {
     /// Streams offered to the connections open now.
     pub(crate) fn offered(&self) -> usize {
         self.offered.load(Ordering::SeqCst)
+    }
+
+    /// What a new connection is offered while the pool has `left`.
+    fn offer(left: usize) -> u32 {
+        u32::try_from(left)
+            .unwrap_or(u32::MAX)
+            .clamp(MIN_STREAMS, MAX_CONCURRENT_STREAMS)
     }
 }
 
@@ -101,6 +106,14 @@ impl Share {
     /// The calls the connection may have open at once.
     pub(crate) fn streams(&self) -> u32 {
         self.streams
+    }
+
+    /// Whether the connection would be offered at least twice as many streams if it were opened
+    /// again now (its own share given back first): a connection opened while the pool was spent,
+    /// once the load that spent it has gone.
+    pub(crate) fn outgrown(&self) -> bool {
+        let left = self.pool.pool.saturating_sub(self.pool.offered()) + self.streams as usize;
+        Streams::offer(left) >= self.streams.saturating_mul(2)
     }
 }
 
@@ -380,6 +393,19 @@ mod tests {
         assert_eq!(streams.share().streams(), 600 - 256 - 88 - MIN_STREAMS);
         drop((second, third, fourth));
         assert_eq!(streams.offered(), 0);
+    }
+
+    #[test]
+    fn a_share_is_outgrown_once_a_new_connection_would_get_twice_as_many_streams() {
+        let streams = Streams::new(520);
+        let (first, second) = (streams.share(), streams.share());
+        let few = streams.share();
+        assert_eq!(few.streams(), MIN_STREAMS);
+        assert!(!few.outgrown(), "the pool is spent");
+        assert!(!first.outgrown(), "a full share is never outgrown");
+        drop(first);
+        assert!(few.outgrown());
+        assert!(!second.outgrown());
     }
 
     #[test]

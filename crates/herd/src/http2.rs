@@ -24,6 +24,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use futures::future::Either;
 use futures::{Stream, StreamExt};
@@ -37,7 +38,7 @@ use tonic::transport::server::Connected;
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
-use crate::backlog::{Backlog, Counted, Gated, Streams};
+use crate::backlog::{Backlog, Counted, Gated, Share, Streams};
 use crate::server::MAX_CONCURRENT_STREAMS;
 use crate::woken::Woken;
 
@@ -130,8 +131,15 @@ pub(crate) async fn serve<I, IO, S>(
                         let mut served = pin!(served);
                         // Borrowed, not moved: the receiver is held until the connection has
                         // closed, which is what `serve` waits for before it returns.
+                        // A stranger's connection offered few streams is also closed this way
+                        // once it has outgrown them; its caller opens a new one.
                         let stop = Woken::new(async {
-                            drop(stopping.wait_for(|stop| *stop).await);
+                            tokio::select! {
+                                stopped = stopping.wait_for(|stop| *stop) => drop(stopped),
+                                () = outgrown(share.as_ref()) => tracing::debug!(
+                                    "a stranger's connection offered few streams asked to open again"
+                                ),
+                            }
                         });
                         let served = tokio::select! {
                             biased;
@@ -158,6 +166,27 @@ pub(crate) async fn serve<I, IO, S>(
     drop(stopped);
     // Each connection holds a receiver until it has closed.
     stop.closed().await;
+}
+
+/// How often a stranger's connection offered fewer streams than the most checks whether it has
+/// outgrown them ([`Share::outgrown`]).
+#[cfg(not(test))]
+const REOFFER_EVERY: Duration = Duration::from_secs(30);
+#[cfg(test)]
+const REOFFER_EVERY: Duration = Duration::from_millis(100);
+
+/// Completes once `share` has been outgrown, checked every [`REOFFER_EVERY`]; never for a
+/// connection offered the most, or for the mesh's own (no share).
+async fn outgrown(share: Option<&Share>) {
+    let Some(share) = share.filter(|share| share.streams() < MAX_CONCURRENT_STREAMS) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(REOFFER_EVERY).await;
+        if share.outgrown() {
+            return;
+        }
+    }
 }
 
 /// HTTP/2 as herd serves it to `caller`: hyper's defaults but for the streams a connection may
@@ -228,8 +257,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tonic::transport::server::TcpIncoming;
@@ -507,6 +534,29 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), back)
             .await
             .expect("the first connection's streams back in the pool");
+    }
+
+    #[tokio::test]
+    async fn a_connection_offered_few_streams_is_closed_once_a_new_one_would_get_more() {
+        // A pool of 512: two connections at the full limit spend it.
+        let address = serving(Caller::Stranger, 128).await;
+        let full = MAX_CONCURRENT_STREAMS as usize;
+        let (_, first) = offered(address).await;
+        let (_, _second) = offered(address).await;
+        let (few, third) = offered(address).await;
+        assert_eq!(few, MIN_STREAMS as usize);
+        // While the pool is spent, the third is left open (observed over a few checks).
+        tokio::time::sleep(4 * REOFFER_EVERY).await;
+        assert!(!third.is_finished(), "closed while the pool was spent");
+        first.abort();
+        tokio::time::timeout(Duration::from_secs(10), third)
+            .await
+            .expect("closed by the server once the first had gone")
+            .unwrap();
+        // Its caller's new connection is offered what the second left (less the third's 8 if
+        // the server has not yet let go of it).
+        let (again, _fourth) = offered(address).await;
+        assert!(again >= full - MIN_STREAMS as usize, "offered {again}");
     }
 
     #[tokio::test]
