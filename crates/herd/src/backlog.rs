@@ -54,15 +54,15 @@ pub(crate) const MIN_STREAMS: u32 = 8;
 /// queue (or opens another connection), not in the instance.
 #[derive(Debug)]
 pub(crate) struct Streams {
-    pool: usize,
+    size: usize,
     offered: AtomicUsize,
 }
 
 impl Streams {
-    /// A pool of `pool` streams.
-    pub(crate) fn new(pool: usize) -> Arc<Self> {
+    /// A pool of `size` streams.
+    pub(crate) fn new(size: usize) -> Arc<Self> {
         Arc::new(Self {
-            pool,
+            size,
             offered: AtomicUsize::new(0),
         })
     }
@@ -73,12 +73,12 @@ impl Streams {
         let _ = self
             .offered
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |offered| {
-                streams = Self::offer(self.pool.saturating_sub(offered));
+                streams = Self::offer(self.size.saturating_sub(offered));
                 Some(offered + streams as usize)
             });
         Share {
             streams,
-            pool: self.clone(),
+            from: self.clone(),
         }
     }
 
@@ -99,7 +99,7 @@ impl Streams {
 #[derive(Debug)]
 pub(crate) struct Share {
     streams: u32,
-    pool: Arc<Streams>,
+    from: Arc<Streams>,
 }
 
 impl Share {
@@ -112,14 +112,14 @@ impl Share {
     /// again now (its own share given back first): a connection opened while the pool was spent,
     /// once the load that spent it has gone.
     pub(crate) fn outgrown(&self) -> bool {
-        let left = self.pool.pool.saturating_sub(self.pool.offered()) + self.streams as usize;
+        let left = self.from.size.saturating_sub(self.from.offered()) + self.streams as usize;
         Streams::offer(left) >= self.streams.saturating_mul(2)
     }
 }
 
 impl Drop for Share {
     fn drop(&mut self) {
-        self.pool
+        self.from
             .offered
             .fetch_sub(self.streams as usize, Ordering::SeqCst);
     }
